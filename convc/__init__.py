@@ -1,0 +1,12 @@
+"""convc: a small graph compiler for convolutional networks.
+
+Declare a network as a :class:`Graph`, compile it with :func:`compile` to C
+(rendered from Jinja templates, built at run time through cffi) or run it on
+the numpy reference interpreter, and call the resulting module on arrays.
+"""
+__version__ = "0.1.0"
+
+from .errors import CompileError, ConvcError, GraphError, InputError, ValidationError  # noqa: E402,F401
+from .ir import Graph, TensorType, Value  # noqa: E402,F401
+from .ops.conv import conv  # noqa: E402,F401
+from .api import compile  # noqa: E402,F401,A001

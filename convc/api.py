@@ -1,0 +1,29 @@
+"""``convc.compile``: graph -> runnable module for a target."""
+from __future__ import annotations
+
+from .errors import ConvcError
+from .ir import Graph
+
+TARGETS = ("c", "numpy")
+
+
+def compile(graph: Graph, target: str = "c", native: bool = True):  # noqa: A001 (the contract's name)
+    """Compile ``graph`` for ``target`` ("c" or "numpy") and return a Module.
+
+    >>> mod = cc.compile(g, target="c")          # doctest: +SKIP
+    >>> y = mod(x=np.zeros((1, 1, 28, 28), np.float32))   # doctest: +SKIP
+    """
+    from .runtime.module import CModule, NumpyModule
+
+    if not isinstance(graph, Graph):
+        raise ConvcError(f"compile() takes a convc.Graph, got {type(graph).__name__}")
+    graph.verify()
+    if target == "numpy":
+        return NumpyModule(graph)
+    if target == "c":
+        from .codegen.c import generate
+        from .runtime.build import build
+
+        csrc = generate(graph)
+        return CModule(graph, csrc, build(csrc.text, native=native))
+    raise ConvcError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")

@@ -1,0 +1,1 @@
+"""Graph -> source text, per target."""

@@ -1,0 +1,93 @@
+"""C code generation: one static function per op node, named after the node,
+rendered from ``templates/c/<op>.c.j2``, plus one exported entry point that
+calls them in schedule order on buffers from the planned arena."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import __version__
+from ..ir import Graph, TensorType
+from ..ops import get_op
+from ..schedule import Plan, plan as make_plan
+from .env import CTYPES, Namer, environment
+
+
+@dataclass
+class CSource:
+    text: str                                   # the C translation unit
+    entry: str                                  # exported function name
+    signature: str                              # its prototype (also the cffi cdef)
+    inputs: list[tuple[str, TensorType]]        # in argument order
+    outputs: list[tuple[str, TensorType]]
+    plan: Plan
+
+
+def describe(g: Graph, n: str) -> str:
+    d = g.node(n)
+    args = ", ".join(g.inputs_of(n))
+    attrs = " ".join(f"{k}={v}" for k, v in d["attrs"].items())
+    return f"{n}: {d['op']}({args}) {attrs} -> {d['type']}".replace("*/", "* /")
+
+
+def generate(g: Graph, plan: Plan | None = None) -> CSource:
+    g.verify()
+    plan = plan or make_plan(g)
+    env = environment()
+    name = Namer(reserved=("params", "arena"))
+    entry = name(f"{g.name}_run")
+    var: dict[str, str] = {}
+    ctype = lambda n: CTYPES[g.node(n)["type"].dtype]  # noqa: E731
+
+    inputs = [(n, g.node(n)["type"]) for n in g.input_names]
+    outputs = [(o, g.node(n)["type"]) for o, n in g.outputs.items()]
+    entry_args = []
+    for n, t in inputs:
+        var[n] = name(n, "in_")
+        entry_args.append(f"const {CTYPES[t.dtype]} *restrict {var[n]}")
+    out_var = {}
+    for o, t in outputs:
+        out_var[o] = name(o, "out_")
+        entry_args.append(f"{CTYPES[t.dtype]} *restrict {out_var[o]}")
+    entry_args += ["const unsigned char *restrict params", "unsigned char *restrict arena"]
+    signature = f"int {entry}({', '.join(entry_args)})"
+
+    param_ptrs, arena_ptrs = [], []
+    for n, off in plan.params.items():
+        var[n] = name(n)
+        param_ptrs.append(dict(T=ctype(n), var=var[n], offset=off, note=f"{n} {g.node(n)['type']}"))
+    for n in plan.order:
+        kind, where = plan.storage[n]
+        if kind == "output":
+            var[n] = out_var[where]
+        else:
+            var[n] = name(n, "t_")
+            arena_ptrs.append(dict(T=ctype(n), var=var[n], offset=where, note=f"{n} {g.node(n)['type']}"))
+
+    functions, calls = [], []
+    for n in plan.order:
+        d = g.node(n)
+        op = get_op(d["op"])
+        ins = g.inputs_of(n)
+        types = [g.node(i)["type"] for i in ins]
+        arg_names = op.arg_names(len(ins))
+        params = [f"const {CTYPES[t.dtype]} *restrict {a}" for a, t in zip(arg_names, types)]
+        params.append(f"{CTYPES[d['type'].dtype]} *restrict y")
+        fn = name(n, "node_")
+        ctx = dict(op.context(d["attrs"], types, d["type"]))
+        ctx.update(fn=fn, sig=", ".join(params), T=CTYPES[d["type"].dtype],
+                   TI=CTYPES[types[0].dtype] if types else "float",
+                   comment=describe(g, n), in_types=types, out=d["type"])
+        functions.append(env.get_template(f"c/{op.template or op.name}.c.j2").render(ctx))
+        calls.append(dict(fn=fn, args=[var[i] for i in ins] + [var[n]]))
+
+    copies = []
+    for o, n in g.outputs.items():
+        if var.get(n) != out_var[o]:
+            copies.append(dict(dst=out_var[o], src=var[n], nbytes=g.node(n)["type"].nbytes))
+
+    text = env.get_template("c/module.c.j2").render(
+        version=__version__, graph=g.name, hash=g.structure_hash(), signature=signature,
+        functions=functions, param_ptrs=param_ptrs, arena_ptrs=arena_ptrs, calls=calls, copies=copies,
+        arena_bytes=plan.arena_bytes, params_bytes=plan.params_bytes,
+        inputs=[(var[n], t) for n, t in inputs], outputs=[(out_var[o], t) for o, t in outputs])
+    return CSource(text, entry, signature, inputs, outputs, plan)

@@ -1,0 +1,302 @@
+"""The IR: a :class:`Graph` of op nodes on a networkx MultiDiGraph.
+
+Every node produces one tensor. An edge ``producer -> consumer`` carries the
+input slot it feeds (``key`` and ``slot``), so the ordered inputs of a node are
+its in-edges sorted by slot. Node data: ``op`` (name in the op registry),
+``attrs`` (normalised attributes), ``type`` (:class:`TensorType`) and, for
+params, ``value`` (a numpy array).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+
+from .errors import GraphError, RuleError, ValidationError, format_node_error
+
+DTYPES = ("float32", "float64", "int64")
+
+
+@dataclass(frozen=True)
+class TensorType:
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise GraphError(f"dtype {self.dtype!r} is not supported; use one of {DTYPES}")
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+    def __str__(self):
+        return f"{self.dtype}[{','.join(map(str, self.shape))}]"
+
+
+class Value:
+    """A handle on one node's output: knows its graph, name, shape and dtype."""
+
+    __slots__ = ("graph", "name")
+
+    def __init__(self, graph: "Graph", name: str):
+        self.graph = graph
+        self.name = name
+
+    @property
+    def type(self) -> TensorType:
+        return self.graph.nx.nodes[self.name]["type"]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.type.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.type.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def op(self) -> str:
+        return self.graph.nx.nodes[self.name]["op"]
+
+    def __repr__(self):
+        return f"Value(%{self.name}: {self.type})"
+
+    def __eq__(self, other):
+        return isinstance(other, Value) and other.graph is self.graph and other.name == self.name
+
+    def __hash__(self):
+        return hash((id(self.graph), self.name))
+
+
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+
+
+class Graph:
+    """A network of convolution ops.
+
+    >>> import numpy as np, convc as cc
+    >>> g = cc.Graph("tiny")
+    >>> x = g.input("x", (1, 1, 5, 5))
+    >>> w = g.param("w", np.ones((1, 1, 3, 3), np.float32))
+    >>> y = g.output(cc.conv(x, w), "y")
+    >>> y.shape
+    (1, 1, 3, 3)
+    """
+
+    def __init__(self, name: str = "graph"):
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+            raise GraphError(f"graph name {name!r} must be a C identifier (letters, digits, _)")
+        self.name = name
+        self.nx = nx.MultiDiGraph()
+        self.outputs: dict[str, str] = {}   # output name -> node name
+        self._counter: dict[str, int] = {}
+
+    # -- building -----------------------------------------------------------
+    def _fresh(self, base: str) -> str:
+        while True:
+            n = self._counter.get(base, 0) + 1
+            self._counter[base] = n
+            name = f"{base}_{n}"
+            if name not in self.nx:
+                return name
+
+    def _claim(self, name: str | None, base: str) -> str:
+        if name is None:
+            return self._fresh(base)
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise GraphError(f"node name {name!r} must start with a letter or _ and use letters, digits, _ . -")
+        if name in self.nx:
+            raise GraphError(f"node name {name!r} is already used in graph '{self.name}'")
+        return name
+
+    def input(self, name: str, shape, dtype: str = "float32") -> Value:
+        """Declare a graph input of a static ``shape`` (N, C, spatial...)."""
+        name = self._claim(name, "input")
+        shape = _check_shape(shape, name)
+        self.nx.add_node(name, op="input", attrs={}, type=TensorType(shape, str(dtype)))
+        return Value(self, name)
+
+    def param(self, name: str, value, dtype: str | None = None) -> Value:
+        """A named constant (trainable) tensor; ``value`` is copied."""
+        name = self._claim(name, "param")
+        arr = np.asarray(value)
+        if dtype is None:
+            dtype = "int64" if arr.dtype.kind in "iu" else ("float64" if arr.dtype == np.float64 else "float32")
+        arr = np.ascontiguousarray(arr, dtype=dtype).copy()
+        self.nx.add_node(name, op="param", attrs={}, type=TensorType(tuple(arr.shape), dtype), value=arr)
+        return Value(self, name)
+
+    def const(self, value, dtype: str = "float32") -> Value:
+        """An anonymous constant (used for Python scalars in ``add`` etc.)."""
+        return self.param(self._fresh("const"), np.asarray(value), dtype)
+
+    def output(self, value: Value, name: str | None = None) -> Value:
+        """Mark ``value`` as a graph output called ``name`` (default: its node name)."""
+        self._own(value, "output")
+        name = name or value.name
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+            raise GraphError(f"output name {name!r} must be a C identifier")
+        if name in self.outputs or name in self.input_names:
+            raise GraphError(f"output name {name!r} is already used in graph '{self.name}'")
+        self.outputs[name] = value.name
+        return value
+
+    def add(self, op: str, inputs: list[Value], attrs: dict | None = None, name: str | None = None) -> Value:
+        """Add a node of a registered op; normalises attributes and infers the
+        output type, wrapping any broken rule in a :class:`ValidationError`."""
+        from .ops import get_op
+
+        for v in inputs:
+            self._own(v, op)
+        opdef = get_op(op)
+        name = self._claim(name, op)
+        types = [v.type for v in inputs]
+        attrs, out_type = _infer(opdef, name, attrs or {}, types, [v.name for v in inputs])
+        self.nx.add_node(name, op=op, attrs=attrs, type=out_type)
+        for slot, v in enumerate(inputs):
+            self.nx.add_edge(v.name, name, key=slot, slot=slot)
+        return Value(self, name)
+
+    def _own(self, v, op):
+        if not isinstance(v, Value):
+            raise GraphError(f"{op}: expected a convc Value, got {type(v).__name__}")
+        if v.graph is not self:
+            raise GraphError(f"{op}: value %{v.name} belongs to graph '{v.graph.name}', not '{self.name}'")
+
+    # -- queries ------------------------------------------------------------
+    def node(self, name: str) -> dict:
+        return self.nx.nodes[name]
+
+    def value(self, name: str) -> Value:
+        if name not in self.nx:
+            raise GraphError(f"graph '{self.name}' has no node {name!r}")
+        return Value(self, name)
+
+    def inputs_of(self, name: str) -> list[str]:
+        edges = sorted(self.nx.in_edges(name, data="slot"), key=lambda e: e[2])
+        return [src for src, _, _ in edges]
+
+    def users_of(self, name: str) -> list[str]:
+        return sorted(set(self.nx.successors(name)), key=self._order().index)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [n for n in self._order() if self.nx.nodes[n]["op"] == "input"]
+
+    @property
+    def param_names(self) -> list[str]:
+        return [n for n in self._order() if self.nx.nodes[n]["op"] == "param"]
+
+    def _order(self) -> list[str]:
+        return list(self.nx.nodes)
+
+    def topological_order(self) -> list[str]:
+        """Deterministic topological order (ties broken by insertion order)."""
+        index = {n: i for i, n in enumerate(self.nx.nodes)}
+        return list(nx.lexicographical_topological_sort(self.nx, key=index.__getitem__))
+
+    # -- printing -----------------------------------------------------------
+    def __str__(self):
+        lines = [f"graph {self.name} {{"]
+        for n in self.topological_order():
+            d = self.nx.nodes[n]
+            args = ", ".join(f"%{i}" for i in self.inputs_of(n))
+            attrs = ", ".join(f"{k}={_fmt(v)}" for k, v in d["attrs"].items())
+            inner = ", ".join(s for s in (args, attrs) if s)
+            lines.append(f"  %{n} = {d['op']}({inner}) : {d['type']}")
+        for out, n in self.outputs.items():
+            lines.append(f"  output {out} = %{n}")
+        lines.append("}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def to_dot(self, highlight=()) -> str:
+        """Graphviz source: one box per node labelled with op and shape."""
+        lines = [f'digraph "{self.name}" {{', "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
+        for n in self.topological_order():
+            d = self.nx.nodes[n]
+            style = ', style=filled, fillcolor="#ffd27f"' if n in highlight else ""
+            if d["op"] in ("input", "param"):
+                style += ", shape=ellipse"
+            lines.append(f'  "{n}" [label="{n}\\n{d["op"]}\\n{d["type"]}"{style}];')
+        for src, dst, slot in sorted(self.nx.edges(data="slot")):
+            lines.append(f'  "{src}" -> "{dst}" [label="{slot}"];')
+        for out, n in self.outputs.items():
+            lines.append(f'  "out:{out}" [shape=doubleoctagon, label="{out}"];')
+            lines.append(f'  "{n}" -> "out:{out}";')
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def structure_hash(self) -> str:
+        """Hash of the structure (ops, attrs, types, wiring), not param values."""
+        return hashlib.sha256(str(self).encode()).hexdigest()[:16]
+
+    # -- checking -----------------------------------------------------------
+    def verify(self) -> "Graph":
+        """Check structure and re-infer every type; raise on the first problem."""
+        from .ops import get_op
+
+        if not nx.is_directed_acyclic_graph(self.nx):
+            raise GraphError(f"graph '{self.name}' has a cycle")
+        if not self.outputs:
+            raise GraphError(f"graph '{self.name}' has no outputs; call g.output(value)")
+        for n in self.topological_order():
+            d = self.nx.nodes[n]
+            ins = self.inputs_of(n)
+            if d["op"] in ("input", "param"):
+                if ins:
+                    raise GraphError(f"node '{n}' ({d['op']}) must not have inputs")
+                continue
+            opdef = get_op(d["op"])
+            types = [self.nx.nodes[i]["type"] for i in ins]
+            _, t = _infer(opdef, n, d["attrs"], types, ins)
+            if t != d["type"]:
+                raise GraphError(f"node '{n}' ({d['op']}): stored type {d['type']} != inferred {t}")
+        for out, n in self.outputs.items():
+            if n not in self.nx:
+                raise GraphError(f"output '{out}' refers to missing node '{n}'")
+        return self
+
+
+def _infer(opdef, name, attrs, types, input_names):
+    try:
+        opdef.check_arity(len(types))
+        attrs = opdef.normalize(dict(attrs), types)
+        return attrs, opdef.infer(attrs, types)
+    except RuleError as e:
+        shapes = {nm: t.shape for nm, t in zip(input_names, types)}
+        raise ValidationError(format_node_error(name, opdef.name, shapes, str(e))) from None
+
+
+def _check_shape(shape, name):
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise GraphError(f"input '{name}': shape must be a tuple of ints, got {shape!r}") from None
+    if any(s < 1 for s in shape):
+        raise GraphError(f"input '{name}': every dimension must be >= 1, got {shape}")
+    return shape
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, tuple):
+        return "(" + ",".join(_fmt(x) for x in v) + ")"
+    return str(v)

@@ -1,0 +1,95 @@
+"""The op registry. An op is ONE class: arity, attribute normalisation, shape
+inference (which validates), the numpy reference, the C template and its
+context, and the cost in multiplications.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import GraphError, RuleError
+from ..ir import TensorType, Value
+
+OPS: dict[str, "Op"] = {}
+
+
+class Op:
+    """Base class of an op definition; subclasses are registered by name."""
+
+    name: str = ""
+    arity: tuple[int, int] = (1, 1)      # min and max number of inputs
+    template: str | None = None         # templates/c/<template>.c.j2 (default: name)
+
+    inputs: tuple[str, ...] = ("x",)    # C argument names of the inputs
+
+    def arg_names(self, n: int) -> list[str]:
+        if n <= len(self.inputs):
+            return list(self.inputs[:n])
+        return [f"x{i}" for i in range(n)]
+
+    def check_arity(self, n: int):
+        lo, hi = self.arity
+        if not lo <= n <= hi:
+            want = str(lo) if lo == hi else f"{lo} to {hi}"
+            raise RuleError(f"takes {want} inputs, got {n}")
+
+    def normalize(self, attrs: dict, types: list[TensorType]) -> dict:
+        """Canonical attributes (idempotent). Raise RuleError on a broken rule."""
+        return attrs
+
+    def infer(self, attrs: dict, types: list[TensorType]) -> TensorType:
+        raise NotImplementedError(f"op {self.name} must define infer")
+
+    def reference(self, attrs: dict, *arrays: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(f"op {self.name} must define reference")
+
+    def context(self, attrs: dict, types: list[TensorType], out: TensorType) -> dict:
+        """Extra template variables (shapes as constants) for the C template."""
+        return {}
+
+    def macs(self, attrs: dict, types: list[TensorType], out: TensorType) -> int:
+        """Multiplications (multiply-accumulates) performed by this node."""
+        return 0
+
+
+def register(cls):
+    op = cls()
+    if op.name in OPS:
+        raise RuntimeError(f"op {op.name!r} registered twice")
+    OPS[op.name] = op
+    return cls
+
+
+def get_op(name: str) -> Op:
+    try:
+        return OPS[name]
+    except KeyError:
+        raise GraphError(f"unknown op {name!r}; known ops: {', '.join(sorted(OPS))}") from None
+
+
+def same_dtype(types, what="inputs"):
+    dts = {t.dtype for t in types}
+    if len(dts) > 1:
+        raise RuleError(f"{what} must share one dtype, got {', '.join(t.dtype for t in types)}")
+    return types[0].dtype
+
+
+def float_dtype(t: TensorType, what="input"):
+    if t.dtype not in ("float32", "float64"):
+        raise RuleError(f"{what} must be float32 or float64, got {t.dtype}")
+    return t.dtype
+
+
+def as_value(like: Value, v, what: str) -> Value:
+    """Accept a Value, or turn a numpy array / Python number into a constant."""
+    if isinstance(v, Value):
+        return v
+    if isinstance(v, (np.ndarray, int, float, list, tuple)) and not isinstance(v, bool):
+        return like.graph.const(np.asarray(v), like.dtype if like.dtype != "int64" else "float32")
+    raise GraphError(f"{what} must be a convc Value, a numpy array or a number, got {type(v).__name__}")
+
+
+def graph_of(*values) -> "Value":
+    for v in values:
+        if isinstance(v, Value):
+            return v
+    raise GraphError("at least one argument must be a convc Value")

@@ -1,0 +1,1 @@
+"""Build generated C into shared libraries (cached) and run them."""

@@ -1,0 +1,69 @@
+"""Compile C source to a shared library with the system compiler, through
+the cache. We build a plain shared library and load it with cffi's ABI mode
+(``ffi.dlopen`` with a cdef rendered from the same signature as the C
+prototype): no Python headers are needed, and the artifact is the same C that
+``export`` ships to devices."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shlex
+import subprocess
+import tempfile
+from pathlib import Path
+
+from ..errors import CompileError
+from . import cache
+
+
+def compiler() -> str:
+    return os.environ.get("CONVC_CC", "cc")
+
+
+@functools.lru_cache(maxsize=None)
+def compiler_version(cc: str) -> str:
+    try:
+        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise CompileError(f"C compiler {cc!r} cannot be run ({e}); install gcc or set CONVC_CC") from None
+    return out.stdout.strip()
+
+
+def flags(native: bool = True) -> list[str]:
+    extra = shlex.split(os.environ.get("CONVC_CFLAGS", ""))
+    return ["-std=c99", "-O3", *(["-march=native"] if native else []), "-fPIC", "-shared", *extra]
+
+
+def build(source: str, native: bool = True) -> Path:
+    """Return the path of a shared library built from ``source`` (cached)."""
+    cc = compiler()
+    cmd = [cc, *flags(native)]
+    key = hashlib.sha256("\0".join([source, compiler_version(cc), " ".join(cmd)]).encode()).hexdigest()
+    hit = cache.lookup(key)
+    if hit:
+        cache.STATS["hits"] += 1
+        return hit
+    with cache.locked(key) as d:
+        hit = cache.lookup(key)      # someone else may have built it while we waited
+        if hit:
+            cache.STATS["hits"] += 1
+            return hit
+        src = d / "module.c"
+        src.write_text(source)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=d)
+        os.close(fd)
+        full = cmd + ["-o", tmp, str(src), "-lm"]
+        cache.STATS["compiles"] += 1
+        try:
+            proc = subprocess.run(full, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            os.unlink(tmp)
+            raise CompileError(f"running the C compiler failed: {e}\ncommand: {' '.join(full)}\n"
+                               f"generated source: {src}") from None
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            raise CompileError(f"the C compiler rejected the generated code (exit {proc.returncode})\n"
+                               f"command: {' '.join(full)}\ngenerated source: {src}\n"
+                               f"{proc.stderr.strip()}")
+        return cache.publish(key, Path(tmp), {"command": full, "compiler": compiler_version(cc)})

@@ -1,0 +1,121 @@
+"""Compiled modules: check inputs at the boundary, then run the target."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from ..errors import InputError
+from ..ir import Graph, TensorType
+
+
+class Module:
+    """A compiled graph. ``run({name: array}) -> {name: array}``;
+    ``mod(**inputs)`` returns one array, or a tuple for several outputs."""
+
+    target = "?"
+
+    def __init__(self, graph: Graph, source: str):
+        self.graph = graph
+        self.source = source
+        self.inputs: dict[str, TensorType] = {n: graph.node(n)["type"] for n in graph.input_names}
+        self.outputs: dict[str, TensorType] = {o: graph.node(n)["type"] for o, n in graph.outputs.items()}
+
+    def check_inputs(self, feeds) -> dict[str, np.ndarray]:
+        """Names, shapes and dtypes checked; arrays made C-contiguous."""
+        if not isinstance(feeds, dict):
+            raise InputError(f"graph '{self.graph.name}': run() takes a dict of input name -> array, "
+                             f"got {type(feeds).__name__}")
+        missing = [n for n in self.inputs if n not in feeds]
+        unknown = [n for n in feeds if n not in self.inputs]
+        if missing or unknown:
+            parts = []
+            if missing:
+                parts.append(f"missing input(s) {missing}")
+            if unknown:
+                parts.append(f"unknown input(s) {unknown}")
+            raise InputError(f"graph '{self.graph.name}': {'; '.join(parts)}; "
+                             f"the inputs are {list(self.inputs)}")
+        out = {}
+        for name, t in self.inputs.items():
+            a = feeds[name]
+            if not isinstance(a, np.ndarray):
+                a = np.asarray(a)
+            if a.dtype != np.dtype(t.dtype):
+                raise InputError(f"graph '{self.graph.name}': input '{name}' has dtype {a.dtype}, expected "
+                                 f"{t.dtype} (convert with .astype(np.{t.dtype}))")
+            if tuple(a.shape) != t.shape:
+                raise InputError(f"graph '{self.graph.name}': input '{name}' has shape {tuple(a.shape)}, "
+                                 f"expected {t.shape}")
+            out[name] = np.ascontiguousarray(a)
+        return out
+
+    def run(self, feeds: dict) -> dict[str, np.ndarray]:
+        return self._run(self.check_inputs(feeds))
+
+    def __call__(self, **feeds):
+        res = self.run(feeds)
+        vals = tuple(res[o] for o in self.outputs)
+        return vals[0] if len(vals) == 1 else vals
+
+    def _run(self, feeds):
+        raise NotImplementedError
+
+    def __repr__(self):
+        ins = ", ".join(f"{n}: {t}" for n, t in self.inputs.items())
+        outs = ", ".join(f"{n}: {t}" for n, t in self.outputs.items())
+        return f"<convc {self.target} module '{self.graph.name}' ({ins}) -> ({outs})>"
+
+
+class NumpyModule(Module):
+    """Runs the reference interpreter."""
+
+    target = "numpy"
+
+    def __init__(self, graph: Graph):
+        super().__init__(graph, str(graph))
+
+    def _run(self, feeds):
+        from ..reference import evaluate
+        return evaluate(self.graph, feeds)
+
+
+def aligned_bytes(nbytes: int, align: int = 64) -> np.ndarray:
+    raw = np.zeros(nbytes + align, dtype=np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + nbytes]
+
+
+class CModule(Module):
+    """A graph compiled to C and loaded through cffi."""
+
+    target = "c"
+
+    def __init__(self, graph: Graph, csrc, lib_path):
+        import cffi
+
+        super().__init__(graph, csrc.text)
+        self.library_path = lib_path
+        self.plan = csrc.plan
+        self._ffi = cffi.FFI()
+        self._ffi.cdef(csrc.signature.replace("restrict ", "") + ";")
+        self._lib = self._ffi.dlopen(str(lib_path))
+        self._entry = getattr(self._lib, csrc.entry)
+        self._params = aligned_bytes(max(csrc.plan.params_bytes, 1))
+        for n, off in csrc.plan.params.items():
+            arr = graph.node(n)["value"]
+            self._params[off:off + arr.nbytes] = arr.reshape(-1).view(np.uint8)
+        self._arena = aligned_bytes(max(csrc.plan.arena_bytes, 1))
+        self._lock = threading.Lock()
+
+    def _ptr(self, a: np.ndarray):
+        return self._ffi.cast("void *", a.ctypes.data)
+
+    def _run(self, feeds):
+        outs = {o: np.empty(t.shape, t.dtype) for o, t in self.outputs.items()}
+        args = [self._ptr(feeds[n]) for n in self.inputs] + [self._ptr(outs[o]) for o in self.outputs]
+        with self._lock:
+            rc = self._entry(*args, self._ptr(self._params), self._ptr(self._arena))
+        if rc != 0:
+            raise InputError(f"graph '{self.graph.name}': generated code returned error {rc}")
+        return outs

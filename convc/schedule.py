@@ -1,0 +1,93 @@
+"""Schedule (topological order) and memory plan.
+
+Graph inputs and outputs live in caller buffers, params in one read-only blob,
+every other node's result in one arena. Arena offsets are planned by
+liveness: a buffer becomes free once its last reader has run, and a new
+buffer takes the lowest offset that overlaps no buffer still alive.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from .ir import Graph
+
+ALIGN = 64
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass
+class Buffer:
+    node: str
+    nbytes: int
+    start: int        # schedule step that writes it
+    end: int          # last schedule step that reads it
+    offset: int = -1
+
+
+@dataclass
+class Plan:
+    order: list[str]                       # compute nodes in execution order
+    storage: dict[str, tuple[str, object]]  # node -> ("input"|"output"|"param"|"arena", name/offset)
+    arena_bytes: int
+    params: dict[str, int]                 # param node -> byte offset in the param blob
+    params_bytes: int
+    buffers: list[Buffer] = field(default_factory=list)
+
+    @property
+    def intermediate_bytes(self) -> int:
+        """What the arena would need without reuse (sum of all buffers)."""
+        return sum(_align(b.nbytes) for b in self.buffers)
+
+
+def live_nodes(g: Graph) -> set[str]:
+    """Nodes some output depends on (everything else is dead code)."""
+    keep = set()
+    for n in g.outputs.values():
+        keep.add(n)
+        keep |= nx.ancestors(g.nx, n)
+    return keep
+
+
+def plan(g: Graph) -> Plan:
+    keep = live_nodes(g)
+    topo = [n for n in g.topological_order() if n in keep]
+    order = [n for n in topo if g.node(n)["op"] not in ("input", "param")]
+    step = {n: i for i, n in enumerate(order)}
+    storage: dict[str, tuple[str, object]] = {}
+    params, pbytes = {}, 0
+    for n in topo:
+        op = g.node(n)["op"]
+        if op == "input":
+            storage[n] = ("input", n)
+        elif op == "param":
+            params[n] = pbytes
+            storage[n] = ("param", pbytes)
+            pbytes += _align(g.node(n)["type"].nbytes)
+    for out, n in g.outputs.items():
+        if n not in storage:                # first output name that names a node owns it
+            storage[n] = ("output", out)
+    buffers = []
+    for n in order:
+        if n in storage:
+            continue
+        readers = [step[u] for u in g.nx.successors(n) if u in step]
+        buffers.append(Buffer(n, g.node(n)["type"].nbytes, step[n], max(readers, default=step[n])))
+    arena = 0
+    placed: list[Buffer] = []
+    for b in buffers:
+        alive = sorted((p for p in placed if p.end >= b.start), key=lambda p: p.offset)
+        offset = 0
+        for p in alive:
+            if offset + b.nbytes <= p.offset:
+                break
+            offset = max(offset, _align(p.offset + p.nbytes))
+        b.offset = offset
+        placed.append(b)
+        storage[b.node] = ("arena", offset)
+        arena = max(arena, _align(offset + b.nbytes))
+    return Plan(order, storage, arena, params, pbytes, buffers)

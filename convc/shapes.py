@@ -1,0 +1,116 @@
+"""Padding normalisation and the output-size formula: the only place for both.
+
+Output size along one axis (0-based, see DESIGN.md):
+    floor((n + p_lo + p_hi - d*(k - 1) - 1) / s) + 1
+"""
+from __future__ import annotations
+
+import math
+
+from .errors import RuleError
+
+PADDING_WORDS = ("valid", "same", "full")
+
+
+def per_axis(value, rank: int, what: str) -> tuple[int, ...]:
+    """An int or a sequence of ``rank`` ints -> tuple of ``rank`` ints."""
+    if isinstance(value, bool):
+        raise RuleError(f"{what} must be an int or a tuple of {rank} ints, got {value!r}")
+    if isinstance(value, int):
+        return (value,) * rank
+    try:
+        out = tuple(int(v) for v in value)
+    except TypeError:
+        raise RuleError(f"{what} must be an int or a tuple of {rank} ints, got {value!r}") from None
+    if len(out) != rank or any(isinstance(v, bool) for v in value):
+        raise RuleError(f"{what} must be an int or a tuple of {rank} ints, got {value!r}")
+    return out
+
+
+def positive(values: tuple[int, ...], what: str) -> tuple[int, ...]:
+    if any(v < 1 for v in values):
+        raise RuleError(f"{what} must be >= 1 on every axis, got {values}")
+    return values
+
+
+def out_size(n: int, k: int, s: int, d: int, lo: int, hi: int) -> int:
+    """Output length of a sliding window along one axis (may be <= 0 if the
+    effective kernel is larger than the padded input)."""
+    return (n + lo + hi - d * (k - 1) - 1) // s + 1
+
+
+def normalize_padding(padding, in_sizes, kernel, stride, dilation):
+    """Turn every padding form into explicit ``((lo, hi), ...)`` pairs.
+
+    Forms: int; per-axis tuple of ints; per-axis ``(lo, hi)`` pairs;
+    ``"valid"`` (none); ``"same"`` (output = ceil(n / stride), odd total
+    padding puts the extra element on the high side); ``"full"``
+    (d*(k-1) on both sides).
+    """
+    rank = len(in_sizes)
+    if isinstance(padding, str):
+        word = padding.lower()
+        if word == "valid":
+            return ((0, 0),) * rank
+        if word == "full":
+            return tuple((d * (k - 1), d * (k - 1)) for k, d in zip(kernel, dilation))
+        if word == "same":
+            pairs = []
+            for n, k, s, d in zip(in_sizes, kernel, stride, dilation):
+                want = -(-n // s)
+                total = max(0, (want - 1) * s + d * (k - 1) + 1 - n)
+                pairs.append((total // 2, total - total // 2))
+            return tuple(pairs)
+        raise RuleError(f"unknown padding word {padding!r}; use an int, a tuple, (lo, hi) pairs "
+                        f"or one of {', '.join(map(repr, PADDING_WORDS))}")
+    if isinstance(padding, (int,)) and not isinstance(padding, bool):
+        pairs = ((padding, padding),) * rank
+    else:
+        try:
+            items = list(padding)
+        except TypeError:
+            raise RuleError(f"padding must be an int, a tuple, (lo, hi) pairs or a word, got {padding!r}") from None
+        if len(items) != rank:
+            raise RuleError(f"padding {padding!r} has {len(items)} entries but the op has {rank} spatial axes")
+        pairs = []
+        for item in items:
+            if isinstance(item, (int,)) and not isinstance(item, bool):
+                pairs.append((item, item))
+            else:
+                try:
+                    lo, hi = item
+                    pairs.append((int(lo), int(hi)))
+                except (TypeError, ValueError):
+                    raise RuleError(f"padding entry {item!r} is neither an int nor a (lo, hi) pair") from None
+        pairs = tuple(pairs)
+    if any(lo < 0 or hi < 0 for lo, hi in pairs):
+        raise RuleError(f"padding must be >= 0, got {pairs}")
+    return tuple(tuple(p) for p in pairs)
+
+
+def window_out_sizes(in_sizes, kernel, stride, dilation, pads, ceil_mode=False):
+    """Output sizes of a sliding window; ``ceil_mode`` follows PyTorch's pools:
+    round up, but the last window must start inside the input or left padding."""
+    sizes = []
+    for n, k, s, d, (lo, hi) in zip(in_sizes, kernel, stride, dilation, pads):
+        span = n + lo + hi - d * (k - 1) - 1
+        if span < 0:
+            raise RuleError(
+                f"kernel extent d*(k-1)+1 = {d * (k - 1) + 1} is larger than the padded input "
+                f"{n} + {lo} + {hi} = {n + lo + hi}")
+        if ceil_mode:
+            o = -(-span // s) + 1
+            if (o - 1) * s >= n + lo:
+                o -= 1
+        else:
+            o = span // s + 1
+        sizes.append(o)
+    return tuple(sizes)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def prod(values) -> int:
+    return math.prod(int(v) for v in values)
