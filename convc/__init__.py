@@ -9,4 +9,9 @@ __version__ = "0.1.0"
 from .errors import CompileError, ConvcError, GraphError, InputError, ValidationError  # noqa: E402,F401
 from .ir import Graph, TensorType, Value  # noqa: E402,F401
 from .ops.conv import conv  # noqa: E402,F401
+from .ops.pool import avg_pool, global_avg_pool, max_pool  # noqa: E402,F401
+from .ops.elementwise import add, div, leaky_relu, mul, relu, sigmoid, sub, tanh  # noqa: E402,F401
+from .ops.tensor import concat, flatten, reshape  # noqa: E402,F401
+from .ops.linear import dense, matmul, softmax  # noqa: E402,F401
 from .api import compile  # noqa: E402,F401,A001
+from .cost import cost  # noqa: E402,F401

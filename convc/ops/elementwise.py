@@ -1,0 +1,177 @@
+"""Elementwise ops: activations (``relu``, ``leaky_relu``, ``sigmoid``,
+``tanh``) and binary arithmetic (``add``, ``sub``, ``mul``, ``div``) with
+numpy broadcasting."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import RuleError
+from ..ir import TensorType, Value
+from .registry import Op, as_value, float_dtype, graph_of, register, same_dtype
+
+
+# -- activations ---------------------------------------------------------------
+def relu(x: Value, name=None) -> Value:
+    """max(x, 0)."""
+    return x.graph.add("relu", [x], {}, name)
+
+
+def leaky_relu(x: Value, negative_slope: float = 0.01, name=None) -> Value:
+    """x if x > 0 else negative_slope * x (PyTorch's default slope 0.01)."""
+    return x.graph.add("leaky_relu", [x], {"negative_slope": negative_slope}, name)
+
+
+def sigmoid(x: Value, name=None) -> Value:
+    """1 / (1 + exp(-x))."""
+    return x.graph.add("sigmoid", [x], {}, name)
+
+
+def tanh(x: Value, name=None) -> Value:
+    """Hyperbolic tangent."""
+    return x.graph.add("tanh", [x], {}, name)
+
+
+class _Unary(Op):
+    template = "unary"
+
+    def infer(self, attrs, types):
+        float_dtype(types[0])
+        return types[0]
+
+    def context(self, attrs, types, out):
+        return dict(kind=self.name, SIZE=out.size, attrs=attrs)
+
+
+@register
+class Relu(_Unary):
+    name = "relu"
+
+    def reference(self, attrs, x):
+        return np.maximum(x, 0)
+
+
+@register
+class LeakyRelu(_Unary):
+    name = "leaky_relu"
+
+    def normalize(self, attrs, types):
+        try:
+            return {"negative_slope": float(attrs["negative_slope"])}
+        except (TypeError, ValueError):
+            raise RuleError(f"negative_slope must be a number, got {attrs['negative_slope']!r}") from None
+
+    def reference(self, attrs, x):
+        return np.where(x > 0, x, x * x.dtype.type(attrs["negative_slope"]))
+
+
+@register
+class Sigmoid(_Unary):
+    name = "sigmoid"
+
+    def reference(self, attrs, x):
+        one = x.dtype.type(1)
+        return one / (one + np.exp(-x))
+
+
+@register
+class Tanh(_Unary):
+    name = "tanh"
+
+    def reference(self, attrs, x):
+        return np.tanh(x)
+
+
+# -- binary arithmetic with broadcasting ---------------------------------------
+def _binary(op, a, b, name):
+    like = graph_of(a, b)
+    a, b = as_value(like, a, f"{op} operand"), as_value(like, b, f"{op} operand")
+    return like.graph.add(op, [a, b], {}, name)
+
+
+def add(a, b, name=None) -> Value:
+    """a + b with numpy broadcasting; either side may be a number or array."""
+    return _binary("add", a, b, name)
+
+
+def sub(a, b, name=None) -> Value:
+    """a - b with numpy broadcasting."""
+    return _binary("sub", a, b, name)
+
+
+def mul(a, b, name=None) -> Value:
+    """a * b with numpy broadcasting."""
+    return _binary("mul", a, b, name)
+
+
+def div(a, b, name=None) -> Value:
+    """a / b with numpy broadcasting."""
+    return _binary("div", a, b, name)
+
+
+def broadcast_strides(shape, out_shape):
+    """Element strides of ``shape`` seen through ``out_shape`` (0 where broadcast)."""
+    pad = (1,) * (len(out_shape) - len(shape)) + tuple(shape)
+    strides, acc = [], 1
+    for n in reversed(pad):
+        strides.append(0 if n == 1 else acc)
+        acc *= n
+    return list(reversed(strides))
+
+
+class _Binary(Op):
+    arity = (2, 2)
+    inputs = ("a", "b")
+    template = "binary"
+    numpy_fn = None
+
+    def infer(self, attrs, types):
+        a, b = types
+        dtype = same_dtype(types, "operands")
+        try:
+            out = np.broadcast_shapes(a.shape, b.shape)
+        except ValueError:
+            raise RuleError(f"shapes {a.shape} and {b.shape} do not broadcast (numpy rules)") from None
+        return TensorType(tuple(out), dtype)
+
+    def reference(self, attrs, a, b):
+        return type(self).numpy_fn(a, b)
+
+    def context(self, attrs, types, out):
+        dims = list(out.shape)
+        same = types[0].shape == types[1].shape == out.shape
+        return dict(kind=self.name, same=same, SIZE=out.size, dims=dims,
+                    sa=broadcast_strides(types[0].shape, out.shape),
+                    sb=broadcast_strides(types[1].shape, out.shape))
+
+    def macs(self, attrs, types, out):
+        return out.size if self.name in ("mul", "div") else 0
+
+
+@register
+class Add(_Binary):
+    name = "add"
+    numpy_fn = np.add
+
+
+@register
+class Sub(_Binary):
+    name = "sub"
+    numpy_fn = np.subtract
+
+
+@register
+class Mul(_Binary):
+    name = "mul"
+    numpy_fn = np.multiply
+
+
+@register
+class Div(_Binary):
+    name = "div"
+    numpy_fn = np.divide
+
+    def infer(self, attrs, types):
+        float_dtype(types[0], "dividend")
+        return super().infer(attrs, types)
+
+

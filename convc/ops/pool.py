@@ -1,0 +1,135 @@
+"""Pools: ``max_pool``, ``avg_pool`` (1D/2D/3D, PyTorch semantics, including
+``ceil_mode`` and ``count_include_pad``) and ``global_avg_pool``."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import shapes
+from ..errors import RuleError
+from ..ir import TensorType, Value
+from .registry import Op, float_dtype, register
+from .window import axes_context, padded, windows
+
+
+def max_pool(x: Value, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, name=None) -> Value:
+    """Max over windows of ``kernel_size`` (stride defaults to the kernel size).
+    Padding is implicit -inf, as in PyTorch."""
+    attrs = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
+                 ceil_mode=ceil_mode)
+    return x.graph.add("max_pool", [x], attrs, name)
+
+
+def avg_pool(x: Value, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+             name=None) -> Value:
+    """Mean over windows; ``count_include_pad`` counts zero padding in the
+    divisor (PyTorch's default), windows past the padded edge never count."""
+    attrs = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=1, ceil_mode=ceil_mode,
+                 count_include_pad=count_include_pad)
+    return x.graph.add("avg_pool", [x], attrs, name)
+
+
+def global_avg_pool(x: Value, name=None) -> Value:
+    """Mean over all spatial axes, keeping them as size 1: (N, C, 1, ...)."""
+    return x.graph.add("global_avg_pool", [x], {}, name)
+
+
+def _spatial_rank(t: TensorType) -> int:
+    if not 3 <= len(t.shape) <= 5:
+        raise RuleError(f"input must be (N, C, *spatial) with 1 to 3 spatial axes, got rank {len(t.shape)}")
+    return len(t.shape) - 2
+
+
+class _Pool(Op):
+    template = "pool"
+
+    def normalize(self, attrs, types):
+        x = types[0]
+        rank = _spatial_rank(x)
+        k = shapes.positive(shapes.per_axis(attrs["kernel_size"], rank, "kernel_size"), "kernel_size")
+        s = k if attrs["stride"] is None else attrs["stride"]
+        s = shapes.positive(shapes.per_axis(s, rank, "stride"), "stride")
+        d = shapes.positive(shapes.per_axis(attrs["dilation"], rank, "dilation"), "dilation")
+        pads = shapes.normalize_padding(attrs["padding"], x.shape[2:], k, s, d)
+        for (lo, hi), kk, dd in zip(pads, k, d):
+            if max(lo, hi) > dd * (kk - 1):
+                raise RuleError(f"padding {pads} must be smaller than the window extent "
+                                f"d*(k-1)+1 = {dd * (kk - 1) + 1} on every axis (else a window sees only padding)")
+        return dict(attrs, kernel_size=k, stride=s, padding=pads, dilation=d, ceil_mode=bool(attrs["ceil_mode"]))
+
+    def infer(self, attrs, types):
+        x = types[0]
+        float_dtype(x)
+        out = shapes.window_out_sizes(x.shape[2:], attrs["kernel_size"], attrs["stride"], attrs["dilation"],
+                                      attrs["padding"], attrs["ceil_mode"])
+        return TensorType(x.shape[:2] + out, x.dtype)
+
+    def _geometry(self, attrs, x_shape):
+        k, s, d, pads = attrs["kernel_size"], attrs["stride"], attrs["dilation"], attrs["padding"]
+        out = shapes.window_out_sizes(x_shape[2:], k, s, d, pads, attrs["ceil_mode"])
+        # ceil_mode windows may run past the padded input: extend the high side
+        extra = [max(0, (o - 1) * ss + dd * (kk - 1) + 1 - (n + lo + hi))
+                 for o, ss, dd, kk, n, (lo, hi) in zip(out, s, d, k, x_shape[2:], pads)]
+        return k, s, d, pads, out, extra
+
+    def context(self, attrs, types, out):
+        x = types[0]
+        return dict(kind=self.name, N=x.shape[0], C=x.shape[1],
+                    count_include_pad=attrs.get("count_include_pad", False),
+                    axes=[dict(a, hi=p[1]) for a, p in zip(
+                        axes_context(x.shape[2:], out.shape[2:], attrs["kernel_size"], attrs["stride"],
+                                     attrs["dilation"], attrs["padding"]), attrs["padding"])])
+
+
+@register
+class MaxPool(_Pool):
+    name = "max_pool"
+
+    def reference(self, attrs, x):
+        k, s, d, pads, out, extra = self._geometry(attrs, x.shape)
+        xp = padded(x, [(lo, hi + e) for (lo, hi), e in zip(pads, extra)], -np.inf)
+        y = np.full(x.shape[:2] + out, -np.inf, x.dtype)
+        for _, view in windows(xp, k, s, d, out):
+            y = np.maximum(y, view)
+        return y
+
+
+@register
+class AvgPool(_Pool):
+    name = "avg_pool"
+
+    def normalize(self, attrs, types):
+        attrs = super().normalize(attrs, types)
+        if attrs["dilation"] != (1,) * len(attrs["dilation"]):
+            raise RuleError(f"avg_pool has no dilation, got {attrs['dilation']}")
+        return dict(attrs, count_include_pad=bool(attrs["count_include_pad"]))
+
+    def reference(self, attrs, x):
+        k, s, d, pads, out, extra = self._geometry(attrs, x.shape)
+        full = [(lo, hi + e) for (lo, hi), e in zip(pads, extra)]
+        total = sum(v for _, v in windows(padded(x, full), k, s, d, out))
+        ones = np.ones((1, 1) + x.shape[2:], x.dtype)
+        if attrs["count_include_pad"]:   # padded region counts, the ceil_mode overhang does not
+            mask = np.pad(np.pad(ones, [(0, 0), (0, 0)] + list(pads), constant_values=1),
+                          [(0, 0), (0, 0)] + [(0, e) for e in extra])
+        else:
+            mask = padded(ones, full)
+        count = sum(v for _, v in windows(mask, k, s, d, out))
+        return total / count
+
+
+@register
+class GlobalAvgPool(Op):
+    name = "global_avg_pool"
+
+    def infer(self, attrs, types):
+        x = types[0]
+        rank = _spatial_rank(x)
+        float_dtype(x)
+        return TensorType(x.shape[:2] + (1,) * rank, x.dtype)
+
+    def reference(self, attrs, x):
+        return x.mean(axis=tuple(range(2, x.ndim)), keepdims=True)
+
+    def context(self, attrs, types, out):
+        x = types[0]
+        return dict(NC=x.shape[0] * x.shape[1], HW=shapes.prod(x.shape[2:]))
