@@ -1,0 +1,114 @@
+"""The ``convc`` command line."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def _timeit(fn, min_time=0.3, min_runs=5):
+    fn()
+    runs, t0 = 0, time.perf_counter()
+    times = []
+    while runs < min_runs or time.perf_counter() - t0 < min_time:
+        s = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - s)
+        runs += 1
+    return float(np.median(times))
+
+
+def cmd_demo(args) -> int:
+    import convc as cc
+    from convc.models import lenet5
+    from convc.runtime import cache
+
+    g = lenet5(batch=args.batch)
+    print(g)
+    print()
+    print(cc.cost(g))
+    print()
+    # Cold compile in a private, empty cache; then the cached load from it.
+    old = os.environ.get("CONVC_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="convc-demo-") as tmp:
+        os.environ["CONVC_CACHE_DIR"] = tmp
+        try:
+            t0 = time.perf_counter()
+            mod = cc.compile(g, target=args.target)
+            cold = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            mod = cc.compile(g, target=args.target)
+            warm = time.perf_counter() - t0
+        finally:
+            if old is None:
+                os.environ.pop("CONVC_CACHE_DIR", None)
+            else:
+                os.environ["CONVC_CACHE_DIR"] = old
+    ref = cc.compile(g, target="numpy")
+    x = np.random.default_rng(1).standard_normal((args.batch, 1, 28, 28)).astype(np.float32)
+    got, want = mod(x=x), ref(x=x)
+    err = float(np.max(np.abs(got - want)) / max(1e-12, float(np.max(np.abs(want)))))
+    t_c = _timeit(lambda: mod(x=x)) / args.batch
+    t_np = _timeit(lambda: ref(x=x)) / args.batch
+    print(f"target {args.target}: compile {cold * 1e3:.0f} ms cold, {warm * 1e3:.1f} ms cached "
+          f"(compiler runs: {cache.STATS['compiles']})")
+    print(f"max relative difference vs numpy reference: {err:.2e}")
+    print(f"run time per image: {t_c * 1e6:.1f} us ({args.target})  vs  {t_np * 1e6:.1f} us (numpy "
+          f"interpreter)  -> {t_np / t_c:.1f}x")
+    print(f"predicted classes: {np.argmax(got, axis=1).tolist()}")
+    if err > 1e-4:
+        print("MISMATCH: compiled output differs from the reference", file=sys.stderr)
+        return 1
+    print("OK")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    import shutil
+
+    from convc.runtime.cache import cache_dir
+
+    d = cache_dir()
+    entries = [p for p in d.glob("*/*") if (p / "module.so").exists()]
+    size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+    print(f"cache: {d}  ({len(entries)} modules, {size / 1e6:.1f} MB)")
+    if args.clear:
+        shutil.rmtree(d)
+        print("cleared")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convc", description="convc: a small graph compiler for conv nets")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    d = sub.add_parser("demo", help="build LeNet-5, compile it, check it against the reference, time it")
+    d.add_argument("--target", default="c", choices=["c"], help="compilation target (default: c)")
+    d.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    d.set_defaults(fn=cmd_demo)
+    c = sub.add_parser("cache", help="show (or --clear) the compile cache")
+    c.add_argument("--clear", action="store_true", help="delete every cached module")
+    c.set_defaults(fn=cmd_cache)
+    return p
+
+
+def main(argv=None) -> int:
+    from convc.errors import ConvcError
+
+    p = build_parser()
+    args = p.parse_args(argv)
+    if not getattr(args, "fn", None):
+        p.print_help()
+        return 0
+    try:
+        return args.fn(args)
+    except ConvcError as e:
+        print(f"convc: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
