@@ -8,7 +8,11 @@ __version__ = "0.1.0"
 
 from .errors import CompileError, ConvcError, GraphError, InputError, ValidationError  # noqa: E402,F401
 from .ir import Graph, TensorType, Value  # noqa: E402,F401
-from .ops.conv import conv  # noqa: E402,F401
+from .ops.conv import (conv, depthwise_conv, flattened_conv, separable_conv,  # noqa: E402,F401
+                       spatial_separable_conv)
+from .ops.transpose import conv_grad_input, conv_grad_kernel, conv_transpose  # noqa: E402,F401
+from .ops.unshared import local_conv, tiled_conv  # noqa: E402,F401
+from .ops.layout import channel_shuffle, dilate, downsample, pad  # noqa: E402,F401
 from .ops.pool import avg_pool, global_avg_pool, max_pool  # noqa: E402,F401
 from .ops.elementwise import add, div, leaky_relu, mul, relu, sigmoid, sub, tanh  # noqa: E402,F401
 from .ops.tensor import concat, flatten, reshape  # noqa: E402,F401

@@ -8,7 +8,7 @@ import numpy as np
 from .. import shapes
 from ..errors import RuleError
 from ..ir import TensorType, Value
-from .registry import Op, as_value, float_dtype, register, same_dtype
+from .registry import Op, as_value, float_dtype, register, rules, same_dtype
 from .window import axes_context, padded, windows
 
 
@@ -101,7 +101,7 @@ class Conv(Op):
         x, w = types[:2]
         g = attrs["groups"]
         bias = "none" if len(types) == 2 else ("tied" if len(types[2].shape) == 1 else "untied")
-        return dict(N=x.shape[0], C_IN=x.shape[1], C_OUT=w.shape[0], GROUPS=g,
+        return dict(weights="shared", N=x.shape[0], C_IN=x.shape[1], C_OUT=w.shape[0], GROUPS=g,
                     C_IN_G=x.shape[1] // g, C_OUT_G=w.shape[0] // g, flip=attrs["flip"], bias=bias,
                     axes=axes_context(x.shape[2:], out.shape[2:], w.shape[2:], attrs["stride"],
                                       attrs["dilation"], attrs["padding"]))
@@ -109,3 +109,63 @@ class Conv(Op):
     def macs(self, attrs, types, out):
         w = types[1]
         return shapes.prod(out.shape) * shapes.prod(w.shape[1:])
+
+
+# -- the separable family: compositions of ``conv`` --------------------------
+def _sub(name, part):
+    return None if name is None else f"{name}.{part}"
+
+
+def depthwise_conv(x: Value, w, bias=None, stride=1, padding=0, dilation=1, name=None) -> Value:
+    """Depthwise convolution: ``conv`` with groups = C_in; w is
+    (C_in * multiplier, 1, *k)."""
+    return conv(x, w, bias, stride, padding, dilation, groups=x.shape[1] if len(x.shape) > 1 else 1, name=name)
+
+
+def separable_conv(x: Value, w_depthwise, w_pointwise, bias=None, stride=1, padding=0, dilation=1,
+                   name=None) -> Value:
+    """Depthwise separable convolution: depthwise ``w_depthwise`` (C_in*m, 1, *k)
+    with the stride/padding/dilation, then pointwise ``w_pointwise``
+    (C_out, C_in*m, 1, ...) with the bias. Nodes: ``<name>.depthwise``,
+    ``<name>.pointwise`` (or ``name`` for the pointwise one)."""
+    h = depthwise_conv(x, w_depthwise, None, stride, padding, dilation, name=_sub(name, "depthwise"))
+    return conv(h, w_pointwise, bias, name=name)
+
+
+def _pair(value, what):
+    return shapes.per_axis(value, 2, what)
+
+
+def spatial_separable_conv(x: Value, w_col, w_row, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                           name=None) -> Value:
+    """A k×k convolution factored into a k×1 then a 1×k one (2D only).
+
+    ``w_col`` is (C_mid, C_in/groups, kH, 1), ``w_row`` (C_out, C_mid/groups,
+    1, kW); per channel (groups = C) this is a depthwise conv whose kernel is
+    the outer product col ⊗ row. Stride, padding and dilation are those of the
+    whole kH×kW conv; each half takes its own axis of them."""
+    w_col = as_value(x, w_col, "spatial_separable_conv w_col")
+    w_row = as_value(x, w_row, "spatial_separable_conv w_row")
+    with rules("spatial_separable_conv", name, x=x, w_col=w_col, w_row=w_row):
+        if len(x.shape) != 4 or len(w_col.shape) != 4 or len(w_row.shape) != 4:
+            raise RuleError("spatial_separable_conv is 2D: x, w_col and w_row must have rank 4")
+        if w_col.shape[3] != 1 or w_row.shape[2] != 1:
+            raise RuleError(f"w_col must be (C_mid, C_in/groups, kH, 1) and w_row (C_out, C_mid/groups, 1, kW), "
+                            f"got {w_col.shape} and {w_row.shape}")
+        s, d = _pair(stride, "stride"), _pair(dilation, "dilation")
+        shapes.positive(s, "stride"), shapes.positive(d, "dilation")
+        kernel = (w_col.shape[2], w_row.shape[3])
+        pads = shapes.normalize_padding(padding, x.shape[2:], kernel, s, d)
+    h = conv(x, w_col, None, (s[0], 1), (pads[0], (0, 0)), (d[0], 1), groups, name=_sub(name, "col"))
+    return conv(h, w_row, bias, (1, s[1]), ((0, 0), pads[1]), (1, d[1]), groups, name=_sub(name, "row"))
+
+
+def flattened_conv(x: Value, w_channel, w_vertical, w_horizontal, bias=None, stride=1, padding=0, dilation=1,
+                   name=None) -> Value:
+    """Flattened convolution (2D): a 1×1 conv across channels ``w_channel``
+    (C_out, C_in, 1, 1), then per-channel vertical ``w_vertical`` (C_out, 1, kH, 1)
+    and horizontal ``w_horizontal`` (C_out, 1, 1, kW) 1D kernels."""
+    h = conv(x, w_channel, name=_sub(name, "channel"))
+    c = h.shape[1]
+    return spatial_separable_conv(h, w_vertical, w_horizontal, bias, stride, padding, dilation, groups=c,
+                                  name=name)

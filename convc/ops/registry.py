@@ -4,9 +4,11 @@ context, and the cost in multiplications.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
-from ..errors import GraphError, RuleError
+from ..errors import GraphError, RuleError, ValidationError, format_node_error
 from ..ir import TensorType, Value
 
 OPS: dict[str, "Op"] = {}
@@ -86,6 +88,17 @@ def as_value(like: Value, v, what: str) -> Value:
     if isinstance(v, (np.ndarray, int, float, list, tuple)) and not isinstance(v, bool):
         return like.graph.const(np.asarray(v), like.dtype if like.dtype != "int64" else "float32")
     raise GraphError(f"{what} must be a convc Value, a numpy array or a number, got {type(v).__name__}")
+
+
+@contextlib.contextmanager
+def rules(op: str, name: str | None, **values):
+    """Builders that check rules before adding nodes (composite ops) report
+    broken rules like nodes do: node name, op, shapes, rule."""
+    try:
+        yield
+    except RuleError as e:
+        shown = {k: (v.shape if isinstance(v, Value) else np.shape(v)) for k, v in values.items()}
+        raise ValidationError(format_node_error(name or f"<new {op}>", op, shown, str(e))) from None
 
 
 def graph_of(*values) -> "Value":
