@@ -137,7 +137,7 @@ class Graph:
         arr = np.asarray(value)
         if dtype is None:
             dtype = "int64" if arr.dtype.kind in "iu" else ("float64" if arr.dtype == np.float64 else "float32")
-        arr = np.ascontiguousarray(arr, dtype=dtype).copy()
+        arr = np.array(arr, dtype=dtype, order="C", copy=True)  # (ascontiguousarray would make 0-d 1-d)
         self.nx.add_node(name, op="param", attrs={}, type=TensorType(tuple(arr.shape), dtype), value=arr)
         return Value(self, name)
 

@@ -25,7 +25,7 @@ def evaluate(g: Graph, feeds: dict[str, np.ndarray], keep_all: bool = False) -> 
         else:
             args = [values[i] for i in g.inputs_of(n)]
             out = get_op(d["op"]).reference(d["attrs"], *args)
-            values[n] = np.ascontiguousarray(out, dtype=d["type"].dtype).reshape(d["type"].shape)
+            values[n] = np.array(out, dtype=d["type"].dtype, order="C").reshape(d["type"].shape)
     if keep_all:
         return values
     return {o: values[n].copy() for o, n in g.outputs.items()}

@@ -175,3 +175,42 @@ class Div(_Binary):
         return super().infer(attrs, types)
 
 
+
+
+# -- activation gradients --------------------------------------------------------
+def activation_grad(kind: str, t: Value, gy: Value, negative_slope: float = 0.01, name=None) -> Value:
+    """dL/dx of an activation from ``gy`` = dL/dy. ``t`` is the activation's
+    input x for relu/leaky_relu and its output y for sigmoid/tanh (cheaper)."""
+    return t.graph.add("activation_grad", [t, gy], {"kind": kind, "negative_slope": negative_slope}, name)
+
+
+@register
+class ActivationGrad(Op):
+    name = "activation_grad"
+    arity = (2, 2)
+    inputs = ("t", "gy")
+    KINDS = ("relu", "leaky_relu", "sigmoid", "tanh")
+
+    def normalize(self, attrs, types):
+        if attrs["kind"] not in self.KINDS:
+            raise RuleError(f"kind must be one of {self.KINDS}, got {attrs['kind']!r}")
+        return {"kind": attrs["kind"], "negative_slope": float(attrs["negative_slope"])}
+
+    def infer(self, attrs, types):
+        if types[0].shape != types[1].shape:
+            raise RuleError(f"t {types[0].shape} and gy {types[1].shape} must have one shape")
+        same_dtype(types)
+        return types[1]
+
+    def reference(self, attrs, t, gy):
+        kind = attrs["kind"]
+        if kind == "relu":
+            return np.where(t > 0, gy, 0)
+        if kind == "leaky_relu":
+            return np.where(t > 0, gy, gy * t.dtype.type(attrs["negative_slope"]))
+        if kind == "sigmoid":
+            return gy * t * (1 - t)
+        return gy * (1 - t * t)
+
+    def context(self, attrs, types, out):
+        return dict(kind=attrs["kind"], SIZE=out.size, slope=attrs["negative_slope"])

@@ -93,15 +93,19 @@ class MaxPool(_Pool):
         return y
 
 
+def _avg_normalize(op, attrs, types):
+    attrs = _Pool.normalize(op, attrs, types)
+    if attrs["dilation"] != (1,) * len(attrs["dilation"]):
+        raise RuleError(f"avg_pool has no dilation, got {attrs['dilation']}")
+    return dict(attrs, count_include_pad=bool(attrs["count_include_pad"]))
+
+
 @register
 class AvgPool(_Pool):
     name = "avg_pool"
 
     def normalize(self, attrs, types):
-        attrs = super().normalize(attrs, types)
-        if attrs["dilation"] != (1,) * len(attrs["dilation"]):
-            raise RuleError(f"avg_pool has no dilation, got {attrs['dilation']}")
-        return dict(attrs, count_include_pad=bool(attrs["count_include_pad"]))
+        return _avg_normalize(self, attrs, types)
 
     def reference(self, attrs, x):
         k, s, d, pads, out, extra = self._geometry(attrs, x.shape)
@@ -133,3 +137,97 @@ class GlobalAvgPool(Op):
     def context(self, attrs, types, out):
         x = types[0]
         return dict(NC=x.shape[0] * x.shape[1], HW=shapes.prod(x.shape[2:]))
+
+
+# -- pool gradients ----------------------------------------------------------------
+def max_pool_grad(x: Value, gy: Value, attrs: dict, name=None) -> Value:
+    """dL/dx of ``max_pool(x, **attrs)``: each window's gradient goes to its
+    arg-max (the first maximum in scan order, NaN winning, as PyTorch)."""
+    return x.graph.add("max_pool_grad", [x, gy], dict(attrs), name)
+
+
+def avg_pool_grad(gy: Value, input_shape, attrs: dict, name=None) -> Value:
+    """dL/dx of ``avg_pool`` on an input of ``input_shape``: each window's
+    gradient spread evenly over the elements its divisor counted."""
+    return gy.graph.add("avg_pool_grad", [gy], dict(attrs, input_shape=tuple(input_shape)), name)
+
+
+class _PoolGrad(_Pool):
+    def check_gy(self, attrs, x: TensorType, gy: TensorType):
+        want = _Pool.infer(self, attrs, [x]).shape
+        if gy.shape != want:
+            raise RuleError(f"output gradient has shape {gy.shape}, the pool's output is {want}")
+
+
+@register
+class MaxPoolGrad(_PoolGrad):
+    name = "max_pool_grad"
+    arity = (2, 2)
+    inputs = ("x", "gy")
+    template = "pool_grad"
+
+    def normalize(self, attrs, types):
+        return _Pool.normalize(self, attrs, types[:1])
+
+    def infer(self, attrs, types):
+        self.check_gy(attrs, *types)
+        return types[0]
+
+    def reference(self, attrs, x, gy):
+        k, s, d, pads, out, extra = self._geometry(attrs, x.shape)
+        xp = padded(x, [(lo, hi + e) for (lo, hi), e in zip(pads, extra)], -np.inf)
+        best = np.full(gy.shape, -np.inf, x.dtype)
+        arg = np.zeros(gy.shape + (len(k),), np.int64)
+        for offs, view in windows(xp, k, s, d, out):
+            take = (view > best) | (np.isnan(view) & ~np.isnan(best))
+            best = np.where(take, view, best)
+            arg[take] = offs
+        dxp = np.zeros(xp.shape, x.dtype)
+        idx = np.indices(gy.shape)
+        pos = [idx[2 + a] * s[a] + arg[..., a] * d[a] for a in range(len(k))]
+        np.add.at(dxp, (idx[0], idx[1], *pos), gy)
+        crop = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, x.shape[2:]))
+        return dxp[(slice(None), slice(None)) + crop]
+
+    def context(self, attrs, types, out):
+        return dict(_Pool.context(self, attrs, types[:1], TensorType(types[1].shape, out.dtype)), kind="max_pool")
+
+
+@register
+class AvgPoolGrad(_PoolGrad):
+    name = "avg_pool_grad"
+    inputs = ("gy",)
+    template = "pool_grad"
+
+    def _x(self, attrs, gy):
+        return TensorType(tuple(attrs["input_shape"]), gy.dtype)
+
+    def normalize(self, attrs, types):
+        x = self._x(attrs, types[0])
+        return dict(_avg_normalize(self, attrs, [x]), input_shape=x.shape)
+
+    def infer(self, attrs, types):
+        x = self._x(attrs, types[0])
+        self.check_gy(attrs, x, types[0])
+        return x
+
+    def reference(self, attrs, gy):
+        x_shape = tuple(attrs["input_shape"])
+        k, s, d, pads, out, extra = self._geometry(attrs, x_shape)
+        ones = np.ones((1, 1) + x_shape[2:], gy.dtype)
+        full = [(lo, hi + e) for (lo, hi), e in zip(pads, extra)]
+        if attrs["count_include_pad"]:
+            mask = np.pad(np.pad(ones, [(0, 0), (0, 0)] + list(pads), constant_values=1),
+                          [(0, 0), (0, 0)] + [(0, e) for e in extra])
+        else:
+            mask = padded(ones, full)
+        count = sum(v for _, v in windows(mask, k, s, d, out))
+        share = gy / count
+        dxp = np.zeros(x_shape[:2] + mask.shape[2:], gy.dtype)
+        for _, view in windows(dxp, k, s, d, out):
+            view += share
+        crop = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, x_shape[2:]))
+        return dxp[(slice(None), slice(None)) + crop]
+
+    def context(self, attrs, types, out):
+        return dict(_Pool.context(self, attrs, [out], types[0]), kind="avg_pool")

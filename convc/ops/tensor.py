@@ -110,3 +110,160 @@ class Flatten(_Copy):
     def infer(self, attrs, types):
         sh, s, e = types[0].shape, attrs["start_dim"], attrs["end_dim"]
         return TensorType(sh[:s] + (shapes.prod(sh[s:e + 1]),) + sh[e + 1:], types[0].dtype)
+
+
+# -- gathers: expand, transpose, slice (y[i...] = x[offset + Σ i_k·s_k]) -------
+def expand(x: Value, shape, name=None) -> Value:
+    """Broadcast ``x`` to ``shape`` (numpy rules), materialised."""
+    return x.graph.add("expand", [x], {"shape": shape}, name)
+
+
+def transpose(x: Value, perm=None, name=None) -> Value:
+    """Permute the axes (default: reverse them), as numpy.transpose."""
+    return x.graph.add("transpose", [x], {"perm": perm}, name)
+
+
+def slice_axis(x: Value, axis: int, start: int, stop: int, name=None) -> Value:
+    """``x`` restricted to ``start:stop`` along ``axis`` (step 1)."""
+    return x.graph.add("slice", [x], {"axis": axis, "start": start, "stop": stop}, name)
+
+
+def reduce_sum(x: Value, axes=None, keepdims: bool = False, name=None) -> Value:
+    """Sum over ``axes`` (default: all)."""
+    return x.graph.add("reduce_sum", [x], {"axes": axes, "keepdims": keepdims}, name)
+
+
+def sum_to(x: Value, shape, name=None) -> Value:
+    """Sum ``x`` down to ``shape``, undoing numpy broadcasting (what a
+    gradient of a broadcast operand needs)."""
+    shape = tuple(shape)
+    if x.shape == shape:
+        return x
+    lead = len(x.shape) - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1)
+    y = reduce_sum(x, axes, keepdims=False, name=name) if axes else x
+    return y if y.shape == shape else reshape(y, shape)
+
+
+def row_major_strides(shape):
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= n
+    return list(reversed(strides))
+
+
+class _Gather(Op):
+    template = "gather"
+
+    def gather(self, attrs, x: TensorType, out: TensorType):
+        """(offset, per-output-axis strides into x)."""
+        raise NotImplementedError
+
+    def context(self, attrs, types, out):
+        offset, strides = self.gather(attrs, types[0], out)
+        return dict(dims=list(out.shape), strides=strides, offset=offset)
+
+
+@register
+class Expand(_Gather):
+    name = "expand"
+
+    def normalize(self, attrs, types):
+        try:
+            shape = tuple(int(s) for s in attrs["shape"])
+            if tuple(np.broadcast_shapes(types[0].shape, shape)) != shape:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise RuleError(f"cannot broadcast {types[0].shape} to {attrs['shape']!r}") from None
+        return {"shape": shape}
+
+    def infer(self, attrs, types):
+        return TensorType(attrs["shape"], types[0].dtype)
+
+    def reference(self, attrs, x):
+        return np.broadcast_to(x, attrs["shape"])
+
+    def gather(self, attrs, x, out):
+        from .elementwise import broadcast_strides
+        return 0, broadcast_strides(x.shape, out.shape)
+
+
+@register
+class Transpose(_Gather):
+    name = "transpose"
+
+    def normalize(self, attrs, types):
+        rank = len(types[0].shape)
+        perm = attrs["perm"]
+        perm = tuple(reversed(range(rank))) if perm is None else tuple(int(p) for p in perm)
+        if sorted(perm) != list(range(rank)):
+            raise RuleError(f"perm {perm} is not a permutation of the {rank} axes")
+        return {"perm": perm}
+
+    def infer(self, attrs, types):
+        return TensorType(tuple(types[0].shape[p] for p in attrs["perm"]), types[0].dtype)
+
+    def reference(self, attrs, x):
+        return np.transpose(x, attrs["perm"])
+
+    def gather(self, attrs, x, out):
+        s = row_major_strides(x.shape)
+        return 0, [s[p] for p in attrs["perm"]]
+
+
+@register
+class Slice(_Gather):
+    name = "slice"
+
+    def normalize(self, attrs, types):
+        shape = types[0].shape
+        ax = _axis(attrs["axis"], len(shape))
+        start, stop = int(attrs["start"]), int(attrs["stop"])
+        if not 0 <= start < stop <= shape[ax]:
+            raise RuleError(f"slice {start}:{stop} is not a non-empty range inside axis {ax} of size {shape[ax]}")
+        return {"axis": ax, "start": start, "stop": stop}
+
+    def infer(self, attrs, types):
+        sh = list(types[0].shape)
+        sh[attrs["axis"]] = attrs["stop"] - attrs["start"]
+        return TensorType(tuple(sh), types[0].dtype)
+
+    def reference(self, attrs, x):
+        sl = [slice(None)] * x.ndim
+        sl[attrs["axis"]] = slice(attrs["start"], attrs["stop"])
+        return x[tuple(sl)]
+
+    def gather(self, attrs, x, out):
+        s = row_major_strides(x.shape)
+        return attrs["start"] * s[attrs["axis"]], s
+
+
+@register
+class ReduceSum(Op):
+    name = "reduce_sum"
+
+    def normalize(self, attrs, types):
+        rank = len(types[0].shape)
+        axes = attrs["axes"]
+        axes = tuple(range(rank)) if axes is None else tuple(sorted({_axis(a, rank) for a in
+                                                                     ([axes] if isinstance(axes, int) else axes)}))
+        return {"axes": axes, "keepdims": bool(attrs["keepdims"])}
+
+    def infer(self, attrs, types):
+        sh = types[0].shape
+        if attrs["keepdims"]:
+            out = tuple(1 if i in attrs["axes"] else n for i, n in enumerate(sh))
+        else:
+            out = tuple(n for i, n in enumerate(sh) if i not in attrs["axes"])
+        return TensorType(out, types[0].dtype)
+
+    def reference(self, attrs, x):
+        return np.sum(x, axis=attrs["axes"], keepdims=attrs["keepdims"])
+
+    def context(self, attrs, types, out):
+        x = types[0]
+        kept = [n if i not in attrs["axes"] else 1 for i, n in enumerate(x.shape)]
+        ys = row_major_strides(kept)
+        return dict(dims=list(x.shape), ystrides=[0 if i in attrs["axes"] else s for i, s in enumerate(ys)],
+                    SIZE=out.size)

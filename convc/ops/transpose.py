@@ -34,19 +34,23 @@ def conv_transpose(x: Value, w, bias=None, stride=1, padding=0, output_padding=0
     return x.graph.add("conv_transpose", ins, attrs, name)
 
 
-def conv_grad_input(k: Value, grad: Value, input_size, stride=1, padding=0, dilation=1, groups=1,
+def conv_grad_input(k: Value, grad: Value, input_size, stride=1, padding=0, dilation=1, groups=1, flip=False,
                     name=None) -> Value:
     """Eq 6, h(K, G, s): gradient of ``conv(V, K, ...)`` w.r.t. V, given the
-    output gradient ``grad`` (G). ``input_size``: V's spatial sizes or shape."""
-    attrs = dict(input_size=input_size, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    output gradient ``grad`` (G). ``input_size``: V's spatial sizes or shape.
+    ``flip`` matches a ``conv(..., flip=True)``."""
+    attrs = dict(input_size=input_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                 flip=flip)
     return grad.graph.add("conv_grad_input", [as_value(grad, k, "kernel"), grad], attrs, name)
 
 
-def conv_grad_kernel(grad: Value, v: Value, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+def conv_grad_kernel(grad: Value, v: Value, kernel_size, stride=1, padding=0, dilation=1, groups=1, flip=False,
                      name=None) -> Value:
     """Eq 5, g(G, V, s): gradient of ``conv(V, K, ...)`` w.r.t. K, given the
-    output gradient ``grad`` (G) and the conv's input ``v``; summed over N."""
-    attrs = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    output gradient ``grad`` (G) and the conv's input ``v``; summed over N.
+    ``flip`` matches a ``conv(..., flip=True)``."""
+    attrs = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                 flip=flip)
     return grad.graph.add("conv_grad_kernel", [grad, v], attrs, name)
 
 
@@ -157,8 +161,8 @@ class ConvTranspose(Op):
 
     def context(self, attrs, types, out):
         bias = "none" if len(types) == 2 else ("tied" if len(types[2].shape) == 1 else "untied")
-        return _transpose_context(types[0], types[1], out.shape, attrs["stride"], attrs["dilation"],
-                                  attrs["padding"], attrs["groups"], bias)
+        return dict(_transpose_context(types[0], types[1], out.shape, attrs["stride"], attrs["dilation"],
+                                       attrs["padding"], attrs["groups"], bias), flip=False)
 
     def macs(self, attrs, types, out):
         x, w = types[:2]
@@ -202,7 +206,7 @@ class ConvGradInput(Op):
         size = _spatial(attrs["input_size"], len(grad.shape) - 2, "input_size")
         conv_attrs, _ = _forward_types(attrs, k, grad, size)
         return dict(input_size=size, stride=conv_attrs["stride"], padding=conv_attrs["padding"],
-                    dilation=conv_attrs["dilation"], groups=conv_attrs["groups"])
+                    dilation=conv_attrs["dilation"], groups=conv_attrs["groups"], flip=bool(attrs.get("flip")))
 
     def infer(self, attrs, types):
         k, grad = types
@@ -212,13 +216,15 @@ class ConvGradInput(Op):
         return TensorType(v.shape, dtype)
 
     def reference(self, attrs, k, grad):
+        if attrs["flip"]:
+            k = k[(slice(None), slice(None)) + (slice(None, None, -1),) * (k.ndim - 2)]
         return transpose_reference(grad, k, attrs["stride"], attrs["padding"], attrs["dilation"],
                                    attrs["groups"], attrs["input_size"])
 
     def context(self, attrs, types, out):
         k, grad = types
-        return _transpose_context(grad, k, out.shape, attrs["stride"], attrs["dilation"], attrs["padding"],
-                                  attrs["groups"], "none")
+        return dict(_transpose_context(grad, k, out.shape, attrs["stride"], attrs["dilation"], attrs["padding"],
+                                       attrs["groups"], "none"), flip=attrs["flip"])
 
     def macs(self, attrs, types, out):
         k, grad = types
@@ -243,7 +249,7 @@ class ConvGradKernel(Op):
         if _forward_types(conv_attrs, k, grad, v.shape[2:])[1].shape != v.shape:
             raise RuleError(f"input {v.shape} does not match output gradient {grad.shape}")
         return dict(kernel_size=ks, stride=conv_attrs["stride"], padding=conv_attrs["padding"],
-                    dilation=conv_attrs["dilation"], groups=groups)
+                    dilation=conv_attrs["dilation"], groups=groups, flip=bool(attrs.get("flip")))
 
     def infer(self, attrs, types):
         grad, v = types
@@ -262,12 +268,13 @@ class ConvGradKernel(Op):
                                   out_sizes):
             sp = "xyz"[:len(kernel)]
             dk[(Ellipsis,) + offs] = np.einsum(f"ngc{sp},ngo{sp}->goc", view.reshape(n, g, c_in // g, *out_sizes), gg)
-        return dk.reshape(c_out, c_in // g, *kernel)
+        dk = dk.reshape(c_out, c_in // g, *kernel)
+        return dk[(slice(None), slice(None)) + (slice(None, None, -1),) * len(kernel)] if attrs["flip"] else dk
 
     def context(self, attrs, types, out):
         grad, v = types
         g = attrs["groups"]
-        return dict(N=v.shape[0], C_IN=v.shape[1], C_OUT=grad.shape[1], C_IN_G=v.shape[1] // g,
+        return dict(flip=attrs["flip"], N=v.shape[0], C_IN=v.shape[1], C_OUT=grad.shape[1], C_IN_G=v.shape[1] // g,
                     C_OUT_G=grad.shape[1] // g,
                     axes=axes_context(v.shape[2:], grad.shape[2:], attrs["kernel_size"], attrs["stride"],
                                       attrs["dilation"], attrs["padding"]))

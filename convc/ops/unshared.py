@@ -137,3 +137,120 @@ class TiledConv(_Unshared):
         # local: (*out, C_out, C_in, *k) -> (C_out, *out, C_in, *k)
         local = np.moveaxis(local, rank, 0)
         return local_reference(x, local, b, attrs["stride"], attrs["padding"], attrs["dilation"])
+
+
+# -- gradients of the unshared family --------------------------------------------
+def unshared_grad_input(w: Value, gy: Value, input_size, mode: str, stride=1, padding=0, dilation=1,
+                        name=None) -> Value:
+    """dL/dx of ``local_conv`` (mode "local") or ``tiled_conv`` ("tiled")."""
+    attrs = dict(input_size=tuple(input_size), mode=mode, stride=stride, padding=padding, dilation=dilation)
+    return gy.graph.add("unshared_grad_input", [w, gy], attrs, name)
+
+
+def unshared_grad_kernel(gy: Value, x: Value, weight_shape, mode: str, stride=1, padding=0, dilation=1,
+                         name=None) -> Value:
+    """dL/dw of ``local_conv`` / ``tiled_conv`` (summed over the batch)."""
+    attrs = dict(weight_shape=tuple(weight_shape), mode=mode, stride=stride, padding=padding, dilation=dilation)
+    return gy.graph.add("unshared_grad_kernel", [gy, x], attrs, name)
+
+
+def _forward_op(mode):
+    if mode not in ("local", "tiled"):
+        raise RuleError(f"mode must be 'local' or 'tiled', got {mode!r}")
+    return LocalConv() if mode == "local" else TiledConv()
+
+
+def _local_weights(mode, w, out_sizes):
+    """Per-position weights (C_out, *out, C_in, *k) of either kind."""
+    if mode == "local":
+        return w
+    rank = len(out_sizes)
+    idx = np.ix_(*[np.arange(o) % t for o, t in zip(out_sizes, w.shape[2 + rank:])])
+    return np.moveaxis(np.moveaxis(w, list(range(2 + rank, 2 + 2 * rank)), list(range(rank)))[idx], rank, 0)
+
+
+class _UnsharedGrad(Op):
+    arity = (2, 2)
+    template = "unshared_grad"
+
+    def forward(self, attrs, types) -> tuple[TensorType, TensorType, TensorType]:
+        """(x, w, gy) types of the forward op; checks gy against its output."""
+        raise NotImplementedError
+
+    def normalize(self, attrs, types):
+        fwd = _forward_op(attrs["mode"])
+        x, w, gy = self.forward(attrs, types)
+        conv_attrs = fwd.normalize(dict(stride=attrs["stride"], padding=attrs["padding"],
+                                        dilation=attrs["dilation"]), [x, w])
+        out = fwd.infer(conv_attrs, [x, w]).shape
+        if out != gy.shape:
+            raise RuleError(f"output gradient has shape {gy.shape}, but the forward {fwd.name} gives {out}")
+        return dict(attrs, **conv_attrs)
+
+    def context(self, attrs, types, out):
+        x, w, gy = self.forward(attrs, types)
+        ctx = _forward_op(attrs["mode"]).context(attrs, [x, w], gy)
+        return dict(ctx, role=self.role)
+
+
+@register
+class UnsharedGradInput(_UnsharedGrad):
+    name = "unshared_grad_input"
+    inputs = ("w", "gy")
+    role = "input"
+
+    def forward(self, attrs, types):
+        w, gy = types
+        x = TensorType((gy.shape[0], w.shape[1] if attrs["mode"] == "tiled" else w.shape[1 + (len(w.shape) - 2) // 2])
+                       + tuple(attrs["input_size"])[-(len(gy.shape) - 2):], gy.dtype)
+        return x, w, gy
+
+    def infer(self, attrs, types):
+        same_dtype(types)
+        return self.forward(attrs, types)[0]
+
+    def reference(self, attrs, w, gy):
+        x, _, _ = self.forward(attrs, [TensorType(w.shape, str(w.dtype)), TensorType(gy.shape, str(gy.dtype))])
+        rank = len(gy.shape) - 2
+        kernel = w.shape[2:2 + rank] if attrs["mode"] == "tiled" else w.shape[2 + rank:]
+        wl = _local_weights(attrs["mode"], w, gy.shape[2:])
+        sp = "xyz"[:rank]
+        dxp = padded(np.zeros(x.shape, gy.dtype), attrs["padding"])
+        for offs, view in windows(dxp, kernel, attrs["stride"], attrs["dilation"], gy.shape[2:]):
+            view += np.einsum(f"no{sp},o{sp}c->nc{sp}", gy, wl[(Ellipsis,) + offs])
+        crop = tuple(slice(lo, lo + n) for (lo, _), n in zip(attrs["padding"], x.shape[2:]))
+        return dxp[(slice(None), slice(None)) + crop]
+
+
+@register
+class UnsharedGradKernel(_UnsharedGrad):
+    name = "unshared_grad_kernel"
+    inputs = ("gy", "x")
+    role = "kernel"
+
+    def forward(self, attrs, types):
+        gy, x = types
+        return x, TensorType(tuple(attrs["weight_shape"]), gy.dtype), gy
+
+    def infer(self, attrs, types):
+        same_dtype(types)
+        return self.forward(attrs, types)[1]
+
+    def reference(self, attrs, gy, x):
+        rank = x.ndim - 2
+        wshape = tuple(attrs["weight_shape"])
+        kernel = wshape[2:2 + rank] if attrs["mode"] == "tiled" else wshape[2 + rank:]
+        sp = "xyz"[:rank]
+        out = gy.shape[2:]
+        dl = np.zeros((gy.shape[1],) + out + (x.shape[1],) + tuple(kernel), x.dtype)
+        for offs, view in windows(padded(x, attrs["padding"]), kernel, attrs["stride"], attrs["dilation"], out):
+            dl[(Ellipsis,) + offs] = np.einsum(f"no{sp},nc{sp}->o{sp}c", gy, view)
+        if attrs["mode"] == "local":
+            return dl
+        # fold per-position gradients onto the tile: position o -> tile o mod t
+        dk = np.zeros(wshape, x.dtype)
+        tile = wshape[2 + rank:]
+        for pos in np.ndindex(*out):
+            t = tuple(p % tt for p, tt in zip(pos, tile))
+            dk[(Ellipsis,) + t] += dl[(slice(None),) + pos]
+        return dk

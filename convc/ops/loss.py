@@ -1,0 +1,103 @@
+"""Scalar losses, mean over the batch as in PyTorch: ``mse_loss`` and
+``cross_entropy`` (logits and int64 class labels)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import RuleError
+from ..ir import TensorType, Value
+from .registry import Op, as_value, float_dtype, register, same_dtype
+
+
+def mse_loss(pred: Value, target, name=None) -> Value:
+    """mean((pred - target)^2) over every element; a scalar, shape ()."""
+    return pred.graph.add("mse_loss", [pred, as_value(pred, target, "mse_loss target")], {}, name)
+
+
+def cross_entropy(logits: Value, labels: Value, name=None) -> Value:
+    """mean over the batch of -log softmax(logits)[label]; logits (N, C),
+    labels (N,) int64 class indices. A scalar, shape ()."""
+    return logits.graph.add("cross_entropy", [logits, labels], {}, name)
+
+
+def cross_entropy_grad(logits: Value, labels: Value, gy: Value, name=None) -> Value:
+    """d cross_entropy / d logits = (softmax(logits) - onehot(labels)) * gy / N."""
+    return logits.graph.add("cross_entropy_grad", [logits, labels, gy], {}, name)
+
+
+@register
+class MseLoss(Op):
+    name = "mse_loss"
+    arity = (2, 2)
+    inputs = ("p", "t")
+
+    def infer(self, attrs, types):
+        p, t = types
+        dtype = same_dtype(types)
+        float_dtype(p)
+        if p.shape != t.shape:
+            raise RuleError(f"prediction {p.shape} and target {t.shape} must have one shape")
+        return TensorType((), dtype)
+
+    def reference(self, attrs, p, t):
+        return np.mean((p - t) ** 2)
+
+    def context(self, attrs, types, out):
+        return dict(SIZE=types[0].size)
+
+    def macs(self, attrs, types, out):
+        return types[0].size
+
+
+def _check_ce(logits: TensorType, labels: TensorType):
+    float_dtype(logits, "logits")
+    if len(logits.shape) != 2:
+        raise RuleError(f"logits must be (N, C), got {logits.shape}")
+    if labels.dtype != "int64" or labels.shape != logits.shape[:1]:
+        raise RuleError(f"labels must be int64 of shape ({logits.shape[0]},), got {labels.dtype}{list(labels.shape)}")
+
+
+def _log_softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+@register
+class CrossEntropy(Op):
+    name = "cross_entropy"
+    arity = (2, 2)
+    inputs = ("z", "labels")
+
+    def infer(self, attrs, types):
+        _check_ce(*types)
+        return TensorType((), types[0].dtype)
+
+    def reference(self, attrs, z, labels):
+        if labels.min(initial=0) < 0 or labels.max(initial=0) >= z.shape[1]:
+            raise ValueError(f"labels must lie in [0, {z.shape[1]})")
+        return -np.mean(_log_softmax(z)[np.arange(z.shape[0]), labels])
+
+    def context(self, attrs, types, out):
+        return dict(N=types[0].shape[0], C=types[0].shape[1])
+
+
+@register
+class CrossEntropyGrad(Op):
+    name = "cross_entropy_grad"
+    arity = (3, 3)
+    inputs = ("z", "labels", "gy")
+    template = "cross_entropy"
+
+    def infer(self, attrs, types):
+        _check_ce(*types[:2])
+        if types[2].shape != () or types[2].dtype != types[0].dtype:
+            raise RuleError(f"gy must be a {types[0].dtype} scalar, got {types[2]}")
+        return types[0]
+
+    def reference(self, attrs, z, labels, gy):
+        p = np.exp(_log_softmax(z))
+        p[np.arange(z.shape[0]), labels] -= 1
+        return p * (gy / z.shape[0])
+
+    def context(self, attrs, types, out):
+        return dict(N=types[0].shape[0], C=types[0].shape[1], grad=True)
