@@ -19,3 +19,6 @@ from .ops.tensor import concat, flatten, reshape  # noqa: E402,F401
 from .ops.linear import dense, matmul, softmax  # noqa: E402,F401
 from .api import compile  # noqa: E402,F401,A001
 from .cost import cost  # noqa: E402,F401
+from .ops.loss import cross_entropy, mse_loss  # noqa: E402,F401
+from .ops.tensor import expand, reduce_sum, slice_axis, transpose  # noqa: E402,F401
+from .autodiff import grad  # noqa: E402,F401

@@ -78,6 +78,15 @@ class Conv(Op):
                 raise RuleError(f"bias must be ({out[1]},) (tied) or {out[1:]} (untied), got {b}")
         return TensorType(out, dtype)
 
+    def grad(self, attrs, xs, y, gy, needs):
+        from .transpose import conv_grad_input, conv_grad_kernel
+        x, w = xs[:2]
+        geo = dict(stride=attrs["stride"], padding=attrs["padding"], dilation=attrs["dilation"],
+                   groups=attrs["groups"], flip=attrs["flip"])
+        return [conv_grad_input(w, gy, x.shape[2:], **geo) if needs[0] else None,        # h, Eq 6
+                conv_grad_kernel(gy, x, w.shape[2:], **geo) if needs[1] else None,       # g, Eq 5
+                *([bias_grad(gy, xs[2])] if len(xs) == 3 else [])][:len(xs)]
+
     def reference(self, attrs, x, w, b=None):
         g = attrs["groups"]
         n, c_in = x.shape[:2]
@@ -169,3 +178,11 @@ def flattened_conv(x: Value, w_channel, w_vertical, w_horizontal, bias=None, str
     c = h.shape[1]
     return spatial_separable_conv(h, w_vertical, w_horizontal, bias, stride, padding, dilation, groups=c,
                                   name=name)
+
+
+def bias_grad(gy: Value, b: Value) -> Value:
+    """dL/d(bias) of a conv-like op: sum over the batch (and, for a tied bias,
+    over the spatial axes)."""
+    from .tensor import reduce_sum
+    axes = (0,) if len(b.shape) > 1 else (0,) + tuple(range(2, len(gy.shape)))
+    return reduce_sum(gy, axes)

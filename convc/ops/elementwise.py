@@ -46,6 +46,9 @@ class _Unary(Op):
 class Relu(_Unary):
     name = "relu"
 
+    def grad(self, attrs, xs, y, gy, needs):
+        return [activation_grad("relu", xs[0], gy)]
+
     def reference(self, attrs, x):
         return np.maximum(x, 0)
 
@@ -60,6 +63,9 @@ class LeakyRelu(_Unary):
         except (TypeError, ValueError):
             raise RuleError(f"negative_slope must be a number, got {attrs['negative_slope']!r}") from None
 
+    def grad(self, attrs, xs, y, gy, needs):
+        return [activation_grad("leaky_relu", xs[0], gy, attrs["negative_slope"])]
+
     def reference(self, attrs, x):
         return np.where(x > 0, x, x * x.dtype.type(attrs["negative_slope"]))
 
@@ -67,6 +73,9 @@ class LeakyRelu(_Unary):
 @register
 class Sigmoid(_Unary):
     name = "sigmoid"
+
+    def grad(self, attrs, xs, y, gy, needs):
+        return [activation_grad("sigmoid", y, gy)]
 
     def reference(self, attrs, x):
         one = x.dtype.type(1)
@@ -76,6 +85,9 @@ class Sigmoid(_Unary):
 @register
 class Tanh(_Unary):
     name = "tanh"
+
+    def grad(self, attrs, xs, y, gy, needs):
+        return [activation_grad("tanh", y, gy)]
 
     def reference(self, attrs, x):
         return np.tanh(x)
@@ -152,11 +164,21 @@ class Add(_Binary):
     name = "add"
     numpy_fn = np.add
 
+    def grad(self, attrs, xs, y, gy, needs):
+        from .tensor import sum_to
+        a, b = xs
+        return [sum_to(gy, a.shape) if needs[0] else None, sum_to(gy, b.shape) if needs[1] else None]
+
 
 @register
 class Sub(_Binary):
     name = "sub"
     numpy_fn = np.subtract
+
+    def grad(self, attrs, xs, y, gy, needs):
+        from .tensor import sum_to
+        a, b = xs
+        return [sum_to(gy, a.shape) if needs[0] else None, sum_to(mul(gy, -1.0), b.shape) if needs[1] else None]
 
 
 @register
@@ -164,11 +186,23 @@ class Mul(_Binary):
     name = "mul"
     numpy_fn = np.multiply
 
+    def grad(self, attrs, xs, y, gy, needs):
+        from .tensor import sum_to
+        a, b = xs
+        return [sum_to(mul(gy, b), a.shape) if needs[0] else None, sum_to(mul(gy, a), b.shape) if needs[1] else None]
+
 
 @register
 class Div(_Binary):
     name = "div"
     numpy_fn = np.divide
+
+    def grad(self, attrs, xs, y, gy, needs):
+        from .tensor import sum_to
+        a, b = xs
+        q = div(gy, b)
+        return [sum_to(q, a.shape) if needs[0] else None,
+                sum_to(mul(mul(q, div(y, b)), -1.0), b.shape) if needs[1] else None]
 
     def infer(self, attrs, types):
         float_dtype(types[0], "dividend")

@@ -81,6 +81,12 @@ class Downsample(_Resample):
     def axes(self, attrs, x):
         return [(s, 1, 0) for s in attrs["stride"]]
 
+    def grad(self, attrs, xs, y, gy, needs):
+        x = xs[0]
+        up = dilate(gy, attrs["stride"])          # back to every s-th position ...
+        extra = [n - u for n, u in zip(x.shape[2:], up.shape[2:])]
+        return [pad(up, [(0, e) for e in extra]) if any(extra) else up]   # ... and the tail the stride skipped
+
     def reference(self, attrs, x):
         return x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in attrs["stride"])]
 
@@ -98,6 +104,9 @@ class Dilate(_Resample):
 
     def axes(self, attrs, x):
         return [(1, s, 0) for s in attrs["stride"]]
+
+    def grad(self, attrs, xs, y, gy, needs):
+        return [downsample(gy, attrs["stride"])]
 
     def reference(self, attrs, x):
         y = np.zeros(x.shape[:2] + self.out_spatial(attrs, TensorType(x.shape, str(x.dtype))), x.dtype)
@@ -138,6 +147,9 @@ class Pad(_Resample):
     def axes(self, attrs, x):
         return [(1, 1, lo) for lo, _ in attrs["pads"]]
 
+    def grad(self, attrs, xs, y, gy, needs):
+        return [pad(gy, [(-lo, -hi) for lo, hi in attrs["pads"]])]
+
     def reference(self, attrs, x):
         pos = [(0, 0), (0, 0)] + [(max(lo, 0), max(hi, 0)) for lo, hi in attrs["pads"]]
         y = np.pad(x, pos, constant_values=attrs["value"])
@@ -160,6 +172,9 @@ class ChannelShuffle(Op):
 
     def infer(self, attrs, types):
         return types[0]
+
+    def grad(self, attrs, xs, y, gy, needs):
+        return [channel_shuffle(gy, xs[0].shape[1] // attrs["groups"])]       # the inverse permutation
 
     def reference(self, attrs, x):
         n, c, *rest = x.shape

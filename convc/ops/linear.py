@@ -46,6 +46,20 @@ class Dense(Op):
             raise RuleError(f"bias must be ({w.shape[0]},), got {types[2].shape}")
         return TensorType(x.shape[:-1] + (w.shape[0],), dtype)
 
+    def grad(self, attrs, xs, y, gy, needs):
+        from .tensor import reduce_sum, reshape, transpose
+        x, w = xs[:2]
+        k, n = w.shape[1], w.shape[0]
+        out = [dense(gy, transpose(w)) if needs[0] else None]                      # gy @ w
+        if needs[1]:
+            g2, x2 = (gy, x) if len(x.shape) == 2 else (reshape(gy, (-1, n)), reshape(x, (-1, k)))
+            out.append(matmul(transpose(g2), x2))                                  # gy^T @ x
+        else:
+            out.append(None)
+        if len(xs) == 3:
+            out.append(reduce_sum(gy, tuple(range(len(gy.shape) - 1))) if len(gy.shape) > 1 else gy)
+        return out
+
     def reference(self, attrs, x, w, b=None):
         y = x @ w.T
         return y + b if b is not None else y
@@ -77,6 +91,17 @@ class Matmul(Op):
             raise RuleError(f"batch dims {a.shape[:-2]} and {b.shape[:-2]} do not broadcast") from None
         return TensorType(tuple(batch) + (a.shape[-2], b.shape[-1]), dtype)
 
+    def grad(self, attrs, xs, y, gy, needs):
+        from .tensor import sum_to, transpose
+        a, b = xs
+
+        def t(v):
+            perm = list(range(len(v.shape)))
+            perm[-2:] = perm[-1], perm[-2]
+            return transpose(v, perm)
+        return [sum_to(matmul(gy, t(b)), a.shape) if needs[0] else None,
+                sum_to(matmul(t(a), gy), b.shape) if needs[1] else None]
+
     def reference(self, attrs, a, b):
         return np.matmul(a, b)
 
@@ -100,6 +125,11 @@ class Softmax(Op):
     def infer(self, attrs, types):
         float_dtype(types[0])
         return types[0]
+
+    def grad(self, attrs, xs, y, gy, needs):
+        from .elementwise import mul, sub
+        from .tensor import reduce_sum
+        return [mul(y, sub(gy, reduce_sum(mul(gy, y), attrs["axis"], keepdims=True)))]
 
     def reference(self, attrs, x):
         e = np.exp(x - x.max(axis=attrs["axis"], keepdims=True))

@@ -39,6 +39,12 @@ class MseLoss(Op):
             raise RuleError(f"prediction {p.shape} and target {t.shape} must have one shape")
         return TensorType((), dtype)
 
+    def grad(self, attrs, xs, y, gy, needs):
+        from .elementwise import mul, sub
+        p, t = xs
+        d = mul(sub(p, t), mul(gy, 2.0 / p.type.size))
+        return [d if needs[0] else None, mul(d, -1.0) if needs[1] else None]
+
     def reference(self, attrs, p, t):
         return np.mean((p - t) ** 2)
 
@@ -71,6 +77,9 @@ class CrossEntropy(Op):
     def infer(self, attrs, types):
         _check_ce(*types)
         return TensorType((), types[0].dtype)
+
+    def grad(self, attrs, xs, y, gy, needs):
+        return [cross_entropy_grad(xs[0], xs[1], gy), None]                        # labels: not differentiable
 
     def reference(self, attrs, z, labels):
         if labels.min(initial=0) < 0 or labels.max(initial=0) >= z.shape[1]:

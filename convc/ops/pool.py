@@ -84,6 +84,9 @@ class _Pool(Op):
 class MaxPool(_Pool):
     name = "max_pool"
 
+    def grad(self, attrs, xs, y, gy, needs):
+        return [max_pool_grad(xs[0], gy, attrs)]
+
     def reference(self, attrs, x):
         k, s, d, pads, out, extra = self._geometry(attrs, x.shape)
         xp = padded(x, [(lo, hi + e) for (lo, hi), e in zip(pads, extra)], -np.inf)
@@ -106,6 +109,9 @@ class AvgPool(_Pool):
 
     def normalize(self, attrs, types):
         return _avg_normalize(self, attrs, types)
+
+    def grad(self, attrs, xs, y, gy, needs):
+        return [avg_pool_grad(gy, xs[0].shape, attrs)]
 
     def reference(self, attrs, x):
         k, s, d, pads, out, extra = self._geometry(attrs, x.shape)
@@ -130,6 +136,12 @@ class GlobalAvgPool(Op):
         rank = _spatial_rank(x)
         float_dtype(x)
         return TensorType(x.shape[:2] + (1,) * rank, x.dtype)
+
+    def grad(self, attrs, xs, y, gy, needs):
+        from .elementwise import mul
+        from .tensor import expand
+        x = xs[0]
+        return [mul(expand(gy, x.shape), 1.0 / shapes.prod(x.shape[2:]))]
 
     def reference(self, attrs, x):
         return x.mean(axis=tuple(range(2, x.ndim)), keepdims=True)

@@ -44,6 +44,13 @@ class Op:
     def reference(self, attrs: dict, *arrays: np.ndarray) -> np.ndarray:
         raise NotImplementedError(f"op {self.name} must define reference")
 
+    def grad(self, attrs: dict, xs: list[Value], y: Value, gy: Value, needs: list[bool]) -> list:
+        """Reverse-mode rule: given dL/dy (``gy``), build and return dL/dx for
+        each input (a Value, or None where ``needs`` is False or the input is
+        not differentiable)."""
+        from ..errors import GraphError
+        raise GraphError(f"op {self.name!r} has no gradient rule (node %{y.name})")
+
     def context(self, attrs: dict, types: list[TensorType], out: TensorType) -> dict:
         """Extra template variables (shapes as constants) for the C template."""
         return {}

@@ -52,6 +52,14 @@ class Concat(Op):
                 raise RuleError(f"all inputs must match except on axis {ax}: {first} vs {t.shape}")
         return TensorType(first[:ax] + (sum(t.shape[ax] for t in types),) + first[ax + 1:], dtype)
 
+    def grad(self, attrs, xs, y, gy, needs):
+        out, start = [], 0
+        for x, need in zip(xs, needs):
+            stop = start + x.shape[attrs["axis"]]
+            out.append((gy if len(xs) == 1 else slice_axis(gy, attrs["axis"], start, stop)) if need else None)
+            start = stop
+        return out
+
     def reference(self, attrs, *xs):
         return np.concatenate(xs, axis=attrs["axis"])
 
@@ -63,6 +71,9 @@ class Concat(Op):
 
 class _Copy(Op):
     template = "copy"
+
+    def grad(self, attrs, xs, y, gy, needs):
+        return [reshape(gy, xs[0].shape)]
 
     def reference(self, attrs, x):
         return x.reshape(self.infer(attrs, [TensorType(x.shape, str(x.dtype))]).shape)
@@ -181,6 +192,9 @@ class Expand(_Gather):
     def infer(self, attrs, types):
         return TensorType(attrs["shape"], types[0].dtype)
 
+    def grad(self, attrs, xs, y, gy, needs):
+        return [sum_to(gy, xs[0].shape)]
+
     def reference(self, attrs, x):
         return np.broadcast_to(x, attrs["shape"])
 
@@ -203,6 +217,9 @@ class Transpose(_Gather):
 
     def infer(self, attrs, types):
         return TensorType(tuple(types[0].shape[p] for p in attrs["perm"]), types[0].dtype)
+
+    def grad(self, attrs, xs, y, gy, needs):
+        return [transpose(gy, tuple(int(i) for i in np.argsort(attrs["perm"])))]
 
     def reference(self, attrs, x):
         return np.transpose(x, attrs["perm"])
@@ -228,6 +245,17 @@ class Slice(_Gather):
         sh = list(types[0].shape)
         sh[attrs["axis"]] = attrs["stop"] - attrs["start"]
         return TensorType(tuple(sh), types[0].dtype)
+
+    def grad(self, attrs, xs, y, gy, needs):
+        x, ax = xs[0], attrs["axis"]
+        parts = []
+        for lo, hi in ((0, attrs["start"]), (attrs["stop"], x.shape[ax])):
+            if hi > lo:
+                shape = list(x.shape)
+                shape[ax] = hi - lo
+                parts.append(x.graph.const(np.zeros(shape), x.dtype))
+        parts.insert(1 if attrs["start"] > 0 else 0, gy)
+        return [concat(parts, ax) if len(parts) > 1 else gy]
 
     def reference(self, attrs, x):
         sl = [slice(None)] * x.ndim
@@ -257,6 +285,11 @@ class ReduceSum(Op):
         else:
             out = tuple(n for i, n in enumerate(sh) if i not in attrs["axes"])
         return TensorType(out, types[0].dtype)
+
+    def grad(self, attrs, xs, y, gy, needs):
+        x = xs[0]
+        kept = tuple(1 if i in attrs["axes"] else n for i, n in enumerate(x.shape))
+        return [expand(reshape(gy, kept) if gy.shape != kept else gy, x.shape)]
 
     def reference(self, attrs, x):
         return np.sum(x, axis=attrs["axes"], keepdims=attrs["keepdims"])

@@ -154,6 +154,19 @@ class ConvTranspose(Op):
             raise RuleError(f"bias must be ({out[1]},) (tied) or {out[1:]} (untied), got {types[2].shape}")
         return TensorType(out, dtype)
 
+    def grad(self, attrs, xs, y, gy, needs):
+        from ..errors import GraphError
+        from .conv import bias_grad, conv
+        x, w = xs[:2]
+        if any(op >= s for op, s in zip(attrs["output_padding"], attrs["stride"])):
+            raise GraphError(f"node %{y.name}: the gradient of conv_transpose needs output_padding < stride "
+                             f"on every axis, got output_padding {attrs['output_padding']}, stride {attrs['stride']}")
+        geo = dict(stride=attrs["stride"], padding=attrs["padding"], dilation=attrs["dilation"],
+                   groups=attrs["groups"])
+        return [conv(gy, w, **geo) if needs[0] else None,                                   # c(K, E, s)
+                conv_grad_kernel(x, gy, w.shape[2:], **geo) if needs[1] else None,          # g(H, E, s)
+                *([bias_grad(gy, xs[2])] if len(xs) == 3 else [])][:len(xs)]
+
     def reference(self, attrs, x, w, b=None):
         out = self._out(attrs, TensorType(x.shape, str(x.dtype)), TensorType(w.shape, str(w.dtype)))
         return transpose_reference(x, w, attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"],

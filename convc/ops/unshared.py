@@ -81,6 +81,14 @@ class _Unshared(Op):
             raise RuleError(f"bias must be ({out[1]},) (tied) or {out[1:]} (untied), got {types[2].shape}")
         return TensorType(out, dtype)
 
+    def grad(self, attrs, xs, y, gy, needs):
+        from .conv import bias_grad
+        x, w = xs[:2]
+        mode = "local" if self.name == "local_conv" else "tiled"
+        return [unshared_grad_input(w, gy, x.shape[2:], mode, **attrs) if needs[0] else None,
+                unshared_grad_kernel(gy, x, w.shape, mode, **attrs) if needs[1] else None,
+                *([bias_grad(gy, xs[2])] if len(xs) == 3 else [])][:len(xs)]
+
     def context(self, attrs, types, out):
         x, w = types[:2]
         rank = len(x.shape) - 2
