@@ -104,6 +104,7 @@ class Graph:
         self.name = name
         self.nx = nx.MultiDiGraph()
         self.outputs: dict[str, str] = {}   # output name -> node name
+        self.assigns: dict[str, str] = {}   # param node -> node whose value it takes after a run
         self._counter: dict[str, int] = {}
 
     # -- building -----------------------------------------------------------
@@ -142,8 +143,36 @@ class Graph:
         return Value(self, name)
 
     def const(self, value, dtype: str = "float32") -> Value:
-        """An anonymous constant (used for Python scalars in ``add`` etc.)."""
-        return self.param(self._fresh("const"), np.asarray(value), dtype)
+        """An anonymous constant (Python scalars in ``add``, seeds, zeros);
+        never trained."""
+        v = self.param(self._fresh("const"), np.asarray(value), dtype)
+        self.nx.nodes[v.name]["const"] = True
+        return v
+
+    def assign(self, param: Value, value: Value) -> None:
+        """After each run, ``param`` takes ``value`` (computed in that run): how
+        training updates weights and optimizer state inside generated code."""
+        self._own(param, "assign")
+        self._own(value, "assign")
+        if param.op != "param":
+            raise GraphError(f"assign: %{param.name} is a {param.op}, only params can be assigned")
+        if param.type != value.type:
+            raise GraphError(f"assign: %{param.name} is {param.type} but %{value.name} is {value.type}")
+        if param.name in self.assigns:
+            raise GraphError(f"assign: %{param.name} is already assigned")
+        self.assigns[param.name] = value.name
+
+    def copy(self, name: str | None = None) -> "Graph":
+        """An independent copy (param values copied too); Values of the copy
+        are ``copy.value(name)``."""
+        g = Graph(name or self.name)
+        g.nx = self.nx.copy()
+        for n in g.param_names:
+            g.nx.nodes[n]["value"] = g.nx.nodes[n]["value"].copy()
+        g.outputs = dict(self.outputs)
+        g.assigns = dict(self.assigns)
+        g._counter = dict(self._counter)
+        return g
 
     def output(self, value: Value, name: str | None = None) -> Value:
         """Mark ``value`` as a graph output called ``name`` (default: its node name)."""
@@ -221,6 +250,8 @@ class Graph:
             lines.append(f"  %{n} = {d['op']}({inner}) : {d['type']}")
         for out, n in self.outputs.items():
             lines.append(f"  output {out} = %{n}")
+        for p, n in self.assigns.items():
+            lines.append(f"  assign %{p} = %{n}")
         lines.append("}")
         return "\n".join(lines)
 

@@ -47,7 +47,7 @@ class Plan:
 def live_nodes(g: Graph) -> set[str]:
     """Nodes some output depends on (everything else is dead code)."""
     keep = set()
-    for n in g.outputs.values():
+    for n in list(g.outputs.values()) + list(g.assigns.values()):
         keep.add(n)
         keep |= nx.ancestors(g.nx, n)
     return keep
@@ -76,6 +76,8 @@ def plan(g: Graph) -> Plan:
         if n in storage:
             continue
         readers = [step[u] for u in g.nx.successors(n) if u in step]
+        if n in g.assigns.values():          # copied into its param after the last node
+            readers.append(len(order))
         buffers.append(Buffer(n, g.node(n)["type"].nbytes, step[n], max(readers, default=step[n])))
     arena = 0
     placed: list[Buffer] = []

@@ -6,25 +6,29 @@ Output size along one axis (0-based, see DESIGN.md):
 from __future__ import annotations
 
 import math
+import numbers
 
 from .errors import RuleError
+
+
+def is_int(v) -> bool:
+    """A true integer (Python or numpy), not a bool and not a float."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 PADDING_WORDS = ("valid", "same", "full")
 
 
 def per_axis(value, rank: int, what: str) -> tuple[int, ...]:
     """An int or a sequence of ``rank`` ints -> tuple of ``rank`` ints."""
-    if isinstance(value, bool):
-        raise RuleError(f"{what} must be an int or a tuple of {rank} ints, got {value!r}")
-    if isinstance(value, int):
-        return (value,) * rank
+    if is_int(value):
+        return (int(value),) * rank
     try:
-        out = tuple(int(v) for v in value)
+        items = list(value)
     except TypeError:
-        raise RuleError(f"{what} must be an int or a tuple of {rank} ints, got {value!r}") from None
-    if len(out) != rank or any(isinstance(v, bool) for v in value):
+        items = None
+    if items is None or len(items) != rank or not all(is_int(v) for v in items):
         raise RuleError(f"{what} must be an int or a tuple of {rank} ints, got {value!r}")
-    return out
+    return tuple(int(v) for v in items)
 
 
 def positive(values: tuple[int, ...], what: str) -> tuple[int, ...]:
@@ -63,8 +67,8 @@ def normalize_padding(padding, in_sizes, kernel, stride, dilation):
             return tuple(pairs)
         raise RuleError(f"unknown padding word {padding!r}; use an int, a tuple, (lo, hi) pairs "
                         f"or one of {', '.join(map(repr, PADDING_WORDS))}")
-    if isinstance(padding, (int,)) and not isinstance(padding, bool):
-        pairs = ((padding, padding),) * rank
+    if is_int(padding):
+        pairs = ((int(padding), int(padding)),) * rank
     else:
         try:
             items = list(padding)
@@ -74,14 +78,16 @@ def normalize_padding(padding, in_sizes, kernel, stride, dilation):
             raise RuleError(f"padding {padding!r} has {len(items)} entries but the op has {rank} spatial axes")
         pairs = []
         for item in items:
-            if isinstance(item, (int,)) and not isinstance(item, bool):
-                pairs.append((item, item))
-            else:
-                try:
-                    lo, hi = item
-                    pairs.append((int(lo), int(hi)))
-                except (TypeError, ValueError):
-                    raise RuleError(f"padding entry {item!r} is neither an int nor a (lo, hi) pair") from None
+            if is_int(item):
+                pairs.append((int(item), int(item)))
+                continue
+            try:
+                lo, hi = item
+            except (TypeError, ValueError):
+                lo = hi = None
+            if not (is_int(lo) and is_int(hi)):
+                raise RuleError(f"padding entry {item!r} is neither an int nor a (lo, hi) pair of ints")
+            pairs.append((int(lo), int(hi)))
         pairs = tuple(pairs)
     if any(lo < 0 or hi < 0 for lo, hi in pairs):
         raise RuleError(f"padding must be >= 0, got {pairs}")

@@ -38,13 +38,13 @@ def assert_close(actual, expected, rtol: float = 1e-4, atol: float = 1e-5, what:
     both_nan = np.isnan(a) & np.isnan(e)
     bad = ~(err <= tol) & ~both_nan          # a NaN where a number is expected is bad
     if bad.any():
-        excess = np.where(np.isfinite(err), err - tol, np.inf)
+        excess = np.where(bad, np.where(np.isfinite(err), err - tol, np.inf), -np.inf)
         i = np.unravel_index(int(np.argmax(excess)), a.shape)
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {a.size} elements differ beyond rtol={rtol}, atol={atol}; "
-            f"worst at index {tuple(int(v) for v in i)}: got {a[i]!r}, expected {e[i]!r}, "
+            f"worst at index {tuple(int(v) for v in i)}: got {float(a[i])!r}, expected {float(e[i])!r}, "
             f"abs err {err[i]:.3g}, rel err {err[i] / max(abs(e[i]), 1e-300):.3g}; "
-            f"max abs err {np.nanmax(err):.3g}, max |expected| {np.abs(e).max():.3g}")
+            f"max abs err {np.nanmax(err):.3g}, max |expected| {np.nanmax(np.abs(e)):.3g}")
 
 
 def subprocess_env(**extra) -> dict:
@@ -57,3 +57,48 @@ def subprocess_env(**extra) -> dict:
 
 
 PYTHON = sys.executable
+
+
+def chain_graph(name: str, seed: int = 0, depth: int = 3, size: int = 12):
+    """A small deterministic conv chain (2D, 4 channels, "same" padding) used by
+    the cache tests, also from child processes. Returns (graph, feeds, weights)."""
+    rng = np.random.default_rng(seed)
+    g = cc.Graph(name)
+    x = g.input("x", (2, 4, size, size))
+    h = x
+    weights = []
+    for i in range(depth):
+        w = (rng.standard_normal((4, 4, 3, 3)) / 6).astype(np.float32)
+        b = rng.standard_normal(4).astype(np.float32)
+        weights.append((w, b))
+        h = cc.conv(h, g.param(f"w{i}", w), bias=g.param(f"b{i}", b), padding="same", name=f"conv{i}")
+    g.output(h, "y")
+    feeds = {"x": rng.standard_normal((2, 4, size, size)).astype(np.float32)}
+    return g, feeds, weights
+
+
+# A child process: build chain_graph(name, seed, depth), compile for C, save the
+# output to OUT.npy and print the cache STATS and library path as JSON. With a
+# BARRIER directory, wait until NPROCS children are ready before compiling.
+CHILD = r"""
+import json, os, sys, time
+import numpy as np
+import convc as cc
+from convc.runtime import cache
+from helpers import chain_graph
+name, seed, depth, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+g, feeds, _ = chain_graph(name, seed, depth)
+barrier = os.environ.get("BARRIER")
+if barrier:
+    open(os.path.join(barrier, str(os.getpid())), "w").close()
+    deadline = time.time() + 60
+    while len(os.listdir(barrier)) < int(os.environ["NPROCS"]) and time.time() < deadline:
+        time.sleep(0.005)
+mod = cc.compile(g, target="c")
+np.save(out, mod.run(feeds)["y"])
+print(json.dumps(dict(cache.STATS, library=str(mod.library_path))))
+"""
+
+
+def child_args(name: str, seed: int, depth: int, out) -> list:
+    return [PYTHON, "-c", CHILD, name, str(seed), str(depth), str(out)]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import convc as cc
-from helpers import assert_close
+from helpers import assert_close, run_both
 
 TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 SEED = 20240917
@@ -281,8 +281,9 @@ def torch_conv(cfg: Cfg, x, w, b):
 
 @pytest.fixture(scope="module")
 def grid():
-    """Build the grid graphs (one per dtype), compile them for both targets,
-    run them once; returns per-config results or the error building it raised."""
+    """Build the grid graphs (one per dtype), compile them for both targets and
+    run them once. Returns (built configs, {config id: error convc raised while
+    building it}, {target: {output name: array}}, {dtype: graph})."""
     built = {}
     errors = {}
     graphs = {}
@@ -293,6 +294,7 @@ def grid():
         name = f"c{index:03d}"
         try:
             xv = g.input(f"x{index:03d}", x.shape, cfg.dtype)
+            feeds.setdefault(cfg.dtype, {})[xv.name] = x     # fed even if the conv below is rejected
             wv = g.param(f"w{index:03d}", w)
             bv = g.param(f"b{index:03d}", b) if b is not None else None
             y = cc.conv(xv, wv, bias=bv, stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation,
@@ -302,7 +304,6 @@ def grid():
             errors[cid] = e
             continue
         built[cid] = dict(index=index, x=x, w=w, b=b, node=name, dtype=cfg.dtype)
-        feeds.setdefault(cfg.dtype, {})[f"x{index:03d}"] = x
     results = {"numpy": {}, "c": {}}
     for dtype, g in graphs.items():
         for target in results:
@@ -335,8 +336,10 @@ def test_conv_matches_torch(grid, cfg):
     # out = ceil(n/s); total = (out-1)*s + d*(k-1) + 1 - n; an odd total puts the extra high
     (7, 4, 2, 1, (1, 2), 4),     # total 3
     (10, 3, 3, 1, (1, 1), 4),    # total 2
-    (11, 2, 3, 1, (0, 1), 4),    # total 1
-    (8, 4, 3, 1, (1, 2), 3),     # total 3
+    (10, 2, 3, 1, (0, 1), 4),    # total 9 + 2 - 10 = 1
+    (11, 2, 3, 1, (0, 0), 4),    # total 9 + 2 - 11 = 0
+    (8, 4, 3, 1, (1, 1), 3),     # total 6 + 4 - 8 = 2
+    (8, 5, 3, 1, (1, 2), 3),     # total 6 + 5 - 8 = 3
     (9, 3, 3, 1, (0, 0), 3),     # total 0
     (5, 1, 2, 1, (0, 0), 3),     # 1x1 kernel never needs padding
     (6, 2, 2, 1, (0, 0), 3),     # total 0
@@ -354,15 +357,14 @@ def test_same_padding_geometry(n, k, s, d, pads, out):
         assert g.node("sameconv")["attrs"]["padding"] == (pads,) * rank
 
 
-@pytest.mark.parametrize("target", ["numpy", "c"])
-def test_same_padding_extra_goes_high_numbers(target):
+def test_same_padding_extra_goes_high_numbers():
     # n=7, k=4, s=2: pads (1, 2). Windows start at -1, 1, 3, 5 over x = 1..7:
     # 0+1+2+3, 2+3+4+5, 4+5+6+7, 6+7+0+0. (Extra padding low would give 0+0+1+2 first.)
     g = cc.Graph("same_high")
     x = g.input("x", (1, 1, 7))
     g.output(cc.conv(x, np.ones((1, 1, 4), np.float32), stride=2, padding="same"), "y")
-    y = cc.compile(g, target=target)(x=np.arange(1, 8, dtype=np.float32).reshape(1, 1, 7))
-    np.testing.assert_array_equal(y, np.array([[[6, 14, 22, 13]]], np.float32))
+    for target, res in zip(("numpy", "c"), run_both(g, {"x": np.arange(1, 8, dtype=np.float32).reshape(1, 1, 7)})):
+        np.testing.assert_array_equal(res["y"], np.array([[[6, 14, 22, 13]]], np.float32), err_msg=target)
 
 
 @pytest.mark.parametrize("n, k, d, out", [(6, 3, 2, 10), (5, 1, 3, 5), (4, 4, 1, 7), (3, 2, 3, 6)])

@@ -48,13 +48,15 @@ def generate(g: Graph, plan: Plan | None = None) -> CSource:
     for o, t in outputs:
         out_var[o] = name(o, "out_")
         entry_args.append(f"{CTYPES[t.dtype]} *restrict {out_var[o]}")
-    entry_args += ["const unsigned char *restrict params", "unsigned char *restrict arena"]
+    state = "unsigned char" if g.assigns else "const unsigned char"     # training writes its params
+    entry_args += [f"{state} *restrict params", "unsigned char *restrict arena"]
     signature = f"int {entry}({', '.join(entry_args)})"
 
     param_ptrs, arena_ptrs = [], []
     for n, off in plan.params.items():
         var[n] = name(n)
-        param_ptrs.append(dict(T=ctype(n), var=var[n], offset=off, note=f"{n} {g.node(n)['type']}"))
+        param_ptrs.append(dict(T=ctype(n), var=var[n], offset=off, note=f"{n} {g.node(n)['type']}",
+                               const="" if n in g.assigns else "const "))
     for n in plan.order:
         kind, where = plan.storage[n]
         if kind == "output":
@@ -84,10 +86,12 @@ def generate(g: Graph, plan: Plan | None = None) -> CSource:
     for o, n in g.outputs.items():
         if var.get(n) != out_var[o]:
             copies.append(dict(dst=out_var[o], src=var[n], nbytes=g.node(n)["type"].nbytes))
+    for p, n in g.assigns.items():      # after every node has run: no reader sees a new value early
+        copies.append(dict(dst=var[p], src=var[n], nbytes=g.node(n)["type"].nbytes))
 
     text = env.get_template("c/module.c.j2").render(
         version=__version__, graph=g.name, hash=g.structure_hash(), signature=signature,
         functions=functions, param_ptrs=param_ptrs, arena_ptrs=arena_ptrs, calls=calls, copies=copies,
-        arena_bytes=plan.arena_bytes, params_bytes=plan.params_bytes,
+        arena_bytes=plan.arena_bytes, params_bytes=plan.params_bytes, state=bool(g.assigns),
         inputs=[(var[n], t) for n, t in inputs], outputs=[(out_var[o], t) for o, t in outputs])
     return CSource(text, entry, signature, inputs, outputs, plan)

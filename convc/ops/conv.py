@@ -64,6 +64,8 @@ class Conv(Op):
 
     def normalize(self, attrs, types):
         attrs, _ = conv_geometry(attrs, types[0], types[1])
+        if not isinstance(attrs["flip"], (bool, np.bool_)):
+            raise RuleError(f"flip must be True or False, got {attrs['flip']!r}")
         attrs["flip"] = bool(attrs["flip"])
         return attrs
 

@@ -31,7 +31,10 @@ def compiler_version(cc: str) -> str:
 
 
 def flags(native: bool = True) -> list[str]:
-    extra = shlex.split(os.environ.get("CONVC_CFLAGS", ""))
+    try:
+        extra = shlex.split(os.environ.get("CONVC_CFLAGS", ""))
+    except ValueError as e:
+        raise CompileError(f"CONVC_CFLAGS={os.environ['CONVC_CFLAGS']!r} cannot be split into flags: {e}") from None
     return ["-std=c99", "-O3", *(["-march=native"] if native else []), "-fPIC", "-shared", *extra]
 
 
@@ -45,7 +48,7 @@ def build(source: str, native: bool = True) -> Path:
         cache.STATS["hits"] += 1
         return hit
     with cache.locked(key) as d:
-        hit = cache.lookup(key)      # someone else may have built it while we waited
+        hit = cache.lookup(key, count=False)      # someone else may have built it while we waited
         if hit:
             cache.STATS["hits"] += 1
             return hit

@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 STATS = {"compiles": 0, "hits": 0, "rebuilt_corrupt": 0}
@@ -42,8 +43,9 @@ def entry_dir(key: str) -> Path:
     return cache_dir() / key[:2] / key
 
 
-def lookup(key: str) -> Path | None:
-    """The cached library for ``key`` if present and intact, else None."""
+def lookup(key: str, count: bool = True) -> Path | None:
+    """The cached library for ``key`` if present and intact, else None
+    (``count``: record a corrupt entry in STATS)."""
     d = entry_dir(key)
     lib, manifest = d / "module.so", d / "manifest.json"
     if not lib.exists():
@@ -54,7 +56,8 @@ def lookup(key: str) -> Path | None:
             return lib
     except (OSError, ValueError):
         pass
-    STATS["rebuilt_corrupt"] += 1
+    if count:
+        STATS["rebuilt_corrupt"] += 1
     return None
 
 
@@ -79,3 +82,19 @@ def publish(key: str, built: Path, info: dict) -> Path:
     tmp.write_text(json.dumps(dict(info, sha256=sha256_file(lib)), indent=1))
     os.replace(tmp, d / "manifest.json")
     return lib
+
+
+_loads = 0
+
+
+def private_copy(lib: Path) -> Path:
+    """A private copy of ``lib`` to dlopen (the caller unlinks it once loaded;
+    the mapping stays valid). Two reasons: the dynamic loader hands back the
+    handle it already has for a path it has seen, so a library rebuilt after
+    corruption must be opened under a new name; and a mapping of the cache
+    file itself would turn any later damage to that file into a SIGBUS."""
+    global _loads
+    _loads += 1
+    alias = lib.parent / f".load-{os.getpid()}-{_loads}-{os.urandom(4).hex()}.so"
+    shutil.copyfile(lib, alias)
+    return alias

@@ -1,7 +1,9 @@
 """Compiled modules: check inputs at the boundary, then run the target."""
 from __future__ import annotations
 
+import os
 import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -99,7 +101,13 @@ class CModule(Module):
         self.plan = csrc.plan
         self._ffi = cffi.FFI()
         self._ffi.cdef(csrc.signature.replace("restrict ", "") + ";")
-        self._lib = self._ffi.dlopen(str(lib_path))
+        from .cache import private_copy
+
+        alias = private_copy(Path(lib_path))
+        try:
+            self._lib = self._ffi.dlopen(str(alias))
+        finally:
+            os.unlink(alias)
         self._entry = getattr(self._lib, csrc.entry)
         self._params = aligned_bytes(max(csrc.plan.params_bytes, 1))
         for n, off in csrc.plan.params.items():
