@@ -63,6 +63,26 @@ class Module:
     def _run(self, feeds):
         raise NotImplementedError
 
+    # -- params held by the module (weights, optimizer state) ------------------
+    def get_params(self, names=None) -> dict[str, np.ndarray]:
+        """Copies of the module's current param values, by node name."""
+        names = self.graph.param_names if names is None else list(names)
+        return {n: self._get_param(self._param_name(n)) for n in names}
+
+    def set_params(self, values: dict) -> None:
+        """Overwrite param values (same shape; cast to the param's dtype)."""
+        for n, v in values.items():
+            t = self.graph.node(self._param_name(n))["type"]
+            a = np.asarray(v)
+            if a.shape != t.shape:
+                raise InputError(f"graph '{self.graph.name}': param '{n}' has shape {t.shape}, got {a.shape}")
+            self._set_param(n, np.ascontiguousarray(a, dtype=t.dtype))
+
+    def _param_name(self, n):
+        if n not in self.graph.nx or self.graph.node(n)["op"] != "param":
+            raise InputError(f"graph '{self.graph.name}' has no param {n!r}")
+        return n
+
     def __repr__(self):
         ins = ", ".join(f"{n}: {t}" for n, t in self.inputs.items())
         outs = ", ".join(f"{n}: {t}" for n, t in self.outputs.items())
@@ -76,10 +96,17 @@ class NumpyModule(Module):
 
     def __init__(self, graph: Graph):
         super().__init__(graph, str(graph))
+        self._state = {n: graph.node(n)["value"].copy() for n in graph.param_names}
 
     def _run(self, feeds):
-        from ..reference import evaluate
-        return evaluate(self.graph, feeds)
+        from ..reference import run_step
+        return run_step(self.graph, feeds, self._state)
+
+    def _get_param(self, n):
+        return self._state[n].copy()
+
+    def _set_param(self, n, a):
+        self._state[n] = a.copy()
 
 
 def aligned_bytes(nbytes: int, align: int = 64) -> np.ndarray:
@@ -115,6 +142,21 @@ class CModule(Module):
             self._params[off:off + arr.nbytes] = arr.reshape(-1).view(np.uint8)
         self._arena = aligned_bytes(max(csrc.plan.arena_bytes, 1))
         self._lock = threading.Lock()
+
+    def _param_view(self, n) -> np.ndarray:
+        t = self.graph.node(n)["type"]
+        if n not in self.plan.params:
+            raise InputError(f"graph '{self.graph.name}': param '{n}' is not used by the compiled code")
+        off = self.plan.params[n]
+        return self._params[off:off + t.nbytes].view(t.dtype).reshape(t.shape)
+
+    def _get_param(self, n):
+        with self._lock:
+            return self._param_view(n).copy()
+
+    def _set_param(self, n, a):
+        with self._lock:
+            self._param_view(n)[...] = a
 
     def _ptr(self, a: np.ndarray):
         return self._ffi.cast("void *", a.ctypes.data)

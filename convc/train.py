@@ -1,0 +1,119 @@
+"""Compiled training: forward, backward (``cc.grad``) and the optimizer
+update in ONE generated entry point; weights and optimizer state live in the
+module between steps.
+
+>>> trainer = cc.Trainer(g, loss, optimizer=cc.SGD(lr=0.05, momentum=0.9))   # doctest: +SKIP
+>>> for xb, yb in batches:                                                    # doctest: +SKIP
+...     loss_value = trainer.step({"x": xb, "labels": yb})
+>>> probs = trainer.predict({"x": xb})                                        # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+
+from .autodiff import grad
+from .errors import GraphError
+from .ir import Graph, Value
+from .ops.elementwise import add, mul, sub
+from .ops.optim import adam_step
+
+
+@dataclass
+class SGD:
+    """PyTorch's SGD: v = momentum*v + (g + weight_decay*p); p -= lr*v."""
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def build(self, g: Graph, params: list[Value], grads: list[Value]):
+        for p, dp in zip(params, grads):
+            d = add(dp, mul(p, self.weight_decay)) if self.weight_decay else dp
+            if self.momentum:
+                v = g.param(f"{p.name}.momentum", np.zeros(p.shape), p.dtype)
+                d = add(mul(v, self.momentum), d)
+                g.assign(v, d)
+            g.assign(p, sub(p, mul(d, self.lr)))
+
+
+@dataclass
+class Adam:
+    """PyTorch's Adam (L2 weight decay added to the gradient)."""
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def build(self, g: Graph, params: list[Value], grads: list[Value]):
+        t = g.param("adam.step", np.zeros(()), "float64")
+        t1 = add(t, 1.0)
+        g.assign(t, t1)
+        for p, dp in zip(params, grads):
+            d = add(dp, mul(p, self.weight_decay)) if self.weight_decay else dp
+            m = g.param(f"{p.name}.adam_m", np.zeros(p.shape), p.dtype)
+            v = g.param(f"{p.name}.adam_v", np.zeros(p.shape), p.dtype)
+            m1 = add(mul(m, self.beta1), mul(d, 1 - self.beta1))
+            v1 = add(mul(v, self.beta2), mul(mul(d, d), 1 - self.beta2))
+            g.assign(m, m1)
+            g.assign(v, v1)
+            g.assign(p, adam_step(p, m1, v1, t1, self.lr, self.beta1, self.beta2, self.eps))
+
+
+class Trainer:
+    """Train the params of ``graph`` that ``loss`` depends on.
+
+    ``params``: Values (or names) to train; default every non-constant float
+    param that reaches ``loss``. ``optimizer``: :class:`SGD` or :class:`Adam`.
+    ``step(batch)`` runs forward + backward + update in generated code and
+    returns the loss; ``params`` returns numpy copies; ``predict(inputs)`` runs
+    the graph's own outputs with the trained weights.
+    """
+
+    def __init__(self, graph: Graph, loss: Value, params=None, optimizer=None, target: str = "c"):
+        from .api import compile
+
+        if not isinstance(loss, Value) or loss.graph is not graph:
+            raise GraphError("Trainer: loss must be a Value of the given graph")
+        if loss.type.size != 1:
+            raise GraphError(f"Trainer: loss %{loss.name} must be a scalar, got shape {loss.shape}")
+        self.graph = graph
+        self.optimizer = optimizer or SGD()
+        if params is None:
+            up = nx.ancestors(graph.nx, loss.name)
+            names = [n for n in graph.param_names if n in up and not graph.node(n).get("const")
+                     and graph.node(n)["type"].dtype != "int64"]
+        else:
+            names = [p.name if isinstance(p, Value) else str(p) for p in params]
+        if not names:
+            raise GraphError("Trainer: no params to train")
+        self.param_names = names
+
+        tg = graph.copy(f"{graph.name}_train")
+        tg.outputs = {"loss": loss.name}
+        ps = [tg.value(n) for n in names]
+        grads = grad(tg.value(loss.name), ps)
+        self.optimizer.build(tg, ps, grads)
+        self.train_graph = tg
+        self.step_module = compile(tg, target=target)
+        self.predict_module = compile(graph, target=target)
+        self.steps = 0
+
+    def step(self, batch: dict) -> float:
+        """One optimisation step on ``batch`` (input name -> array); returns the loss."""
+        need = set(self.step_module.inputs)
+        loss = self.step_module.run({k: v for k, v in batch.items() if k in need})["loss"]
+        self.steps += 1
+        return float(loss)
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """Current values of the trained params (copies)."""
+        return self.step_module.get_params(self.param_names)
+
+    def predict(self, inputs: dict) -> dict[str, np.ndarray]:
+        """The graph's outputs for ``inputs`` with the current weights."""
+        self.predict_module.set_params(self.params)
+        return self.predict_module.run(inputs)
