@@ -11,7 +11,8 @@ import sys
 import numpy as np
 
 import convc as cc
-from pngio import write_png
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from pngio import write_png  # noqa: E402
 
 H = W = 128
 yy, xx = np.mgrid[0:H, 0:W]

@@ -228,6 +228,16 @@ class ConvGradInput(Op):
         _, v = _forward_types(attrs, k, grad, attrs["input_size"])
         return TensorType(v.shape, dtype)
 
+    def grad(self, attrs, xs, y, gy, needs):
+        # h(K, G) is linear in both: its adjoints are the conv itself (for G)
+        # and the kernel gradient g with gy in the role of the conv's input (for K).
+        from .conv import conv
+        k, g = xs
+        geo = dict(stride=attrs["stride"], padding=attrs["padding"], dilation=attrs["dilation"],
+                   groups=attrs["groups"], flip=attrs["flip"])
+        return [conv_grad_kernel(g, gy, k.shape[2:], **geo) if needs[0] else None,
+                conv(gy, k, **geo) if needs[1] else None]
+
     def reference(self, attrs, k, grad):
         if attrs["flip"]:
             k = k[(slice(None), slice(None)) + (slice(None, None, -1),) * (k.ndim - 2)]
@@ -269,6 +279,15 @@ class ConvGradKernel(Op):
         dtype = same_dtype(types)
         float_dtype(grad)
         return TensorType((grad.shape[1], v.shape[1] // attrs["groups"]) + attrs["kernel_size"], dtype)
+
+    def grad(self, attrs, xs, y, gy, needs):
+        # g(G, V) is linear in both: adjoint in G is conv(V, gy), in V it is h(gy, G).
+        from .conv import conv
+        g, v = xs
+        geo = dict(stride=attrs["stride"], padding=attrs["padding"], dilation=attrs["dilation"],
+                   groups=attrs["groups"], flip=attrs["flip"])
+        return [conv(v, gy, **geo) if needs[0] else None,
+                conv_grad_input(gy, g, v.shape[2:], **geo) if needs[1] else None]
 
     def reference(self, attrs, grad, v):
         g = attrs["groups"]
