@@ -1,14 +1,19 @@
 """``convc.compile``: graph -> runnable module for a target."""
 from __future__ import annotations
 
+import os
+
 from .errors import ConvcError
 from .ir import Graph
 
 TARGETS = ("c", "numpy")
 
 
-def compile(graph: Graph, target: str = "c", native: bool = True):  # noqa: A001 (the contract's name)
+def compile(graph: Graph, target: str = "c", native: bool = True, profile: bool | None = None):  # noqa: A001
     """Compile ``graph`` for ``target`` ("c" or "numpy") and return a Module.
+
+    ``native``: tune for this machine (``-march=native``). ``profile``: time
+    every node (``Module.profile()``); default from ``CONVC_PROFILE=1``.
 
     >>> mod = cc.compile(g, target="c")          # doctest: +SKIP
     >>> y = mod(x=np.zeros((1, 1, 28, 28), np.float32))   # doctest: +SKIP
@@ -24,6 +29,8 @@ def compile(graph: Graph, target: str = "c", native: bool = True):  # noqa: A001
         from .codegen.c import generate
         from .runtime.build import build
 
-        csrc = generate(graph)
+        if profile is None:
+            profile = os.environ.get("CONVC_PROFILE", "") not in ("", "0")
+        csrc = generate(graph, profile=profile)
         return CModule(graph, csrc, build(csrc.text, native=native))
     raise ConvcError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")

@@ -72,7 +72,7 @@ class Trainer:
     the graph's own outputs with the trained weights.
     """
 
-    def __init__(self, graph: Graph, loss: Value, params=None, optimizer=None, target: str = "c"):
+    def __init__(self, graph: Graph, loss: Value, params=None, optimizer=None, target: str = "c", **compile_args):
         from .api import compile
 
         if not isinstance(loss, Value) or loss.graph is not graph:
@@ -97,7 +97,7 @@ class Trainer:
         grads = grad(tg.value(loss.name), ps)
         self.optimizer.build(tg, ps, grads)
         self.train_graph = tg
-        self.step_module = compile(tg, target=target)
+        self.step_module = compile(tg, target=target, **compile_args)
         self.predict_module = compile(graph, target=target)
         self.steps = 0
 

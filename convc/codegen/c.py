@@ -20,6 +20,7 @@ class CSource:
     inputs: list[tuple[str, TensorType]]        # in argument order
     outputs: list[tuple[str, TensorType]]
     plan: Plan
+    profile_signature: str | None = None        # set when built with per-node timers
 
 
 def describe(g: Graph, n: str) -> str:
@@ -29,7 +30,10 @@ def describe(g: Graph, n: str) -> str:
     return f"{n}: {d['op']}({args}) {attrs} -> {d['type']}".replace("*/", "* /")
 
 
-def generate(g: Graph, plan: Plan | None = None) -> CSource:
+def generate(g: Graph, plan: Plan | None = None, profile: bool = False) -> CSource:
+    """Render ``g`` as one C translation unit. ``profile`` adds a timer around
+    every node call and an exported ``<graph>_profile()`` returning the
+    accumulated seconds per node (in schedule order)."""
     g.verify()
     plan = plan or make_plan(g)
     env = environment()
@@ -54,7 +58,7 @@ def generate(g: Graph, plan: Plan | None = None) -> CSource:
 
     param_ptrs, arena_ptrs = [], []
     for n, off in plan.params.items():
-        var[n] = name(n)
+        var[n] = name(n, "p_")          # prefixed: a param may be called memcpy or NULL
         param_ptrs.append(dict(T=ctype(n), var=var[n], offset=off, note=f"{n} {g.node(n)['type']}",
                                const="" if n in g.assigns else "const "))
     for n in plan.order:
@@ -93,5 +97,7 @@ def generate(g: Graph, plan: Plan | None = None) -> CSource:
         version=__version__, graph=g.name, hash=g.structure_hash(), signature=signature,
         functions=functions, param_ptrs=param_ptrs, arena_ptrs=arena_ptrs, calls=calls, copies=copies,
         arena_bytes=plan.arena_bytes, params_bytes=plan.params_bytes, state=bool(g.assigns),
-        inputs=[(var[n], t) for n, t in inputs], outputs=[(out_var[o], t) for o, t in outputs])
-    return CSource(text, entry, signature, inputs, outputs, plan)
+        inputs=[(var[n], t) for n, t in inputs], outputs=[(out_var[o], t) for o, t in outputs],
+        profile=profile, profile_fn=f"{entry[:-4]}_profile")
+    return CSource(text, entry, signature, inputs, outputs, plan,
+                   f"double *{entry[:-4]}_profile(void)" if profile else None)

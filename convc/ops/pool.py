@@ -50,10 +50,10 @@ class _Pool(Op):
         s = shapes.positive(shapes.per_axis(s, rank, "stride"), "stride")
         d = shapes.positive(shapes.per_axis(attrs["dilation"], rank, "dilation"), "dilation")
         pads = shapes.normalize_padding(attrs["padding"], x.shape[2:], k, s, d)
-        for (lo, hi), kk, dd in zip(pads, k, d):
-            if max(lo, hi) > dd * (kk - 1):
-                raise RuleError(f"padding {pads} must be smaller than the window extent "
-                                f"d*(k-1)+1 = {dd * (kk - 1) + 1} on every axis (else a window sees only padding)")
+        for (lo, hi), kk in zip(pads, k):
+            if max(lo, hi) > kk // 2:
+                raise RuleError(f"padding {pads} must be at most half the kernel size {k} on every axis "
+                                f"(PyTorch's rule; more would let a window see only padding)")
         return dict(attrs, kernel_size=k, stride=s, padding=pads, dilation=d, ceil_mode=bool(attrs["ceil_mode"]))
 
     def infer(self, attrs, types):

@@ -93,7 +93,10 @@ def as_value(like: Value, v, what: str) -> Value:
     if isinstance(v, Value):
         return v
     if isinstance(v, (np.ndarray, int, float, list, tuple)) and not isinstance(v, bool):
-        return like.graph.const(np.asarray(v), like.dtype if like.dtype != "int64" else "float32")
+        a = np.asarray(v)
+        if like.dtype == "int64" and a.dtype.kind not in "iu":
+            raise GraphError(f"{what}: {v!r} is not an integer, but %{like.name} is int64")
+        return like.graph.const(a, like.dtype)
     raise GraphError(f"{what} must be a convc Value, a numpy array or a number, got {type(v).__name__}")
 
 

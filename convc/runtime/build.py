@@ -66,7 +66,8 @@ def build(source: str, native: bool = True) -> Path:
                                f"generated source: {src}") from None
         if proc.returncode != 0:
             os.unlink(tmp)
+            lines = proc.stderr.strip().splitlines()
+            shown = "\n".join(lines[:40]) + (f"\n... ({len(lines) - 40} more lines)" if len(lines) > 40 else "")
             raise CompileError(f"the C compiler rejected the generated code (exit {proc.returncode})\n"
-                               f"command: {' '.join(full)}\ngenerated source: {src}\n"
-                               f"{proc.stderr.strip()}")
+                               f"command: {' '.join(full)}\ngenerated source: {src}\n{shown}")
         return cache.publish(key, Path(tmp), {"command": full, "compiler": compiler_version(cc)})

@@ -128,6 +128,9 @@ class CModule(Module):
         self.plan = csrc.plan
         self._ffi = cffi.FFI()
         self._ffi.cdef(csrc.signature.replace("restrict ", "") + ";")
+        if csrc.profile_signature:
+            self._ffi.cdef(csrc.profile_signature + ";")
+        self._profile_fn = csrc.profile_signature and csrc.profile_signature.split()[1].split("(")[0].lstrip("*")
         from .cache import private_copy
 
         alias = private_copy(Path(lib_path))
@@ -136,12 +139,22 @@ class CModule(Module):
         finally:
             os.unlink(alias)
         self._entry = getattr(self._lib, csrc.entry)
+        self._profiled = getattr(self._lib, self._profile_fn) if self._profile_fn else None
         self._params = aligned_bytes(max(csrc.plan.params_bytes, 1))
         for n, off in csrc.plan.params.items():
             arr = graph.node(n)["value"]
             self._params[off:off + arr.nbytes] = arr.reshape(-1).view(np.uint8)
         self._arena = aligned_bytes(max(csrc.plan.arena_bytes, 1))
         self._lock = threading.Lock()
+
+    def profile(self) -> dict[str, float]:
+        """Seconds spent in each node over all runs so far (needs
+        ``cc.compile(..., profile=True)``), slowest first."""
+        if self._profiled is None:
+            raise InputError(f"graph '{self.graph.name}': compile with profile=True to get per-node times")
+        times = self._profiled()
+        res = {n: float(times[i]) for i, n in enumerate(self.plan.order)}
+        return dict(sorted(res.items(), key=lambda kv: -kv[1]))
 
     def _param_view(self, n) -> np.ndarray:
         t = self.graph.node(n)["type"]
