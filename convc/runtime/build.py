@@ -35,7 +35,8 @@ def flags(native: bool = True) -> list[str]:
         extra = shlex.split(os.environ.get("CONVC_CFLAGS", ""))
     except ValueError as e:
         raise CompileError(f"CONVC_CFLAGS={os.environ['CONVC_CFLAGS']!r} cannot be split into flags: {e}") from None
-    return ["-std=c99", "-O3", *(["-march=native"] if native else []), "-fPIC", "-shared", *extra]
+    return ["-std=c99", "-O3", *(["-march=native"] if native else []), "-fopenmp-simd", "-DCONVC_OMP_SIMD",
+            "-fPIC", "-shared", *extra]
 
 
 def build(source: str, native: bool = True) -> Path:
