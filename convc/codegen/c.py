@@ -89,9 +89,9 @@ def generate(g: Graph, plan: Plan | None = None, profile: bool = False) -> CSour
     copies = []
     for o, n in g.outputs.items():
         if var.get(n) != out_var[o]:
-            copies.append(dict(dst=out_var[o], src=var[n], nbytes=g.node(n)["type"].nbytes))
+            copies.append(dict(dst=out_var[o], src=var[n], size=g.node(n)["type"].size, what=f"output {o}"))
     for p, n in g.assigns.items():      # after every node has run: no reader sees a new value early
-        copies.append(dict(dst=var[p], src=var[n], nbytes=g.node(n)["type"].nbytes))
+        copies.append(dict(dst=var[p], src=var[n], size=g.node(n)["type"].size, what=f"assign {p}"))
 
     text = env.get_template("c/module.c.j2").render(
         version=__version__, graph=g.name, hash=g.structure_hash(), signature=signature,

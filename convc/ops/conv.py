@@ -43,6 +43,8 @@ def conv_geometry(attrs, x: TensorType, w: TensorType):
     groups = int(groups)
     n, c_in, *sizes = x.shape
     c_out, c_in_g, *kernel = w.shape
+    if min(w.shape) < 1:
+        raise RuleError(f"weight {w.shape} has an empty dimension; kernel sizes and channels must be >= 1")
     if c_in % groups:
         raise RuleError(f"input channels {c_in} are not divisible by groups={groups}")
     if c_out % groups:

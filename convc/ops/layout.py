@@ -121,16 +121,22 @@ class Pad(_Resample):
     def normalize(self, attrs, types):
         rank = _rank(types[0])
         p = attrs["pads"]
-        if isinstance(p, (int, np.integer)) and not isinstance(p, bool):
+        if shapes.is_int(p):
             pairs = ((int(p), int(p)),) * rank
         else:
+            def pair(i):
+                if shapes.is_int(i):
+                    return (int(i), int(i))
+                lo_hi = tuple(i)
+                if len(lo_hi) != 2 or not all(shapes.is_int(v) for v in lo_hi):
+                    raise ValueError
+                return (int(lo_hi[0]), int(lo_hi[1]))
             try:
                 items = list(p)
                 if len(items) != rank:
                     raise ValueError
-                pairs = tuple((int(i), int(i)) if isinstance(i, (int, np.integer)) else (int(i[0]), int(i[1]))
-                              for i in items)
-            except (TypeError, ValueError, IndexError):
+                pairs = tuple(pair(i) for i in items)
+            except (TypeError, ValueError):
                 raise RuleError(f"pads must be an int, {rank} ints or {rank} (lo, hi) pairs, got {p!r}") from None
         for n, (lo, hi) in zip(types[0].shape[2:], pairs):
             if n + lo + hi < 1:

@@ -81,6 +81,20 @@ def transpose_reference(x, w, stride, pads, dilation, groups, out_sizes, bias=No
     return y
 
 
+def _output_size(value, rank):
+    """An int, ``rank`` spatial sizes, or a full shape of ``rank + 2`` entries."""
+    if shapes.is_int(value):
+        return (int(value),) * rank
+    try:
+        items = list(value)
+    except TypeError:
+        items = None
+    if items is None or len(items) not in (rank, rank + 2) or not all(shapes.is_int(v) for v in items):
+        raise RuleError(f"output_size must be an int, {rank} spatial sizes or a full shape of {rank + 2}, "
+                        f"got {value!r}")
+    return tuple(int(v) for v in items[-rank:])
+
+
 def _transpose_context(x, w, out_shape, stride, dilation, pads, groups, bias):
     return dict(N=x.shape[0], C_IN=x.shape[1], C_OUT=out_shape[1], GROUPS=groups,
                 C_IN_G=x.shape[1] // groups, C_OUT_G=out_shape[1] // groups, bias=bias,
@@ -114,14 +128,14 @@ class ConvTranspose(Op):
             raise RuleError(f"conv_transpose takes an int, a tuple, (lo, hi) pairs or 'valid' as padding, "
                             f"got {padding!r}")
         kernel = w.shape[2:]
+        if min(w.shape) < 1:
+            raise RuleError(f"weight {w.shape} has an empty dimension; kernel sizes and channels must be >= 1")
         pads = shapes.normalize_padding(padding, x.shape[2:], kernel, stride, dilation)
         opad = shapes.per_axis(attrs["output_padding"], rank, "output_padding")
         base = [(n - 1) * s - lo - hi + d * (k - 1) + 1
                 for n, s, (lo, hi), d, k in zip(x.shape[2:], stride, pads, dilation, kernel)]
         if attrs.get("output_size") is not None:
-            size = tuple(int(v) for v in attrs["output_size"])[-rank:]
-            if len(size) != rank:
-                raise RuleError(f"output_size {attrs['output_size']} must give {rank} spatial sizes")
+            size = _output_size(attrs["output_size"], rank)
             want = tuple(sz - b for sz, b in zip(size, base))
             for ax, (sz, b, s, d) in enumerate(zip(size, base, stride, dilation)):
                 if not 0 <= sz - b < max(s, d):
@@ -197,14 +211,14 @@ def _forward_types(attrs, k: TensorType, grad: TensorType, v_spatial):
 
 
 def _spatial(value, rank, what):
+    """``rank`` spatial sizes, or a full shape of ``rank + 2`` entries."""
     try:
-        sizes = tuple(int(s) for s in value)
+        items = list(value)
     except TypeError:
-        sizes = (int(value),) * rank
-    sizes = sizes[-rank:] if len(sizes) >= rank else sizes
-    if len(sizes) != rank or any(s < 1 for s in sizes):
-        raise RuleError(f"{what} must give {rank} positive spatial sizes, got {value!r}")
-    return sizes
+        items = [value] * rank if shapes.is_int(value) else None
+    if items is None or len(items) not in (rank, rank + 2) or not all(shapes.is_int(v) and v >= 1 for v in items):
+        raise RuleError(f"{what} must give {rank} positive spatial sizes (or a full shape), got {value!r}")
+    return tuple(int(v) for v in items[-rank:])
 
 
 @register

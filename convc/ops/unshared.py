@@ -131,6 +131,8 @@ class TiledConv(_Unshared):
         return tuple(w.shape[2:2 + rank])
 
     def check_weight(self, x, w, out_spatial, rank):
+        if min(w.shape[2 + rank:]) < 1:
+            raise RuleError(f"tile sizes {w.shape[2 + rank:]} must be >= 1 (weight {w.shape})")
         if w.shape[1] != x.shape[1]:
             raise RuleError(f"weight dim 1 ({w.shape[1]}) must equal input channels {x.shape[1]} "
                             f"(layout C_out, C_in, *k, *t)")
