@@ -36,7 +36,6 @@ def generate(g: Graph, plan: Plan | None = None, profile: bool = False) -> CSour
     accumulated seconds per node (in schedule order)."""
     g.verify()
     plan = plan or make_plan(g)
-    env = environment()
     name = Namer(reserved=("params", "arena"))
     entry = name(f"{g.name}_run")
     var: dict[str, str] = {}
@@ -56,19 +55,49 @@ def generate(g: Graph, plan: Plan | None = None, profile: bool = False) -> CSour
     entry_args += [f"{state} *restrict params", "unsigned char *restrict arena"]
     signature = f"int {entry}({', '.join(entry_args)})"
 
-    param_ptrs, arena_ptrs = [], []
+    param_ptrs = []
     for n, off in plan.params.items():
         var[n] = name(n, "p_")          # prefixed: a param may be called memcpy or NULL
         param_ptrs.append(dict(T=ctype(n), var=var[n], offset=off, note=f"{n} {g.node(n)['type']}",
                                const="" if n in g.assigns else "const "))
+    arena_ptrs = bind_buffers(g, plan, name, var, out_var)
+    functions, calls = node_functions(g, plan, name, var)
+    copies = output_copies(g, var, out_var)
+    for p, n in g.assigns.items():      # after every node has run: no reader sees a new value early
+        copies.append(dict(dst=var[p], src=var[n], size=g.node(n)["type"].size, what=f"assign {p}"))
+
+    text = environment().get_template("c/module.c.j2").render(
+        version=__version__, graph=g.name, hash=g.structure_hash(), signature=signature,
+        functions=functions, param_ptrs=param_ptrs, arena_ptrs=arena_ptrs, calls=calls, copies=copies,
+        arena_bytes=plan.arena_bytes, params_bytes=plan.params_bytes, state=bool(g.assigns),
+        inputs=[(var[n], t) for n, t in inputs], outputs=[(out_var[o], t) for o, t in outputs],
+        profile=profile, profile_fn=f"{entry[:-4]}_profile")
+    return CSource(text, entry, signature, inputs, outputs, plan,
+                   f"double *{entry[:-4]}_profile(void)" if profile else None)
+
+
+# -- pieces shared with the embedded export (convc/export.py) ----------------
+def bind_buffers(g: Graph, plan: Plan, name: Namer, var: dict[str, str], out_var: dict[str, str]) -> list[dict]:
+    """Name the buffer of every scheduled node in ``var``: a graph output
+    writes straight into its caller buffer (``out_var``), anything else gets a
+    pointer into the arena; returns those arena pointers (type, name, offset)."""
+    arena_ptrs = []
     for n in plan.order:
         kind, where = plan.storage[n]
         if kind == "output":
             var[n] = out_var[where]
         else:
             var[n] = name(n, "t_")
-            arena_ptrs.append(dict(T=ctype(n), var=var[n], offset=where, note=f"{n} {g.node(n)['type']}"))
+            arena_ptrs.append(dict(T=CTYPES[g.node(n)["type"].dtype], var=var[n], offset=where,
+                                   note=f"{n} {g.node(n)['type']}"))
+    return arena_ptrs
 
+
+def node_functions(g: Graph, plan: Plan, name: Namer, var: dict[str, str]) -> tuple[list[str], list[dict]]:
+    """One static function per scheduled node, rendered from
+    ``templates/c/<op>.c.j2``, and the call of each in schedule order on the
+    buffers named in ``var`` (every input, param and scheduled node)."""
+    env = environment()
     functions, calls = [], []
     for n in plan.order:
         d = g.node(n)
@@ -84,20 +113,12 @@ def generate(g: Graph, plan: Plan | None = None, profile: bool = False) -> CSour
                    TI=CTYPES[types[0].dtype] if types else "float",
                    comment=describe(g, n), in_types=types, out=d["type"])
         functions.append(env.get_template(f"c/{op.template or op.name}.c.j2").render(ctx))
-        calls.append(dict(fn=fn, args=[var[i] for i in ins] + [var[n]]))
+        calls.append(dict(fn=fn, node=n, args=[var[i] for i in ins] + [var[n]]))
+    return functions, calls
 
-    copies = []
-    for o, n in g.outputs.items():
-        if var.get(n) != out_var[o]:
-            copies.append(dict(dst=out_var[o], src=var[n], size=g.node(n)["type"].size, what=f"output {o}"))
-    for p, n in g.assigns.items():      # after every node has run: no reader sees a new value early
-        copies.append(dict(dst=var[p], src=var[n], size=g.node(n)["type"].size, what=f"assign {p}"))
 
-    text = env.get_template("c/module.c.j2").render(
-        version=__version__, graph=g.name, hash=g.structure_hash(), signature=signature,
-        functions=functions, param_ptrs=param_ptrs, arena_ptrs=arena_ptrs, calls=calls, copies=copies,
-        arena_bytes=plan.arena_bytes, params_bytes=plan.params_bytes, state=bool(g.assigns),
-        inputs=[(var[n], t) for n, t in inputs], outputs=[(out_var[o], t) for o, t in outputs],
-        profile=profile, profile_fn=f"{entry[:-4]}_profile")
-    return CSource(text, entry, signature, inputs, outputs, plan,
-                   f"double *{entry[:-4]}_profile(void)" if profile else None)
+def output_copies(g: Graph, var: dict[str, str], out_var: dict[str, str]) -> list[dict]:
+    """Outputs no node wrote in place (an input or param returned as is, or a
+    node returned under two names) are copied after the last node."""
+    return [dict(dst=out_var[o], src=var[n], size=g.node(n)["type"].size, what=f"output {o}")
+            for o, n in g.outputs.items() if var.get(n) != out_var[o]]

@@ -1,0 +1,173 @@
+"""The pass table, named pipelines, the pass manager and its reports.
+
+A pass is a plain function ``Graph -> Graph`` registered under its name; it
+returns a new graph and never changes its argument. Pipelines are explicit
+lists of pass names, per target, readable top to bottom.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import ConvcError
+from ..ir import Graph
+
+PASSES: dict[str, Callable[[Graph], Graph]] = {}
+
+PIPELINES: dict[str, dict[str, list[str]]] = {
+    # What cc.compile runs unless told otherwise: cleanups and fusions that
+    # never make the work larger.
+    "default": [
+        "eliminate_dead_code",
+        "eliminate_common_subexpressions",
+        "fold_constants",
+        "fold_batch_norm",
+        "fuse_bias_activation",
+        "fuse_separable",
+        "eliminate_dead_code",
+    ],
+    # The book's lowerings, one after another, to study what each rewrites.
+    "study": [
+        "strided_to_downsampled",
+        "transposed_to_conv",
+        "grouped_to_split",
+        "dilated_to_dense",
+        "tiled_to_convs",
+        "local_to_matmul",
+        "conv_to_im2col",
+        "eliminate_dead_code",
+    ],
+    "none": [],
+}
+
+
+class PassError(ConvcError):
+    """A pass changed what a graph computes (found in debug mode)."""
+
+
+def register(fn: Callable[[Graph], Graph]) -> Callable[[Graph], Graph]:
+    """Register a pass under its function name."""
+    if fn.__name__ in PASSES:
+        raise RuntimeError(f"pass {fn.__name__!r} registered twice")
+    PASSES[fn.__name__] = fn
+    return fn
+
+
+def resolve(pipeline) -> list[str]:
+    """A pipeline name or a list of pass names -> list of pass names."""
+    if pipeline is None:
+        return []
+    if isinstance(pipeline, str):
+        if pipeline in PIPELINES:
+            return list(PIPELINES[pipeline])
+        if pipeline in PASSES:
+            return [pipeline]
+        raise ConvcError(f"unknown pipeline or pass {pipeline!r}; pipelines: {', '.join(PIPELINES)}; "
+                         f"passes: {', '.join(sorted(PASSES))}")
+    names = list(pipeline)
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise ConvcError(f"unknown pass(es) {unknown}; known: {', '.join(sorted(PASSES))}")
+    return names
+
+
+@dataclass
+class PassReport:
+    """What one pass did: node names added / removed / rewritten (same name,
+    other op, attributes or inputs) and the cost before and after."""
+    name: str
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    rewritten: list[str] = field(default_factory=list)
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.removed or self.rewritten)
+
+    def table(self) -> str:
+        rows = [f"pass {self.name}: +{len(self.added)} nodes, -{len(self.removed)} nodes, "
+                f"{len(self.rewritten)} rewritten"]
+        rows.append(f"  {'':14}{'before':>14}{'after':>14}")
+        for k in ("macs", "params", "bytes", "arena_bytes", "nodes"):
+            rows.append(f"  {k:14}{self.before[k]:>14,}{self.after[k]:>14,}")
+        return "\n".join(rows)
+
+    __str__ = table
+
+
+def summary(g: Graph) -> dict:
+    from ..cost import cost
+
+    rep = cost(g)
+    return dict(macs=rep.macs, params=rep.params, bytes=rep.bytes, arena_bytes=rep.arena_bytes,
+                nodes=len(rep.nodes))
+
+
+def _signature(g: Graph, n: str):
+    d = g.node(n)
+    return (d["op"], repr(d["attrs"]), tuple(g.inputs_of(n)))
+
+
+def diff(before: Graph, after: Graph, name: str) -> PassReport:
+    b, a = set(before.nx.nodes), set(after.nx.nodes)
+    rewritten = [n for n in after.topological_order() if n in b and _signature(before, n) != _signature(after, n)]
+    return PassReport(name, [n for n in after.topological_order() if n not in b],
+                      [n for n in before.topological_order() if n not in a], rewritten,
+                      summary(before), summary(after))
+
+
+def random_feeds(g: Graph, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for n in g.input_names:
+        t = g.node(n)["type"]
+        feeds[n] = (rng.integers(0, 2, t.shape) if t.dtype == "int64"
+                    else rng.standard_normal(t.shape)).astype(t.dtype)
+    return feeds
+
+
+def check_same(before: Graph, after: Graph, name: str, seed: int = 0, rtol: float = 1e-4, atol: float = 1e-5):
+    """Debug mode: the reference interpreter must give the same outputs."""
+    from ..reference import evaluate
+
+    feeds = random_feeds(before, seed)
+    want, got = evaluate(before, feeds), evaluate(after, feeds)
+    for out, w in want.items():
+        if out not in got:
+            raise PassError(f"pass {name} removed output {out!r}")
+        gv = got[out]
+        if gv.shape != w.shape or not np.allclose(gv, w, rtol=rtol, atol=atol, equal_nan=True):
+            err = float(np.max(np.abs(gv - w))) if gv.shape == w.shape else float("nan")
+            raise PassError(f"pass {name} changed output {out!r} of graph '{before.name}': "
+                            f"shape {w.shape} -> {gv.shape}, max abs difference {err:.3g}")
+
+
+def run(g: Graph, names, debug: bool | None = None, reports: list | None = None) -> Graph:
+    """Run passes (a pipeline name or list of pass names) on ``g``; returns the
+    rewritten graph. ``debug`` (default: ``CONVC_DEBUG_PASSES=1``) runs the
+    reference interpreter before and after every pass on random inputs and
+    raises :class:`PassError` naming the pass and the first differing output.
+    ``reports``: a list that receives one :class:`PassReport` per pass."""
+    if debug is None:
+        debug = os.environ.get("CONVC_DEBUG_PASSES", "") not in ("", "0")
+    g.verify()
+    for name in resolve(names):
+        new = PASSES[name](g)
+        new.verify()
+        if debug:
+            check_same(g, new, name)
+        if reports is not None:
+            reports.append(diff(g, new, name))
+        g = new
+    return g
+
+
+def report(g: Graph, names) -> tuple[Graph, list[PassReport]]:
+    """Run passes and return (rewritten graph, one report per pass)."""
+    reps: list[PassReport] = []
+    return run(g, names, reports=reps), reps

@@ -1,0 +1,53 @@
+"""``strided_to_downsampled`` and its inverse ``fuse_downsample``."""
+from __future__ import annotations
+
+from ..ir import Graph
+from ..ops.conv import conv
+from ..ops.elementwise import add
+from ..ops.layout import downsample
+from .manager import register
+from .rewrite import attrs, fresh, ins, only_user, rewrite
+
+
+def _to_downsampled(g: Graph, n: str):
+    if g.node(n)["op"] != "conv" or all(s == 1 for s in attrs(g, n)["stride"]):
+        return None
+    a = attrs(g, n)
+    x, w, *b = ins(g, n)
+    untied = bool(b) and len(b[0].shape) > 1      # an untied bias has the strided output's shape
+    full = conv(x, w, None if untied or not b else b[0], 1, a["padding"], a["dilation"], a["groups"], a["flip"],
+                name=fresh(g, f"{n}.unit_stride"))
+    y = downsample(full, a["stride"], name=fresh(g, f"{n}.downsample"))
+    return add(y, b[0], name=fresh(g, f"{n}.bias")) if untied else y
+
+
+@register
+def strided_to_downsampled(g: Graph) -> Graph:
+    """A stride-s conv becomes a unit-stride conv followed by ``downsample``:
+    the book's two-step form (Eq 8's V[l, j·s + m, k·s + n] split in two),
+    which computes every output and throws away all but one in s^d; compare
+    the MACs before and after."""
+    return rewrite(g, _to_downsampled)
+
+
+def _fuse(g: Graph, n: str):
+    d = g.node(n)
+    if d["op"] != "downsample":
+        return None
+    (src,) = ins(g, n)
+    if src.op != "conv" or only_user(g, src.name) != n:
+        return None
+    a = attrs(g, src.name)
+    x, w, *b = ins(g, src.name)
+    if b and len(b[0].shape) > 1:
+        return None                                  # an untied bias cannot follow the stride change
+    stride = tuple(s1 * s2 for s1, s2 in zip(a["stride"], d["attrs"]["stride"]))
+    return conv(x, w, b[0] if b else None, stride, a["padding"], a["dilation"], a["groups"], a["flip"],
+                name=fresh(g, src.name.replace(".unit_stride", "") if ".unit_stride" in src.name else f"{src.name}.strided"))
+
+
+@register
+def fuse_downsample(g: Graph) -> Graph:
+    """A conv whose only use is a ``downsample`` becomes one strided conv
+    (stride multiplied): the outputs that would be discarded are never computed."""
+    return rewrite(g, _fuse)
