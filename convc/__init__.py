@@ -23,3 +23,5 @@ from .ops.loss import cross_entropy, mse_loss  # noqa: E402,F401
 from .ops.tensor import expand, reduce_sum, slice_axis, transpose  # noqa: E402,F401
 from .autodiff import grad  # noqa: E402,F401
 from .train import SGD, Adam, Trainer  # noqa: E402,F401
+from .ops.norm import batch_norm  # noqa: E402,F401
+from . import passes  # noqa: E402,F401

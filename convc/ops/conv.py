@@ -27,6 +27,28 @@ def conv(x: Value, w, bias=None, stride=1, padding=0, dilation=1, groups=1, flip
     return x.graph.add("conv", ins, attrs, name)
 
 
+def fused_activation(attrs: dict) -> dict:
+    """The optional ``activation`` (+ ``negative_slope``) a pass may fuse into
+    a conv's output loop; absent means none."""
+    from .elementwise import ACTIVATIONS
+    kind = attrs.pop("activation", None)
+    slope = attrs.pop("negative_slope", 0.01)
+    if kind is None:
+        return attrs
+    if kind not in ACTIVATIONS:
+        raise RuleError(f"activation must be one of {ACTIVATIONS}, got {kind!r}")
+    attrs["activation"] = kind
+    if kind == "leaky_relu":
+        attrs["negative_slope"] = float(slope)
+    return attrs
+
+
+def activation_of(attrs: dict, y: np.ndarray) -> np.ndarray:
+    from .elementwise import activate
+    kind = attrs.get("activation")
+    return y if kind is None else activate(kind, y, attrs.get("negative_slope", 0.01))
+
+
 def conv_geometry(attrs, x: TensorType, w: TensorType):
     """Validate conv-like geometry; returns normalised attrs and output shape."""
     if not 3 <= len(x.shape) <= 5:
@@ -69,7 +91,7 @@ class Conv(Op):
         if not isinstance(attrs["flip"], (bool, np.bool_)):
             raise RuleError(f"flip must be True or False, got {attrs['flip']!r}")
         attrs["flip"] = bool(attrs["flip"])
-        return attrs
+        return fused_activation(attrs)
 
     def infer(self, attrs, types):
         x, w = types[:2]
@@ -83,8 +105,11 @@ class Conv(Op):
         return TensorType(out, dtype)
 
     def grad(self, attrs, xs, y, gy, needs):
+        from .elementwise import activation_grad
         from .transpose import conv_grad_input, conv_grad_kernel
         x, w = xs[:2]
+        if attrs.get("activation"):      # fused activation: y > 0 iff its input > 0, so y serves for all four
+            gy = activation_grad(attrs["activation"], y, gy, attrs.get("negative_slope", 0.01))
         geo = dict(stride=attrs["stride"], padding=attrs["padding"], dilation=attrs["dilation"],
                    groups=attrs["groups"], flip=attrs["flip"])
         return [conv_grad_input(w, gy, x.shape[2:], **geo) if needs[0] else None,        # h, Eq 6
@@ -108,13 +133,14 @@ class Conv(Op):
         y = acc.reshape(n, c_out, *out_sizes)
         if b is not None:
             y = y + (b.reshape(c_out, *([1] * len(out_sizes))) if b.ndim == 1 else b)
-        return y.astype(x.dtype)
+        return activation_of(attrs, y.astype(x.dtype))
 
     def context(self, attrs, types, out):
         x, w = types[:2]
         g = attrs["groups"]
         bias = "none" if len(types) == 2 else ("tied" if len(types[2].shape) == 1 else "untied")
-        return dict(weights="shared", N=x.shape[0], C_IN=x.shape[1], C_OUT=w.shape[0], GROUPS=g,
+        return dict(weights="shared", activation=attrs.get("activation"), slope=attrs.get("negative_slope", 0.01),
+                    N=x.shape[0], C_IN=x.shape[1], C_OUT=w.shape[0], GROUPS=g,
                     C_IN_G=x.shape[1] // g, C_OUT_G=w.shape[0] // g, flip=attrs["flip"], bias=bias,
                     axes=axes_context(x.shape[2:], out.shape[2:], w.shape[2:], attrs["stride"],
                                       attrs["dilation"], attrs["padding"]))

@@ -31,8 +31,28 @@ def tanh(x: Value, name=None) -> Value:
     return x.graph.add("tanh", [x], {}, name)
 
 
+ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh")
+
+
+def activate(kind: str, x: np.ndarray, negative_slope: float = 0.01) -> np.ndarray:
+    """numpy meaning of each activation (shared by the ops that fuse one)."""
+    if kind == "relu":
+        return np.maximum(x, 0)
+    if kind == "leaky_relu":
+        return np.where(x > 0, x, x * x.dtype.type(negative_slope))
+    if kind == "sigmoid":
+        one = x.dtype.type(1)
+        return one / (one + np.exp(-x))
+    if kind == "tanh":
+        return np.tanh(x)
+    raise ValueError(f"unknown activation {kind!r}")
+
+
 class _Unary(Op):
     template = "unary"
+
+    def reference(self, attrs, x):
+        return activate(self.name, x, attrs.get("negative_slope", 0.01))
 
     def infer(self, attrs, types):
         float_dtype(types[0])
@@ -49,8 +69,6 @@ class Relu(_Unary):
     def grad(self, attrs, xs, y, gy, needs):
         return [activation_grad("relu", xs[0], gy)]
 
-    def reference(self, attrs, x):
-        return np.maximum(x, 0)
 
 
 @register
@@ -66,8 +84,6 @@ class LeakyRelu(_Unary):
     def grad(self, attrs, xs, y, gy, needs):
         return [activation_grad("leaky_relu", xs[0], gy, attrs["negative_slope"])]
 
-    def reference(self, attrs, x):
-        return np.where(x > 0, x, x * x.dtype.type(attrs["negative_slope"]))
 
 
 @register
@@ -77,9 +93,6 @@ class Sigmoid(_Unary):
     def grad(self, attrs, xs, y, gy, needs):
         return [activation_grad("sigmoid", y, gy)]
 
-    def reference(self, attrs, x):
-        one = x.dtype.type(1)
-        return one / (one + np.exp(-x))
 
 
 @register
@@ -89,8 +102,6 @@ class Tanh(_Unary):
     def grad(self, attrs, xs, y, gy, needs):
         return [activation_grad("tanh", y, gy)]
 
-    def reference(self, attrs, x):
-        return np.tanh(x)
 
 
 # -- binary arithmetic with broadcasting ---------------------------------------

@@ -98,6 +98,7 @@ class _Unshared(Op):
         for a, t in zip(axes, w.shape[2 + rank:] if self.name == "tiled_conv" else [1] * rank):
             a["t"] = t
         return dict(weights="local" if self.name == "local_conv" else "tiled", flip=False, bias=bias,
+                    activation=None, slope=0.01,
                     N=x.shape[0], C_IN=x.shape[1], C_OUT=w.shape[0], GROUPS=1, C_IN_G=x.shape[1],
                     C_OUT_G=w.shape[0], axes=axes)
 
