@@ -25,3 +25,5 @@ from .autodiff import grad  # noqa: E402,F401
 from .train import SGD, Adam, Trainer  # noqa: E402,F401
 from .ops.norm import batch_norm  # noqa: E402,F401
 from . import passes  # noqa: E402,F401
+from .matrix import conv_matrix  # noqa: E402,F401
+from .export import export_c  # noqa: E402,F401

@@ -9,9 +9,14 @@ from .ir import Graph
 TARGETS = ("c", "numpy")
 
 
-def compile(graph: Graph, target: str = "c", native: bool = True, profile: bool | None = None):  # noqa: A001
+def compile(graph: Graph, target: str = "c", passes="default", native: bool = True,  # noqa: A001
+            profile: bool | None = None, debug: bool | None = None):
     """Compile ``graph`` for ``target`` ("c" or "numpy") and return a Module.
 
+    ``passes``: a pipeline name ("default", "train", "study", "none"; see
+    ``cc.passes.PIPELINES``) or a list of pass names, applied first (the
+    numpy target runs the graph as given: it is the oracle). ``debug``: check
+    every pass against the reference interpreter (``CONVC_DEBUG_PASSES=1``).
     ``native``: tune for this machine (``-march=native``). ``profile``: time
     every node (``Module.profile()``); default from ``CONVC_PROFILE=1``.
 
@@ -27,6 +32,9 @@ def compile(graph: Graph, target: str = "c", native: bool = True, profile: bool 
         return NumpyModule(graph)
     if target == "c":
         from .codegen.c import generate
+        from .passes import run as run_passes
+
+        graph = run_passes(graph, passes, debug=debug)
         from .runtime.build import build
 
         if profile is None:

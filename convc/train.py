@@ -97,8 +97,9 @@ class Trainer:
         grads = grad(tg.value(loss.name), ps)
         self.optimizer.build(tg, ps, grads)
         self.train_graph = tg
+        compile_args.setdefault("passes", "train")
         self.step_module = compile(tg, target=target, **compile_args)
-        self.predict_module = compile(graph, target=target)
+        self.predict_module = compile(graph, target=target, passes=compile_args["passes"])
         self.steps = 0
 
     def step(self, batch: dict) -> float:
@@ -115,5 +116,6 @@ class Trainer:
 
     def predict(self, inputs: dict) -> dict[str, np.ndarray]:
         """The graph's outputs for ``inputs`` with the current weights."""
-        self.predict_module.set_params(self.params)
+        used = set(self.predict_module.param_names)
+        self.predict_module.set_params({k: v for k, v in self.params.items() if k in used})
         return self.predict_module.run(inputs)

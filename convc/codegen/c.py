@@ -41,7 +41,7 @@ def generate(g: Graph, plan: Plan | None = None, profile: bool = False) -> CSour
     var: dict[str, str] = {}
     ctype = lambda n: CTYPES[g.node(n)["type"].dtype]  # noqa: E731
 
-    inputs = [(n, g.node(n)["type"]) for n in g.input_names]
+    inputs = [(n, g.node(n)["type"]) for n in g.input_names if n in plan.storage]   # the ones outputs need
     outputs = [(o, g.node(n)["type"]) for o, n in g.outputs.items()]
     entry_args = []
     for n, t in inputs:
@@ -104,7 +104,7 @@ def node_functions(g: Graph, plan: Plan, name: Namer, var: dict[str, str]) -> tu
         op = get_op(d["op"])
         ins = g.inputs_of(n)
         types = [g.node(i)["type"] for i in ins]
-        arg_names = op.arg_names(len(ins))
+        arg_names = op.arg_names(len(ins), d["attrs"])
         params = [f"const {CTYPES[t.dtype]} *restrict {a}" for a, t in zip(arg_names, types)]
         params.append(f"{CTYPES[d['type'].dtype]} *restrict y")
         fn = name(n, "node_")

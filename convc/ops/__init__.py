@@ -1,4 +1,4 @@
 """Op definitions: one module per family, each op defined in one class."""
 from .registry import OPS, Op, get_op, register  # noqa: F401
 from . import (conv, pool, elementwise, tensor, linear, transpose, unshared, layout,  # noqa: F401,E402
-               loss, optim, columns, norm, fused)  # (importing registers the ops)
+               loss, optim, columns, norm, fused, fft)  # (importing registers the ops)

@@ -213,7 +213,7 @@ class Div(_Binary):
         a, b = xs
         q = div(gy, b)
         return [sum_to(q, a.shape) if needs[0] else None,
-                sum_to(mul(mul(q, div(y, b)), -1.0), b.shape) if needs[1] else None]
+                sum_to(mul(mul(q, y), -1.0), b.shape) if needs[1] else None]        # -gy * a / b^2
 
     def infer(self, attrs, types):
         float_dtype(types[0], "dividend")

@@ -24,6 +24,9 @@ class FusedSeparable(Op):
     arity = (3, 5)
     inputs = ("x", "w_dw", "w_pw", "b_dw", "b_pw")
 
+    def arg_names(self, n, attrs=None):
+        return ["x", "w_dw", "w_pw"] + (["b_dw"] if attrs["dw_bias"] else []) + (["b_pw"] if attrs["pw_bias"] else [])
+
     def _types(self, attrs, types):
         x, w_dw, w_pw = types[:3]
         rest = list(types[3:])

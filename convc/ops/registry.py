@@ -23,7 +23,7 @@ class Op:
 
     inputs: tuple[str, ...] = ("x",)    # C argument names of the inputs
 
-    def arg_names(self, n: int) -> list[str]:
+    def arg_names(self, n: int, attrs: dict | None = None) -> list[str]:
         if n <= len(self.inputs):
             return list(self.inputs[:n])
         return [f"x{i}" for i in range(n)]

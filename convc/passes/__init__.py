@@ -1,4 +1,4 @@
 """Lowering passes. Each pass is a named ``Graph -> Graph`` function in its
 own module; ``run`` applies a pipeline (see ``PIPELINES``)."""
 from .manager import PASSES, PIPELINES, PassError, PassReport, register, report, resolve, run  # noqa: F401
-from . import cleanup, fusion, grouped, im2col, strided, tiled, transposed  # noqa: F401,E402  (registers the passes)
+from . import cleanup, factor, fft, fusion, grouped, im2col, strided, tiled, transposed  # noqa: F401,E402  (registers the passes)

@@ -29,6 +29,16 @@ PIPELINES: dict[str, dict[str, list[str]]] = {
         "fuse_separable",
         "eliminate_dead_code",
     ],
+    # For training graphs: the default minus the passes that bake weights
+    # into new constants, so every trained param stays settable by name.
+    "train": [
+        "eliminate_dead_code",
+        "eliminate_common_subexpressions",
+        "fold_constants",
+        "fuse_bias_activation",
+        "fuse_separable",
+        "eliminate_dead_code",
+    ],
     # The book's lowerings, one after another, to study what each rewrites.
     "study": [
         "strided_to_downsampled",

@@ -20,7 +20,12 @@ class Module:
     def __init__(self, graph: Graph, source: str):
         self.graph = graph
         self.source = source
-        self.inputs: dict[str, TensorType] = {n: graph.node(n)["type"] for n in graph.input_names}
+        from ..schedule import live_nodes
+
+        live = live_nodes(graph)
+        # the inputs the outputs need; other graph inputs may be passed and are ignored
+        self.inputs: dict[str, TensorType] = {n: graph.node(n)["type"] for n in graph.input_names if n in live}
+        self.param_names: list[str] = [n for n in graph.param_names if n in live]
         self.outputs: dict[str, TensorType] = {o: graph.node(n)["type"] for o, n in graph.outputs.items()}
 
     def check_inputs(self, feeds) -> dict[str, np.ndarray]:
@@ -29,7 +34,7 @@ class Module:
             raise InputError(f"graph '{self.graph.name}': run() takes a dict of input name -> array, "
                              f"got {type(feeds).__name__}")
         missing = [n for n in self.inputs if n not in feeds]
-        unknown = [n for n in feeds if n not in self.inputs]
+        unknown = [n for n in feeds if n not in self.inputs and n not in self.graph.input_names]
         if missing or unknown:
             parts = []
             if missing:

@@ -1,0 +1,496 @@
+"""Embedded export: a graph as a standalone C99 library with static memory.
+
+``export_c(graph, out_dir, name)`` writes ``NAME.h`` (the API: ``NAME_run``,
+``NAME_run_with_arena``, size macros, shapes and layout), ``NAME.c`` (one
+static function per node, rendered from the same ``templates/c/<op>.c.j2``
+and the same memory plan as the runtime, plus the weights as ``static const``
+arrays unless ``weights_file``, which moves them to ``NAME_weights.c``) and
+``NAME_test.c``, a host harness that embeds test vectors computed by the
+reference interpreter and prints the maximum error.
+
+``size_report(graph)`` compiles the library (with ``arm-none-eabi-gcc`` for a
+Cortex-M4F when it is installed, else the host compiler) and reports flash
+(code + const data) and RAM (arena + stack) per node and in total.
+
+>>> from convc.models import lenet5
+>>> exp = export_c(lenet5(), "out", name="lenet")      # doctest: +SKIP
+>>> print(size_report(lenet5(), name="lenet").table())  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import runpy
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .codegen.c import bind_buffers, node_functions, output_copies
+from .codegen.env import CTYPES, Namer, cfloat, environment
+from .errors import CompileError, ConvcError
+from .ir import Graph
+from .schedule import Plan, _align, plan as make_plan
+
+# The Cortex-M4F of the CI check (Debian package gcc-arm-none-eabi).
+ARM_CC = "arm-none-eabi-gcc"
+ARM_FLAGS = ["-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"]
+# A second build keeps every node in its own function and section so its
+# code can be measured and apportioned (identical functions are not folded).
+SIZE_FLAGS = ["-std=c99", "-Os", "-fno-inline-functions-called-once", "-fno-inline-small-functions",
+              "-fno-ipa-icf", "-ffunction-sections", "-fdata-sections"]
+
+
+# -- loading a model ----------------------------------------------------------
+def load_model(spec: str) -> Graph:
+    """The graph named by ``spec``: a builder in :mod:`convc.models`
+    (``lenet5``, ``mobilenet_tiny``), or a Python file that defines
+    ``build()`` returning a :class:`Graph`, or a module-level ``graph``."""
+    from . import models
+
+    bundled = {n: f for n, f in vars(models).items()
+               if callable(f) and not n.startswith("_") and getattr(f, "__module__", "") == models.__name__}
+    if spec in bundled:
+        return _checked(bundled[spec](), f"convc.models.{spec}()")
+    if not spec.endswith(".py") and not Path(spec).exists():
+        raise ConvcError(f"model {spec!r}: not a bundled model ({', '.join(sorted(bundled))}) and not a file")
+    path = Path(spec)
+    if not path.is_file():
+        raise ConvcError(f"model {spec!r}: no such file")
+    try:
+        ns = runpy.run_path(str(path), run_name="__convc_model__")
+    except ConvcError:
+        raise
+    except Exception as e:                      # the user's file: report, don't crash
+        raise ConvcError(f"model {spec}: running it raised {type(e).__name__}: {e}") from e
+    if callable(ns.get("build")):
+        try:
+            return _checked(ns["build"](), f"{spec}: build()")
+        except ConvcError:
+            raise
+        except Exception as e:
+            raise ConvcError(f"model {spec}: build() raised {type(e).__name__}: {e}") from e
+    if "graph" in ns:
+        return _checked(ns["graph"], f"{spec}: graph")
+    raise ConvcError(f"model {spec}: defines neither build() nor a module-level `graph`")
+
+
+def _checked(g, what) -> Graph:
+    if not isinstance(g, Graph):
+        raise ConvcError(f"{what} must be a convc.Graph, got {type(g).__name__}")
+    return g
+
+
+# -- memory figures -----------------------------------------------------------
+def live_bytes(p: Plan) -> list[int]:
+    """Bytes of arena buffers alive while each scheduled node runs (its
+    inputs still needed and its output being written), in schedule order."""
+    return [sum(_align(b.nbytes) for b in p.buffers if b.start <= step <= b.end) for step in range(len(p.order))]
+
+
+def peak_live_bytes(p: Plan) -> int:
+    """The peak of live buffers: what any plan needs at least; the arena
+    equals it when the planner leaves no holes."""
+    return max(live_bytes(p), default=0)
+
+
+# -- rendering ----------------------------------------------------------------
+def c_literals(a: np.ndarray, per_line: int = 8) -> list[str]:
+    """Exact C literals of ``a``'s elements, ``per_line`` to a string. float32
+    values print as their shortest float32 round-trip (``0.1f``), float64 as
+    Python's ``repr``; both read back bit for bit."""
+    flat = np.asarray(a).reshape(-1)
+    if flat.dtype == np.float32:
+        vals = [cfloat(float(str(v)), "float") for v in flat]
+    elif flat.dtype == np.float64:
+        vals = [cfloat(v, "double") for v in flat.tolist()]
+    else:
+        vals = ["INT64_MIN" if v == -2**63 else f"INT64_C({v})" for v in flat.tolist()]
+    if not vals:
+        vals = ["0"]                    # C has no empty arrays; the length is 1 then
+    return [", ".join(vals[i:i + per_line]) for i in range(0, len(vals), per_line)]
+
+
+@dataclass
+class Library:
+    """The rendered sources of one export and what they are made of."""
+    name: str
+    files: dict[str, str]                       # file name -> text
+    plan: Plan
+    functions: dict[str, str]                   # node -> C function name
+    weights: dict[str, str]                     # param node -> C array name
+    arena_align: int
+    weight_bytes: int
+    entry_args: list[tuple[str, str, object, str]] = field(default_factory=list)  # C name, role, type, size macro
+
+
+def render(g: Graph, name: str = "model", weights_file: bool = False) -> Library:
+    """Render ``NAME.h``, ``NAME.c`` (and ``NAME_weights.c``) for ``g``."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ConvcError(f"export name {name!r} must be a C identifier (letters, digits, _)")
+    g.verify()
+    if g.assigns:
+        raise ConvcError(f"graph '{g.name}' assigns params ({', '.join(g.assigns)}): it is a training step; "
+                         f"export the inference graph (weights are const in the library)")
+    plan = make_plan(g)
+    P = name.upper()
+    ident = Namer(reserved=("arena", "base", "i", "convc_first", "convc_last", "CONVC_SIMD_SUM",
+                            f"{name}_run", f"{name}_run_with_arena", f"{name}_arena"))
+    macro = Namer(reserved=[f"{P}_{s}" for s in ("H", "ARENA_BYTES", "ARENA_ALIGN", "WEIGHT_BYTES", "INPUT_SIZE",
+                                                 "OUTPUT_SIZE", "NO_STATIC_ARENA", "TEST_TOLERANCE")])
+    var: dict[str, str] = {}
+    out_var: dict[str, str] = {}
+    tensors = {"inputs": [], "outputs": []}
+    private, public, entry_args = [], [], []
+    for role, items in (("inputs", [(n, n) for n in g.input_names]), ("outputs", list(g.outputs.items()))):
+        for label, node in items:
+            t = g.node(node)["type"]
+            v = ident(label)
+            if role == "inputs":
+                var[node] = v
+            else:
+                out_var[label] = v
+            T = CTYPES[t.dtype]
+            const = "const " if role == "inputs" else ""
+            private.append(f"{const}{T} *restrict {v}")
+            public.append(f"{const}{T} *{v}")
+            size_macro = macro(f"{P}_{v.upper()}_SIZE")
+            entry_args.append((v, role, t, size_macro))
+            tensors[role].append(dict(var=v, dtype=t.dtype, shape=str(t.shape), size=t.size, T=T, macro=size_macro))
+    params = []
+    for n in plan.params:
+        t = g.node(n)["type"]
+        var[n] = ident(n, f"{name}_p_")
+        params.append(dict(T=CTYPES[t.dtype], var=var[n], length=max(t.size, 1), note=f"{n} {t}",
+                           lines=c_literals(g.node(n)["value"])))
+    arena_ptrs = bind_buffers(g, plan, ident, var, out_var)
+    functions, calls = node_functions(g, plan, ident, var)
+    copies = output_copies(g, var, out_var)
+
+    weight_bytes = sum(g.node(n)["type"].nbytes for n in plan.params)
+    arena_align = max((np.dtype(g.node(b.node)["type"].dtype).itemsize for b in plan.buffers), default=1)
+    aliases = []
+    for role, generic in (("inputs", "INPUT_SIZE"), ("outputs", "OUTPUT_SIZE")):
+        if len(tensors[role]) == 1:
+            aliases.append((f"{P}_{generic}", tensors[role][0]))
+    dtypes = {a[2].dtype for a in entry_args}
+    ctx = dict(version=__version__, graph=g.name, hash=g.structure_hash(), name=name, P=P, guard=f"{P}_H",
+               inputs=tensors["inputs"], outputs=tensors["outputs"], aliases=aliases,
+               public_args=public, private_args=private, pointers=[a[0] for a in entry_args],
+               params=params, functions=functions, calls=calls, copies=copies, arena_ptrs=arena_ptrs,
+               arena_bytes=plan.arena_bytes, arena_align=arena_align, intermediate_bytes=plan.intermediate_bytes,
+               weight_bytes=weight_bytes, weights_file=weights_file, needs_stdint="int64" in dtypes)
+    env = environment()
+    files = {f"{name}.h": env.get_template("c/export.h.j2").render(ctx),
+             f"{name}.c": env.get_template("c/export.c.j2").render(ctx)}
+    if weights_file:
+        ctx["needs_stdint"] = any(p["T"] == "int64_t" for p in params)
+        files[f"{name}_weights.c"] = env.get_template("c/export_weights.c.j2").render(ctx)
+    return Library(name, files, plan, {c["node"]: c["fn"] for c in calls}, {n: var[n] for n in plan.params},
+                   arena_align, weight_bytes, entry_args)
+
+
+def render_harness(g: Graph, lib: Library, test_inputs=None, tests: int = 2, seed: int = 0,
+                   weights_file: bool = False) -> str:
+    """``NAME_test.c``: ``tests`` input vectors (or ``test_inputs``, a list of
+    {input name: array}) and the reference interpreter's outputs for them.
+    Random inputs are standard normal for float inputs and zeros for int64
+    ones (a valid class index)."""
+    from .reference import evaluate
+    from .runtime.module import NumpyModule
+
+    if test_inputs is None:
+        rng = np.random.default_rng(seed)
+        test_inputs = [{n: (rng.standard_normal(t.shape) if t.dtype != "int64" else np.zeros(t.shape)
+                            ).astype(t.dtype) for n, t in ((n, g.node(n)["type"]) for n in g.input_names)}
+                       for _ in range(tests)]
+    if not test_inputs:
+        raise ConvcError("the test harness needs at least one test vector")
+    check = NumpyModule(g)              # the boundary checks of Module.run: names, shapes, dtypes
+    feeds = [check.check_inputs(f) for f in test_inputs]
+    wants = [evaluate(g, f) for f in feeds]
+    P = lib.name.upper()
+    names = Namer(reserved=("arena", "worst", "failures", "v", "s", "how", "err", "rc", "e", "i", "error", "run",
+                            "main", "TESTS", "WAYS", "vector", "static_arena"))
+    rows = {"inputs": [], "outputs": []}
+    nodes = {"inputs": list(g.input_names), "outputs": list(g.outputs)}
+    for role in ("inputs", "outputs"):
+        for (cname, _, t, size_macro), key in zip([a for a in lib.entry_args if a[1] == role], nodes[role]):
+            data = [f[key] for f in (feeds if role == "inputs" else wants)]
+            rows[role].append(dict(
+                var=names(cname, "in_" if role == "inputs" else "out_"),
+                data=names(cname, "test_" if role == "inputs" else "want_"),
+                role=role[:-1], T=CTYPES[t.dtype], dtype=t.dtype, shape=str(t.shape),
+                macro=size_macro,
+                vectors=[c_literals(d) for d in data]))
+    ctx = dict(version=__version__, graph=g.name, hash=g.structure_hash(), name=lib.name, P=P,
+               tests=len(feeds), inputs=rows["inputs"], outputs=rows["outputs"],
+               inputs_outputs=[r["var"] for r in rows["inputs"] + rows["outputs"]],
+               arena_bytes=lib.plan.arena_bytes, arena_align=lib.arena_align, weights_file=weights_file)
+    return environment().get_template("c/export_test.c.j2").render(ctx)
+
+
+@dataclass
+class Export:
+    """What ``export_c`` wrote."""
+    name: str
+    dir: Path
+    files: list[Path]
+    plan: Plan
+    arena_bytes: int            # NAME_ARENA_BYTES: the planner's arena
+    peak_live_bytes: int        # the peak of live buffers (equal unless the plan has holes)
+    intermediate_bytes: int     # the arena without reuse
+    weight_bytes: int
+
+    def __str__(self):
+        return (f"wrote {', '.join(str(f) for f in self.files)}\n"
+                f"arena {self.arena_bytes:,} bytes (peak of live buffers {self.peak_live_bytes:,}; "
+                f"{self.intermediate_bytes:,} without reuse), weights {self.weight_bytes:,} bytes")
+
+
+def export_c(graph: Graph, out_dir, name: str = "model", weights_file: bool = False, harness: bool = True,
+             test_inputs=None, tests: int = 2, seed: int = 0) -> Export:
+    """Write ``NAME.h``, ``NAME.c`` (weights inside, or in ``NAME_weights.c``
+    with ``weights_file=True``) and the test harness ``NAME_test.c`` into
+    ``out_dir`` (created if needed).
+
+    >>> cc.export_c(lenet5(), "build/lenet", name="lenet")   # doctest: +SKIP
+    """
+    if not isinstance(graph, Graph):
+        raise ConvcError(f"export_c() takes a convc.Graph, got {type(graph).__name__}")
+    lib = render(graph, name, weights_file)
+    files = dict(lib.files)
+    if harness:
+        files[f"{name}_test.c"] = render_harness(graph, lib, test_inputs, tests, seed, weights_file)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fname, text in files.items():
+        (out / fname).write_text(text)
+        paths.append(out / fname)
+    return Export(name, out, paths, lib.plan, lib.plan.arena_bytes, peak_live_bytes(lib.plan),
+                  lib.plan.intermediate_bytes, lib.weight_bytes)
+
+
+# -- flash and RAM ------------------------------------------------------------
+@dataclass
+class Toolchain:
+    cc: str
+    nm: str
+    size: str
+    flags: list[str]
+    label: str
+
+
+def toolchain(prefer_arm: bool = True) -> Toolchain:
+    """arm-none-eabi-gcc for a Cortex-M4F when on PATH (and ``prefer_arm``),
+    else the host compiler ($CONVC_CC or cc) with the host binutils."""
+    if prefer_arm and shutil.which(ARM_CC):
+        return Toolchain(ARM_CC, "arm-none-eabi-nm", "arm-none-eabi-size", list(ARM_FLAGS),
+                         "arm-none-eabi-gcc, Cortex-M4F (" + " ".join(ARM_FLAGS) + ")")
+    cc = os.environ.get("CONVC_CC", "cc")
+    return Toolchain(cc, "nm", "size", [], f"host compiler {cc} (install gcc-arm-none-eabi for Cortex-M4F figures)")
+
+
+@dataclass
+class SizeRow:
+    node: str
+    op: str
+    code: int           # bytes of machine code of the node's function
+    const: int          # bytes of the weights it reads first
+    live: int           # arena bytes alive while it runs
+    stack: int          # its stack frame
+
+
+@dataclass
+class SizeReport:
+    name: str
+    toolchain: str
+    rows: list[SizeRow]
+    entry_code: int     # NAME_run + NAME_run_with_arena
+    other_code: int     # shared helpers and rounding
+    other_const: int    # alignment padding, literal constants outside functions
+    arena: int          # the planner's arena (NAME_ARENA_BYTES)
+    peak_live: int      # the peak of live buffers
+    static_ram: int     # .bss + .data of the build: the arena, aligned
+    stack: int          # deepest call chain: NAME_run -> NAME_run_with_arena -> what is left out of line
+
+    @property
+    def code(self) -> int:
+        return sum(r.code for r in self.rows) + self.entry_code + self.other_code
+
+    @property
+    def const(self) -> int:
+        return sum(r.const for r in self.rows) + self.other_const
+
+    @property
+    def flash(self) -> int:
+        return self.code + self.const
+
+    @property
+    def ram(self) -> int:
+        return self.static_ram + self.stack
+
+    def table(self) -> str:
+        head = ("node", "op", "code", "const", "flash", "live arena", "stack")
+        body = [(r.node, r.op, r.code, r.const, r.code + r.const, r.live, r.stack) for r in self.rows]
+        body.append(("(entry)", f"{self.name}_run*", self.entry_code, 0, self.entry_code, 0, 0))
+        if self.other_code or self.other_const:
+            body.append(("(other)", "helpers, padding", self.other_code, self.other_const,
+                         self.other_code + self.other_const, 0, 0))
+        total = ("total", "", self.code, self.const, self.flash, self.static_ram, self.stack)
+        rows = [head] + [tuple(v if isinstance(v, str) else f"{v:,}" for v in r) for r in body + [total]]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        fmt = lambda r: "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa
+        lines = [fmt(r) for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.insert(-1, "-" * len(lines[0]))
+        lines += [f"flash: {self.flash:,} bytes = code {self.code:,} + const data {self.const:,}",
+                  f"RAM:   {self.ram:,} bytes = static {self.static_ram:,} (the arena: planned {self.arena:,}, "
+                  f"peak of live buffers {self.peak_live:,}) + stack {self.stack:,} (estimate)",
+                  f"toolchain: {self.toolchain}, -Os; per-node code apportioned from a build with every node "
+                  f"out of line"]
+        return "\n".join(lines)
+
+    __str__ = table
+
+
+def _run(cmd, cwd):
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise CompileError(f"running {cmd[0]} failed: {e}") from None
+    if proc.returncode != 0:
+        raise CompileError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+@dataclass
+class _Object:
+    symbols: dict[str, int]     # name -> bytes (IPA clones like node_x.constprop.0 summed into node_x)
+    sections: dict[str, int]    # name -> bytes
+    stack: dict[str, int]       # function -> frame bytes (-fstack-usage)
+
+    def total(self, *prefixes) -> int:
+        return sum(v for k, v in self.sections.items() if k.startswith(prefixes))
+
+
+def _measure(tools: Toolchain, tmp: str, name: str, obj: str, flags: list[str]) -> _Object:
+    _run([tools.cc, *tools.flags, *flags, "-fstack-usage", "-c", f"{name}.c", "-o", f"{obj}.o"], tmp)
+    symbols: dict[str, int] = {}
+    for line in _run([tools.nm, "-S", f"{obj}.o"], tmp).splitlines():
+        parts = line.split()
+        if len(parts) == 4:
+            base = parts[3].split(".")[0]
+            symbols[base] = symbols.get(base, 0) + int(parts[1], 16)
+    sections = {}
+    for line in _run([tools.size, "-A", f"{obj}.o"], tmp).splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].startswith(".") and parts[1].isdigit():
+            sections[parts[0]] = int(parts[1])
+    stack: dict[str, int] = {}
+    su = Path(tmp, f"{obj}.su")
+    for line in su.read_text().splitlines() if su.exists() else []:
+        where, nbytes, _kind = line.split("\t")
+        fn = where.rsplit(":", 1)[-1].split(".")[0]
+        stack[fn] = max(stack.get(fn, 0), int(nbytes))
+    return _Object(symbols, sections, stack)
+
+
+def size_report(graph: Graph, name: str = "model", tools: Toolchain | None = None) -> SizeReport:
+    """Compile the exported library twice and measure it. Totals come from
+    the build a firmware project does (``-std=c99 -Os``): code = .text,
+    const data = .rodata + .data, static RAM = .bss + .data (the arena);
+    the stack estimate is the deepest call chain of that build
+    (``-fstack-usage``). Per node, that code total is apportioned by the sizes
+    of the node functions in a second build that keeps every node out of line
+    (``SIZE_FLAGS``); const data is the node's weights (each counted at its
+    first reader), exactly."""
+    tools = tools or toolchain()
+    lib = render(graph, name)
+    with tempfile.TemporaryDirectory(prefix="convc-size-") as tmp:
+        for fname, text in lib.files.items():
+            Path(tmp, fname).write_text(text)
+        real = _measure(tools, tmp, name, name, ["-std=c99", "-Os"])
+        split = _measure(tools, tmp, name, f"{name}_split", SIZE_FLAGS)
+    if real.symbols.get(f"{name}_arena", 0) < lib.plan.arena_bytes:
+        raise CompileError(f"{name}.o: the arena symbol has {real.symbols.get(f'{name}_arena', 0)} bytes, "
+                           f"the plan needs {lib.plan.arena_bytes}")
+    code = real.total(".text")
+    scale = code / max(split.total(".text"), 1)
+    first_user: dict[str, str] = {}
+    for n in lib.plan.order:
+        for i in graph.inputs_of(n):
+            if i in lib.weights:
+                first_user.setdefault(i, n)
+    live = live_bytes(lib.plan)
+    rows = []
+    for step, n in enumerate(lib.plan.order):
+        fn = lib.functions[n]
+        weights = sum(graph.node(p)["type"].nbytes for p, u in first_user.items() if u == n)
+        rows.append(SizeRow(n, graph.node(n)["op"], round(split.symbols.get(fn, 0) * scale), weights, live[step],
+                            split.stack.get(fn, 0)))
+    entry = round(sum(split.symbols.get(f, 0) for f in (f"{name}_run", f"{name}_run_with_arena")) * scale)
+    const = real.total(".rodata", ".data")
+    entries = (f"{name}_run", f"{name}_run_with_arena")
+    callees = [v for k, v in real.stack.items() if k not in entries]     # whatever the build left out of line
+    stack = sum(real.stack.get(f, 0) for f in entries) + max(callees, default=0)
+    return SizeReport(name, tools.label, rows, entry, code - sum(r.code for r in rows) - entry,
+                      const - sum(r.const for r in rows), lib.plan.arena_bytes, peak_live_bytes(lib.plan),
+                      real.total(".bss", ".data"), stack)
+
+
+# -- command line -------------------------------------------------------------
+def cmd_export(args) -> int:
+    g = load_model(args.model)
+    if args.out is None and not args.size:
+        raise ConvcError("convc export: give -o DIR to write the library, or --size to measure it")
+    if args.out is not None:
+        print(export_c(g, args.out, name=args.name, weights_file=args.weights_file))
+        objs = " ".join(f"{args.out}/{f}" for f in [f"{args.name}.c"] + ([f"{args.name}_weights.c"]
+                                                                         if args.weights_file else []))
+        print(f"check it: cc -std=c99 -O2 {args.out}/{args.name}_test.c {objs} -lm && ./a.out")
+    if args.size:
+        print(size_report(g, name=args.name).table())
+    return 0
+
+
+def add_cli(subparsers) -> argparse.ArgumentParser:
+    """Register ``convc export`` on a ``argparse`` subparsers object."""
+    p = subparsers.add_parser(
+        "export", help="write a standalone C99 library (NAME.h, NAME.c) with static memory, and its test harness",
+        description="Export MODEL as NAME.h + NAME.c (+ NAME_weights.c) and a test harness NAME_test.c; "
+                    "--size reports flash and RAM per node and in total.")
+    p.add_argument("model", metavar="MODEL",
+                   help="lenet5 or mobilenet_tiny (bundled), or a Python file defining build() -> convc.Graph "
+                        "(or a module-level `graph`)")
+    p.add_argument("-o", "--out", metavar="DIR", help="directory to write the files into")
+    p.add_argument("--name", default="model", help="C prefix of the API and the file names (default: model)")
+    p.add_argument("--weights-file", action="store_true", help="put the weights in NAME_weights.c")
+    p.add_argument("--size", action="store_true",
+                   help="compile the library (arm-none-eabi-gcc for a Cortex-M4F if installed, else the host "
+                        "compiler) and report flash (code + const data) and RAM (arena + stack) per node")
+    p.set_defaults(fn=cmd_export)
+    return p
+
+
+def main(argv=None) -> int:
+    """``python -m convc.export MODEL -o DIR [--size]``."""
+    parser = argparse.ArgumentParser(prog="python -m convc.export")
+    add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.fn(args)
+    except ConvcError as e:
+        print(f"convc: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
