@@ -82,6 +82,51 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def cmd_passes(args) -> int:
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from convc import passes
+    from convc.export import load_model
+
+    g = load_model(args.model)
+    names = passes.resolve(args.passes.split(",") if args.passes else args.pipeline)
+    steps = [("input", g, None)]
+    for name in names:
+        reps: list = []
+        g = passes.run(g, [name], debug=args.debug, reports=reps)
+        steps.append((name, g, reps[0]))
+    dot_dir = Path(args.dot) if args.dot else None
+    if dot_dir:
+        dot_dir.mkdir(parents=True, exist_ok=True)
+    have_dot = shutil.which("dot") is not None
+    for i, (name, graph, rep) in enumerate(steps):
+        title = "input graph" if rep is None else f"after {name}"
+        print(f"== {i:02d} {title} ==")
+        print(graph)
+        if rep is not None:
+            print(rep.table())
+            if rep.changed:
+                print(f"  added: {', '.join(rep.added) or '-'}")
+                print(f"  removed: {', '.join(rep.removed) or '-'}")
+                if rep.rewritten:
+                    print(f"  rewritten: {', '.join(rep.rewritten)}")
+        print()
+        if dot_dir:
+            stem = dot_dir / f"{i:02d}_{name}"
+            highlight = set(rep.added + rep.rewritten) if rep else set()
+            stem.with_suffix(".dot").write_text(graph.to_dot(highlight=highlight))
+            if have_dot:
+                for fmt in ("svg", "png"):
+                    subprocess.run(["dot", f"-T{fmt}", str(stem.with_suffix(".dot")), "-o",
+                                    str(stem.with_suffix("." + fmt))], check=False)
+    if dot_dir:
+        what = ".dot, .svg and .png" if have_dot else ".dot (install graphviz for .svg/.png)"
+        print(f"wrote {len(steps)} steps as {what} files to {dot_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convc", description="convc: a small graph compiler for conv nets")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -89,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--target", default="c", choices=["c"], help="compilation target (default: c)")
     d.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     d.set_defaults(fn=cmd_demo)
+    from convc.passes import PIPELINES
+
+    p_ = sub.add_parser("passes", help="run a pass pipeline on a model, printing the IR and cost after each pass")
+    p_.add_argument("model", help="a Python file defining build() -> Graph (or `graph`), or a bundled model "
+                                  "name such as lenet5")
+    p_.add_argument("--pipeline", default="default", help=f"pipeline name: {', '.join(PIPELINES)} (default: default)")
+    p_.add_argument("--passes", help="comma-separated pass names instead of a pipeline")
+    p_.add_argument("--dot", metavar="DIR", help="write one Graphviz file per step (and SVG/PNG if `dot` exists)")
+    p_.add_argument("--debug", action="store_true", help="check every pass against the reference interpreter")
+    p_.set_defaults(fn=cmd_passes)
     c = sub.add_parser("cache", help="show (or --clear) the compile cache")
     c.add_argument("--clear", action="store_true", help="delete every cached module")
     c.set_defaults(fn=cmd_cache)
