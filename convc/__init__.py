@@ -26,4 +26,12 @@ from .train import SGD, Adam, Trainer  # noqa: E402,F401
 from .ops.norm import batch_norm  # noqa: E402,F401
 from . import passes  # noqa: E402,F401
 from .matrix import conv_matrix  # noqa: E402,F401
-from .export import export_c  # noqa: E402,F401
+
+
+def __getattr__(name):
+    # cc.export_c, imported on first use so that `python -m convc.export` runs
+    # the module once, as __main__, without a second copy in sys.modules.
+    if name == "export_c":
+        from .export import export_c
+        return export_c
+    raise AttributeError(f"module 'convc' has no attribute {name!r}")

@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_.add_argument("--dot", metavar="DIR", help="write one Graphviz file per step (and SVG/PNG if `dot` exists)")
     p_.add_argument("--debug", action="store_true", help="check every pass against the reference interpreter")
     p_.set_defaults(fn=cmd_passes)
+    from convc.export import add_cli as add_export_cli
+
+    add_export_cli(sub)
     c = sub.add_parser("cache", help="show (or --clear) the compile cache")
     c.add_argument("--clear", action="store_true", help="delete every cached module")
     c.set_defaults(fn=cmd_cache)

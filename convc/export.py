@@ -103,11 +103,13 @@ def peak_live_bytes(p: Plan) -> int:
 # -- rendering ----------------------------------------------------------------
 def c_literals(a: np.ndarray, per_line: int = 8) -> list[str]:
     """Exact C literals of ``a``'s elements, ``per_line`` to a string. float32
-    values print as their shortest float32 round-trip (``0.1f``), float64 as
-    Python's ``repr``; both read back bit for bit."""
+    values print as numpy's shortest string that reads back as the same
+    float32 (``0.1f``; straight from the float32, never through a double,
+    which could round twice), float64 as Python's ``repr``; both read back
+    bit for bit."""
     flat = np.asarray(a).reshape(-1)
     if flat.dtype == np.float32:
-        vals = [cfloat(float(str(v)), "float") for v in flat]
+        vals = [_float32_literal(v) for v in flat]
     elif flat.dtype == np.float64:
         vals = [cfloat(v, "double") for v in flat.tolist()]
     else:
@@ -117,27 +119,40 @@ def c_literals(a: np.ndarray, per_line: int = 8) -> list[str]:
     return [", ".join(vals[i:i + per_line]) for i in range(0, len(vals), per_line)]
 
 
+def _float32_literal(v: np.float32) -> str:
+    if not np.isfinite(v):
+        return cfloat(float(v), "float")
+    text = str(v)                        # Dragon4, unique: shortest round-trip for float32
+    return (text if "." in text or "e" in text else text + ".0") + "f"
+
+
 @dataclass
 class Library:
     """The rendered sources of one export and what they are made of."""
     name: str
+    graph: Graph                                # the graph rendered (after the pass pipeline)
     files: dict[str, str]                       # file name -> text
     plan: Plan
     functions: dict[str, str]                   # node -> C function name
     weights: dict[str, str]                     # param node -> C array name
     arena_align: int
     weight_bytes: int
-    entry_args: list[tuple[str, str, object, str]] = field(default_factory=list)  # C name, role, type, size macro
+    tensors: dict[str, list[dict]] = field(default_factory=dict)   # "inputs"/"outputs" -> entry arguments
 
 
-def render(g: Graph, name: str = "model", weights_file: bool = False) -> Library:
-    """Render ``NAME.h``, ``NAME.c`` (and ``NAME_weights.c``) for ``g``."""
+def render(graph: Graph, name: str = "model", weights_file: bool = False, passes="default") -> Library:
+    """Render ``NAME.h``, ``NAME.c`` (and ``NAME_weights.c``) for ``graph``
+    after the pass pipeline ``passes`` (the one ``cc.compile`` runs by
+    default: the library is the C the runtime would build)."""
+    from .passes import run as run_passes
+
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise ConvcError(f"export name {name!r} must be a C identifier (letters, digits, _)")
-    g.verify()
-    if g.assigns:
-        raise ConvcError(f"graph '{g.name}' assigns params ({', '.join(g.assigns)}): it is a training step; "
-                         f"export the inference graph (weights are const in the library)")
+    graph.verify()
+    if graph.assigns:
+        raise ConvcError(f"graph '{graph.name}' assigns params ({', '.join(graph.assigns)}): it is a training "
+                         f"step; export the inference graph (weights are const in the library)")
+    g = run_passes(graph, passes)
     plan = make_plan(g)
     P = name.upper()
     ident = Namer(reserved=("arena", "base", "i", "convc_first", "convc_last", "CONVC_SIMD_SUM",
@@ -147,9 +162,9 @@ def render(g: Graph, name: str = "model", weights_file: bool = False) -> Library
     var: dict[str, str] = {}
     out_var: dict[str, str] = {}
     tensors = {"inputs": [], "outputs": []}
-    private, public, entry_args = [], [], []
+    private, public = [], []
     for role, items in (("inputs", [(n, n) for n in g.input_names]), ("outputs", list(g.outputs.items()))):
-        for label, node in items:
+        for label, node in items:       # label: the input's or output's name
             t = g.node(node)["type"]
             v = ident(label)
             if role == "inputs":
@@ -160,9 +175,8 @@ def render(g: Graph, name: str = "model", weights_file: bool = False) -> Library
             const = "const " if role == "inputs" else ""
             private.append(f"{const}{T} *restrict {v}")
             public.append(f"{const}{T} *{v}")
-            size_macro = macro(f"{P}_{v.upper()}_SIZE")
-            entry_args.append((v, role, t, size_macro))
-            tensors[role].append(dict(var=v, dtype=t.dtype, shape=str(t.shape), size=t.size, T=T, macro=size_macro))
+            tensors[role].append(dict(var=v, label=label, type=t, dtype=t.dtype, shape=str(t.shape), size=t.size,
+                                      T=T, macro=macro(f"{P}_{v.upper()}_SIZE")))
     params = []
     for n in plan.params:
         t = g.node(n)["type"]
@@ -179,58 +193,53 @@ def render(g: Graph, name: str = "model", weights_file: bool = False) -> Library
     for role, generic in (("inputs", "INPUT_SIZE"), ("outputs", "OUTPUT_SIZE")):
         if len(tensors[role]) == 1:
             aliases.append((f"{P}_{generic}", tensors[role][0]))
-    dtypes = {a[2].dtype for a in entry_args}
+    args = tensors["inputs"] + tensors["outputs"]
     ctx = dict(version=__version__, graph=g.name, hash=g.structure_hash(), name=name, P=P, guard=f"{P}_H",
                inputs=tensors["inputs"], outputs=tensors["outputs"], aliases=aliases,
-               public_args=public, private_args=private, pointers=[a[0] for a in entry_args],
+               public_args=public, private_args=private, pointers=[t["var"] for t in args],
                params=params, functions=functions, calls=calls, copies=copies, arena_ptrs=arena_ptrs,
                arena_bytes=plan.arena_bytes, arena_align=arena_align, intermediate_bytes=plan.intermediate_bytes,
-               weight_bytes=weight_bytes, weights_file=weights_file, needs_stdint="int64" in dtypes)
+               weight_bytes=weight_bytes, weights_file=weights_file,
+               needs_stdint=any(t["dtype"] == "int64" for t in args))
     env = environment()
     files = {f"{name}.h": env.get_template("c/export.h.j2").render(ctx),
              f"{name}.c": env.get_template("c/export.c.j2").render(ctx)}
     if weights_file:
         ctx["needs_stdint"] = any(p["T"] == "int64_t" for p in params)
         files[f"{name}_weights.c"] = env.get_template("c/export_weights.c.j2").render(ctx)
-    return Library(name, files, plan, {c["node"]: c["fn"] for c in calls}, {n: var[n] for n in plan.params},
-                   arena_align, weight_bytes, entry_args)
+    return Library(name, g, files, plan, {c["node"]: c["fn"] for c in calls}, {n: var[n] for n in plan.params},
+                   arena_align, weight_bytes, tensors)
 
 
-def render_harness(g: Graph, lib: Library, test_inputs=None, tests: int = 2, seed: int = 0,
+def render_harness(graph: Graph, lib: Library, test_inputs=None, tests: int = 2, seed: int = 0,
                    weights_file: bool = False) -> str:
     """``NAME_test.c``: ``tests`` input vectors (or ``test_inputs``, a list of
-    {input name: array}) and the reference interpreter's outputs for them.
-    Random inputs are standard normal for float inputs and zeros for int64
-    ones (a valid class index)."""
+    {input name: array}) and the outputs the reference interpreter computes
+    for them from ``graph`` as given (before any pass: the oracle checks the
+    passes too). Random inputs are standard normal for float inputs and zeros
+    for int64 ones (a valid class index)."""
     from .reference import evaluate
     from .runtime.module import NumpyModule
 
     if test_inputs is None:
         rng = np.random.default_rng(seed)
         test_inputs = [{n: (rng.standard_normal(t.shape) if t.dtype != "int64" else np.zeros(t.shape)
-                            ).astype(t.dtype) for n, t in ((n, g.node(n)["type"]) for n in g.input_names)}
+                            ).astype(t.dtype) for n, t in ((n, graph.node(n)["type"]) for n in graph.input_names)}
                        for _ in range(tests)]
     if not test_inputs:
         raise ConvcError("the test harness needs at least one test vector")
-    check = NumpyModule(g)              # the boundary checks of Module.run: names, shapes, dtypes
+    check = NumpyModule(graph)          # the boundary checks of Module.run: names, shapes, dtypes
     feeds = [check.check_inputs(f) for f in test_inputs]
-    wants = [evaluate(g, f) for f in feeds]
-    P = lib.name.upper()
+    wants = [evaluate(graph, f) for f in feeds]
     names = Namer(reserved=("arena", "worst", "failures", "v", "s", "how", "err", "rc", "e", "i", "error", "run",
                             "main", "TESTS", "WAYS", "vector", "static_arena"))
-    rows = {"inputs": [], "outputs": []}
-    nodes = {"inputs": list(g.input_names), "outputs": list(g.outputs)}
-    for role in ("inputs", "outputs"):
-        for (cname, _, t, size_macro), key in zip([a for a in lib.entry_args if a[1] == role], nodes[role]):
-            data = [f[key] for f in (feeds if role == "inputs" else wants)]
-            rows[role].append(dict(
-                var=names(cname, "in_" if role == "inputs" else "out_"),
-                data=names(cname, "test_" if role == "inputs" else "want_"),
-                role=role[:-1], T=CTYPES[t.dtype], dtype=t.dtype, shape=str(t.shape),
-                macro=size_macro,
-                vectors=[c_literals(d) for d in data]))
-    ctx = dict(version=__version__, graph=g.name, hash=g.structure_hash(), name=lib.name, P=P,
-               tests=len(feeds), inputs=rows["inputs"], outputs=rows["outputs"],
+    rows = {}
+    for role, values, prefixes in (("inputs", feeds, ("in_", "test_")), ("outputs", wants, ("out_", "want_"))):
+        rows[role] = [dict(t, var=names(t["var"], prefixes[0]), data=names(t["var"], prefixes[1]), role=role[:-1],
+                           vectors=[c_literals(v[t["label"]]) for v in values])
+                      for t in lib.tensors[role]]
+    ctx = dict(version=__version__, graph=graph.name, hash=graph.structure_hash(), name=lib.name,
+               P=lib.name.upper(), tests=len(feeds), inputs=rows["inputs"], outputs=rows["outputs"],
                inputs_outputs=[r["var"] for r in rows["inputs"] + rows["outputs"]],
                arena_bytes=lib.plan.arena_bytes, arena_align=lib.arena_align, weights_file=weights_file)
     return environment().get_template("c/export_test.c.j2").render(ctx)
@@ -242,7 +251,8 @@ class Export:
     name: str
     dir: Path
     files: list[Path]
-    plan: Plan
+    passes: object              # the pipeline run before rendering
+    plan: Plan                  # the memory plan of the rendered graph
     arena_bytes: int            # NAME_ARENA_BYTES: the planner's arena
     peak_live_bytes: int        # the peak of live buffers (equal unless the plan has holes)
     intermediate_bytes: int     # the arena without reuse
@@ -254,17 +264,18 @@ class Export:
                 f"{self.intermediate_bytes:,} without reuse), weights {self.weight_bytes:,} bytes")
 
 
-def export_c(graph: Graph, out_dir, name: str = "model", weights_file: bool = False, harness: bool = True,
-             test_inputs=None, tests: int = 2, seed: int = 0) -> Export:
+def export_c(graph: Graph, out_dir, name: str = "model", weights_file: bool = False, passes="default",
+             harness: bool = True, test_inputs=None, tests: int = 2, seed: int = 0) -> Export:
     """Write ``NAME.h``, ``NAME.c`` (weights inside, or in ``NAME_weights.c``
     with ``weights_file=True``) and the test harness ``NAME_test.c`` into
-    ``out_dir`` (created if needed).
+    ``out_dir`` (created if needed). ``passes``: the pipeline run first, as in
+    ``cc.compile`` ("default", "none", ... or a list of pass names).
 
     >>> cc.export_c(lenet5(), "build/lenet", name="lenet")   # doctest: +SKIP
     """
     if not isinstance(graph, Graph):
         raise ConvcError(f"export_c() takes a convc.Graph, got {type(graph).__name__}")
-    lib = render(graph, name, weights_file)
+    lib = render(graph, name, weights_file, passes)
     files = dict(lib.files)
     if harness:
         files[f"{name}_test.c"] = render_harness(graph, lib, test_inputs, tests, seed, weights_file)
@@ -274,7 +285,7 @@ def export_c(graph: Graph, out_dir, name: str = "model", weights_file: bool = Fa
     for fname, text in files.items():
         (out / fname).write_text(text)
         paths.append(out / fname)
-    return Export(name, out, paths, lib.plan, lib.plan.arena_bytes, peak_live_bytes(lib.plan),
+    return Export(name, out, paths, passes, lib.plan, lib.plan.arena_bytes, peak_live_bytes(lib.plan),
                   lib.plan.intermediate_bytes, lib.weight_bytes)
 
 
@@ -302,7 +313,7 @@ def toolchain(prefer_arm: bool = True) -> Toolchain:
 class SizeRow:
     node: str
     op: str
-    code: int           # bytes of machine code of the node's function
+    code: int           # bytes of machine code of the node (apportioned, see size_report)
     const: int          # bytes of the weights it reads first
     live: int           # arena bytes alive while it runs
     stack: int          # its stack frame
@@ -347,8 +358,8 @@ class SizeReport:
         total = ("total", "", self.code, self.const, self.flash, self.static_ram, self.stack)
         rows = [head] + [tuple(v if isinstance(v, str) else f"{v:,}" for v in r) for r in body + [total]]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        fmt = lambda r: "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa
-        lines = [fmt(r) for r in rows]
+        lines = ["  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+                 for r in rows]
         lines.insert(1, "-" * len(lines[0]))
         lines.insert(-1, "-" * len(lines[0]))
         lines += [f"flash: {self.flash:,} bytes = code {self.code:,} + const data {self.const:,}",
@@ -403,7 +414,7 @@ def _measure(tools: Toolchain, tmp: str, name: str, obj: str, flags: list[str]) 
     return _Object(symbols, sections, stack)
 
 
-def size_report(graph: Graph, name: str = "model", tools: Toolchain | None = None) -> SizeReport:
+def size_report(graph: Graph, name: str = "model", tools: Toolchain | None = None, passes="default") -> SizeReport:
     """Compile the exported library twice and measure it. Totals come from
     the build a firmware project does (``-std=c99 -Os``): code = .text,
     const data = .rodata + .data, static RAM = .bss + .data (the arena);
@@ -413,7 +424,8 @@ def size_report(graph: Graph, name: str = "model", tools: Toolchain | None = Non
     (``SIZE_FLAGS``); const data is the node's weights (each counted at its
     first reader), exactly."""
     tools = tools or toolchain()
-    lib = render(graph, name)
+    lib = render(graph, name, passes=passes)
+    graph = lib.graph
     with tempfile.TemporaryDirectory(prefix="convc-size-") as tmp:
         for fname, text in lib.files.items():
             Path(tmp, fname).write_text(text)
@@ -448,16 +460,16 @@ def size_report(graph: Graph, name: str = "model", tools: Toolchain | None = Non
 
 # -- command line -------------------------------------------------------------
 def cmd_export(args) -> int:
-    g = load_model(args.model)
     if args.out is None and not args.size:
         raise ConvcError("convc export: give -o DIR to write the library, or --size to measure it")
+    g = load_model(args.model)
     if args.out is not None:
-        print(export_c(g, args.out, name=args.name, weights_file=args.weights_file))
+        print(export_c(g, args.out, name=args.name, weights_file=args.weights_file, passes=args.pipeline))
         objs = " ".join(f"{args.out}/{f}" for f in [f"{args.name}.c"] + ([f"{args.name}_weights.c"]
                                                                          if args.weights_file else []))
         print(f"check it: cc -std=c99 -O2 {args.out}/{args.name}_test.c {objs} -lm && ./a.out")
     if args.size:
-        print(size_report(g, name=args.name).table())
+        print(size_report(g, name=args.name, passes=args.pipeline).table())
     return 0
 
 
@@ -476,13 +488,15 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--size", action="store_true",
                    help="compile the library (arm-none-eabi-gcc for a Cortex-M4F if installed, else the host "
                         "compiler) and report flash (code + const data) and RAM (arena + stack) per node")
+    p.add_argument("--pipeline", default="default",
+                   help="pass pipeline run before rendering, as in cc.compile (default: default; none: as given)")
     p.set_defaults(fn=cmd_export)
     return p
 
 
 def main(argv=None) -> int:
     """``python -m convc.export MODEL -o DIR [--size]``."""
-    parser = argparse.ArgumentParser(prog="python -m convc.export")
+    parser = argparse.ArgumentParser(prog="convc")
     add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])
     try:
