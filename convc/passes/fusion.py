@@ -95,6 +95,9 @@ def fuse_bias_activation(g: Graph) -> Graph:
     return rewrite(g, _fuse_bias_act)       # the activation after a freshly folded bias
 
 
+MAX_TILE_BYTES = 64 << 10
+
+
 def _is_pointwise(g, n):
     if g.node(n)["op"] != "conv":
         return False
@@ -122,6 +125,9 @@ def _fuse_sep(g: Graph, n: str):
         act = (mid.op, attrs(g, mid.name).get("negative_slope", 0.01))
         (dw,) = ins(g, mid.name)
     if not _is_depthwise(g, dw.name) or only_user(g, dw.name) != (mid.name if act else n):
+        return None
+    tile = w_pw.shape[1] * g.node(dw.name)["type"].shape[3] * (8 if w_pw.dtype == "float64" else 4)
+    if tile > MAX_TILE_BYTES:                    # the row tile lives on the stack
         return None
     da = attrs(g, dw.name)
     if act and da.get("activation"):
