@@ -221,18 +221,17 @@ class Graph:
         return [src for src, _, _ in edges]
 
     def users_of(self, name: str) -> list[str]:
-        return sorted(set(self.nx.successors(name)), key=self._order().index)
+        """Nodes that read ``name`` (each once), in insertion order."""
+        users = set(self.nx.successors(name))
+        return [n for n in self.nx.nodes if n in users]
 
     @property
     def input_names(self) -> list[str]:
-        return [n for n in self._order() if self.nx.nodes[n]["op"] == "input"]
+        return [n for n in self.nx.nodes if self.nx.nodes[n]["op"] == "input"]
 
     @property
     def param_names(self) -> list[str]:
-        return [n for n in self._order() if self.nx.nodes[n]["op"] == "param"]
-
-    def _order(self) -> list[str]:
-        return list(self.nx.nodes)
+        return [n for n in self.nx.nodes if self.nx.nodes[n]["op"] == "param"]
 
     def topological_order(self) -> list[str]:
         """Deterministic topological order (ties broken by insertion order)."""

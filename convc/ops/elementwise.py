@@ -1,5 +1,5 @@
 """Elementwise ops: activations (``relu``, ``leaky_relu``, ``sigmoid``,
-``tanh``) and binary arithmetic (``add``, ``sub``, ``mul``, ``div``) with
+``tanh``, ``clip``) and binary arithmetic (``add``, ``sub``, ``mul``, ``div``) with
 numpy broadcasting."""
 from __future__ import annotations
 
@@ -102,6 +102,47 @@ class Tanh(_Unary):
     def grad(self, attrs, xs, y, gy, needs):
         return [activation_grad("tanh", y, gy)]
 
+
+
+def clip(x: Value, min: float | None = None, max: float | None = None, name=None) -> Value:  # noqa: A002
+    """Clamp to [min, max] as ``numpy.clip`` (``None``: open on that side);
+    ReLU6 is ``clip(x, 0, 6)``. NaN stays NaN; min > max gives max."""
+    lo = -np.inf if min is None else min
+    hi = np.inf if max is None else max
+    return x.graph.add("clip", [x], {"min": lo, "max": hi}, name)
+
+
+def _bounds(attrs) -> dict:
+    try:
+        lo, hi = float(attrs["min"]), float(attrs["max"])
+    except (TypeError, ValueError):
+        raise RuleError(f"min and max must be numbers, got {attrs['min']!r} and {attrs['max']!r}") from None
+    if lo != lo or hi != hi:
+        raise RuleError("min and max must not be NaN")
+    return {"min": lo, "max": hi}
+
+
+@register
+class Clip(Op):
+    name = "clip"
+
+    def normalize(self, attrs, types):
+        return _bounds(attrs)
+
+    def infer(self, attrs, types):
+        float_dtype(types[0])
+        return types[0]
+
+    def reference(self, attrs, x):
+        t = x.dtype.type
+        return np.minimum(np.maximum(x, t(attrs["min"])), t(attrs["max"]))
+
+    def grad(self, attrs, xs, y, gy, needs):
+        # gy where min < x < max (strict, as F.hardtanh / F.relu6)
+        return [activation_grad("clip", xs[0], gy, bounds=(attrs["min"], attrs["max"]))]
+
+    def context(self, attrs, types, out):
+        return dict(SIZE=out.size, lo=attrs["min"], hi=attrs["max"])
 
 
 # -- binary arithmetic with broadcasting ---------------------------------------
@@ -223,10 +264,15 @@ class Div(_Binary):
 
 
 # -- activation gradients --------------------------------------------------------
-def activation_grad(kind: str, t: Value, gy: Value, negative_slope: float = 0.01, name=None) -> Value:
+def activation_grad(kind: str, t: Value, gy: Value, negative_slope: float = 0.01, name=None,
+                    bounds=None) -> Value:
     """dL/dx of an activation from ``gy`` = dL/dy. ``t`` is the activation's
-    input x for relu/leaky_relu and its output y for sigmoid/tanh (cheaper)."""
-    return t.graph.add("activation_grad", [t, gy], {"kind": kind, "negative_slope": negative_slope}, name)
+    input x for relu/leaky_relu/clip and its output y for sigmoid/tanh
+    (cheaper); ``bounds`` is clip's (min, max)."""
+    attrs = {"kind": kind, "negative_slope": negative_slope}
+    if bounds is not None:
+        attrs["min"], attrs["max"] = bounds
+    return t.graph.add("activation_grad", [t, gy], attrs, name)
 
 
 @register
@@ -234,12 +280,17 @@ class ActivationGrad(Op):
     name = "activation_grad"
     arity = (2, 2)
     inputs = ("t", "gy")
-    KINDS = ("relu", "leaky_relu", "sigmoid", "tanh")
+    KINDS = ("relu", "leaky_relu", "sigmoid", "tanh", "clip")
 
     def normalize(self, attrs, types):
         if attrs["kind"] not in self.KINDS:
             raise RuleError(f"kind must be one of {self.KINDS}, got {attrs['kind']!r}")
-        return {"kind": attrs["kind"], "negative_slope": float(attrs["negative_slope"])}
+        out = {"kind": attrs["kind"], "negative_slope": float(attrs["negative_slope"])}
+        if attrs["kind"] == "clip":
+            if "min" not in attrs or "max" not in attrs:
+                raise RuleError("kind 'clip' needs min and max")
+            out.update(_bounds(attrs))
+        return out
 
     def infer(self, attrs, types):
         if types[0].shape != types[1].shape:
@@ -255,7 +306,11 @@ class ActivationGrad(Op):
             return np.where(t > 0, gy, gy * t.dtype.type(attrs["negative_slope"]))
         if kind == "sigmoid":
             return gy * t * (1 - t)
+        if kind == "clip":
+            c = t.dtype.type
+            return np.where((t > c(attrs["min"])) & (t < c(attrs["max"])), gy, 0)
         return gy * (1 - t * t)
 
     def context(self, attrs, types, out):
-        return dict(kind=attrs["kind"], SIZE=out.size, slope=attrs["negative_slope"])
+        return dict(kind=attrs["kind"], SIZE=out.size, slope=attrs["negative_slope"],
+                    lo=attrs.get("min", 0.0), hi=attrs.get("max", 0.0))

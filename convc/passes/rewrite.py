@@ -14,14 +14,9 @@ from ..ir import Graph, Value
 from ..schedule import live_nodes
 
 
-def users(g: Graph, n: str) -> list[str]:
-    """Consumers of ``n`` (with repeats removed), outputs count as users too."""
-    return sorted(set(g.nx.successors(n)))
-
-
 def only_user(g: Graph, n: str) -> str | None:
     """The single consumer of ``n`` if it has exactly one and is no output."""
-    us = users(g, n)
+    us = g.users_of(n)
     if len(us) != 1 or n in g.outputs.values() or n in g.assigns.values() or len(list(g.nx.out_edges(n))) != 1:
         return None
     return us[0]
