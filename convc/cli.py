@@ -91,7 +91,7 @@ def cmd_passes(args) -> int:
     from convc.export import load_model
 
     g = load_model(args.model)
-    names = passes.resolve(args.passes.split(",") if args.passes else args.pipeline)
+    names = passes.resolve([p.strip() for p in args.passes.split(",")] if args.passes else args.pipeline)
     steps = [("input", g, None)]
     for name in names:
         reps: list = []

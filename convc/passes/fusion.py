@@ -133,6 +133,8 @@ def _fuse_sep(g: Graph, n: str):
     if act and da.get("activation"):
         return None
     x, w_dw, *b_dw = ins(g, dw.name)
+    if any(len(b.shape) != 1 for b in b_dw + b_pw):       # the fused kernel takes tied biases only
+        return None
     dw_act = act or ((da["activation"], da.get("negative_slope", 0.01)) if da.get("activation") else (None, 0.01))
     pa = attrs(g, n)
     fused = dict(dw_stride=da["stride"], dw_padding=da["padding"], dw_dilation=da["dilation"], dw_flip=da["flip"],

@@ -6,7 +6,7 @@ from ..ops.conv import conv
 from ..ops.layout import dilate
 from ..ops.tensor import concat, slice_axis
 from .manager import register
-from .rewrite import attrs, fresh, ins, rewrite
+from .rewrite import attrs, fresh, ins, reactivate, rewrite
 
 
 def _split(g: Graph, n: str):
@@ -23,7 +23,7 @@ def _split(g: Graph, n: str):
         bi = slice_axis(b[0], 0, i * cog, (i + 1) * cog, name=fresh(g, f"{n}.b{i}")) if b else None
         parts.append(conv(xi, wi, bi, a["stride"], a["padding"], a["dilation"], 1, a["flip"],
                           name=fresh(g, f"{n}.group{i}")))
-    return concat(parts, 1, name=fresh(g, f"{n}.concat"))
+    return reactivate(g, n, concat(parts, 1, name=fresh(g, f"{n}.concat")))
 
 
 @register
@@ -39,8 +39,8 @@ def _dense(g: Graph, n: str):
     a = attrs(g, n)
     x, w, *b = ins(g, n)
     wd = dilate(w, a["dilation"], name=fresh(g, f"{n}.dilated_kernel"))   # zeros between the taps
-    return conv(x, wd, b[0] if b else None, a["stride"], a["padding"], 1, a["groups"], a["flip"],
-                name=fresh(g, f"{n}.dense"))
+    return reactivate(g, n, conv(x, wd, b[0] if b else None, a["stride"], a["padding"], 1, a["groups"], a["flip"],
+                                 name=fresh(g, f"{n}.dense")))
 
 
 @register

@@ -6,7 +6,7 @@ from ..ops.columns import im2col
 from ..ops.linear import matmul
 from ..ops.tensor import reshape, transpose
 from .manager import register
-from .rewrite import attrs, fresh, ins, rewrite
+from .rewrite import attrs, fresh, ins, reactivate, rewrite
 from .transposed import _bias
 
 
@@ -31,7 +31,7 @@ def _conv(g: Graph, n: str):
     wm = reshape(w, (groups, c_out // groups, c_in_g * kk), name=fresh(g, f"{n}.w_matrix"))
     y = matmul(wm, cm, name=fresh(g, f"{n}.gemm"))                        # (N, G, C_out/g, positions)
     y = reshape(y, out, name=fresh(g, f"{n}.unflatten"))
-    return _bias(g, n, y, b)
+    return reactivate(g, n, _bias(g, n, y, b))
 
 
 @register

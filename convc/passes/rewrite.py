@@ -76,3 +76,14 @@ def fresh(g: Graph, base: str) -> str:
 
 def attrs(g: Graph, n: str) -> dict:
     return g.node(n)["attrs"]
+
+
+def reactivate(g: Graph, n: str, y: Value) -> Value:
+    """``y`` followed by the activation fused into conv ``n`` (if any), for
+    rewrites that rebuild a conv from plain parts."""
+    a = attrs(g, n)
+    kind = a.get("activation")
+    if not kind:
+        return y
+    extra = {"negative_slope": a["negative_slope"]} if kind == "leaky_relu" else {}
+    return g.add(kind, [y], extra, fresh(g, f"{n}.{kind}"))

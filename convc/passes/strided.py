@@ -6,7 +6,7 @@ from ..ops.conv import conv
 from ..ops.elementwise import add
 from ..ops.layout import downsample
 from .manager import register
-from .rewrite import attrs, fresh, ins, only_user, rewrite
+from .rewrite import attrs, fresh, ins, only_user, reactivate, rewrite
 
 
 def _to_downsampled(g: Graph, n: str):
@@ -18,7 +18,7 @@ def _to_downsampled(g: Graph, n: str):
     full = conv(x, w, None if untied or not b else b[0], 1, a["padding"], a["dilation"], a["groups"], a["flip"],
                 name=fresh(g, f"{n}.unit_stride"))
     y = downsample(full, a["stride"], name=fresh(g, f"{n}.downsample"))
-    return add(y, b[0], name=fresh(g, f"{n}.bias")) if untied else y
+    return reactivate(g, n, add(y, b[0], name=fresh(g, f"{n}.bias")) if untied else y)
 
 
 @register
@@ -42,8 +42,8 @@ def _fuse(g: Graph, n: str):
     if b and len(b[0].shape) > 1:
         return None                                  # an untied bias cannot follow the stride change
     stride = tuple(s1 * s2 for s1, s2 in zip(a["stride"], d["attrs"]["stride"]))
-    return conv(x, w, b[0] if b else None, stride, a["padding"], a["dilation"], a["groups"], a["flip"],
-                name=fresh(g, src.name.replace(".unit_stride", "") if ".unit_stride" in src.name else f"{src.name}.strided"))
+    return reactivate(g, src.name, conv(x, w, b[0] if b else None, stride, a["padding"], a["dilation"], a["groups"], a["flip"],
+                name=fresh(g, src.name.replace(".unit_stride", "") if ".unit_stride" in src.name else f"{src.name}.strided")))
 
 
 @register

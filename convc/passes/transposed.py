@@ -56,6 +56,8 @@ def _to_matmul(g: Graph, n: str):
     if g.node(n)["op"] != "conv_transpose":
         return None
     a = attrs(g, n)
+    if any(op >= s for op, s in zip(a["output_padding"], a["stride"])):
+        return None          # col2im's positions cover only what a strided conv of the output reaches
     x, w, *b = ins(g, n)
     out = g.node(n)["type"].shape
     groups, rank = a["groups"], len(x.shape) - 2

@@ -1,0 +1,1252 @@
+"""ONNX in and out: :func:`from_onnx` turns an ONNX model into a convc
+:class:`Graph`, :func:`to_onnx` writes a graph of ONNX-expressible ops as an
+ONNX model. Needs the optional ``onnx`` package (``pip install 'convc[onnx]'``),
+imported on first use.
+
+Import walks the ONNX nodes in their (topological) order:
+
+* a node whose inputs are all known at compile time -- initializers,
+  ``Constant`` nodes, the results of earlier such nodes, and ``Shape`` of any
+  tensor, since convc shapes are static -- is evaluated with
+  ``onnx.reference`` and becomes a constant; so the Shape -> Gather ->
+  Concat -> Reshape chains exporters write for reshape targets fold away;
+* every other node maps to convc ops (the ``@converts`` functions below);
+  initializers it reads become params named after them;
+* a node that cannot be mapped is recorded and the walk goes on, so the
+  :class:`OnnxImportError` lists every unsupported node at once.
+
+>>> g = cc.from_onnx("model.onnx", input_shapes={"x": (1, 3, 32, 32)})   # doctest: +SKIP
+>>> model = cc.to_onnx(g)                                                  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+
+import numpy as np
+
+from .errors import ConvcError
+from .ir import DTYPES, Graph, Value
+from .ops.conv import conv
+from .ops.elementwise import add, clip, div, leaky_relu, mul, relu, sigmoid, sub, tanh
+from .ops.layout import pad
+from .ops.linear import dense, matmul, softmax
+from .ops.norm import batch_norm
+from .ops.pool import avg_pool, global_avg_pool, max_pool
+from .ops.tensor import concat, reshape, slice_axis, transpose
+from .ops.transpose import conv_transpose
+from .shapes import ceil_div, prod
+
+
+class OnnxImportError(ConvcError):
+    """A model convc cannot import; ``problems`` lists every unsupported node
+    (and input) as ``(op_type, name, reason)``."""
+
+    def __init__(self, model: str, problems: list[tuple[str, str, str]]):
+        self.problems = problems
+        lines = [f"  {op} {name if name.startswith('(') else repr(name)}: {why}" for op, name, why in problems]
+        super().__init__(f"ONNX model {model!r} cannot be imported; {len(problems)} unsupported "
+                         f"node{'s' if len(problems) != 1 else ''}:\n" + "\n".join(lines))
+
+
+class _Unsupported(Exception):
+    """Raised by converters: the reason this node cannot be imported.
+    ``consequence``: caused only by an earlier unsupported node."""
+
+    def __init__(self, reason: str, consequence: bool = False):
+        super().__init__(reason)
+        self.consequence = consequence
+
+
+def _onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise ConvcError("ONNX support needs the onnx package: pip install 'convc[onnx]'") from None
+    return onnx
+
+
+_NP_OF_DTYPE = {"float32": np.float32, "float64": np.float64, "int64": np.int64}
+_DTYPE_OF_ELEM = {1: "float32", 11: "float64", 7: "int64"}      # TensorProto FLOAT, DOUBLE, INT64
+_ELEM_OF_DTYPE = {v: k for k, v in _DTYPE_OF_ELEM.items()}
+
+
+def _dtype_of(arr: np.ndarray) -> str | None:
+    name = np.dtype(arr.dtype).name
+    return name if name in DTYPES else None
+
+
+def node_name(text: str, fallback: str = "node") -> str:
+    """A convc node name for an ONNX name: characters other than letters,
+    digits, ``_ . -`` become ``_`` (``/layer1/conv/Conv`` -> ``layer1_conv_Conv``)."""
+    s = re.sub(r"[^A-Za-z0-9_.\-]", "_", text).strip("_.-")
+    s = s or fallback
+    return s if re.match(r"[A-Za-z_]", s) else "_" + s
+
+
+def c_name(text: str, fallback: str = "y") -> str:
+    """A C identifier for an ONNX name (graph and output names)."""
+    s = re.sub(r"[^A-Za-z0-9_]", "_", text).strip("_") or fallback
+    return s if re.match(r"[A-Za-z_]", s) else "_" + s
+
+
+# -- import ------------------------------------------------------------------------
+_CONVERTERS: dict[str, tuple] = {}
+
+# Inputs convc needs at compile time, per op type (their values decide shapes
+# or attributes). A graph input feeding one can be bound with ``constants=``.
+STATIC_INPUTS = {"Reshape": (1,), "Pad": (1, 2, 3), "Clip": (1, 2), "Dropout": (1, 2)}
+
+# Never folded: their result is random.
+_RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def converts(*op_types: str, dropped: str = "", **defaults):
+    """Register a converter for ``op_types``. ``defaults``: every attribute
+    the converter understands, with its ONNX default (an attribute not
+    listed is unsupported). Converters compute the first output only;
+    ``dropped`` says what the others are, for the error when one is used."""
+    def deco(fn):
+        for t in op_types:
+            _CONVERTERS[t] = (fn, dropped, defaults)
+        return fn
+    return deco
+
+
+def from_onnx(model, input_shapes: dict | None = None, constants: dict | None = None,
+              name: str | None = None) -> Graph:
+    """Import an ONNX model (a path, bytes or ``onnx.ModelProto``) as a Graph.
+
+    ``input_shapes``: ``{input name: shape}`` for inputs whose ONNX shape has
+    symbolic dims (a dynamic batch size); ``constants``: ``{input name:
+    array}`` binds graph inputs to values known at compile time (what
+    ``STATIC_INPUTS`` need: a reshape target, pads, clip bounds). Inputs and
+    params keep their ONNX names where convc allows them (see
+    :func:`node_name`), outputs become C identifiers (:func:`c_name`).
+    Raises :class:`OnnxImportError` listing every unsupported node.
+    """
+    onnx = _onnx()
+    if isinstance(model, (str, os.PathLike)):
+        try:
+            model = onnx.load(os.fspath(model))
+        except FileNotFoundError:
+            raise ConvcError(f"ONNX model {os.fspath(model)!r}: no such file") from None
+        except Exception as e:      # a damaged file: protobuf's DecodeError and friends
+            raise ConvcError(f"ONNX model {os.fspath(model)!r} cannot be read: {type(e).__name__}: {e}") from None
+    elif isinstance(model, bytes):
+        model = onnx.load_from_string(model)
+    if not isinstance(model, onnx.ModelProto):
+        raise ConvcError(f"from_onnx() takes a path, bytes or an onnx.ModelProto, got {type(model).__name__}")
+    if model.functions:
+        from onnx import inliner
+        model = inliner.inline_local_functions(model)
+    return _Importer(model, dict(input_shapes or {}), dict(constants or {}), name).run()
+
+
+class _Importer:
+    def __init__(self, model, input_shapes, constants, name):
+        self.model = model
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        self.g = Graph(c_name(name or model.graph.name or "onnx_model", "onnx_model"))
+        self.env: dict[str, Value | np.ndarray] = {}   # ONNX tensor -> Value (run time) or array (constant)
+        self.params: dict[str, Value] = {}             # constant -> the param it became
+        self.initializers: set[str] = set()
+        self.placeholders: set[str] = set()
+        self.problems: list[tuple[str, str, str]] = []
+        self.input_shapes, self.constants = input_shapes, constants
+        self.shapes: dict[str, tuple] = {}              # graph input -> the shape it was given
+        self._inferred = None
+        self.used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+
+    # -- values ------------------------------------------------------------------
+    def value(self, name: str) -> Value:
+        """The run-time Value of an ONNX tensor; constants become params."""
+        v = self.env[name]
+        if isinstance(v, Value):
+            return v
+        if name not in self.params:
+            dtype = _dtype_of(v)
+            if dtype is None:
+                raise _Unsupported(f"constant {name!r} has dtype {v.dtype}; convc computes in "
+                                   f"{', '.join(DTYPES)}")
+            if name in self.initializers:
+                self.params[name] = self.g.param(self.unique(node_name(name, "param")), v, dtype)
+            else:
+                self.params[name] = self.g.const(v, dtype)
+        return self.params[name]
+
+    def const(self, name: str, what: str) -> np.ndarray:
+        """A compile-time constant input, or _Unsupported."""
+        v = self.env[name]
+        if isinstance(v, np.ndarray):
+            return v
+        raise _Unsupported(f"{what} (input {name!r}) must be a constant (an initializer, a Constant or "
+                           f"something convc folds); bind a graph input with from_onnx(constants=...)",
+                           consequence=name in self.placeholders)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(np.shape(self.env[name])) if isinstance(self.env[name], np.ndarray) else self.env[name].shape
+
+    def unique(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.g.nx:
+            i += 1
+            name = f"{base}_{i}"
+        return name
+
+    def name(self, node, part: str | None = None) -> str:
+        base = node_name(node.name or (node.output[0] if node.output else node.op_type), node.op_type)
+        return self.unique(base if part is None else f"{base}.{part}")
+
+    # -- walking the model -------------------------------------------------------
+    def run(self) -> Graph:
+        from onnx import numpy_helper
+
+        graph = self.model.graph
+        names = {i.name for i in graph.input}
+        for what, given in (("input_shapes", self.input_shapes), ("constants", self.constants)):
+            unknown = sorted(set(given) - names)
+            if unknown:
+                raise ConvcError(f"from_onnx({what}=...): the model has no input {', '.join(map(repr, unknown))}; "
+                                 f"its inputs are {sorted(names)}")
+        for init in graph.initializer:
+            self.env[init.name] = numpy_helper.to_array(init)
+            self.initializers.add(init.name)
+        for sp in graph.sparse_initializer:
+            self.problems.append(("initializer", sp.values.name, "sparse initializers are not supported"))
+        for inp in graph.input:
+            if inp.name in self.constants:
+                self.env[inp.name] = np.asarray(self.constants[inp.name])
+            elif inp.name not in self.env:          # IR < 4 lists initializers as inputs too
+                self.declare_input(inp)
+        for node in graph.node:
+            self.convert(node)
+        for out in graph.output:
+            if out.name in self.env:
+                try:
+                    v = self.value(out.name)
+                except _Unsupported as e:
+                    self.problems.append(("output", out.name, str(e)))
+                    continue
+                oname = c_name(out.name)
+                while oname in self.g.outputs or oname in self.g.input_names:
+                    oname += "_"
+                self.g.output(v, oname)
+        if self.problems:
+            raise OnnxImportError(graph.name or "?", self.problems)
+        return self.g.verify()
+
+    def declare_input(self, inp):
+        tt = inp.type.tensor_type if inp.type.HasField("tensor_type") else None
+        if tt is None:
+            kind = (inp.type.WhichOneof("value") or "untyped value").replace("_type", "")
+            self.problems.append(("input", inp.name, f"it is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, "
+                                                     "not a tensor; convc takes tensors"))
+            return
+        dtype = _DTYPE_OF_ELEM.get(tt.elem_type)
+        if dtype is None:
+            self.problems.append(("input", inp.name, f"dtype {_elem_name(tt.elem_type)} is not supported; convc "
+                                                     f"computes in {', '.join(DTYPES)}"))
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        given = self.input_shapes.get(inp.name)
+        if given is not None:
+            given = tuple(int(s) for s in given)
+            if tt.HasField("shape") and (len(given) != len(dims) or any(
+                    d is not None and d != s for d, s in zip(dims, given))):
+                raise ConvcError(f"from_onnx(input_shapes=...): input {inp.name!r} has shape "
+                                 f"{_show_dims(tt)} in the model, {given} does not fit it")
+            shape = given
+        elif tt.HasField("shape") and 0 in dims:
+            self.problems.append(("input", inp.name, f"shape {_show_dims(tt)} has an empty dimension; convc "
+                                                     "tensors are never empty"))
+            return
+        elif not tt.HasField("shape") or any(d is None or d < 1 for d in dims):
+            self.problems.append(("input", inp.name, f"shape {_show_dims(tt)} is not static; give it with "
+                                                     f"from_onnx(input_shapes={{{inp.name!r}: (...)}})"))
+            return
+        else:
+            shape = tuple(dims)
+        self.shapes[inp.name] = shape
+        self.env[inp.name] = self.g.input(self.unique(node_name(inp.name, "input")), shape, dtype or "float32")
+        if dtype is None:           # a float32 stand-in, so the nodes reading it can still be checked
+            self.placeholders.add(inp.name)
+
+    def convert(self, node):
+        label = node.name or f"(unnamed, output {node.output[0] if node.output else '?'!r})"
+        missing = [i for i in node.input if i and i not in self.env]
+        if missing and not all(self.placeholder(i) for i in missing):
+            # an input comes from an unsupported node: only the op type can be checked
+            if node.op_type not in _CONVERTERS and node.domain in ("", "ai.onnx"):
+                self.problems.append((node.op_type, label, f"op {node.op_type} is not supported"))
+            return
+        try:
+            outs = self.convert_node(node)
+        except _Unsupported as e:
+            if not e.consequence:
+                self.problems.append((node.op_type, label, str(e)))
+            return
+        except ConvcError as e:
+            if not any(i in self.placeholders for i in node.input):
+                self.problems.append((node.op_type, label, f"convc rejects it: {e}"))
+            return
+        for o, v in zip(node.output, outs):
+            if o and v is not None:
+                self.env[o] = v
+
+    def convert_node(self, node):
+        if node.domain not in ("", "ai.onnx"):
+            raise _Unsupported(f"domain {node.domain!r} is not supported")
+        args = [self.env[i] if i else None for i in node.input]
+        if node.op_type in ("Shape", "Size") and args and args[0] is not None:
+            return [_shape_op(node, self.shape(node.input[0]))]
+        if all(a is None or isinstance(a, np.ndarray) for a in args) and node.op_type not in _RANDOM:
+            return self.fold(node, args)
+        entry = _CONVERTERS.get(node.op_type)
+        if entry is None:
+            raise _Unsupported(f"op {node.op_type} is not supported")
+        fn, dropped, defaults = entry
+        attrs = dict(defaults)
+        for a in node.attribute:
+            if a.name not in defaults:
+                raise _Unsupported(f"attribute {a.name!r} is not supported")
+            attrs[a.name] = _attr_value(a)
+        ins = list(node.input)
+        outs = fn(self, node, ins + [""] * (6 - len(ins)), attrs)
+        for o in node.output[1:]:
+            if o and o in self.used:
+                raise _Unsupported(f"its output {o!r} ({dropped}) is used; convc computes only the first output")
+        return outs
+
+    def fold(self, node, args):
+        from onnx.reference import ReferenceEvaluator
+
+        feeds = {i: a for i, a in zip(node.input, args) if i}
+        try:
+            outs = ReferenceEvaluator(node, opsets={"": self.opset}).run(None, feeds)
+        except Exception as e:       # noqa: BLE001 -- any failure of the reference is a reason
+            raise _Unsupported(f"its inputs are constants but onnx.reference cannot evaluate it: "
+                               f"{type(e).__name__}: {e}") from None
+        if not all(isinstance(o, (np.ndarray, np.generic)) for o in outs):
+            raise _Unsupported("it yields a non-tensor value (sequence, map or optional)")
+        return [np.asarray(o) for o in outs]
+
+    def placeholder(self, name: str) -> bool:
+        """Stand in for a tensor an unsupported node should have made, using
+        ONNX shape inference, so later nodes can still be checked."""
+        if self._inferred is None:
+            self._inferred = self.infer_shapes()
+        info = self._inferred.get(name)
+        if info is None:
+            return False
+        self.env[name] = self.g.input(self.unique("unsupported"), *info)
+        self.placeholders.add(name)
+        return True
+
+    def infer_shapes(self) -> dict:
+        onnx = _onnx()
+        m = onnx.ModelProto()
+        m.CopyFrom(self.model)
+        for inp in m.graph.input:
+            if inp.name in self.shapes:
+                dims = inp.type.tensor_type.shape.dim
+                del dims[:]
+                for s in self.shapes[inp.name]:
+                    dims.add().dim_value = s
+        try:
+            m = onnx.shape_inference.infer_shapes(m)
+        except Exception:       # noqa: BLE001 -- no inference, no placeholders
+            return {}
+        out = {}
+        for vi in list(m.graph.value_info) + list(m.graph.output):
+            tt = vi.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim]
+            if vi.type.HasField("tensor_type") and tt.HasField("shape") and all(d > 0 for d in dims):
+                out[vi.name] = (tuple(dims), _DTYPE_OF_ELEM.get(tt.elem_type, "float32"))
+        return out
+
+
+def _elem_name(elem: int) -> str:
+    onnx = _onnx()
+    try:
+        return onnx.TensorProto.DataType.Name(elem).lower()
+    except ValueError:
+        return str(elem)
+
+
+def _show_dims(tt) -> str:
+    if not tt.HasField("shape"):
+        return "(unknown rank)"
+    dims = [str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def _attr_value(a):
+    from onnx import helper
+
+    v = helper.get_attribute_value(a)
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, list):
+        return [x.decode() if isinstance(x, bytes) else x for x in v]
+    return v
+
+
+def _shape_op(node, shape):
+    if node.op_type == "Size":
+        return np.array(prod(shape), np.int64)
+    attrs = {a.name: a.i for a in node.attribute}
+    rank = len(shape)
+    start, end = attrs.get("start", 0), attrs.get("end", rank)
+    start, end = (max(0, min(rank, v + rank if v < 0 else v)) for v in (start, end))
+    return np.array(shape[start:end], np.int64)
+
+
+def _spatial(values, rank, default, what):
+    if values is None:
+        return (default,) * rank
+    values = tuple(int(v) for v in values)
+    if len(values) != rank:
+        raise _Unsupported(f"{what} {list(values)} has {len(values)} entries for {rank} spatial axes")
+    return values
+
+
+def _pad_pairs(pads, rank):
+    if pads is None:
+        return [(0, 0)] * rank
+    pads = [int(p) for p in pads]
+    if len(pads) != 2 * rank:
+        raise _Unsupported(f"pads {pads} must have 2 x {rank} entries")
+    return list(zip(pads[:rank], pads[rank:]))
+
+
+def _auto_pads(auto_pad, n, k, s, d):
+    """ONNX's SAME_UPPER / SAME_LOWER: output ceil(n / s); the odd element of
+    the total padding goes at the end (UPPER) or the beginning (LOWER)."""
+    pairs = []
+    for nn, kk, ss, dd in zip(n, k, s, d):
+        need = max(0, (ceil_div(nn, ss) - 1) * ss + dd * (kk - 1) + 1 - nn)
+        lo = need // 2 if auto_pad == "SAME_UPPER" else need - need // 2
+        pairs.append((lo, need - lo))
+    return pairs
+
+
+def _window(node, at, x_shape, w_spatial=None):
+    """Stride, dilation and explicit (lo, hi) pads of a Conv or pool."""
+    rank = len(x_shape) - 2
+    if rank < 1:
+        raise _Unsupported(f"input of rank {len(x_shape)} has no spatial axes")
+    if w_spatial is None and at["kernel_shape"] is None:
+        raise _Unsupported("attribute kernel_shape is required")
+    k = w_spatial if w_spatial is not None else _spatial(at["kernel_shape"], rank, None, "kernel_shape")
+    if at.get("kernel_shape") is not None and tuple(at["kernel_shape"]) != tuple(k):
+        raise _Unsupported(f"kernel_shape {list(at['kernel_shape'])} differs from the weight's {list(k)}")
+    s = _spatial(at["strides"], rank, 1, "strides")
+    d = _spatial(at.get("dilations"), rank, 1, "dilations")
+    auto = at["auto_pad"] or "NOTSET"
+    if auto == "NOTSET":
+        pads = _pad_pairs(at["pads"], rank)
+    elif auto == "VALID":
+        pads = [(0, 0)] * rank
+    elif auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = _auto_pads(auto, x_shape[2:], k, s, d)
+    else:
+        raise _Unsupported(f"auto_pad {auto!r} is unknown")
+    if any(lo < 0 or hi < 0 for lo, hi in pads):
+        raise _Unsupported(f"negative pads {pads}")
+    return tuple(k), s, d, pads
+
+
+_WINDOW = dict(auto_pad="NOTSET", kernel_shape=None, pads=None, strides=None)
+
+
+@converts("Identity")
+def _identity(im, node, ins, at):
+    return [im.env[ins[0]]]
+
+
+@converts("Dropout", dropped="the mask, a bool tensor", ratio=0.5, is_test=0, seed=None)
+def _dropout(im, node, ins, at):
+    ratio = float(im.const(ins[1], "ratio")) if ins[1] else at["ratio"]
+    training = bool(im.const(ins[2], "training_mode")) if ins[2] else (im.opset < 7 and not at["is_test"])
+    if training and ratio != 0:
+        raise _Unsupported(f"training-mode Dropout (ratio {ratio}) is random; export the model in eval mode")
+    return [im.env[ins[0]]]
+
+
+@converts("Relu")
+def _relu(im, node, ins, at):
+    return [relu(im.value(ins[0]), name=im.name(node))]
+
+
+@converts("LeakyRelu", alpha=0.01)
+def _leaky_relu(im, node, ins, at):
+    return [leaky_relu(im.value(ins[0]), at["alpha"], name=im.name(node))]
+
+
+@converts("Sigmoid")
+def _sigmoid(im, node, ins, at):
+    return [sigmoid(im.value(ins[0]), name=im.name(node))]
+
+
+@converts("Tanh")
+def _tanh(im, node, ins, at):
+    return [tanh(im.value(ins[0]), name=im.name(node))]
+
+
+@converts("Clip", min=None, max=None)
+def _clip(im, node, ins, at):
+    lo, hi = at["min"], at["max"]
+    if im.opset >= 11:
+        lo = float(im.const(ins[1], "min")) if ins[1] else None
+        hi = float(im.const(ins[2], "max")) if ins[2] else None
+    return [clip(im.value(ins[0]), lo, hi, name=im.name(node))]
+
+
+def _legacy_broadcast(im, node, b: Value, a_rank: int, at) -> Value:
+    """Opset < 7 broadcasting of B from ``axis`` of A (numpy aligns suffixes)."""
+    if not at.get("broadcast") or at.get("axis") is None:
+        return b
+    axis = at["axis"] % a_rank
+    trail = a_rank - axis - len(b.shape)
+    return reshape(b, b.shape + (1,) * trail, name=im.name(node, "b")) if trail > 0 else b
+
+
+def _binary(fn):
+    def convert(im, node, ins, at):
+        a, b = im.value(ins[0]), im.value(ins[1])
+        return [fn(a, _legacy_broadcast(im, node, b, len(a.shape), at), name=im.name(node))]
+    return convert
+
+
+_LEGACY = dict(broadcast=0, axis=None, consumed_inputs=None)
+converts("Add", **_LEGACY)(_binary(add))
+converts("Sub", **_LEGACY)(_binary(sub))
+converts("Mul", **_LEGACY)(_binary(mul))
+converts("Div", **_LEGACY)(_binary(div))
+
+
+@converts("Concat", axis=None)
+def _concat(im, node, ins, at):
+    values = [im.value(i) for i in ins if i]
+    if at["axis"] is None:
+        raise _Unsupported("attribute axis is required")
+    if len(values) == 1:
+        return values
+    return [concat(values, at["axis"], name=im.name(node))]
+
+
+@converts("Flatten", axis=1)
+def _flatten(im, node, ins, at):
+    shape = im.shape(ins[0])
+    axis = at["axis"] + len(shape) if at["axis"] < 0 else at["axis"]
+    return [reshape(im.value(ins[0]), (prod(shape[:axis]), prod(shape[axis:])), name=im.name(node))]
+
+
+@converts("Reshape", shape=None, allowzero=0)
+def _reshape(im, node, ins, at):
+    target = [int(s) for s in (at["shape"] if im.opset < 5 else im.const(ins[1], "shape").reshape(-1))]
+    x = im.shape(ins[0])
+    if 0 in target:
+        if at["allowzero"]:
+            raise _Unsupported(f"shape {target} with allowzero=1 makes an empty tensor")
+        target = [x[i] if s == 0 else s for i, s in enumerate(target)]
+    return [reshape(im.value(ins[0]), tuple(target), name=im.name(node))]
+
+
+@converts("Squeeze", axes=None)
+def _squeeze(im, node, ins, at):
+    shape = im.shape(ins[0])
+    axes = at["axes"] if im.opset < 13 else (im.const(ins[1], "axes").reshape(-1) if ins[1] else None)
+    axes = {int(a) % len(shape) for a in axes} if axes is not None else {i for i, n in enumerate(shape) if n == 1}
+    return [reshape(im.value(ins[0]), tuple(n for i, n in enumerate(shape) if i not in axes), name=im.name(node))]
+
+
+@converts("Unsqueeze", axes=None)
+def _unsqueeze(im, node, ins, at):
+    shape = list(im.shape(ins[0]))
+    axes = at["axes"] if im.opset < 13 else im.const(ins[1], "axes").reshape(-1)
+    rank = len(shape) + len(axes)
+    for a in sorted(int(a) % rank for a in axes):
+        shape.insert(a, 1)
+    return [reshape(im.value(ins[0]), tuple(shape), name=im.name(node))]
+
+
+@converts("Transpose", perm=None)
+def _transpose(im, node, ins, at):
+    return [transpose(im.value(ins[0]), at["perm"], name=im.name(node))]
+
+
+@converts("Gemm", alpha=1.0, beta=1.0, transA=0, transB=0, broadcast=0)
+def _gemm(im, node, ins, at):
+    a, b = im.value(ins[0]), im.value(ins[1])
+    if at["transA"]:
+        a = transpose(a, (1, 0), name=im.name(node, "a_t"))
+    c = None
+    if ins[2] and at["beta"] != 0:
+        if at["beta"] == 1:
+            c = im.value(ins[2])
+        elif isinstance(im.env[ins[2]], np.ndarray):
+            c = a.graph.const(im.env[ins[2]] * at["beta"], a.dtype)
+        else:
+            c = mul(im.value(ins[2]), at["beta"], name=im.name(node, "beta"))
+    n_out = b.shape[0] if at["transB"] else b.shape[1]
+    bias = c if c is not None and at["alpha"] == 1 and at["transB"] and c.shape == (n_out,) else None
+    last = bias is not None or (c is None and at["alpha"] == 1)
+    name = im.name(node) if last else im.name(node, "ab")
+    y = dense(a, b, bias, name=name) if at["transB"] else matmul(a, b, name=name)
+    if at["alpha"] != 1:
+        y = mul(y, at["alpha"], name=im.name(node) if c is None else im.name(node, "alpha"))
+    if c is not None and bias is None:
+        y = add(y, c, name=im.name(node))
+    return [y]
+
+
+@converts("MatMul")
+def _matmul(im, node, ins, at):
+    a, b = im.value(ins[0]), im.value(ins[1])
+    a_rank, b_rank = len(a.shape), len(b.shape)
+    if a_rank > 1 and b_rank > 1:
+        return [matmul(a, b, name=im.name(node))]
+    # numpy's 1-D operands: a row / column matrix, its axis dropped afterwards
+    if a_rank == 1:
+        a = reshape(a, (1,) + a.shape, name=im.name(node, "row"))
+    if b_rank == 1:
+        b = reshape(b, b.shape + (1,), name=im.name(node, "col"))
+    y = matmul(a, b, name=im.name(node, "2d"))
+    shape = list(y.shape)
+    if b_rank == 1:
+        shape.pop(-1)
+    if a_rank == 1:
+        shape.pop(-2 if b_rank > 1 else -1)
+    return [reshape(y, tuple(shape), name=im.name(node))]
+
+
+@converts("BatchNormalization", dropped="running statistics of training mode", epsilon=1e-5, momentum=0.9, training_mode=0, spatial=1, is_test=0,
+          consumed_inputs=None)
+def _batch_norm(im, node, ins, at):
+    if at["training_mode"] or (im.opset < 7 and not at["is_test"] and len(node.output) > 1):
+        raise _Unsupported("training_mode=1 (batch statistics) is not supported; export the model in eval mode")
+    if not at["spatial"]:
+        raise _Unsupported("spatial=0 (per-element statistics) is not supported")
+    x = im.value(ins[0])
+    scale, bias, mean, var = (im.value(i) for i in ins[1:5])
+    return [batch_norm(x, mean, var, scale, bias, at["epsilon"], name=im.name(node))]
+
+
+@converts("Softmax", axis=None)
+def _softmax(im, node, ins, at):
+    x = im.value(ins[0])
+    rank = len(x.shape)
+    if im.opset >= 13:
+        return [softmax(x, -1 if at["axis"] is None else at["axis"], name=im.name(node))]
+    axis = (1 if at["axis"] is None else at["axis"]) % max(rank, 1)
+    if axis == rank - 1:             # coercing to 2D changes nothing then
+        return [softmax(x, -1, name=im.name(node))]
+    flat = reshape(x, (prod(x.shape[:axis]), prod(x.shape[axis:])), name=im.name(node, "2d"))
+    return [reshape(softmax(flat, 1, name=im.name(node, "softmax")), x.shape, name=im.name(node))]
+
+
+@converts("Pad", mode="constant", pads=None, paddings=None, value=0.0)
+def _pad(im, node, ins, at):
+    if at["mode"] != "constant":
+        raise _Unsupported(f"mode {at['mode']!r} is not supported (only 'constant')")
+    x = im.value(ins[0])
+    rank = len(x.shape)
+    if im.opset < 11:
+        pads, value, axes = at["pads"] if at["pads"] is not None else at["paddings"], at["value"], None
+    else:
+        pads = im.const(ins[1], "pads").reshape(-1)
+        value = float(im.const(ins[2], "constant_value").reshape(-1)[0]) if ins[2] else 0.0
+        axes = im.const(ins[3], "axes").reshape(-1) if ins[3] else None
+    axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
+    pads = [int(p) for p in pads]
+    if len(pads) != 2 * len(axes):
+        raise _Unsupported(f"pads {pads} must have 2 x {len(axes)} entries")
+    pairs = {a: (lo, hi) for a, lo, hi in zip(axes, pads[:len(axes)], pads[len(axes):]) if lo or hi}
+    spatial = [pairs.pop(a, (0, 0)) for a in range(2, rank)] if 3 <= rank <= 5 else []
+    for a, (lo, hi) in sorted(pairs.items()):      # batch / channel axes (or any axis of other ranks)
+        x = _pad_axis(im, node, x, a, lo, hi, value)
+    if any(lo or hi for lo, hi in spatial):
+        x = pad(x, spatial, value, name=im.name(node))
+    return [x]
+
+
+def _pad_axis(im, node, x: Value, axis: int, lo: int, hi: int, value: float) -> Value:
+    """Pad (or crop, for negative entries) one axis with concat / slice."""
+    n = x.shape[axis]
+    if lo < 0 or hi < 0:
+        x = slice_axis(x, axis, max(-lo, 0), n - max(-hi, 0), name=im.name(node, f"crop{axis}"))
+    parts = []
+    for k in (lo, hi):
+        shape = list(x.shape)
+        shape[axis] = k
+        parts.append(x.graph.const(np.full(shape, value), x.dtype) if k > 0 else None)
+    if parts[0] is None and parts[1] is None:
+        return x
+    return concat([p for p in (parts[0], x, parts[1]) if p is not None], axis, name=im.name(node, f"pad{axis}"))
+
+
+@converts("Conv", dilations=None, group=1, **_WINDOW)
+def _conv(im, node, ins, at):
+    x, w = im.value(ins[0]), im.value(ins[1])
+    if len(w.shape) != len(x.shape):
+        raise _Unsupported(f"weight {w.shape} must have the rank of the input {x.shape}")
+    _, s, d, pads = _window(node, at, x.shape, w.shape[2:])
+    b = im.value(ins[2]) if ins[2] else None
+    return [conv(x, w, b, stride=s, padding=pads, dilation=d, groups=at["group"], name=im.name(node))]
+
+
+@converts("ConvTranspose", dilations=None, group=1, output_padding=None, output_shape=None, **_WINDOW)
+def _conv_transpose(im, node, ins, at):
+    x, w = im.value(ins[0]), im.value(ins[1])
+    b = im.value(ins[2]) if ins[2] else None
+    rank = len(x.shape) - 2
+    if rank < 1 or len(w.shape) != len(x.shape):
+        raise _Unsupported(f"input {x.shape} and weight {w.shape} must be (N, C, *spatial) and (C, M/group, *k)")
+    n, k = x.shape[2:], w.shape[2:]
+    if at["kernel_shape"] is not None and tuple(at["kernel_shape"]) != tuple(k):
+        raise _Unsupported(f"kernel_shape {list(at['kernel_shape'])} differs from the weight's {list(k)}")
+    s = _spatial(at["strides"], rank, 1, "strides")
+    d = _spatial(at["dilations"], rank, 1, "dilations")
+    opad = _spatial(at["output_padding"], rank, 0, "output_padding")
+    full = [(nn - 1) * ss + dd * (kk - 1) + 1 + op for nn, ss, dd, kk, op in zip(n, s, d, k, opad)]
+    want = None if at["output_shape"] is None else [int(v) for v in at["output_shape"]][-rank:]
+    auto = at["auto_pad"] or "NOTSET"
+    # As onnx.reference: output position j is position j + lo of the full
+    # (unpadded) transposed conv, which is zero past its end.
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        want = want or [nn * ss for nn, ss in zip(n, s)]
+        total = [f - o for f, o in zip(full, want)]
+        lows = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
+    elif auto in ("NOTSET", "VALID"):
+        pairs = _pad_pairs(at["pads"] if auto == "NOTSET" else None, rank)
+        lows = [lo for lo, _ in pairs]
+        want = want or [f - lo - hi for f, (lo, hi) in zip(full, pairs)]
+    else:
+        raise _Unsupported(f"auto_pad {auto!r} is unknown")
+    base = [f - op for f, op in zip(full, opad)]           # without output_padding
+    lo_c = [max(lo, 0) for lo in lows]
+    hi_c = [max(0, f - lo - o) for f, lo, o in zip(base, lo_c, want)]
+    op_c = [o - (f - lo - hi) for f, lo, hi, o in zip(base, lo_c, hi_c, want)]
+    geo = dict(stride=s, dilation=d, groups=at["group"])
+    if all(lo >= 0 for lo in lows) and all(0 <= op < max(ss, dd) for op, ss, dd in zip(op_c, s, d)):
+        return [conv_transpose(x, w, b, padding=list(zip(lo_c, hi_c)), output_padding=op_c, name=im.name(node),
+                               **geo)]
+    # Outputs before the full result or past what output_padding reaches: pad with zeros, then add the bias.
+    y = conv_transpose(x, w, None, padding=list(zip(lo_c, hi_c)), name=im.name(node, "core"), **geo)
+    extra = [(max(-lo, 0), o - yy - max(-lo, 0)) for lo, o, yy in zip(lows, want, y.shape[2:])]
+    y = pad(y, extra, name=im.name(node, "pad") if b is not None else im.name(node))
+    if b is not None:
+        y = add(y, reshape(b, b.shape + (1,) * rank, name=im.name(node, "bias")), name=im.name(node))
+    return [y]
+
+
+def _pool_geometry(node, at, x_shape):
+    """kernel, stride, dilation, (lo, hi) pads and output sizes as ONNX defines them."""
+    k, s, d, pads = _window(node, at, x_shape)
+    ceil_mode = bool(at["ceil_mode"]) and (at["auto_pad"] or "NOTSET") == "NOTSET"
+    out = []
+    for nn, kk, ss, dd, (lo, hi) in zip(x_shape[2:], k, s, d, pads):
+        span = nn + lo + hi - dd * (kk - 1) - 1
+        if span < 0:
+            raise _Unsupported(f"the window {kk} (dilation {dd}) is larger than the padded input {nn + lo + hi}")
+        o = (-(-span // ss) if ceil_mode else span // ss) + 1
+        if ceil_mode and (o - 1) * ss >= nn + lo:        # the last window must start inside
+            o -= 1
+        out.append(o)
+    return k, s, d, pads, ceil_mode, out
+
+
+@converts("MaxPool", dropped="the argmax indices", ceil_mode=0, dilations=None, storage_order=0, **_WINDOW)
+def _max_pool(im, node, ins, at):
+    x = im.value(ins[0])
+    k, s, d, pads, ceil_mode, out = _pool_geometry(node, at, x.shape)
+    if all(max(p) <= kk // 2 for p, kk in zip(pads, k)):
+        y = max_pool(x, k, s, pads, d, ceil_mode, name=im.name(node))
+    else:       # more padding than PyTorch's rule allows: pad with -inf explicitly
+        need = [(o - 1) * ss + dd * (kk - 1) + 1 for o, ss, dd, kk in zip(out, s, d, k)]
+        xp = pad(x, [(lo, t - n - lo) for (lo, _), t, n in zip(pads, need, x.shape[2:])], -np.inf,
+                 name=im.name(node, "pad"))
+        y = max_pool(xp, k, s, 0, d, False, name=im.name(node))
+    if list(y.shape[2:]) != out:
+        raise _Unsupported(f"convc's output {y.shape[2:]} differs from ONNX's {out}")
+    return [y]
+
+
+@converts("AveragePool", ceil_mode=0, count_include_pad=0, dilations=None, **_WINDOW)
+def _avg_pool(im, node, ins, at):
+    x = im.value(ins[0])
+    k, s, d, pads, ceil_mode, out = _pool_geometry(node, at, x.shape)
+    include = bool(at["count_include_pad"])
+    if all(dd == 1 for dd in d) and all(max(p) <= kk // 2 for p, kk in zip(pads, k)):
+        y = avg_pool(x, k, s, pads, ceil_mode, include, name=im.name(node))
+    else:
+        # The window sums as a depthwise conv with a kernel of ones, divided by
+        # how many elements each window counts (a constant of the geometry).
+        c, n = x.shape[1], x.shape[2:]
+        need = [(o - 1) * ss + dd * (kk - 1) + 1 for o, ss, dd, kk in zip(out, s, d, k)]
+        ones = x.graph.const(np.ones((c, 1) + k), x.dtype)
+        total = conv(x, ones, None, s, [(lo, max(0, t - nn - lo)) for (lo, _), t, nn in zip(pads, need, n)], d,
+                     groups=c, name=im.name(node, "sum"))
+        counts = [np.array([sum(1 for t in range(kk) if (-lo if include else 0) <= j * ss + t * dd - lo <
+                                (nn + hi if include else nn)) for j in range(o)], np.float64)
+                  for nn, kk, ss, dd, (lo, hi), o in zip(n, k, s, d, pads, out)]
+        count = counts[0]
+        for cnt in counts[1:]:
+            count = np.multiply.outer(count, cnt)
+        y = div(total, x.graph.const(count.reshape((1, 1) + count.shape), x.dtype), name=im.name(node))
+    if list(y.shape[2:]) != out:
+        raise _Unsupported(f"convc's output {y.shape[2:]} differs from ONNX's {out}")
+    return [y]
+
+
+@converts("GlobalAveragePool")
+def _global_avg_pool(im, node, ins, at):
+    return [global_avg_pool(im.value(ins[0]), name=im.name(node))]
+
+
+# -- export --------------------------------------------------------------------------
+_EXPORTERS: dict[str, object] = {}
+
+
+def exports(*ops: str):
+    def deco(fn):
+        for op in ops:
+            _EXPORTERS[op] = fn
+        return fn
+    return deco
+
+
+def to_onnx(graph: Graph, opset: int = 17, path=None):
+    """Write ``graph`` as an ``onnx.ModelProto`` (opset 13 or later) and
+    optionally save it to ``path``. Inputs, params (as initializers) and
+    outputs keep their names. Raises a ConvcError listing every node whose op
+    has no ONNX form (unshared and tiled convs, gradients, losses, ...)."""
+    onnx = _onnx()
+    from onnx import helper
+
+    from .schedule import live_nodes
+
+    if not isinstance(graph, Graph):
+        raise ConvcError(f"to_onnx() takes a convc.Graph, got {type(graph).__name__}")
+    if not 13 <= opset <= onnx.defs.onnx_opset_version():
+        raise ConvcError(f"to_onnx(opset={opset}): convc writes opsets 13 to {onnx.defs.onnx_opset_version()}")
+    graph.verify()
+    if graph.assigns:
+        raise ConvcError(f"graph '{graph.name}' assigns params after each run (training state); "
+                         "ONNX models have no such state")
+    live = live_nodes(graph)
+    order = [n for n in graph.topological_order() if n in live]
+    bad = [f"  {graph.node(n)['op']} %{n}" for n in order
+           if graph.node(n)["op"] not in ("input", "param") and graph.node(n)["op"] not in _EXPORTERS]
+    if bad:
+        raise ConvcError(f"graph '{graph.name}' cannot be written as ONNX; {len(bad)} node"
+                         f"{'s have' if len(bad) != 1 else ' has'} an op with no ONNX form:\n" + "\n".join(bad))
+    ex = _Exporter(graph, opset)
+    for n in graph.input_names:            # all of them: the model's signature is the graph's
+        t = graph.node(n)["type"]
+        ex.inputs.append(helper.make_tensor_value_info(n, _ELEM_OF_DTYPE[t.dtype], t.shape))
+    for n in order:
+        d = graph.node(n)
+        if d["op"] == "input":
+            continue
+        if d["op"] == "param":
+            ex.initializer(d["value"], n)
+        else:
+            _EXPORTERS[d["op"]](ex, n, graph.inputs_of(n), d["attrs"], d["type"])
+    outputs = []
+    for o, n in graph.outputs.items():
+        if ex.tensor[n] != o:
+            ex.node("Identity", [ex.tensor[n]], [o])
+        t = graph.node(n)["type"]
+        outputs.append(helper.make_tensor_value_info(o, _ELEM_OF_DTYPE[t.dtype], t.shape))
+    from . import __version__
+
+    g = helper.make_graph(ex.nodes, graph.name, ex.inputs, outputs, ex.initializers)
+    ops = [helper.make_opsetid("", opset)]
+    model = helper.make_model(g, opset_imports=ops, producer_name="convc", producer_version=__version__,
+                              ir_version=helper.find_min_ir_version_for(ops))
+    if path is not None:
+        onnx.save(model, os.fspath(path))
+    return model
+
+
+class _Exporter:
+    def __init__(self, graph: Graph, opset: int):
+        self.graph, self.opset = graph, opset
+        self.nodes, self.inputs, self.initializers = [], [], []
+        # A node's tensor is its name, unless an output of another node is called that.
+        self.taken = set(graph.outputs) | set(graph.nx.nodes)
+        self.tensor = {n: n if graph.outputs.get(n, n) == n else self.fresh(n) for n in graph.nx.nodes}
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.taken:
+            i += 1
+            name = f"{base}_{i}"
+        self.taken.add(name)
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], **attrs):
+        from onnx import helper
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=outputs[0], **attrs))
+        return outputs[0]
+
+    def initializer(self, value: np.ndarray, name: str | None = None) -> str:
+        from onnx import numpy_helper
+        name = self.tensor[name] if name in self.tensor else self.fresh(name or "const")
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def ints(self, values, base: str) -> str:
+        return self.initializer(np.array(values, np.int64), base)
+
+    def value(self, n: str):
+        """The array of a param node, or None."""
+        d = self.graph.node(n)
+        return d["value"] if d["op"] == "param" else None
+
+
+def _np(t) -> type:
+    return _NP_OF_DTYPE[t.dtype]
+
+
+def _pads_attr(pairs):
+    return [lo for lo, _ in pairs] + [hi for _, hi in pairs]
+
+
+def _finish(ex, n, y: str, attrs, act_key="activation", slope_key="negative_slope"):
+    """A fused activation (a pass's ``activation`` attr) as its own node."""
+    kind = attrs.get(act_key)
+    if kind is None:
+        return y
+    onnx_op = {"relu": "Relu", "leaky_relu": "LeakyRelu", "sigmoid": "Sigmoid", "tanh": "Tanh"}[kind]
+    extra = {"alpha": attrs.get(slope_key, 0.01)} if kind == "leaky_relu" else {}
+    return ex.node(onnx_op, [y], [ex.tensor[n]], **extra)
+
+
+def _with_bias(ex, n, op, ins, names, attrs, **onnx_attrs):
+    """Conv / ConvTranspose on tensors ``names``: a tied bias as the third
+    input, an untied one (a bias per output position) as an Add, then a
+    fused activation."""
+    untied = len(ins) == 3 and len(ex.graph.node(ins[2])["type"].shape) > 1
+    act = attrs.get("activation")
+    y = ex.node(op, names[:2] if untied else names,
+                [ex.tensor[n] if not (untied or act) else ex.fresh(f"{n}.{op}")], **onnx_attrs)
+    if untied:
+        y = ex.node("Add", [y, names[2]], [ex.tensor[n] if not act else ex.fresh(f"{n}.bias")])
+    _finish(ex, n, y, attrs)
+
+
+@exports("conv")
+def _x_conv(ex, n, ins, attrs, out):
+    names = [ex.tensor[i] for i in ins]
+    k = ex.graph.node(ins[1])["type"].shape[2:]
+    if attrs["flip"]:            # true convolution: ONNX's Conv correlates, so flip the kernel
+        w, rank = ex.value(ins[1]), len(k)
+        if w is not None:
+            names[1] = ex.initializer(w[(Ellipsis,) + (slice(None, None, -1),) * rank].copy(), f"{ins[1]}.flipped")
+        else:
+            names[1] = ex.node("Slice", [names[1], ex.ints([-1] * rank, f"{n}.starts"),
+                                         ex.ints([-2**63] * rank, f"{n}.ends"),
+                                         ex.ints(list(range(2, 2 + rank)), f"{n}.axes"),
+                                         ex.ints([-1] * rank, f"{n}.steps")], [ex.fresh(f"{n}.flipped")])
+    _with_bias(ex, n, "Conv", ins, names, attrs, kernel_shape=list(k), strides=list(attrs["stride"]),
+               pads=_pads_attr(attrs["padding"]), dilations=list(attrs["dilation"]), group=attrs["groups"])
+
+
+@exports("conv_transpose")
+def _x_conv_transpose(ex, n, ins, attrs, out):
+    k = ex.graph.node(ins[1])["type"].shape[2:]
+    _with_bias(ex, n, "ConvTranspose", ins, [ex.tensor[i] for i in ins], attrs, kernel_shape=list(k),
+               strides=list(attrs["stride"]), pads=_pads_attr(attrs["padding"]), dilations=list(attrs["dilation"]),
+               group=attrs["groups"], output_padding=list(attrs["output_padding"]))
+
+
+@exports("max_pool", "avg_pool")
+def _x_pool(ex, n, ins, attrs, out):
+    common = dict(kernel_shape=list(attrs["kernel_size"]), strides=list(attrs["stride"]),
+                  pads=_pads_attr(attrs["padding"]), ceil_mode=int(attrs["ceil_mode"]))
+    if ex.graph.node(n)["op"] == "max_pool":
+        ex.node("MaxPool", [ex.tensor[ins[0]]], [ex.tensor[n]], dilations=list(attrs["dilation"]), **common)
+    else:
+        ex.node("AveragePool", [ex.tensor[ins[0]]], [ex.tensor[n]],
+                count_include_pad=int(attrs["count_include_pad"]), **common)
+
+
+_SIMPLE = {"global_avg_pool": "GlobalAveragePool", "relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh",
+           "add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "matmul": "MatMul"}
+
+
+@exports(*_SIMPLE)
+def _x_simple(ex, n, ins, attrs, out):
+    ex.node(_SIMPLE[ex.graph.node(n)["op"]], [ex.tensor[i] for i in ins], [ex.tensor[n]])
+
+
+@exports("leaky_relu")
+def _x_leaky_relu(ex, n, ins, attrs, out):
+    ex.node("LeakyRelu", [ex.tensor[ins[0]]], [ex.tensor[n]], alpha=attrs["negative_slope"])
+
+
+@exports("clip")
+def _x_clip(ex, n, ins, attrs, out):
+    bounds = [ex.initializer(np.array(attrs[k], _np(out)), f"{n}.{k}") if math.isfinite(attrs[k]) else ""
+              for k in ("min", "max")]
+    while bounds and not bounds[-1]:
+        bounds.pop()
+    ex.node("Clip", [ex.tensor[ins[0]]] + bounds, [ex.tensor[n]])
+
+
+@exports("softmax")
+def _x_softmax(ex, n, ins, attrs, out):
+    ex.node("Softmax", [ex.tensor[ins[0]]], [ex.tensor[n]], axis=attrs["axis"])
+
+
+@exports("concat")
+def _x_concat(ex, n, ins, attrs, out):
+    ex.node("Concat", [ex.tensor[i] for i in ins], [ex.tensor[n]], axis=attrs["axis"])
+
+
+@exports("reshape", "flatten")
+def _x_reshape(ex, n, ins, attrs, out):
+    ex.node("Reshape", [ex.tensor[ins[0]], ex.ints(out.shape, f"{n}.shape")], [ex.tensor[n]])
+
+
+@exports("transpose")
+def _x_transpose(ex, n, ins, attrs, out):
+    ex.node("Transpose", [ex.tensor[ins[0]]], [ex.tensor[n]], perm=list(attrs["perm"]))
+
+
+@exports("expand")
+def _x_expand(ex, n, ins, attrs, out):
+    ex.node("Expand", [ex.tensor[ins[0]], ex.ints(out.shape, f"{n}.shape")], [ex.tensor[n]])
+
+
+@exports("slice")
+def _x_slice(ex, n, ins, attrs, out):
+    ex.node("Slice", [ex.tensor[ins[0]], ex.ints([attrs["start"]], f"{n}.starts"),
+                      ex.ints([attrs["stop"]], f"{n}.ends"), ex.ints([attrs["axis"]], f"{n}.axes")], [ex.tensor[n]])
+
+
+@exports("reduce_sum")
+def _x_reduce_sum(ex, n, ins, attrs, out):
+    ex.node("ReduceSum", [ex.tensor[ins[0]], ex.ints(attrs["axes"], f"{n}.axes")], [ex.tensor[n]],
+            keepdims=int(attrs["keepdims"]))
+
+
+@exports("dense")
+def _x_dense(ex, n, ins, attrs, out):
+    t = ex.tensor
+    x_rank = len(ex.graph.node(ins[0])["type"].shape)
+    if x_rank == 2:
+        ex.node("Gemm", [t[i] for i in ins], [t[n]], transB=1)
+        return
+    w = ex.value(ins[1])
+    wt = (ex.initializer(w.T.copy(), f"{ins[1]}.T") if w is not None
+          else ex.node("Transpose", [t[ins[1]]], [ex.fresh(f"{n}.w_t")], perm=[1, 0]))
+    y = ex.node("MatMul", [t[ins[0]], wt], [t[n] if len(ins) == 2 else ex.fresh(f"{n}.matmul")])
+    if len(ins) == 3:
+        ex.node("Add", [y, t[ins[2]]], [t[n]])
+
+
+@exports("batch_norm")
+def _x_batch_norm(ex, n, ins, attrs, out):
+    x, mean, var, gamma, beta = (ex.tensor[i] for i in ins)
+    ex.node("BatchNormalization", [x, gamma, beta, mean, var], [ex.tensor[n]], epsilon=attrs["eps"])
+
+
+@exports("pad")
+def _x_pad(ex, n, ins, attrs, out):
+    pairs = [(0, 0), (0, 0)] + list(attrs["pads"])
+    ex.node("Pad", [ex.tensor[ins[0]], ex.ints(_pads_attr(pairs), f"{n}.pads"),
+                    ex.initializer(np.array(attrs["value"], _np(out)), f"{n}.value")], [ex.tensor[n]])
+
+
+@exports("channel_shuffle")
+def _x_channel_shuffle(ex, n, ins, attrs, out):
+    nb, c, *rest = out.shape
+    g = attrs["groups"]
+    a = ex.node("Reshape", [ex.tensor[ins[0]], ex.ints([nb, g, c // g, *rest], f"{n}.split")], [ex.fresh(f"{n}.split")])
+    b = ex.node("Transpose", [a], [ex.fresh(f"{n}.swap")], perm=[0, 2, 1, *range(3, 3 + len(rest))])
+    ex.node("Reshape", [b, ex.ints(out.shape, f"{n}.shape")], [ex.tensor[n]])
+
+
+@exports("downsample")
+def _x_downsample(ex, n, ins, attrs, out):
+    x = ex.graph.node(ins[0])["type"].shape
+    rank = len(x) - 2
+    ex.node("Slice", [ex.tensor[ins[0]], ex.ints([0] * rank, f"{n}.starts"), ex.ints(x[2:], f"{n}.ends"),
+                      ex.ints(list(range(2, 2 + rank)), f"{n}.axes"), ex.ints(attrs["stride"], f"{n}.steps")],
+            [ex.tensor[n]])
+
+
+@exports("dilate")
+def _x_dilate(ex, n, ins, attrs, out):
+    # zeros between elements: a per-channel transposed conv with a 1x1 kernel of one
+    c, rank = out.shape[1], len(out.shape) - 2
+    if out.dtype == "int64":
+        raise ConvcError(f"node %{n} (dilate): int64 tensors have no ONNX form here (ConvTranspose is float)")
+    w = ex.initializer(np.ones((c, 1) + (1,) * rank, _np(out)), f"{n}.ones")
+    ex.node("ConvTranspose", [ex.tensor[ins[0]], w], [ex.tensor[n]], strides=list(attrs["stride"]), group=c,
+            kernel_shape=[1] * rank)
+
+
+# -- command line: convc run / convc compile -------------------------------------------
+def load(spec: str, input_shapes: dict | None = None) -> Graph:
+    """A model for the CLI: an ``.onnx`` file, else what
+    ``convc.export.load_model`` takes (a bundled name or a Python file)."""
+    if str(spec).lower().endswith(".onnx"):
+        return from_onnx(spec, input_shapes=input_shapes)
+    from .export import load_model
+    return load_model(spec)
+
+
+def _onnx_inputs(path: str) -> list[str]:
+    onnx = _onnx()
+    try:
+        m = onnx.load(path, load_external_data=False)
+    except FileNotFoundError:
+        raise ConvcError(f"ONNX model {path!r}: no such file") from None
+    except Exception as e:      # noqa: BLE001
+        raise ConvcError(f"ONNX model {path!r} cannot be read: {type(e).__name__}: {e}") from None
+    inits = {i.name for i in m.graph.initializer}
+    return [i.name for i in m.graph.input if i.name not in inits]
+
+
+def _parse_inputs(specs, names: list[str]) -> dict[str, np.ndarray]:
+    feeds = {}
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            if len(names) != 1:
+                raise ConvcError(f"--input {spec}: the model has {len(names)} inputs {names}; "
+                                 f"say which with --input NAME=FILE.npy")
+            name, path = names[0], spec
+        if name not in names:
+            raise ConvcError(f"--input {spec}: the model has no input {name!r}; its inputs are {names}")
+        try:
+            feeds[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ConvcError(f"--input {spec}: cannot read {path!r} as a .npy file: {e}") from None
+    missing = [n for n in names if n not in feeds]
+    if missing:
+        raise ConvcError(f"no array for input(s) {missing}; give --input NAME=FILE.npy for each")
+    return feeds
+
+
+def _compile(g: Graph, target: str, pipeline: str):
+    from .api import TARGETS, compile as cc_compile
+    if target not in TARGETS:
+        if target == "opencl":
+            raise ConvcError("the opencl target is not available in this build")
+        raise ConvcError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+    return cc_compile(g, target=target, passes=pipeline)
+
+
+def _median_time(fn, min_time: float = 0.2, min_runs: int = 5, max_runs: int = 1000) -> tuple[float, int]:
+    times = []
+    t0 = time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - t0 < min_time and len(times) < max_runs):
+        s = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - s)
+    return float(np.median(times)), len(times)
+
+
+def cmd_run(args) -> int:
+    from pathlib import Path
+
+    onnx_model = str(args.model).lower().endswith(".onnx")
+    if onnx_model:
+        names = _onnx_inputs(args.model)
+        feeds = _parse_inputs(args.input, names)
+        g = from_onnx(args.model, input_shapes={n: a.shape for n, a in feeds.items()})
+        feeds = {node_name(n, "input"): a for n, a in feeds.items()}
+    else:
+        g = load(args.model)
+        feeds = _parse_inputs(args.input, g.input_names)
+    t0 = time.perf_counter()
+    mod = _compile(g, args.target, args.pipeline)
+    t_compile = time.perf_counter() - t0
+    res = mod.run(feeds)
+    t_run, runs = _median_time(lambda: mod.run(feeds))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, arr in res.items():
+        np.save(out / f"{name}.npy", arr)
+        print(f"wrote {out / (name + '.npy')}  {arr.dtype}{list(arr.shape)}")
+    print(f"target {args.target}: compile {t_compile * 1e3:.0f} ms, run {t_run * 1e3:.3f} ms "
+          f"(median of {runs})")
+    return 0
+
+
+def _parse_shapes(specs) -> dict:
+    shapes = {}
+    for spec in specs or []:
+        name, sep, dims = spec.partition("=")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ConvcError(f"--shape {spec}: write NAME=D0,D1,... (e.g. x=1,3,224,224)")
+    return shapes
+
+
+def cmd_compile(args) -> int:
+    from .cost import cost
+
+    g = load(args.model, _parse_shapes(args.shape)) if str(args.model).lower().endswith(".onnx") else load(args.model)
+    print(g)
+    print()
+    print(cost(g).table())
+    if args.target != "none":
+        t0 = time.perf_counter()
+        _compile(g, args.target, args.pipeline)
+        print(f"\ncompiled for {args.target} in {(time.perf_counter() - t0) * 1e3:.0f} ms")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register ``convc run`` and ``convc compile`` on an argparse subparsers object."""
+    model_help = "an ONNX file (MODEL.onnx), a bundled model name (lenet5) or a Python file defining build()"
+    r = subparsers.add_parser("run", help="compile a model (e.g. MODEL.onnx) and run it on .npy inputs; "
+                                          "writes each output as OUT/NAME.npy and prints timings",
+                              description="Import or load MODEL, compile it for --target, run it on the "
+                                          "--input arrays, write every output as DIR/NAME.npy and print the "
+                                          "compile time and the median run time.")
+    r.add_argument("model", metavar="MODEL", help=model_help)
+    r.add_argument("-i", "--input", action="append", metavar="[NAME=]FILE.npy",
+                   help="an input array (repeat for several inputs; NAME= may be left out for one input)")
+    r.add_argument("--target", default="c", choices=["c", "opencl", "numpy"], help="default: c")
+    r.add_argument("-o", "--out", default=".", metavar="DIR", help="where to write the outputs (default: .)")
+    r.add_argument("--pipeline", default="default", help="pass pipeline (default: default)")
+    r.set_defaults(fn=cmd_run)
+    c = subparsers.add_parser("compile", help="import or load a model (e.g. MODEL.onnx), print its IR and cost "
+                                              "and compile it",
+                              description="Print MODEL's IR and its cost table (MACs, params, bytes per node), "
+                                          "then compile it for --target.")
+    c.add_argument("model", metavar="MODEL", help=model_help)
+    c.add_argument("--shape", action="append", metavar="NAME=D0,D1,...",
+                   help="static shape for an ONNX input with symbolic dims (repeatable)")
+    c.add_argument("--target", default="c", choices=["c", "opencl", "numpy", "none"],
+                   help="compile for this target after printing (default: c; none: only print)")
+    c.add_argument("--pipeline", default="default", help="pass pipeline (default: default)")
+    c.set_defaults(fn=cmd_compile)
+
+
+def main(argv=None) -> int:
+    """``convc run|compile ...`` without convc.cli: ``from convc.onnx import main``."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="convc")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConvcError as e:
+        print(f"convc: error: {e}", file=sys.stderr)
+        return 2

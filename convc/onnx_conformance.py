@@ -1,0 +1,178 @@
+"""ONNX conformance: the backend node tests of the ``onnx`` package, for the
+ops convc imports, run on a convc target.
+
+The onnx wheel ships the generators of its node tests
+(``onnx.backend.test.case.node``): each case is a one-node model with input
+and expected output arrays, the data its ``.pb`` files are made from. Every
+case whose nodes all belong to :data:`OPS` applies; it passes when
+``from_onnx`` imports it, the target compiles it, and the outputs match within
+the case's own tolerance (onnx's runner: rtol 1e-3, atol 1e-7).
+
+convc compiles for static shapes, so graph inputs that fill a compile-time
+slot (:data:`convc.onnx.STATIC_INPUTS`: Reshape's shape, Pad's pads, Clip's
+bounds, Dropout's ratio and mode) are bound as constants from the case's data;
+every other input is fed at run time.
+
+    python -m convc.onnx_conformance [--target c] [--write docs_onnx.md]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+import numpy as np
+
+from .errors import ConvcError
+
+# The ops of issue 8, in its order.
+OPS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "Relu", "LeakyRelu", "Clip",
+       "Sigmoid", "Tanh", "Add", "Sub", "Mul", "Div", "Concat", "Flatten", "Reshape", "Transpose", "Gemm",
+       "MatMul", "BatchNormalization", "Softmax", "Pad", "Identity", "Dropout")
+
+# The cases that cannot pass, by the reason: a piece of the error convc
+# raises for each (the tests check that it is).
+_CANNOT_PASS = {
+    # convc computes in float32, float64 and int64 only
+    "dtype int8 is not supported": ["test_add_int8", "test_sub_int8", "test_mul_int8", "test_div_int8",
+                                    "test_clip_default_int8_min", "test_clip_default_int8_max",
+                                    "test_clip_default_int8_inbounds", "test_clip_default_int8_inbounds_expanded"],
+    "dtype int16 is not supported": ["test_add_int16", "test_sub_int16", "test_mul_int16", "test_div_int16"],
+    "dtype int32 is not supported": ["test_div_int32_trunc"],
+    "dtype uint8 is not supported": ["test_add_uint8", "test_sub_uint8", "test_mul_uint8", "test_div_uint8",
+                                     "test_maxpool_2d_uint8"],
+    "dtype uint16 is not supported": ["test_add_uint16", "test_sub_uint16", "test_mul_uint16", "test_div_uint16"],
+    "dtype uint32 is not supported": ["test_add_uint32", "test_sub_uint32", "test_mul_uint32", "test_div_uint32"],
+    "dtype uint64 is not supported": ["test_add_uint64", "test_sub_uint64", "test_mul_uint64", "test_div_uint64"],
+    # only constant padding (and these cases are int32 too)
+    "mode 'edge' is not supported": ["test_edge_pad"],
+    "mode 'reflect' is not supported": ["test_reflect_pad"],
+    "mode 'wrap' is not supported": ["test_wrap_pad"],
+    # inference only: no batch statistics, no random dropout, no bool masks
+    "training_mode=1 (batch statistics) is not supported": ["test_batchnorm_example_training_mode",
+                                                            "test_batchnorm_epsilon_training_mode"],
+    "training-mode Dropout": ["test_training_dropout", "test_training_dropout_default"],
+    "(the mask, a bool tensor) is used": ["test_dropout_default_mask", "test_dropout_default_mask_ratio",
+                                          "test_training_dropout_mask", "test_training_dropout_default_mask",
+                                          "test_training_dropout_zero_ratio_mask"],
+    # convc's max_pool has no argmax output
+    "(the argmax indices) is used": ["test_maxpool_with_argmax_2d_precomputed_pads",
+                                     "test_maxpool_with_argmax_2d_precomputed_strides"],
+    # not tensors, or empty tensors
+    "not a tensor": ["test_identity_sequence", "test_identity_opt"],
+    "has an empty dimension": ["test_reshape_allowzero_reordered"],
+}
+EXPECTED_FAILURES: dict[str, str] = {case: why for why, cases in _CANNOT_PASS.items() for case in cases}
+
+
+def select_cases():
+    """The node test cases whose every node is one of :data:`OPS`, by name."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # the generators of other ops warn about overflowing casts
+        from onnx.backend.test.case.node import collect_testcases
+        cases = collect_testcases(None)
+    picked = [c for c in cases if c.kind == "node" and c.model.graph.node
+              and all(n.op_type in OPS and n.domain in ("", "ai.onnx") for n in c.model.graph.node)]
+    return sorted(picked, key=lambda c: c.name)
+
+
+def static_bindings(model, inputs) -> tuple[dict, dict]:
+    """Split a case's input arrays into compile-time ``constants`` (inputs in
+    a STATIC_INPUTS slot) and run-time feeds, both by ONNX input name."""
+    from .onnx import STATIC_INPUTS
+
+    inits = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    static = {n.input[i] for n in model.graph.node for i in STATIC_INPUTS.get(n.op_type, ())
+              if i < len(n.input) and n.input[i]}
+    constants, feeds = {}, {}
+    for name, arr in zip(names, inputs):
+        (constants if name in static else feeds)[name] = arr
+    return constants, feeds
+
+
+def run_case(case, target: str = "c") -> None:
+    """Import, compile and run one case; returns if it passes, else raises
+    ConvcError (convc cannot take it) or AssertionError (wrong numbers)."""
+    from .api import compile as cc_compile
+    from .onnx import from_onnx, node_name
+
+    for inputs, expected in case.data_sets:
+        constants, feeds = static_bindings(case.model, inputs)
+        g = from_onnx(case.model, constants=constants)
+        mod = cc_compile(g, target=target)
+        got = mod.run({node_name(n, "input"): a for n, a in feeds.items()})
+        assert len(got) == len(expected), f"{len(got)} outputs, expected {len(expected)}"
+        for (oname, y), want in zip(got.items(), expected):
+            want = np.asarray(want)
+            assert y.shape == want.shape, f"output {oname}: shape {y.shape}, expected {want.shape}"
+            assert y.dtype == want.dtype, f"output {oname}: dtype {y.dtype}, expected {want.dtype}"
+            np.testing.assert_allclose(y, want, rtol=case.rtol, atol=case.atol, err_msg=f"output {oname}")
+
+
+def outcome(case, target: str = "c") -> tuple[bool, str]:
+    """(passed, reason): for an import error, every problem it lists."""
+    from .onnx import OnnxImportError
+
+    try:
+        run_case(case, target)
+    except (ConvcError, AssertionError) as e:
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        if isinstance(e, OnnxImportError):
+            lines = lines[1:]                   # the header line names the model only
+        return False, "; ".join(lines[:3]) or type(e).__name__
+    return True, ""
+
+
+def report(target: str = "c") -> str:
+    """The conformance section as Markdown."""
+    import onnx
+
+    cases = select_cases()
+    results = [(c.name, *outcome(c, target)) for c in cases]
+    passed = sum(ok for _, ok, _ in results)
+    by_op: dict[str, list[int]] = {}
+    for c, (_, ok, _) in zip(cases, results):
+        op = c.model.graph.node[0].op_type
+        by_op.setdefault(op, [0, 0])
+        by_op[op][0] += ok
+        by_op[op][1] += 1
+    lines = [
+        "## ONNX conformance",
+        "",
+        f"The backend node tests of onnx {onnx.__version__} for the {len(OPS)} ops convc imports, run on the "
+        f"`{target}` target: **{passed} of {len(results)} pass**. Regenerate this section with "
+        f"`python -m convc.onnx_conformance --target {target}`; `tests/test_onnx_import.py` runs every case.",
+        "",
+        "Inputs that convc needs at compile time (Reshape's shape, Pad's pads, Clip's bounds, Dropout's ratio "
+        "and training mode) are bound as constants from the case's data; all others are fed at run time. "
+        "Outputs must match within each case's tolerance (onnx's: rtol 1e-3, atol 1e-7).",
+        "",
+        "| op | pass | cases |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {op} | {p} | {t} |" for op, (p, t) in sorted(by_op.items())]
+    failing = [(n, why) for n, ok, why in results if not ok]
+    if failing:
+        lines += ["", f"The {len(failing)} cases that do not pass, and why:", "", "| case | reason |", "|---|---|"]
+        lines += [f"| `{n}` | {why.replace('|', '/')} |" for n, why in failing]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m convc.onnx_conformance", description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", default="c", help="convc target (default: c)")
+    p.add_argument("--write", metavar="FILE", help="write the Markdown to FILE instead of printing it")
+    args = p.parse_args(argv)
+    text = report(args.target)
+    if args.write:
+        with open(args.write, "w") as f:
+            f.write(text)
+        print(text.splitlines()[2])
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
