@@ -2,11 +2,22 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 
 from .errors import ConvcError
 from .ir import Graph
 
 TARGETS = ("c", "numpy")
+
+
+def debug_level() -> int:
+    """``CONVC_DEBUG``: 1 prints each pass's report, 2 also the final IR and
+    where the generated source is cached, 3 also the compile timings."""
+    try:
+        return int(os.environ.get("CONVC_DEBUG", "0"))
+    except ValueError:
+        return 0
 
 
 def compile(graph: Graph, target: str = "c", passes="default", native: bool = True,  # noqa: A001
@@ -30,15 +41,30 @@ def compile(graph: Graph, target: str = "c", passes="default", native: bool = Tr
     graph.verify()
     if target == "numpy":
         return NumpyModule(graph)
-    if target == "c":
-        from .codegen.c import generate
-        from .passes import run as run_passes
+    if target != "c":
+        raise ConvcError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
 
-        graph = run_passes(graph, passes, debug=debug)
-        from .runtime.build import build
+    from .codegen.c import generate
+    from .passes import run as run_passes
+    from .runtime.build import build
 
-        if profile is None:
-            profile = os.environ.get("CONVC_PROFILE", "") not in ("", "0")
-        csrc = generate(graph, profile=profile)
-        return CModule(graph, csrc, build(csrc.text, native=native))
-    raise ConvcError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+    level, t0 = debug_level(), time.perf_counter()
+    reports: list = []
+    graph = run_passes(graph, passes, debug=debug, reports=reports)
+    for rep in reports if level >= 1 else ():
+        print(f"[convc] {rep.table()}", file=sys.stderr)
+        if level >= 2:
+            print(graph if rep is reports[-1] else "", file=sys.stderr, end="")
+    t1 = time.perf_counter()
+    if profile is None:
+        profile = os.environ.get("CONVC_PROFILE", "") not in ("", "0")
+    csrc = generate(graph, profile=profile)
+    t2 = time.perf_counter()
+    mod = CModule(graph, csrc, build(csrc.text, native=native))
+    if level >= 2:
+        print(f"\n[convc] graph '{graph.name}': library {mod.library_path} "
+              f"(source beside it: module.c)", file=sys.stderr)
+    if level >= 3:
+        print(f"[convc] passes {1e3 * (t1 - t0):.1f} ms, codegen {1e3 * (t2 - t1):.1f} ms, "
+              f"build/load {1e3 * (time.perf_counter() - t2):.1f} ms", file=sys.stderr)
+    return mod
