@@ -35,3 +35,7 @@ def __getattr__(name):
         from .export import export_c
         return export_c
     raise AttributeError(f"module 'convc' has no attribute {name!r}")
+
+
+from .ops.elementwise import clip  # noqa: E402,F401
+from .onnx import from_onnx, to_onnx  # noqa: E402,F401

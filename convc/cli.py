@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     from convc.export import add_cli as add_export_cli
 
     add_export_cli(sub)
+    from convc.onnx import add_cli as add_onnx_cli
+
+    add_onnx_cli(sub)
     c = sub.add_parser("cache", help="show (or --clear) the compile cache")
     c.add_argument("--clear", action="store_true", help="delete every cached module")
     c.set_defaults(fn=cmd_cache)

@@ -50,8 +50,12 @@ SIZE_FLAGS = ["-std=c99", "-Os", "-fno-inline-functions-called-once", "-fno-inli
 # -- loading a model ----------------------------------------------------------
 def load_model(spec: str) -> Graph:
     """The graph named by ``spec``: a builder in :mod:`convc.models`
-    (``lenet5``, ``mobilenet_tiny``), or a Python file that defines
-    ``build()`` returning a :class:`Graph`, or a module-level ``graph``."""
+    (``lenet5``, ``mobilenet_tiny``), an ONNX file (``.onnx``), or a Python
+    file that defines ``build()`` returning a :class:`Graph`, or a
+    module-level ``graph``."""
+    if str(spec).lower().endswith(".onnx"):
+        from .onnx import from_onnx
+        return from_onnx(spec)
     from . import models
 
     bundled = {n: f for n, f in vars(models).items()

@@ -15,6 +15,10 @@ Import walks the ONNX nodes in their (topological) order:
 * a node that cannot be mapped is recorded and the walk goes on, so the
   :class:`OnnxImportError` lists every unsupported node at once.
 
+:func:`add_cli` registers ``convc run`` (import or load a model, compile it,
+run it on ``.npy`` inputs, write the outputs) and ``convc compile`` (print the
+IR and cost table, compile).
+
 >>> g = cc.from_onnx("model.onnx", input_shapes={"x": (1, 3, 32, 32)})   # doctest: +SKIP
 >>> model = cc.to_onnx(g)                                                  # doctest: +SKIP
 """
@@ -31,11 +35,11 @@ from .errors import ConvcError
 from .ir import DTYPES, Graph, Value
 from .ops.conv import conv
 from .ops.elementwise import add, clip, div, leaky_relu, mul, relu, sigmoid, sub, tanh
-from .ops.layout import pad
+from .ops.layout import downsample, pad
 from .ops.linear import dense, matmul, softmax
 from .ops.norm import batch_norm
 from .ops.pool import avg_pool, global_avg_pool, max_pool
-from .ops.tensor import concat, reshape, slice_axis, transpose
+from .ops.tensor import concat, expand, reduce_sum, reshape, slice_axis, transpose
 from .ops.transpose import conv_transpose
 from .shapes import ceil_div, prod
 
@@ -47,8 +51,10 @@ class OnnxImportError(ConvcError):
     def __init__(self, model: str, problems: list[tuple[str, str, str]]):
         self.problems = problems
         lines = [f"  {op} {name if name.startswith('(') else repr(name)}: {why}" for op, name, why in problems]
-        super().__init__(f"ONNX model {model!r} cannot be imported; {len(problems)} unsupported "
-                         f"node{'s' if len(problems) != 1 else ''}:\n" + "\n".join(lines))
+        n_values = sum(op in ("input", "output", "initializer") for op, _, _ in problems)
+        counts = [f"{n} unsupported {what}{'s' if n != 1 else ''}" for n, what in
+                  ((len(problems) - n_values, "node"), (n_values, "input or output")) if n]
+        super().__init__(f"ONNX model {model!r} cannot be imported; {' and '.join(counts)}:\n" + "\n".join(lines))
 
 
 class _Unsupported(Exception):
@@ -97,7 +103,8 @@ _CONVERTERS: dict[str, tuple] = {}
 
 # Inputs convc needs at compile time, per op type (their values decide shapes
 # or attributes). A graph input feeding one can be bound with ``constants=``.
-STATIC_INPUTS = {"Reshape": (1,), "Pad": (1, 2, 3), "Clip": (1, 2), "Dropout": (1, 2)}
+STATIC_INPUTS = {"Reshape": (1,), "Pad": (1, 2, 3), "Clip": (1, 2), "Dropout": (1, 2), "Slice": (1, 2, 3, 4),
+                 "Expand": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "ReduceSum": (1,), "ReduceMean": (1,)}
 
 # Never folded: their result is random.
 _RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
@@ -140,7 +147,11 @@ def from_onnx(model, input_shapes: dict | None = None, constants: dict | None = 
     if not isinstance(model, onnx.ModelProto):
         raise ConvcError(f"from_onnx() takes a path, bytes or an onnx.ModelProto, got {type(model).__name__}")
     if model.functions:
-        from onnx import inliner
+        try:
+            from onnx import inliner
+        except ImportError:
+            raise ConvcError(f"the model defines functions; inlining them needs onnx >= 1.16 "
+                             f"(this is {onnx.__version__})") from None
         model = inliner.inline_local_functions(model)
     return _Importer(model, dict(input_shapes or {}), dict(constants or {}), name).run()
 
@@ -224,6 +235,8 @@ class _Importer:
         for node in graph.node:
             self.convert(node)
         for out in graph.output:
+            if out.name not in self.env and not self.problems:
+                self.problems.append(("output", out.name, "no node of the model computes it"))
             if out.name in self.env:
                 try:
                     v = self.value(out.name)
@@ -264,7 +277,8 @@ class _Importer:
             return
         elif not tt.HasField("shape") or any(d is None or d < 1 for d in dims):
             self.problems.append(("input", inp.name, f"shape {_show_dims(tt)} is not static; give it with "
-                                                     f"from_onnx(input_shapes={{{inp.name!r}: (...)}})"))
+                                                     f"from_onnx(input_shapes={{{inp.name!r}: (...)}}) "
+                                                     f"(on the command line: --shape {inp.name}=D0,D1,...)"))
             return
         else:
             shape = tuple(dims)
@@ -277,8 +291,10 @@ class _Importer:
         label = node.name or f"(unnamed, output {node.output[0] if node.output else '?'!r})"
         missing = [i for i in node.input if i and i not in self.env]
         if missing and not all(self.placeholder(i) for i in missing):
-            # an input comes from an unsupported node: only the op type can be checked
-            if node.op_type not in _CONVERTERS and node.domain in ("", "ai.onnx"):
+            # an input comes from an unsupported node: only the op itself can be checked
+            if node.domain not in ("", "ai.onnx"):
+                self.problems.append((node.op_type, label, f"domain {node.domain!r} is not supported"))
+            elif node.op_type not in _CONVERTERS:
                 self.problems.append((node.op_type, label, f"op {node.op_type} is not supported"))
             return
         try:
@@ -573,6 +589,64 @@ def _unsqueeze(im, node, ins, at):
     return [reshape(im.value(ins[0]), tuple(shape), name=im.name(node))]
 
 
+@converts("Slice", starts=None, ends=None, axes=None)
+def _slice(im, node, ins, at):
+    x = im.value(ins[0])
+    rank = len(x.shape)
+    if im.opset < 10:
+        starts, ends, axes, steps = at["starts"], at["ends"], at["axes"], None
+    else:
+        starts, ends = (im.const(i, w).reshape(-1) for i, w in ((ins[1], "starts"), (ins[2], "ends")))
+        axes = im.const(ins[3], "axes").reshape(-1) if ins[3] else None
+        steps = im.const(ins[4], "steps").reshape(-1) if ins[4] else None
+    axes = range(len(starts)) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    for k, (a, st, en, sp) in enumerate(zip(axes, starts, ends, steps)):
+        a, n, st, en, sp = int(a) % rank, x.shape[int(a) % rank], int(st), int(en), int(sp)
+        if sp != 1 and not (sp > 1 and a >= 2 and 3 <= rank <= 5):
+            raise _Unsupported(f"step {sp} on axis {a} (only 1, or a positive step on a spatial axis)")
+        st, en = (min(max(v + n if v < 0 else v, 0), n) for v in (st, en))
+        if en <= st:
+            raise _Unsupported(f"the slice {st}:{en} of axis {a} is empty")
+        if (st, en) != (0, n):
+            x = slice_axis(x, a, st, en, name=im.name(node, f"axis{a}"))
+        if sp > 1:
+            x = downsample(x, tuple(sp if i == a else 1 for i in range(2, rank)), name=im.name(node, f"step{a}"))
+    return [reshape(x, x.shape, name=im.name(node))]
+
+
+@converts("Expand")
+def _expand(im, node, ins, at):
+    x = im.value(ins[0])
+    shape = tuple(np.broadcast_shapes(x.shape, tuple(int(v) for v in im.const(ins[1], "shape").reshape(-1))))
+    return [expand(x, shape, name=im.name(node)) if shape != x.shape else x]
+
+
+@converts("ReduceSum", keepdims=1, axes=None, noop_with_empty_axes=0)
+def _reduce_sum(im, node, ins, at):
+    x = im.value(ins[0])
+    axes = at["axes"] if im.opset < 13 else (im.const(ins[1], "axes").reshape(-1).tolist() if ins[1] else None)
+    if not axes and at["noop_with_empty_axes"]:
+        return [x]
+    return [reduce_sum(x, None if not axes else tuple(int(a) for a in axes), bool(at["keepdims"]),
+                       name=im.name(node))]
+
+
+@converts("ReduceMean", keepdims=1, axes=None, noop_with_empty_axes=0)
+def _reduce_mean(im, node, ins, at):
+    x = im.value(ins[0])
+    rank = len(x.shape)
+    axes = at["axes"] if im.opset < 18 else (im.const(ins[1], "axes").reshape(-1).tolist() if ins[1] else None)
+    if not axes and at["noop_with_empty_axes"]:
+        return [x]
+    axes = sorted({int(a) % rank for a in axes} if axes else range(rank))
+    if axes == list(range(2, rank)) and 3 <= rank <= 5:       # x.mean((2, 3)): a global average pool
+        y = global_avg_pool(x, name=im.name(node) if at["keepdims"] else im.name(node, "pool"))
+        return [y if at["keepdims"] else reshape(y, x.shape[:2], name=im.name(node))]
+    total = reduce_sum(x, tuple(axes), bool(at["keepdims"]), name=im.name(node, "sum"))
+    return [mul(total, 1.0 / prod(x.shape[a] for a in axes), name=im.name(node))]
+
+
 @converts("Transpose", perm=None)
 def _transpose(im, node, ins, at):
     return [transpose(im.value(ins[0]), at["perm"], name=im.name(node))]
@@ -623,8 +697,8 @@ def _matmul(im, node, ins, at):
     return [reshape(y, tuple(shape), name=im.name(node))]
 
 
-@converts("BatchNormalization", dropped="running statistics of training mode", epsilon=1e-5, momentum=0.9, training_mode=0, spatial=1, is_test=0,
-          consumed_inputs=None)
+@converts("BatchNormalization", dropped="running statistics of training mode", epsilon=1e-5, momentum=0.9,
+          training_mode=0, spatial=1, is_test=0, consumed_inputs=None)
 def _batch_norm(im, node, ins, at):
     if at["training_mode"] or (im.opset < 7 and not at["is_test"] and len(node.output) > 1):
         raise _Unsupported("training_mode=1 (batch statistics) is not supported; export the model in eval mode")
@@ -847,13 +921,13 @@ def to_onnx(graph: Graph, opset: int = 17, path=None):
     ex = _Exporter(graph, opset)
     for n in graph.input_names:            # all of them: the model's signature is the graph's
         t = graph.node(n)["type"]
-        ex.inputs.append(helper.make_tensor_value_info(n, _ELEM_OF_DTYPE[t.dtype], t.shape))
+        ex.inputs.append(helper.make_tensor_value_info(ex.tensor[n], _ELEM_OF_DTYPE[t.dtype], t.shape))
     for n in order:
         d = graph.node(n)
         if d["op"] == "input":
             continue
         if d["op"] == "param":
-            ex.initializer(d["value"], n)
+            ex.initializer(d["value"], n, param=True)
         else:
             _EXPORTERS[d["op"]](ex, n, graph.inputs_of(n), d["attrs"], d["type"])
     outputs = []
@@ -894,9 +968,11 @@ class _Exporter:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=outputs[0], **attrs))
         return outputs[0]
 
-    def initializer(self, value: np.ndarray, name: str | None = None) -> str:
+    def initializer(self, value: np.ndarray, base: str, param: bool = False) -> str:
+        """A new initializer named after ``base`` (or, for ``param``, the
+        initializer of param node ``base``); returns its tensor name."""
         from onnx import numpy_helper
-        name = self.tensor[name] if name in self.tensor else self.fresh(name or "const")
+        name = self.tensor[base] if param else self.fresh(base)
         self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
@@ -1059,8 +1135,14 @@ def _x_batch_norm(ex, n, ins, attrs, out):
 
 @exports("pad")
 def _x_pad(ex, n, ins, attrs, out):
-    pairs = [(0, 0), (0, 0)] + list(attrs["pads"])
-    ex.node("Pad", [ex.tensor[ins[0]], ex.ints(_pads_attr(pairs), f"{n}.pads"),
+    x, pads = ex.tensor[ins[0]], list(attrs["pads"])
+    if any(lo < 0 or hi < 0 for lo, hi in pads):        # crops: a Slice (onnx.reference's Pad cannot)
+        sizes = ex.graph.node(ins[0])["type"].shape[2:]
+        x = ex.node("Slice", [x, ex.ints([max(-lo, 0) for lo, _ in pads], f"{n}.starts"),
+                              ex.ints([sz - max(-hi, 0) for sz, (_, hi) in zip(sizes, pads)], f"{n}.ends"),
+                              ex.ints(list(range(2, 2 + len(pads))), f"{n}.axes")], [ex.fresh(f"{n}.crop")])
+        pads = [(max(lo, 0), max(hi, 0)) for lo, hi in pads]
+    ex.node("Pad", [x, ex.ints(_pads_attr([(0, 0), (0, 0)] + pads), f"{n}.pads"),
                     ex.initializer(np.array(attrs["value"], _np(out)), f"{n}.value")], [ex.tensor[n]])
 
 

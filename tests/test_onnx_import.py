@@ -1,0 +1,339 @@
+"""ONNX import (``convc/onnx.py``, ``from_onnx``).
+
+* Conformance: every backend node test case of the onnx package for the ops
+  of issue 8, one test each, on the C target (and OpenCL when the build has
+  it). The cases that cannot pass are strict xfails whose error must carry the
+  documented reason (``convc.onnx_conformance.EXPECTED_FAILURES``), and
+  README.md's ONNX section must state the same numbers.
+* Hand-made models for what those cases leave out (SAME_LOWER, pools padded
+  past PyTorch's rule, ConvTranspose outputs beyond output_padding, opset < 13
+  Softmax, legacy broadcasting, constant folding, ...), each against
+  ``onnx.reference``.
+* Errors: every unsupported node listed at once; symbolic input shapes.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+import pytest
+from helpers import REPO, assert_close
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+import convc as cc
+from convc.api import TARGETS
+from convc.onnx import OnnxImportError, from_onnx
+from convc.onnx_conformance import EXPECTED_FAILURES, OPS, run_case, select_cases
+
+CASES = {c.name: c for c in select_cases()}
+CONFORMANCE_TARGETS = ["c"] + (["opencl"] if "opencl" in TARGETS else [])
+
+
+def _case_param(name):
+    if name not in EXPECTED_FAILURES:
+        return name
+    why = EXPECTED_FAILURES[name][0]
+    return pytest.param(name, marks=pytest.mark.xfail(reason=why, strict=True, raises=cc.ConvcError))
+
+
+@pytest.mark.parametrize("target", CONFORMANCE_TARGETS)
+@pytest.mark.parametrize("name", [_case_param(n) for n in CASES])
+def test_conformance_case(name, target):
+    try:
+        run_case(CASES[name], target)
+    except cc.ConvcError as e:
+        if name in EXPECTED_FAILURES and not re.search(EXPECTED_FAILURES[name][1], str(e)):
+            raise AssertionError(f"{name} fails, but not for the documented reason "
+                                 f"{EXPECTED_FAILURES[name][0]!r}: {e}") from e
+        raise
+
+
+def test_conformance_selection():
+    # every op of the issue has cases, and the known failures are real cases
+    ops = {n.op_type for c in CASES.values() for n in c.model.graph.node}
+    assert ops == set(OPS)
+    assert len(CASES) >= 200
+    assert set(EXPECTED_FAILURES) <= set(CASES), set(EXPECTED_FAILURES) - set(CASES)
+
+
+def test_docs_state_the_numbers():
+    readme = (REPO / "README.md").read_text()
+    text = readme[readme.index("## ONNX"):]
+    text = text[:text.index("\n## ", 1)] if "\n## " in text[1:] else text
+    passing = len(CASES) - len(EXPECTED_FAILURES)
+    assert f"**{passing} of {len(CASES)} pass**" in text
+    failures = text.split("do not pass, and why:")[1]
+    assert set(re.findall(r"`(test_\w+)`", failures)) == set(EXPECTED_FAILURES)
+
+
+# -- hand-made models, checked against onnx.reference ------------------------------
+def _model(nodes, inputs, outputs, initializers=(), opset=17, valid=True):
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
+                          [numpy_helper.from_array(np.asarray(v), n) for n, v in initializers])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    if valid:
+        m = onnx.shape_inference.infer_shapes(m, strict_mode=True)      # fills in the output shapes
+        onnx.checker.check_model(m)
+    return m
+
+
+def _rand(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def check(model, feeds, rtol=1e-4, atol=1e-5, want=None, **kw):
+    """convc's C target against onnx.reference on ``feeds`` (or against the
+    arrays ``want`` where onnx.reference is wrong); returns the graph."""
+    want = ReferenceEvaluator(model).run(None, feeds) if want is None else want
+    g = from_onnx(model, **kw)
+    got = cc.compile(g, target="c").run(feeds)
+    assert len(got) == len(want)
+    for (name, y), w in zip(got.items(), want):
+        assert_close(y, w, rtol, atol, what=name)
+    return g
+
+
+def _conv_model(op, x_shape, w_shape, bias=True, valid=True, **attrs):
+    w = _rand(*w_shape, seed=1)
+    b = _rand(w_shape[1] * attrs.get("group", 1) if op == "ConvTranspose" else w_shape[0], seed=2)
+    node = helper.make_node(op, ["x", "w", "b"] if bias else ["x", "w"], ["y"], **attrs)
+    return _model([node], [("x", x_shape)], ["y"], [("w", w)] + ([("b", b)] if bias else []), valid=valid)
+
+
+@pytest.mark.parametrize("attrs", [
+    dict(auto_pad="SAME_LOWER", strides=[2, 2]),
+    dict(auto_pad="SAME_UPPER", strides=[2, 1], dilations=[2, 1]),
+    dict(auto_pad="VALID", strides=[1, 2]),
+    dict(pads=[0, 2, 1, 1], group=2, dilations=[1, 2]),
+], ids=["same_lower", "same_upper_dilated", "valid", "grouped_asymmetric"])
+def test_conv_attributes(attrs):
+    g = check(_conv_model("Conv", (1, 4, 7, 8), (6, 4 // attrs.get("group", 1), 3, 3), **attrs),
+              {"x": _rand(1, 4, 7, 8)})
+    assert [g.node(n)["op"] for n in g.topological_order()].count("conv") == 1
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 9), (1, 2, 4, 5, 6)], ids=["1d", "3d"])
+def test_conv_1d_3d(shape):
+    k = (3,) * (len(shape) - 2)
+    check(_conv_model("Conv", shape, (4, shape[1]) + k, auto_pad="SAME_UPPER"), {"x": _rand(*shape)})
+
+
+@pytest.mark.parametrize("attrs", [
+    dict(strides=[2, 2], output_shape=[8, 10]),
+    dict(strides=[2, 2], auto_pad="SAME_LOWER"),
+    dict(strides=[3, 2], output_shape=[6, 5], auto_pad="SAME_UPPER"),
+    dict(strides=[2, 2], pads=[1, 0, 2, 1], output_padding=[1, 1]),
+    dict(strides=[1, 1], dilations=[2, 2], pads=[1, 1, 1, 1]),
+], ids=["output_shape", "same_lower", "same_upper_output_shape", "pads", "dilated"])
+def test_conv_transpose_attributes(attrs):
+    check(_conv_model("ConvTranspose", (1, 4, 3, 4), (4, 2, 3, 3), **attrs), {"x": _rand(1, 4, 3, 4)})
+
+
+def test_conv_transpose_grouped_vs_torch():
+    # (onnx.reference mixes up the groups' weights and biases)
+    import torch
+    x, w, b = _rand(1, 4, 3, 4), _rand(4, 3, 3, 3, seed=1), _rand(6, seed=2)
+    m = _conv_model("ConvTranspose", (1, 4, 3, 4), (4, 3, 3, 3), strides=[2, 2], pads=[1, 1, 1, 1],
+                    output_padding=[1, 0], group=2)
+    want = torch.nn.functional.conv_transpose2d(torch.tensor(x), torch.tensor(w), torch.tensor(b), stride=2,
+                                                padding=1, output_padding=(1, 0), groups=2).numpy()
+    check(m, {"x": x}, want=[want])
+
+
+@pytest.mark.parametrize("output_shape", [[10, 11], [4, 3]], ids=["grow", "shrink"])
+def test_conv_transpose_past_output_padding(output_shape):
+    # SAME_UPPER with an output_shape beyond the full result: output position
+    # j is position j + lo of the full transposed conv (zero past its ends),
+    # with lo = (full - output) // 2 negative here, plus the bias everywhere.
+    import torch
+    x, w, b = _rand(1, 4, 3, 4), _rand(4, 2, 3, 3, seed=1), _rand(2, seed=2)
+    m = _conv_model("ConvTranspose", (1, 4, 3, 4), (4, 2, 3, 3), strides=[2, 2], output_shape=output_shape,
+                    auto_pad="SAME_UPPER", valid=False)
+    full = torch.nn.functional.conv_transpose2d(torch.tensor(x), torch.tensor(w), stride=2).numpy()
+    want = np.zeros((1, 2, *output_shape), np.float32)
+    for j in np.ndindex(*output_shape):
+        src = tuple(jj + (f - o) // 2 for jj, f, o in zip(j, full.shape[2:], output_shape))
+        if all(0 <= v < f for v, f in zip(src, full.shape[2:])):
+            want[(0, slice(None)) + j] = full[(0, slice(None)) + src]
+    g = check(m, {"x": x}, want=[want + b.reshape(2, 1, 1)])
+    assert "pad" in {g.node(n)["op"] for n in g.nx} or output_shape == [4, 3]
+
+
+@pytest.mark.parametrize("op,attrs", [
+    ("MaxPool", dict(kernel_shape=[3, 3], pads=[2, 2, 2, 2], strides=[2, 2])),        # pads > kernel / 2
+    ("MaxPool", dict(kernel_shape=[2, 3], strides=[2, 2], dilations=[2, 1], ceil_mode=1)),
+    ("MaxPool", dict(kernel_shape=[2, 2], auto_pad="SAME_LOWER")),
+    ("AveragePool", dict(kernel_shape=[3, 3], pads=[2, 0, 2, 1], strides=[2, 2], count_include_pad=1)),
+    ("AveragePool", dict(kernel_shape=[3, 3], pads=[2, 0, 2, 1], strides=[2, 2], count_include_pad=0)),
+    ("AveragePool", dict(kernel_shape=[2, 2], pads=[1, 1, 1, 1], strides=[2, 2], ceil_mode=1, count_include_pad=1)),
+    ("AveragePool", dict(kernel_shape=[2, 2], strides=[1, 2], dilations=[2, 2], ceil_mode=1)),
+    ("AveragePool", dict(kernel_shape=[3, 3], auto_pad="SAME_UPPER", strides=[2, 2])),
+], ids=["max_big_pads", "max_dilated_ceil", "max_same_lower", "avg_big_pads_incl", "avg_big_pads_excl",
+        "avg_ceil_incl", "avg_dilated_ceil", "avg_same_upper"])
+def test_pool_attributes(op, attrs):
+    m = _model([helper.make_node(op, ["x"], ["y"], **attrs)], [("x", (2, 3, 7, 8))], ["y"], opset=22)
+    check(m, {"x": _rand(2, 3, 7, 8)})
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_softmax_opset11_coerces_to_2d(axis):
+    # onnx.reference applies opset 13's per-axis rule to every opset
+    x = _rand(2, 3, 4)
+    flat = x.reshape(int(np.prod(x.shape[:axis])), -1)
+    e = np.exp(flat - flat.max(axis=1, keepdims=True))
+    want = (e / e.sum(axis=1, keepdims=True)).reshape(x.shape)
+    m = _model([helper.make_node("Softmax", ["x"], ["y"], axis=axis)], [("x", (2, 3, 4))], ["y"], opset=11)
+    check(m, {"x": x}, want=[want])
+
+
+@pytest.mark.parametrize("pads", [[1, 0, 0, 2, 0, 2, 1, 0], [1, -1, -1, 2, 0, 2, 1, -1]], ids=["grow", "crop"])
+def test_pad_batch_channel_axes(pads):
+    x = _rand(1, 3, 4, 5)
+    want = np.pad(x, [(max(lo, 0), max(hi, 0)) for lo, hi in zip(pads[:4], pads[4:])], constant_values=1.5)
+    want = want[tuple(slice(max(-lo, 0), want.shape[i] - max(-hi, 0)) for i, (lo, hi) in
+                      enumerate(zip(pads[:4], pads[4:])))]        # (onnx.reference cannot crop)
+    m = _model([helper.make_node("Pad", ["x", "pads", "v"], ["y"])], [("x", x.shape)], ["y"],
+               [("pads", np.array(pads, np.int64)), ("v", np.array(1.5, np.float32))])
+    g = check(m, {"x": x}, want=[want])
+    assert {"concat", "pad"} <= {g.node(n)["op"] for n in g.nx}
+
+
+def test_pad_opset2_attributes_and_rank2():
+    m = _model([helper.make_node("Pad", ["x"], ["y"], pads=[1, 0, 0, 2], value=-3.0)], [("x", (3, 4))], ["y"],
+               opset=2)
+    check(m, {"x": _rand(3, 4)})
+
+
+def test_folded_reshape_chain_and_initializer_names():
+    # what torch writes for x.view(x.size(0), -1): Shape -> Gather -> Unsqueeze -> Concat -> Reshape
+    nodes = [helper.make_node("Conv", ["x", "conv.weight"], ["h"], pads=[1, 1, 1, 1]),
+             helper.make_node("Shape", ["h"], ["s"]),
+             helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+             helper.make_node("Unsqueeze", ["n", "axes"], ["n1"]),
+             helper.make_node("Concat", ["n1", "minus1"], ["target"], axis=0),
+             helper.make_node("Reshape", ["h", "target"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["y"], transB=1)]
+    inits = [("conv.weight", _rand(2, 3, 3, 3, seed=1)), ("zero", np.array(0, np.int64)),
+             ("axes", np.array([0], np.int64)), ("minus1", np.array([-1], np.int64)),
+             ("fc.weight", _rand(5, 2 * 4 * 4, seed=2)), ("fc.bias", _rand(5, seed=3))]
+    g = check(_model(nodes, [("x", (2, 3, 4, 4))], ["y"], inits), {"x": _rand(2, 3, 4, 4)})
+    assert sorted(g.param_names) == ["conv.weight", "fc.bias", "fc.weight"]      # folded away: the int64 chain
+    assert [g.node(n)["op"] for n in g.topological_order() if g.node(n)["op"] not in ("input", "param")] == \
+        ["conv", "reshape", "dense"]
+
+
+@pytest.mark.parametrize("attrs", [dict(min=0.0, max=6.0), dict(max=0.5), dict()], ids=["relu6", "max", "none"])
+def test_clip_opset6_attributes(attrs):
+    m = _model([helper.make_node("Clip", ["x"], ["y"], **attrs)], [("x", (2, 5))], ["y"], opset=6)
+    check(m, {"x": _rand(2, 5) * 4})
+
+
+def test_gemm_all_attributes_constant_operands():
+    node = helper.make_node("Gemm", ["a", "b", "c"], ["y"], alpha=0.5, beta=2.0, transA=1)
+    m = _model([node], [("a", (4, 3))], ["y"], [("b", _rand(4, 5, seed=1)), ("c", _rand(1, 5, seed=2))])
+    check(m, {"a": _rand(4, 3)})
+
+
+@pytest.mark.parametrize("a,b", [((2, 3, 4), (4, 5)), ((4,), (2, 4, 3)), ((2, 3, 4), (4,))])
+def test_matmul_constant_and_1d(a, b):
+    m = _model([helper.make_node("MatMul", ["a", "b"], ["y"])], [("a", a)], ["y"], [("b", _rand(*b, seed=1))])
+    check(m, {"a": _rand(*a)})
+
+
+def test_legacy_broadcast_axis():
+    # opset < 7: B lines up with A from `axis` (onnx.reference does not know this rule)
+    x, b = _rand(2, 3, 4, 5), _rand(3, 4, seed=1)
+    node = helper.make_node("Add", ["x", "b"], ["y"], broadcast=1, axis=1)
+    m = _model([node], [("x", (2, 3, 4, 5))], ["y"], [("b", b)], opset=6)
+    check(m, {"x": x}, want=[x + b[:, :, None]])
+
+
+def test_flatten_identity_dropout_and_constant_output():
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=0),
+             helper.make_node("Dropout", ["f"], ["d"]),
+             helper.make_node("Identity", ["d"], ["y"]),
+             helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(_rand(3, seed=4))),
+             helper.make_node("Relu", ["k"], ["z"])]
+    g = check(_model(nodes, [("x", (2, 3, 4))], ["y", "z"]), {"x": _rand(2, 3, 4)})
+    assert g.node(g.outputs["z"])["op"] == "param"            # Relu of a constant: folded
+
+
+def test_squeeze_unsqueeze_transpose():
+    nodes = [helper.make_node("Unsqueeze", ["x", "ax"], ["u"]),
+             helper.make_node("Transpose", ["u"], ["t"], perm=[3, 1, 0, 2]),
+             helper.make_node("Squeeze", ["t", "sq"], ["y"])]
+    m = _model(nodes, [("x", (3, 4, 5))], ["y"], [("ax", np.array([1], np.int64)), ("sq", np.array([1], np.int64))])
+    check(m, {"x": _rand(3, 4, 5)})
+
+
+def test_batch_norm_runtime_statistics():
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], epsilon=1e-3)
+    m = _model([node], [("x", (2, 3, 4)), ("s", (3,)), ("b", (3,)), ("m", (3,)), ("v", (3,))], ["y"])
+    check(m, {"x": _rand(2, 3, 4), "s": _rand(3, seed=1), "b": _rand(3, seed=2), "m": _rand(3, seed=3),
+              "v": np.abs(_rand(3, seed=4)) + 0.5})
+
+
+# -- errors ----------------------------------------------------------------------------
+def test_every_unsupported_node_is_listed():
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="ok"),
+             helper.make_node("Erf", ["a"], ["b"], name="erf1"),
+             helper.make_node("Pad", ["b", "pads"], ["c"], mode="reflect", name="reflect_pad"),  # after Erf
+             helper.make_node("Conv", ["c", "w"], ["d"], name="conv_bad", foo=1),
+             helper.make_node("Hardmax", ["d"], ["y"], name="hardmax")]
+    m = _model(nodes, [("x", (1, 2, 5, 5))], ["y"], [("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)),
+                                                     ("w", _rand(2, 2, 3, 3))], valid=False)
+    with pytest.raises(OnnxImportError) as e:
+        from_onnx(m)
+    msg = str(e.value)
+    assert "4 unsupported nodes" in msg
+    assert [(op, name) for op, name, _ in e.value.problems] == [
+        ("Erf", "erf1"), ("Pad", "reflect_pad"), ("Conv", "conv_bad"), ("Hardmax", "hardmax")]
+    for piece in ("Erf 'erf1': op Erf is not supported", "mode 'reflect'", "attribute 'foo'", "Hardmax"):
+        assert piece in msg
+
+
+def test_consequences_of_an_unsupported_node_are_not_listed():
+    # Reshape's target comes from an unsupported node: only that node is the problem
+    nodes = [helper.make_node("ArgMax", ["x"], ["idx"], axis=0, keepdims=0, name="argmax"),
+             helper.make_node("Reshape", ["x", "idx"], ["y"], name="reshape")]
+    m = _model(nodes, [("x", (2, 3))], ["y"], valid=False)
+    with pytest.raises(OnnxImportError) as e:
+        from_onnx(m)
+    assert [(op, name) for op, name, _ in e.value.problems] == [("ArgMax", "argmax")]
+
+
+def test_symbolic_input_needs_a_shape():
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "m",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(OnnxImportError, match=r"shape \(batch, 3\) is not static.*input_shapes"):
+        from_onnx(m)
+    assert from_onnx(m, input_shapes={"x": (4, 3)}).value("x").shape == (4, 3)
+    with pytest.raises(cc.ConvcError, match="does not fit"):
+        from_onnx(m, input_shapes={"x": (4, 2)})
+    with pytest.raises(cc.ConvcError, match="no input 'z'"):
+        from_onnx(m, input_shapes={"z": (1,)})
+
+
+def test_static_input_must_be_constant():
+    m = _model([helper.make_node("Reshape", ["x", "s"], ["y"])], [("x", (2, 6))], ["y"], valid=False)
+    m.graph.input.append(helper.make_tensor_value_info("s", TensorProto.INT64, [2]))
+    with pytest.raises(OnnxImportError, match=r"shape \(input 's'\) must be a constant"):
+        from_onnx(m)
+    g = from_onnx(m, constants={"s": np.array([3, 4])})
+    assert cc.compile(g, "c")(x=np.arange(12, dtype=np.float32).reshape(2, 6)).shape == (3, 4)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(cc.ConvcError, match="no such file"):
+        from_onnx(tmp_path / "missing.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"\x00not a model")
+    with pytest.raises(cc.ConvcError, match="cannot be read"):
+        from_onnx(tmp_path / "junk.onnx")
+    with pytest.raises(cc.ConvcError, match="takes a path"):
+        from_onnx(42)
