@@ -138,7 +138,7 @@ def report(target: str = "c") -> str:
         "Models from PyTorch and friends come in as ONNX files (`pip install \"convc[onnx]\"`):",
         "",
         "```",
-        "convc run model.onnx --input x.npy -o out   # compile (--target c|numpy|opencl), run, write out/NAME.npy",
+        "convc run model.onnx --input x.npy -o out   # compile (--target c|numpy), run, write out/NAME.npy",
         "convc compile model.onnx                    # the imported IR and its cost table",
         "convc export model.onnx -o lib              # the embedded C99 library",
         "```",
