@@ -12,6 +12,8 @@ input (o − lo)·down / up when that is a whole in-range index, else ``value``.
 """
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 
 from .. import shapes
@@ -51,9 +53,9 @@ def _rank(t: TensorType) -> int:
 class _Resample(Op):
     template = "resample"
 
+    @abc.abstractmethod
     def axes(self, attrs, x: TensorType):
         """Per spatial axis: (down, up, lo) of the gather."""
-        raise NotImplementedError
 
     def infer(self, attrs, types):
         x = types[0]

@@ -4,6 +4,7 @@ context, and the cost in multiplications.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 
 import numpy as np
@@ -14,7 +15,7 @@ from ..ir import TensorType, Value
 OPS: dict[str, "Op"] = {}
 
 
-class Op:
+class Op(abc.ABC):
     """Base class of an op definition; subclasses are registered by name."""
 
     name: str = ""
@@ -38,11 +39,13 @@ class Op:
         """Canonical attributes (idempotent). Raise RuleError on a broken rule."""
         return attrs
 
+    @abc.abstractmethod
     def infer(self, attrs: dict, types: list[TensorType]) -> TensorType:
-        raise NotImplementedError(f"op {self.name} must define infer")
+        """Output type; raise RuleError on a broken rule."""
 
+    @abc.abstractmethod
     def reference(self, attrs: dict, *arrays: np.ndarray) -> np.ndarray:
-        raise NotImplementedError(f"op {self.name} must define reference")
+        """The numpy meaning of the op: the oracle for every target."""
 
     def grad(self, attrs: dict, xs: list[Value], y: Value, gy: Value, needs: list[bool]) -> list:
         """Reverse-mode rule: given dL/dy (``gy``), build and return dL/dx for

@@ -1,6 +1,8 @@
 """Shape ops: ``concat``, ``reshape``, ``flatten``."""
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 
 from .. import shapes
@@ -167,9 +169,9 @@ def row_major_strides(shape):
 class _Gather(Op):
     template = "gather"
 
+    @abc.abstractmethod
     def gather(self, attrs, x: TensorType, out: TensorType):
         """(offset, per-output-axis strides into x)."""
-        raise NotImplementedError
 
     def context(self, attrs, types, out):
         offset, strides = self.gather(attrs, types[0], out)

@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 
 from .. import shapes
@@ -55,8 +57,7 @@ class _Unshared(Op):
     inputs = ("x", "w", "b")
     template = "conv"
 
-    def kernel_and_check(self, x: TensorType, w: TensorType, out_spatial) -> tuple[int, ...]:
-        raise NotImplementedError
+    layout = ""      # subclasses: the weight layout, kernel_of() and check_weight()
 
     def _geometry(self, attrs, types):
         x, w = types[:2]
@@ -184,9 +185,9 @@ class _UnsharedGrad(Op):
     arity = (2, 2)
     template = "unshared_grad"
 
+    @abc.abstractmethod
     def forward(self, attrs, types) -> tuple[TensorType, TensorType, TensorType]:
         """(x, w, gy) types of the forward op; checks gy against its output."""
-        raise NotImplementedError
 
     def normalize(self, attrs, types):
         fwd = _forward_op(attrs["mode"])

@@ -1,6 +1,7 @@
 """Compiled modules: check inputs at the boundary, then run the target."""
 from __future__ import annotations
 
+import abc
 import os
 import threading
 from pathlib import Path
@@ -11,7 +12,7 @@ from ..errors import InputError
 from ..ir import Graph, TensorType
 
 
-class Module:
+class Module(abc.ABC):
     """A compiled graph. ``run({name: array}) -> {name: array}``;
     ``mod(**inputs)`` returns one array, or a tuple for several outputs."""
 
@@ -65,8 +66,15 @@ class Module:
         vals = tuple(res[o] for o in self.outputs)
         return vals[0] if len(vals) == 1 else vals
 
+    @abc.abstractmethod
     def _run(self, feeds):
-        raise NotImplementedError
+        """Run the target on checked feeds."""
+
+    @abc.abstractmethod
+    def _get_param(self, n): ...
+
+    @abc.abstractmethod
+    def _set_param(self, n, a): ...
 
     # -- params held by the module (weights, optimizer state) ------------------
     def get_params(self, names=None) -> dict[str, np.ndarray]:
