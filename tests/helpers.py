@@ -2,6 +2,7 @@
 messages that say where and by how much two results differ."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -22,13 +23,17 @@ def run_both(graph, feeds, native: bool = True):
     return ref, got
 
 
-def assert_close(actual, expected, rtol: float = 1e-4, atol: float = 1e-5, what: str = "result"):
+def assert_close(actual, expected, rtol: float = 1e-4, atol: float = 1e-5, what: str = "result",
+                 check_dtype: bool = False):
     """``np.allclose`` with a message naming ``what``, the shapes, the worst
-    element (index, both values, abs and rel error) and how many are off."""
+    element (index, both values, abs and rel error) and how many are off.
+    NaN matches NaN; ``check_dtype`` also requires equal dtypes."""
     actual = np.asarray(actual)
     expected = np.asarray(expected)
     assert actual.shape == expected.shape, (
         f"{what}: shape {actual.shape} != expected {expected.shape}")
+    if check_dtype:
+        assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != expected {expected.dtype}"
     if actual.size == 0:
         return
     a = actual.astype(np.float64)
@@ -45,6 +50,39 @@ def assert_close(actual, expected, rtol: float = 1e-4, atol: float = 1e-5, what:
             f"worst at index {tuple(int(v) for v in i)}: got {float(a[i])!r}, expected {float(e[i])!r}, "
             f"abs err {err[i]:.3g}, rel err {err[i] / max(abs(e[i]), 1e-300):.3g}; "
             f"max abs err {np.nanmax(err):.3g}, max |expected| {np.nanmax(np.abs(e)):.3g}")
+
+
+def per_axis(v, rank):
+    """An int (or per-axis sequence) as a tuple of ``rank`` entries."""
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * rank
+
+
+def expected_pads(padding, sizes, kernel, stride, dilation):
+    """Explicit ((lo, hi), ...) pairs by DESIGN.md's rules, written out
+    independently of convc: an int, per-axis ints or pairs, "valid", "same"
+    (output ceil(n / s), the odd element on the high side), "full"."""
+    r = len(sizes)
+    stride, dilation = per_axis(stride, r), per_axis(dilation, r)
+    if padding == "valid":
+        return ((0, 0),) * r
+    if padding == "full":
+        return tuple((d * (k - 1),) * 2 for k, d in zip(kernel, dilation))
+    if padding == "same":
+        pairs = []
+        for n, k, s, d in zip(sizes, kernel, stride, dilation):
+            total = max(0, (math.ceil(n / s) - 1) * s + d * (k - 1) + 1 - n)
+            pairs.append((total // 2, total - total // 2))
+        return tuple(pairs)
+    if isinstance(padding, int):
+        return ((padding, padding),) * r
+    return tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+
+
+def expected_out(sizes, kernel, stride, dilation, pads):
+    """floor((n + lo + hi - d*(k - 1) - 1) / s) + 1 per axis."""
+    r = len(sizes)
+    return tuple((n + lo + hi - d * (k - 1) - 1) // s + 1 for n, k, s, d, (lo, hi) in
+                 zip(sizes, kernel, per_axis(stride, r), per_axis(dilation, r), pads))
 
 
 def subprocess_env(**extra) -> dict:

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import convc as cc
-from helpers import assert_close, run_both
+import helpers
+from helpers import assert_close, per_axis, run_both
 
 TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 SEED = 20240917
@@ -68,36 +69,13 @@ def _short(v):
     return str(v).replace(" ", "") if isinstance(v, tuple) else str(v)
 
 
-def per_axis(v, rank):
-    return tuple(v) if isinstance(v, tuple) else (v,) * rank
-
-
 def expected_pads(cfg: Cfg):
     """Explicit ((lo, hi), ...) pairs from the rules in DESIGN.md."""
-    r = cfg.rank
-    s, d = per_axis(cfg.stride, r), per_axis(cfg.dilation, r)
-    p = cfg.padding
-    if p == "valid":
-        return ((0, 0),) * r
-    if p == "full":
-        return tuple((dd * (k - 1),) * 2 for k, dd in zip(cfg.kernel, d))
-    if p == "same":
-        pairs = []
-        for n, k, ss, dd in zip(cfg.sizes, cfg.kernel, s, d):
-            out = math.ceil(n / ss)
-            total = max(0, (out - 1) * ss + dd * (k - 1) + 1 - n)
-            pairs.append((total // 2, total - total // 2))   # extra element on the high side
-        return tuple(pairs)
-    if isinstance(p, int):
-        return ((p, p),) * r
-    return tuple((q, q) if isinstance(q, int) else tuple(q) for q in p)
+    return helpers.expected_pads(cfg.padding, cfg.sizes, cfg.kernel, cfg.stride, cfg.dilation)
 
 
 def expected_out(cfg: Cfg):
-    r = cfg.rank
-    s, d = per_axis(cfg.stride, r), per_axis(cfg.dilation, r)
-    return tuple((n + lo + hi - dd * (k - 1) - 1) // ss + 1
-                 for n, k, ss, dd, (lo, hi) in zip(cfg.sizes, cfg.kernel, s, d, expected_pads(cfg)))
+    return helpers.expected_out(cfg.sizes, cfg.kernel, cfg.stride, cfg.dilation, expected_pads(cfg))
 
 
 def fits(cfg: Cfg) -> bool:

@@ -10,12 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import convc as cc
+from helpers import per_axis
 
 TARGETS = ("numpy", "c")
-
-
-def per_axis(v, rank):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * rank
 
 
 # -- oracles ----------------------------------------------------------------------------------

@@ -7,29 +7,22 @@ values come from torch on the same arrays.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import convc as cc
+import helpers
+
+assert_close = partial(helpers.assert_close, check_dtype=True)   # results keep their dtype too
 
 TARGETS = ("numpy", "c")
 
 
 # -- local helpers -------------------------------------------------------------
-def assert_close(got, want, rtol, atol, what):
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != expected {want.shape}"
-    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != expected {want.dtype}"
-    err = np.abs(got.astype(np.float64) - want.astype(np.float64))
-    tol = atol + rtol * np.abs(want.astype(np.float64))
-    bad = ~(err <= tol)
-    if bad.any():
-        i = np.unravel_index(int(np.argmax(np.where(bad, err, -1))), got.shape)
-        raise AssertionError(f"{what}: {int(bad.sum())}/{got.size} elements off; worst at {tuple(map(int, i))}: "
-                             f"got {got[i]!r}, expected {want[i]!r} (abs err {err[i]:.3g})")
-
 
 def T(a):
     return torch.from_numpy(np.array(a, order="C", copy=True))     # (ascontiguousarray makes 0-d 1-d)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import convc as cc
 from convc.passes import PASSES, PIPELINES
 from convc.reference import evaluate
-from helpers import assert_close
+from helpers import assert_close, per_axis
 
 TOL64 = 1e-10
 ALL_PASSES = ("strided_to_downsampled", "fuse_downsample", "transposed_to_conv", "transposed_to_matmul",
@@ -161,10 +161,6 @@ def add_conv(g, rng, i, rank, *, stride=None, dilation=None, groups=None, flip=N
     b = rand_bias(g, rng, f"b{i}", bias, c_out, out, dtype)
     y = cc.conv(x, w, b, name=f"conv{i}", **geo)
     return y, f"conv{i}: x{x.shape} w{wshape} {geo} bias={bias}"
-
-
-def per_axis(v, rank):
-    return (v,) * rank if isinstance(v, int) else tuple(v)
 
 
 # ---------------------------------------------------------------------------

@@ -12,12 +12,17 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import convc as cc
+import helpers
+
+assert_close = partial(helpers.assert_close, check_dtype=True)   # results keep their dtype too
 
 SEED = 1234
 N_RANDOM = 110
@@ -25,18 +30,6 @@ TARGETS = ("numpy", "c")
 
 
 # -- local helpers -------------------------------------------------------------
-def assert_close(got, want, rtol, atol, what):
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != expected {want.shape}"
-    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != expected {want.dtype}"
-    err = np.abs(got.astype(np.float64) - want.astype(np.float64))
-    tol = atol + rtol * np.abs(want.astype(np.float64))
-    bad = ~(err <= tol)
-    if bad.any():
-        i = np.unravel_index(int(np.argmax(np.where(bad, err, -1))), got.shape)
-        raise AssertionError(f"{what}: {int(bad.sum())}/{got.size} elements off; worst at {tuple(map(int, i))}: "
-                             f"got {got[i]!r}, expected {want[i]!r} (abs err {err[i]:.3g})")
-
 
 def tup(v, r):
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * r

@@ -19,22 +19,10 @@ import torch
 import torch.nn.functional as F
 
 import convc as cc
+from helpers import assert_close as close
 
 TARGETS = ("numpy", "c")
 RTOL, ATOL = 1e-4, 1e-5
-
-
-def close(got, want, rtol, atol, what):
-    got = np.asarray(got)
-    want = np.asarray(want)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != expected {want.shape}"
-    err = np.abs(got.astype(np.float64) - want.astype(np.float64))
-    tol = atol + rtol * np.abs(want.astype(np.float64))
-    bad = ~(err <= tol)
-    if bad.any():
-        i = np.unravel_index(int(np.argmax(np.where(bad, err - tol, -np.inf))), got.shape)
-        raise AssertionError(f"{what}: {int(bad.sum())}/{got.size} elements off (rtol={rtol}, atol={atol}); "
-                             f"worst at {tuple(map(int, i))}: got {got[i]!r}, expected {want[i]!r}")
 
 
 def T(a):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import random
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import convc as cc
+from helpers import assert_close as close, expected_out, expected_pads, per_axis
 
 SEED = 7351
 TARGETS = ("numpy", "c")
@@ -35,27 +35,10 @@ TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 # -- small local helpers ---------------------------------------------------------------
 
-def close(got, want, rtol, atol, what):
-    got = np.asarray(got)
-    want = np.asarray(want)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != expected {want.shape}"
-    if got.size == 0:
-        return
-    err = np.abs(got.astype(np.float64) - want.astype(np.float64))
-    tol = atol + rtol * np.abs(want.astype(np.float64))
-    bad = ~(err <= tol)
-    if bad.any():
-        i = np.unravel_index(int(np.argmax(np.where(bad, err - tol, -np.inf))), got.shape)
-        raise AssertionError(f"{what}: {int(bad.sum())}/{got.size} elements off (rtol={rtol}, atol={atol}); "
-                             f"worst at {tuple(map(int, i))}: got {got[i]!r}, expected {want[i]!r}")
-
 
 def tol_for(dtype):
     return dict(rtol=1e-4, atol=1e-5) if dtype == "float32" else dict(rtol=1e-10, atol=1e-12)
 
-
-def per_axis(v, rank):
-    return tuple(v) if isinstance(v, tuple) else (v,) * rank
 
 
 def run_targets(g, feeds):
@@ -406,28 +389,10 @@ class GCfg:
     tag: str = ""
 
     def pads(self):
-        r = self.rank
-        s, d = per_axis(self.stride, r), per_axis(self.dilation, r)
-        p = self.padding
-        if p == "valid":
-            return ((0, 0),) * r
-        if p == "full":
-            return tuple((dd * (k - 1),) * 2 for k, dd in zip(self.kernel, d))
-        if p == "same":
-            out = []
-            for n, k, ss, dd in zip(self.sizes, self.kernel, s, d):
-                total = max(0, (math.ceil(n / ss) - 1) * ss + dd * (k - 1) + 1 - n)
-                out.append((total // 2, total - total // 2))
-            return tuple(out)
-        if isinstance(p, int):
-            return ((p, p),) * r
-        return tuple((q, q) if isinstance(q, int) else tuple(q) for q in p)
+        return expected_pads(self.padding, self.sizes, self.kernel, self.stride, self.dilation)
 
     def out(self):
-        r = self.rank
-        return tuple((n + lo + hi - dd * (k - 1) - 1) // ss + 1
-                     for n, k, ss, dd, (lo, hi) in zip(self.sizes, self.kernel, per_axis(self.stride, r),
-                                                       per_axis(self.dilation, r), self.pads()))
+        return expected_out(self.sizes, self.kernel, self.stride, self.dilation, self.pads())
 
     @property
     def id(self):

@@ -8,7 +8,6 @@ in float64. All configurations go into one graph compiled once per target.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,50 +16,14 @@ import torch
 import torch.nn.functional as F
 
 import convc as cc
+from helpers import assert_close as close, per_axis
+from helpers import expected_out as out_sizes, expected_pads as pads_of
 
 TARGETS = ("numpy", "c")
 
 
-def close(got, want, rtol, atol, what):
-    got = np.asarray(got)
-    want = np.asarray(want)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != expected {want.shape}"
-    err = np.abs(got.astype(np.float64) - want.astype(np.float64))
-    tol = atol + rtol * np.abs(want.astype(np.float64))
-    bad = ~(err <= tol)
-    if bad.any():
-        i = np.unravel_index(int(np.argmax(np.where(bad, err - tol, -np.inf))), got.shape)
-        raise AssertionError(f"{what}: {int(bad.sum())}/{got.size} elements off (rtol={rtol}, atol={atol}); "
-                             f"worst at {tuple(map(int, i))}: got {got[i]!r}, expected {want[i]!r}")
-
-
 def tol_for(dtype):
     return dict(rtol=1e-4, atol=1e-5) if dtype == "float32" else dict(rtol=1e-10, atol=1e-12)
-
-
-def per_axis(v, rank):
-    return tuple(v) if isinstance(v, tuple) else (v,) * rank
-
-
-def pads_of(padding, sizes, kernel, stride, dilation):
-    """Explicit (lo, hi) pairs by DESIGN.md's rules."""
-    r = len(sizes)
-    if padding == "valid":
-        return ((0, 0),) * r
-    if padding == "same":
-        out = []
-        for n, k, s, d in zip(sizes, kernel, stride, dilation):
-            total = max(0, (math.ceil(n / s) - 1) * s + d * (k - 1) + 1 - n)
-            out.append((total // 2, total - total // 2))
-        return tuple(out)
-    if isinstance(padding, int):
-        return ((padding, padding),) * r
-    return tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
-
-
-def out_sizes(sizes, kernel, stride, dilation, pads):
-    return tuple((n + lo + hi - d * (k - 1) - 1) // s + 1
-                 for n, k, s, d, (lo, hi) in zip(sizes, kernel, stride, dilation, pads))
 
 
 def run_targets(g, feeds):

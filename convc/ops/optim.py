@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import RuleError
-from ..ir import TensorType, Value
+from ..ir import Value
 from .registry import Op, float_dtype, register
 
 

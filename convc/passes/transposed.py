@@ -60,7 +60,7 @@ def _to_matmul(g: Graph, n: str):
         return None          # col2im's positions cover only what a strided conv of the output reaches
     x, w, *b = ins(g, n)
     out = g.node(n)["type"].shape
-    groups, rank = a["groups"], len(x.shape) - 2
+    groups = a["groups"]
     c_in, c_out_g, *k = w.shape
     nb, sizes = x.shape[0], x.shape[2:]
     kk, nn = 1, 1
