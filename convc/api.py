@@ -49,9 +49,9 @@ def compile(graph: Graph, target: str = "c", passes="default", native: bool = Tr
     from .runtime.build import build
 
     level, t0 = debug_level(), time.perf_counter()
-    reports: list = []
+    reports: list | None = [] if level >= 1 else None      # reports cost a cost() per pass: only on request
     graph = run_passes(graph, passes, debug=debug, reports=reports)
-    for rep in reports if level >= 1 else ():
+    for rep in reports or ():
         print(f"[convc] {rep.table()}", file=sys.stderr)
         if level >= 2:
             print(graph if rep is reports[-1] else "", file=sys.stderr, end="")
