@@ -24,6 +24,7 @@ from .ops.loss import cross_entropy, mse_loss
 
 # compiling, costing, differentiating, training, passes, interchange
 from .api import compile  # noqa: A001
+from .runtime.threads import get_num_threads, set_num_threads
 from .cost import cost
 from .autodiff import grad
 from .train import SGD, Adam, Trainer

@@ -188,7 +188,7 @@ def render(graph: Graph, name: str = "model", weights_file: bool = False, passes
         params.append(dict(T=CTYPES[t.dtype], var=var[n], length=max(t.size, 1), note=f"{n} {t}",
                            lines=c_literals(g.node(n)["value"])))
     arena_ptrs = bind_buffers(g, plan, ident, var, out_var)
-    functions, calls = node_functions(g, plan, ident, var)
+    functions, calls = node_functions(g, plan, ident, var, parallel=True)   # OpenMP only where built with -fopenmp
     copies = output_copies(g, var, out_var)
 
     weight_bytes = sum(g.node(n)["type"].nbytes for n in plan.params)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import networkx as nx
+import numpy as np
 
 from .ir import Graph
 
@@ -37,6 +38,7 @@ class Plan:
     params: dict[str, int]                 # param node -> byte offset in the param blob
     params_bytes: int
     buffers: list[Buffer] = field(default_factory=list)
+    workspace: dict[str, int] = field(default_factory=dict)   # node -> arena offset of its scratch
 
     @property
     def intermediate_bytes(self) -> int:
@@ -53,7 +55,11 @@ def live_nodes(g: Graph) -> set[str]:
     return keep
 
 
-def plan(g: Graph) -> Plan:
+def plan(g: Graph, target: str = "c") -> Plan:
+    """Schedule and memory plan of ``g``; ``target`` decides which ops need
+    scratch (``Op.workspace``), which lives in the arena while its node runs."""
+    from .ops import get_op
+
     keep = live_nodes(g)
     topo = [n for n in g.topological_order() if n in keep]
     order = [n for n in topo if g.node(n)["op"] not in ("input", "param")]
@@ -79,8 +85,19 @@ def plan(g: Graph) -> Plan:
         if n in g.assigns.values():          # copied into its param after the last node
             readers.append(len(order))
         buffers.append(Buffer(n, g.node(n)["type"].nbytes, step[n], max(readers, default=step[n])))
+    scratch: dict[int, str] = {}          # id(Buffer) -> node whose workspace it is
+    for n in order:
+        d = g.node(n)
+        t = d["type"]
+        elems = get_op(d["op"]).workspace(d["attrs"], [g.node(i)["type"] for i in g.inputs_of(n)], t, target)
+        if elems:
+            b = Buffer(f"{n} workspace", elems * np.dtype(t.dtype).itemsize, step[n], step[n])
+            scratch[id(b)] = n
+            buffers.append(b)
+    buffers.sort(key=lambda b: b.start)   # placement below relies on increasing start
     arena = 0
     placed: list[Buffer] = []
+    workspace: dict[str, int] = {}
     for b in buffers:
         alive = sorted((p for p in placed if p.end >= b.start), key=lambda p: p.offset)
         offset = 0
@@ -90,6 +107,9 @@ def plan(g: Graph) -> Plan:
             offset = max(offset, _align(p.offset + p.nbytes))
         b.offset = offset
         placed.append(b)
-        storage[b.node] = ("arena", offset)
+        if id(b) in scratch:
+            workspace[scratch[id(b)]] = offset
+        else:
+            storage[b.node] = ("arena", offset)
         arena = max(arena, _align(offset + b.nbytes))
-    return Plan(order, storage, arena, params, pbytes, buffers)
+    return Plan(order, storage, arena, params, pbytes, buffers, workspace)

@@ -9,7 +9,7 @@ from .. import __version__
 from ..ir import Graph, TensorType
 from ..ops import get_op
 from ..schedule import Plan, plan as make_plan
-from .env import CTYPES, Namer, environment
+from .env import CL_TYPES, CTYPES, Namer, environment
 
 
 @dataclass
@@ -61,7 +61,7 @@ def generate(g: Graph, plan: Plan | None = None, profile: bool = False) -> CSour
         param_ptrs.append(dict(T=ctype(n), var=var[n], offset=off, note=f"{n} {g.node(n)['type']}",
                                const="" if n in g.assigns else "const "))
     arena_ptrs = bind_buffers(g, plan, name, var, out_var)
-    functions, calls = node_functions(g, plan, name, var)
+    functions, calls = node_functions(g, plan, name, var, parallel=True)
     copies = output_copies(g, var, out_var)
     for p, n in g.assigns.items():      # after every node has run: no reader sees a new value early
         copies.append(dict(dst=var[p], src=var[n], size=g.node(n)["type"].size, what=f"assign {p}"))
@@ -90,14 +90,32 @@ def bind_buffers(g: Graph, plan: Plan, name: Namer, var: dict[str, str], out_var
             var[n] = name(n, "t_")
             arena_ptrs.append(dict(T=CTYPES[g.node(n)["type"].dtype], var=var[n], offset=where,
                                    note=f"{n} {g.node(n)['type']}"))
+        if n in plan.workspace:
+            var[f"{n} workspace"] = name(n, "ws_")
+            arena_ptrs.append(dict(T=CTYPES[g.node(n)["type"].dtype], var=var[f"{n} workspace"],
+                                   offset=plan.workspace[n], note=f"scratch of {n}"))
     return arena_ptrs
 
 
-def node_functions(g: Graph, plan: Plan, name: Namer, var: dict[str, str]) -> tuple[list[str], list[dict]]:
+PARALLEL_WORK = 1 << 17
+"""A node is split over OpenMP threads when it performs at least this many
+multiply-accumulates (or writes this many elements): below that, starting
+the threads costs more than it saves."""
+
+
+def node_functions(g: Graph, plan: Plan, name: Namer, var: dict[str, str], target: str = "c",
+                   parallel: bool = False) -> tuple[list[str], list[dict]]:
     """One static function per scheduled node, rendered from
     ``templates/c/<op>.c.j2``, and the call of each in schedule order on the
-    buffers named in ``var`` (every input, param and scheduled node)."""
+    buffers named in ``var`` (every input, param and scheduled node).
+
+    ``target`` "opencl" renders the same templates as OpenCL C (``__global``
+    pointers, one work-item per iteration of the op's parallel loop nest);
+    each call then carries ``launch``, the node's NDRange. ``parallel`` lets
+    big nodes use OpenMP on the C target."""
     env = environment()
+    G = "__global " if target == "opencl" else ""
+    types_of = CL_TYPES if target == "opencl" else CTYPES
     functions, calls = [], []
     for n in plan.order:
         d = g.node(n)
@@ -105,15 +123,25 @@ def node_functions(g: Graph, plan: Plan, name: Namer, var: dict[str, str]) -> tu
         ins = g.inputs_of(n)
         types = [g.node(i)["type"] for i in ins]
         arg_names = op.arg_names(len(ins), d["attrs"])
-        params = [f"const {CTYPES[t.dtype]} *restrict {a}" for a, t in zip(arg_names, types)]
-        params.append(f"{CTYPES[d['type'].dtype]} *restrict y")
+        T = types_of[d["type"].dtype]
+        params = [f"{G}const {types_of[t.dtype]} *restrict {a}" for a, t in zip(arg_names, types)]
+        params.append(f"{G}{T} *restrict y")
+        if n in plan.workspace:
+            params.append(f"{G}{T} *restrict ws")
         fn = name(n, "node_")
+        launch: list[list[int]] = []
+        work = max(op.macs(d["attrs"], types, d["type"]), d["type"].size)
         ctx = dict(op.context(d["attrs"], types, d["type"]))
-        ctx.update(fn=fn, sig=", ".join(params), T=CTYPES[d["type"].dtype],
-                   TI=CTYPES[types[0].dtype] if types else "float",
-                   comment=describe(g, n), in_types=types, out=d["type"])
+        ctx.update(fn=fn, sig=", ".join(params), T=T,
+                   TI=types_of[types[0].dtype] if types else "float",
+                   comment=describe(g, n), in_types=types, out=d["type"],
+                   target=target, G=G, launch=launch, parallel=parallel and work >= PARALLEL_WORK)
         functions.append(env.get_template(f"c/{op.template or op.name}.c.j2").render(ctx))
-        calls.append(dict(fn=fn, node=n, args=[var[i] for i in ins] + [var[n]]))
+        if len(launch) > 1:
+            raise RuntimeError(f"template of op {d['op']!r} opens {len(launch)} parallel loop nests; one is allowed")
+        args = [var[i] for i in ins] + [var[n]] + ([var[f"{n} workspace"]] if n in plan.workspace else [])
+        calls.append(dict(fn=fn, node=n, args=args, launch=launch[0] if launch else [],
+                          ws=plan.workspace.get(n), T=T))
     return functions, calls
 
 

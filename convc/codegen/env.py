@@ -8,6 +8,7 @@ from pathlib import Path
 import jinja2
 
 CTYPES = {"float32": "float", "float64": "double", "int64": "int64_t"}
+CL_TYPES = {"float32": "float", "float64": "double", "int64": "long"}     # OpenCL C spellings
 
 _C_KEYWORDS = set("""auto break case char const continue default do double else enum extern float for
 goto if inline int long register restrict return short signed sizeof static struct switch typedef union

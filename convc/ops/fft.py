@@ -47,6 +47,13 @@ class FFTConv(Conv):
         return dict(N=x.shape[0], C_IN=x.shape[1], C_OUT=w.shape[0], GROUPS=g, C_IN_G=x.shape[1] // g,
                     C_OUT_G=w.shape[0] // g, flip=attrs["flip"], bias=bias, axes=axes)
 
+    def workspace(self, attrs, types, out, target="c"):
+        """Real and imaginary spectra of every input plane, every kernel and
+        one accumulator."""
+        ctx = self.context(attrs, types, out)
+        plane = ctx["axes"][0]["f"] * ctx["axes"][1]["f"]
+        return 2 * plane * (ctx["N"] * ctx["C_IN"] + ctx["C_OUT"] * ctx["C_IN_G"] + 1)
+
     def macs(self, attrs, types, out):
         """Real multiplications of the transforms and the spectral products."""
         x, w = types[:2]

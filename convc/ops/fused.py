@@ -93,6 +93,13 @@ class FusedSeparable(Op):
                     axes=axes_context(x.shape[2:], out.shape[2:], w_dw.shape[2:], attrs["dw_stride"],
                                       attrs["dw_dilation"], attrs["dw_padding"]))
 
+    def workspace(self, attrs, types, out, target="c"):
+        """OpenCL: one row tile (C_MID x OUT_X) per work-item (n, oy); C
+        keeps the tile on the stack."""
+        if target != "opencl":
+            return 0
+        return out.shape[0] * out.shape[2] * self.context(attrs, types, out)["C_MID"] * out.shape[3]
+
     def macs(self, attrs, types, out):
         x, w_dw, w_pw = types[:3]
         plane = out.shape[0] * out.shape[2] * out.shape[3]

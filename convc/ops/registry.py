@@ -58,6 +58,12 @@ class Op(abc.ABC):
         """Extra template variables (shapes as constants) for the C template."""
         return {}
 
+    def workspace(self, attrs: dict, types: list[TensorType], out: TensorType, target: str = "c") -> int:
+        """Scratch elements (of the output's dtype) the generated code needs
+        while the node runs; the planner gives it a slice of the arena,
+        passed as the last argument ``ws``."""
+        return 0
+
     def macs(self, attrs: dict, types: list[TensorType], out: TensorType) -> int:
         """Multiplications (multiply-accumulates) performed by this node."""
         return 0
