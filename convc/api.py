@@ -8,7 +8,7 @@ import time
 from .errors import ConvcError
 from .ir import Graph
 
-TARGETS = ("c", "numpy")
+TARGETS = ("c", "opencl", "numpy")
 
 
 def debug_level() -> int:
@@ -22,7 +22,7 @@ def debug_level() -> int:
 
 def compile(graph: Graph, target: str = "c", passes="default", native: bool = True,  # noqa: A001
             profile: bool | None = None, debug: bool | None = None):
-    """Compile ``graph`` for ``target`` ("c" or "numpy") and return a Module.
+    """Compile ``graph`` for ``target`` ("c", "opencl" or "numpy") and return a Module.
 
     ``passes``: a pipeline name ("default", "train", "study", "none"; see
     ``cc.passes.PIPELINES``) or a list of pass names, applied first (the
@@ -41,7 +41,7 @@ def compile(graph: Graph, target: str = "c", passes="default", native: bool = Tr
     graph.verify()
     if target == "numpy":
         return NumpyModule(graph)
-    if target != "c":
+    if target not in TARGETS:
         raise ConvcError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
 
     from .codegen.c import generate
@@ -58,9 +58,21 @@ def compile(graph: Graph, target: str = "c", passes="default", native: bool = Tr
     t1 = time.perf_counter()
     if profile is None:
         profile = os.environ.get("CONVC_PROFILE", "") not in ("", "0")
-    csrc = generate(graph, profile=profile)
-    t2 = time.perf_counter()
-    mod = CModule(graph, csrc, build(csrc.text, native=native))
+    if target == "opencl":
+        from .codegen.opencl import generate as generate_opencl
+        from .runtime.opencl import OpenCLModule, _check_toolchain
+
+        if profile:
+            raise ConvcError("profile=True is not available on the opencl target")
+        _check_toolchain()
+        src = generate_opencl(graph)
+        t2 = time.perf_counter()
+        mod = OpenCLModule(graph, src, build(src.host, native=native, libs=("-lOpenCL",),
+                                             extra_files={"kernels.cl": src.kernels}, what="OpenCL host program"))
+    else:
+        csrc = generate(graph, profile=profile)
+        t2 = time.perf_counter()
+        mod = CModule(graph, csrc, build(csrc.text, native=native))
     if level >= 2:
         print(f"\n[convc] graph '{graph.name}': library {mod.library_path} "
               f"(source beside it: module.c)", file=sys.stderr)

@@ -54,6 +54,8 @@ def cmd_demo(args) -> int:
     err = float(np.max(np.abs(got - want)) / max(1e-12, float(np.max(np.abs(want)))))
     t_c = _timeit(lambda: mod(x=x)) / args.batch
     t_np = _timeit(lambda: ref(x=x)) / args.batch
+    if args.target == "opencl":
+        print(f"OpenCL device: {mod.device} (choose with CONVC_OPENCL_DEVICE; list with `convc devices`)")
     print(f"target {args.target}: compile {cold * 1e3:.0f} ms cold, {warm * 1e3:.1f} ms cached "
           f"(compiler runs: {cache.STATS['compiles']})")
     print(f"max relative difference vs numpy reference: {err:.2e}")
@@ -64,6 +66,25 @@ def cmd_demo(args) -> int:
         print("MISMATCH: compiled output differs from the reference", file=sys.stderr)
         return 1
     print("OK")
+    return 0
+
+
+def cmd_devices(args) -> int:
+    from convc.errors import ConvcError
+    from convc.runtime.opencl import devices
+
+    try:
+        found = devices()
+    except ConvcError as e:
+        print(f"no OpenCL device: {e}", file=sys.stderr)
+        return 1
+    for d in found:
+        mark = "*" if d["chosen"] else " "
+        print(f"{mark} {d['index']}  {d['type']:<5} {d['name']}  [{d['platform']}]  {d['version']}; "
+              f"{d['compute_units']} compute units, {d['memory_mib']} MiB, fp64 {'yes' if d['fp64'] else 'no'}"
+              + (f"  ({d['note']})" if d["note"] else ""))
+    print("* = the device the opencl target uses (first GPU, else first device; "
+          "override with CONVC_OPENCL_DEVICE=P:D or a name substring)")
     return 0
 
 
@@ -131,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convc", description="convc: a small graph compiler for conv nets")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     d = sub.add_parser("demo", help="build LeNet-5, compile it, check it against the reference, time it")
-    d.add_argument("--target", default="c", choices=["c"], help="compilation target (default: c)")
+    d.add_argument("--target", default="c", choices=["c", "opencl"], help="compilation target (default: c)")
     d.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     d.set_defaults(fn=cmd_demo)
     from convc.passes import PIPELINES
@@ -150,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     from convc.onnx import add_cli as add_onnx_cli
 
     add_onnx_cli(sub)
+    dv = sub.add_parser("devices", help="list the OpenCL devices and the one the opencl target picks")
+    dv.set_defaults(fn=cmd_devices)
     c = sub.add_parser("cache", help="show (or --clear) the compile cache")
     c.add_argument("--clear", action="store_true", help="delete every cached module")
     c.set_defaults(fn=cmd_cache)

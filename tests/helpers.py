@@ -15,6 +15,26 @@ REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 
 
+def opencl_status() -> str | None:
+    """None when an OpenCL device can run convc's kernels here, else why not
+    (which names what to install)."""
+    from convc.runtime.opencl import devices
+
+    try:
+        devices()
+    except cc.ConvcError as e:
+        return str(e)
+    return None
+
+
+OPENCL_REQUIRED = os.environ.get("CONVC_REQUIRE_OPENCL", "") not in ("", "0")
+OPENCL_MISSING = opencl_status()
+# The targets every op matrix runs on. Without an OpenCL device the opencl
+# target drops out (tests/test_opencl.py says why, as a skip), unless
+# CONVC_REQUIRE_OPENCL=1 keeps it so that every opencl case fails loudly.
+TARGETS = ("numpy", "c") + (("opencl",) if OPENCL_MISSING is None or OPENCL_REQUIRED else ())
+
+
 def run_both(graph, feeds, native: bool = True):
     """Compile ``graph`` for target "numpy" and "c", run both on ``feeds``;
     returns ``(numpy_results, c_results)`` (dicts output name -> array)."""

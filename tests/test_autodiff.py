@@ -27,7 +27,7 @@ import convc as cc
 from convc.reference import evaluate
 from helpers import assert_close
 
-TARGETS = ("numpy", "c")
+from helpers import TARGETS
 F64 = "float64"
 
 

@@ -282,7 +282,7 @@ def grid():
             errors[cid] = e
             continue
         built[cid] = dict(index=index, x=x, w=w, b=b, node=name, dtype=cfg.dtype)
-    results = {"numpy": {}, "c": {}}
+    results = {t: {} for t in helpers.TARGETS}
     for dtype, g in graphs.items():
         for target in results:
             results[target].update(cc.compile(g, target=target).run(feeds[dtype]))
@@ -302,7 +302,7 @@ def test_conv_matches_torch(grid, cfg):
     assert node["type"].shape == (cfg.n, cfg.c_out) + expected_out(cfg), f"{cid}: inferred shape"
     want = torch_conv(cfg, info["x"], info["w"], info["b"])
     tol = dict(rtol=1e-4, atol=1e-5) if cfg.dtype == "float32" else dict(rtol=1e-10, atol=1e-12)
-    for target in ("numpy", "c"):
+    for target in helpers.TARGETS:
         got = results[target][out_name]
         assert got.dtype == np.dtype(cfg.dtype), f"{cid} [{target}]: dtype {got.dtype}"
         assert_close(got, want, what=f"conv {cid} [{target}] vs torch", **tol)

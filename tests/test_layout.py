@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import convc as cc
 from helpers import per_axis
 
-TARGETS = ("numpy", "c")
+from helpers import TARGETS
 
 
 # -- oracles ----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import helpers
 
 assert_close = partial(helpers.assert_close, check_dtype=True)   # results keep their dtype too
 
-TARGETS = ("numpy", "c")
+TARGETS = helpers.TARGETS
 
 
 # -- local helpers -------------------------------------------------------------

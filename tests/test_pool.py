@@ -26,7 +26,7 @@ assert_close = partial(helpers.assert_close, check_dtype=True)   # results keep 
 
 SEED = 1234
 N_RANDOM = 110
-TARGETS = ("numpy", "c")
+TARGETS = helpers.TARGETS
 
 
 # -- local helpers -------------------------------------------------------------

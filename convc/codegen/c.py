@@ -137,8 +137,8 @@ def node_functions(g: Graph, plan: Plan, name: Namer, var: dict[str, str], targe
                    comment=describe(g, n), in_types=types, out=d["type"],
                    target=target, G=G, launch=launch, parallel=parallel and work >= PARALLEL_WORK)
         functions.append(env.get_template(f"c/{op.template or op.name}.c.j2").render(ctx))
-        if len(launch) > 1:
-            raise RuntimeError(f"template of op {d['op']!r} opens {len(launch)} parallel loop nests; one is allowed")
+        if len(launch) > 1 or any(not isinstance(e, int) for e in (launch[0] if launch else ())):
+            raise RuntimeError(f"template of op {d['op']!r}: par_for must run once with int extents, got {launch}")
         args = [var[i] for i in ins] + [var[n]] + ([var[f"{n} workspace"]] if n in plan.workspace else [])
         calls.append(dict(fn=fn, node=n, args=args, launch=launch[0] if launch else [],
                           ws=plan.workspace.get(n), T=T))

@@ -39,11 +39,14 @@ def flags(native: bool = True) -> list[str]:
             "-fPIC", "-shared", *extra]
 
 
-def build(source: str, native: bool = True) -> Path:
-    """Return the path of a shared library built from ``source`` (cached)."""
+def build(source: str, native: bool = True, libs: tuple[str, ...] = (), extra_files: dict[str, str] | None = None,
+          what: str = "generated code") -> Path:
+    """Return the path of a shared library built from ``source`` (cached).
+    ``libs``: link flags (e.g. "-lOpenCL"); ``extra_files``: name -> text
+    written beside the source (e.g. the OpenCL kernels, for reading)."""
     cc = compiler()
     cmd = [cc, *flags(native)]
-    key = hashlib.sha256("\0".join([source, compiler_version(cc), " ".join(cmd)]).encode()).hexdigest()
+    key = hashlib.sha256("\0".join([source, compiler_version(cc), " ".join(cmd), *libs]).encode()).hexdigest()
     hit = cache.lookup(key)
     if hit:
         cache.STATS["hits"] += 1
@@ -55,9 +58,11 @@ def build(source: str, native: bool = True) -> Path:
             return hit
         src = d / "module.c"
         src.write_text(source)
+        for fname, text in (extra_files or {}).items():
+            (d / fname).write_text(text)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=d)
         os.close(fd)
-        full = cmd + ["-o", tmp, str(src), "-lm"]
+        full = cmd + ["-o", tmp, str(src), "-lm", *libs]
         cache.STATS["compiles"] += 1
         try:
             proc = subprocess.run(full, capture_output=True, text=True, timeout=600)
@@ -69,6 +74,6 @@ def build(source: str, native: bool = True) -> Path:
             os.unlink(tmp)
             lines = proc.stderr.strip().splitlines()
             shown = "\n".join(lines[:40]) + (f"\n... ({len(lines) - 40} more lines)" if len(lines) > 40 else "")
-            raise CompileError(f"the C compiler rejected the generated code (exit {proc.returncode})\n"
+            raise CompileError(f"the C compiler rejected the {what} (exit {proc.returncode})\n"
                                f"command: {' '.join(full)}\ngenerated source: {src}\n{shown}")
         return cache.publish(key, Path(tmp), {"command": full, "compiler": compiler_version(cc)})

@@ -1,0 +1,124 @@
+"""OpenCL code generation: the node functions of the C target rendered as
+OpenCL C (``templates/c/*`` with ``target="opencl"``), one ``__kernel`` per
+node, and a generated C host program (``templates/opencl/host.c.j2``) that
+owns the device, its buffers and the launches. The host is plain C compiled
+through the same cache as the C target, so the file that runs under Python
+is also the one a device without Python would ship."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import __version__
+from ..ir import Graph, TensorType
+from ..schedule import Plan, plan as make_plan
+from .c import describe, node_functions  # noqa: F401  (describe: same comments as C)
+from .env import CL_TYPES, CTYPES, Namer, environment
+
+
+@dataclass
+class OpenCLSource:
+    host: str                                   # C host program (embeds the kernels)
+    kernels: str                                # OpenCL C translation unit
+    prefix: str                                 # host API prefix: <prefix>_init, _run, ...
+    entry: str
+    signature: str
+    inputs: list[tuple[str, TensorType]]
+    outputs: list[tuple[str, TensorType]]
+    plan: Plan
+    fp64: bool
+
+    def cdef(self) -> str:
+        """Declarations of the host API for cffi."""
+        p = self.prefix
+        return "\n".join([
+            f"int {p}_init(const unsigned char *params);",
+            self.signature.replace("restrict ", "") + ";",
+            f"int {p}_read_params(unsigned char *dst);",
+            f"int {p}_write_params(const unsigned char *src);",
+            f"const char *{p}_error(void);",
+            f"const char *{p}_device(void);",
+            f"void {p}_release(void);",
+        ])
+
+
+class _ByName(dict):
+    """node_functions names each call's buffers through a dict; here the
+    kernels bind buffers themselves, so any name maps to itself."""
+
+    def __missing__(self, key):
+        return key
+
+
+def _c_string_lines(text: str) -> list[str]:
+    return [line.replace("\\", "\\\\").replace('"', '\\"') for line in text.splitlines()]
+
+
+def generate(g: Graph, plan: Plan | None = None) -> OpenCLSource:
+    """Render ``g`` as OpenCL kernels plus the C host program that runs them."""
+    g.verify()
+    plan = plan or make_plan(g, target="opencl")
+    name = Namer(reserved=("params", "arena", "i"))
+    prefix = name(g.name)
+    entry = f"{prefix}_run"
+    name.used.update({entry, f"{prefix}_init", f"{prefix}_error"})
+    dtypes = {g.node(n)["type"].dtype for n in g.nx.nodes}
+    fp64 = "float64" in dtypes
+
+    inputs = [(n, g.node(n)["type"]) for n in g.input_names if n in plan.storage]
+    outputs = [(o, g.node(n)["type"]) for o, n in g.outputs.items()]
+    var: dict[str, str] = {}
+    host_args, kernel_args = [], ["__global uchar *params", "__global uchar *arena"]
+    for n, t in inputs:
+        var[n] = name(n, "in_")
+        host_args.append(f"const {CTYPES[t.dtype]} *restrict {var[n]}")
+        kernel_args.append(f"__global const {CL_TYPES[t.dtype]} *{var[n]}")
+    out_var = {}
+    for o, t in outputs:
+        out_var[o] = name(o, "out_")
+        host_args.append(f"{CTYPES[t.dtype]} *restrict {out_var[o]}")
+        kernel_args.append(f"__global {CL_TYPES[t.dtype]} *{out_var[o]}")
+    signature = f"int {entry}({', '.join(host_args)})"
+
+    # a buffer, as an expression of the kernel arguments
+    def where(n: str, const: bool = False) -> str:
+        t = CL_TYPES[g.node(n)["type"].dtype]
+        kind, at = plan.storage[n]
+        cast = f"(__global {'const ' if const else ''}{t} *)"
+        if kind == "input":
+            return var[n]
+        if kind == "output":
+            return out_var[at]
+        base = "params" if kind == "param" else "arena"
+        return f"{cast}({base} + {at})"
+
+    functions, calls = node_functions(g, plan, name, _ByName(), target="opencl")
+    kernels = []
+    for c in calls:
+        n = c["node"]
+        args = [where(i, const=True) for i in g.inputs_of(n)] + [where(n)]
+        if c["ws"] is not None:
+            args.append(f"(__global {c['T']} *)(arena + {c['ws']})")
+        gsize = list(reversed(c["launch"])) or [1]      # dimension 0 is the innermost index
+        if 0 in gsize:
+            continue                                    # an empty tensor: nothing to launch
+        kernels.append(dict(name=name(n, "k_"), node=n, gsize=gsize,
+                            call=f"{c['fn']}({', '.join(args)})"))
+    copies = [dict(dst=out_var[o], src=n, what=f"output {o}") for o, n in g.outputs.items()
+              if plan.storage.get(n) != ("output", o)]        # an input, a param, or a second name
+    copies += [dict(dst=where(p), src=n, what=f"assign {p}") for p, n in g.assigns.items()]
+    for c in copies:                    # after every node, in one kernel each
+        size = g.node(c["src"])["type"].size
+        if size:
+            kernels.append(dict(name=name(c["what"].replace(" ", "_"), "k_"), node=None, gsize=[size], call=None,
+                                what=c["what"], dst=f"({c['dst']})", src=f"({where(c['src'], const=True)})"))
+
+    env = environment()
+    common = dict(version=__version__, graph=g.name, hash=g.structure_hash(), fp64=fp64)
+    kernel_text = env.get_template("opencl/kernels.cl.j2").render(
+        functions=functions, kernels=kernels, kernel_args=", ".join(kernel_args), **common)
+    host = env.get_template("opencl/host.c.j2").render(
+        P=prefix, signature=signature, kernel_lines=_c_string_lines(kernel_text), kernels=kernels,
+        params_bytes=plan.params_bytes, arena_bytes=plan.arena_bytes, state=bool(g.assigns),
+        inputs=[(var[n], t) for n, t in inputs], outputs=[(out_var[o], t) for o, t in outputs],
+        build_options="", **common)
+    return OpenCLSource(host, kernel_text, prefix, entry, signature, inputs, outputs, plan, fp64)
