@@ -192,7 +192,7 @@ def render(graph: Graph, name: str = "model", weights_file: bool = False, passes
     copies = output_copies(g, var, out_var)
 
     weight_bytes = sum(g.node(n)["type"].nbytes for n in plan.params)
-    arena_align = max((np.dtype(g.node(b.node)["type"].dtype).itemsize for b in plan.buffers), default=1)
+    arena_align = max((np.dtype(g.node(n)["type"].dtype).itemsize for n in plan.order), default=1)
     aliases = []
     for role, generic in (("inputs", "INPUT_SIZE"), ("outputs", "OUTPUT_SIZE")):
         if len(tensors[role]) == 1:
@@ -443,6 +443,7 @@ def size_report(graph: Graph, name: str = "model", tools: Toolchain | None = Non
     first_user: dict[str, str] = {}
     for n in lib.plan.order:
         for i in graph.inputs_of(n):
+            i = lib.plan.aliases.get(i, i)          # a reshaped param is read through its alias
             if i in lib.weights:
                 first_user.setdefault(i, n)
     live = live_bytes(lib.plan)

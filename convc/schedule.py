@@ -2,8 +2,9 @@
 
 Graph inputs and outputs live in caller buffers, params in one read-only blob,
 every other node's result in one arena. Arena offsets are planned by
-liveness: a buffer becomes free once its last reader has run, and a new
-buffer takes the lowest offset that overlaps no buffer still alive.
+liveness: a buffer becomes free once its last reader has run. Buffers are
+placed biggest first, each at the lowest offset that overlaps no buffer
+alive at the same time.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 from .ir import Graph
 
 ALIGN = 64
+ALIAS_OPS = ("reshape", "flatten")      # ops that only rename their input's elements
 
 
 def _align(n: int) -> int:
@@ -39,6 +41,7 @@ class Plan:
     params_bytes: int
     buffers: list[Buffer] = field(default_factory=list)
     workspace: dict[str, int] = field(default_factory=dict)   # node -> arena offset of its scratch
+    aliases: dict[str, str] = field(default_factory=dict)     # reshape node -> arena node it views (no code)
 
     @property
     def intermediate_bytes(self) -> int:
@@ -63,6 +66,16 @@ def plan(g: Graph, target: str = "c") -> Plan:
     keep = live_nodes(g)
     topo = [n for n in g.topological_order() if n in keep]
     order = [n for n in topo if g.node(n)["op"] not in ("input", "param")]
+    # A reshape is the same elements in the same order: unless it is itself an
+    # output, it becomes a second name for its input's buffer (an intermediate,
+    # a graph input, a param or an output), with no code.
+    final = set(g.outputs.values()) | set(g.assigns.values())
+    aliases: dict[str, str] = {}
+    for n in order:
+        if g.node(n)["op"] in ALIAS_OPS and n not in final:
+            src = g.inputs_of(n)[0]
+            aliases[n] = aliases.get(src, src)
+    order = [n for n in order if n not in aliases]
     step = {n: i for i, n in enumerate(order)}
     storage: dict[str, tuple[str, object]] = {}
     params, pbytes = {}, 0
@@ -81,7 +94,8 @@ def plan(g: Graph, target: str = "c") -> Plan:
     for n in order:
         if n in storage:
             continue
-        readers = [step[u] for u in g.nx.successors(n) if u in step]
+        views = [n] + [a for a, src in aliases.items() if src == n]
+        readers = [step[u] for v in views for u in g.nx.successors(v) if u in step]
         if n in g.assigns.values():          # copied into its param after the last node
             readers.append(len(order))
         buffers.append(Buffer(n, g.node(n)["type"].nbytes, step[n], max(readers, default=step[n])))
@@ -94,12 +108,13 @@ def plan(g: Graph, target: str = "c") -> Plan:
             b = Buffer(f"{n} workspace", elems * np.dtype(t.dtype).itemsize, step[n], step[n])
             scratch[id(b)] = n
             buffers.append(b)
-    buffers.sort(key=lambda b: b.start)   # placement below relies on increasing start
+    # Greedy by size: the biggest buffers are placed first, each at the lowest
+    # offset that overlaps no placed buffer alive at the same time.
     arena = 0
     placed: list[Buffer] = []
     workspace: dict[str, int] = {}
-    for b in buffers:
-        alive = sorted((p for p in placed if p.end >= b.start), key=lambda p: p.offset)
+    for b in sorted(buffers, key=lambda b: (-b.nbytes, b.start)):
+        alive = sorted((p for p in placed if p.start <= b.end and b.start <= p.end), key=lambda p: p.offset)
         offset = 0
         for p in alive:
             if offset + b.nbytes <= p.offset:
@@ -112,4 +127,7 @@ def plan(g: Graph, target: str = "c") -> Plan:
         else:
             storage[b.node] = ("arena", offset)
         arena = max(arena, _align(offset + b.nbytes))
-    return Plan(order, storage, arena, params, pbytes, buffers, workspace)
+    buffers.sort(key=lambda b: b.start)
+    for a, src in aliases.items():
+        storage[a] = storage[src]
+    return Plan(order, storage, arena, params, pbytes, buffers, workspace, aliases)

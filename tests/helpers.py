@@ -28,11 +28,23 @@ def opencl_status() -> str | None:
 
 
 OPENCL_REQUIRED = os.environ.get("CONVC_REQUIRE_OPENCL", "") not in ("", "0")
-OPENCL_MISSING = opencl_status()
-# The targets every op matrix runs on. Without an OpenCL device the opencl
-# target drops out (tests/test_opencl.py says why, as a skip), unless
-# CONVC_REQUIRE_OPENCL=1 keeps it so that every opencl case fails loudly.
-TARGETS = ("numpy", "c") + (("opencl",) if OPENCL_MISSING is None or OPENCL_REQUIRED else ())
+
+
+def __getattr__(name):
+    """``OPENCL_MISSING`` (opencl_status()) and ``TARGETS``, the targets every
+    op matrix runs on, computed on first use (probing OpenCL builds a small
+    library; child processes that import helpers for other reasons skip it).
+    Without an OpenCL device the opencl target drops out (tests/test_opencl.py
+    says why, as a skip), unless CONVC_REQUIRE_OPENCL=1 keeps it so that every
+    opencl case fails loudly."""
+    if name == "OPENCL_MISSING":
+        globals()[name] = opencl_status()
+    elif name == "TARGETS":
+        missing = __getattr__("OPENCL_MISSING")
+        globals()[name] = ("numpy", "c") + (("opencl",) if missing is None or OPENCL_REQUIRED else ())
+    else:
+        raise AttributeError(f"module 'helpers' has no attribute {name!r}")
+    return globals()[name]
 
 
 def run_both(graph, feeds, native: bool = True):

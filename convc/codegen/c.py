@@ -94,6 +94,8 @@ def bind_buffers(g: Graph, plan: Plan, name: Namer, var: dict[str, str], out_var
             var[f"{n} workspace"] = name(n, "ws_")
             arena_ptrs.append(dict(T=CTYPES[g.node(n)["type"].dtype], var=var[f"{n} workspace"],
                                    offset=plan.workspace[n], note=f"scratch of {n}"))
+    for a, src in plan.aliases.items():     # a reshape reads its input's buffer under the same pointer
+        var[a] = var[src]
     return arena_ptrs
 
 

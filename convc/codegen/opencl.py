@@ -85,7 +85,7 @@ def generate(g: Graph, plan: Plan | None = None) -> OpenCLSource:
         kind, at = plan.storage[n]
         cast = f"(__global {'const ' if const else ''}{t} *)"
         if kind == "input":
-            return var[n]
+            return var[at]
         if kind == "output":
             return out_var[at]
         base = "params" if kind == "param" else "arena"

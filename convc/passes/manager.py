@@ -19,7 +19,8 @@ PASSES: dict[str, Callable[[Graph], Graph]] = {}
 
 PIPELINES: dict[str, dict[str, list[str]]] = {
     # What cc.compile runs unless told otherwise: cleanups and fusions that
-    # never make the work larger.
+    # never make the work larger, then the choice of algorithm per conv
+    # (GEMM where it pays; see each pass's docstring for the rule).
     "default": [
         "eliminate_dead_code",
         "eliminate_common_subexpressions",
@@ -27,6 +28,9 @@ PIPELINES: dict[str, dict[str, list[str]]] = {
         "fold_batch_norm",
         "fuse_bias_activation",
         "fuse_separable",
+        "conv_to_winograd",
+        "conv_to_gemm",
+        "transposed_to_matmul",
         "eliminate_dead_code",
     ],
     # For training graphs: the default minus the passes that bake weights
@@ -37,6 +41,9 @@ PIPELINES: dict[str, dict[str, list[str]]] = {
         "fold_constants",
         "fuse_bias_activation",
         "fuse_separable",
+        "conv_to_winograd",
+        "conv_to_gemm",
+        "transposed_to_matmul",
         "eliminate_dead_code",
     ],
     # The book's lowerings, one after another, to study what each rewrites.

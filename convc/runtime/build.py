@@ -35,7 +35,7 @@ def flags(native: bool = True) -> list[str]:
         extra = shlex.split(os.environ.get("CONVC_CFLAGS", ""))
     except ValueError as e:
         raise CompileError(f"CONVC_CFLAGS={os.environ['CONVC_CFLAGS']!r} cannot be split into flags: {e}") from None
-    return ["-std=c99", "-O3", *(["-march=native"] if native else []), "-fopenmp", "-DCONVC_OMP_SIMD",
+    return ["-std=c99", "-O3", *(["-march=native"] if native else []), "-fopenmp", "-ffp-contract=fast", "-DCONVC_OMP_SIMD",
             "-fPIC", "-shared", *extra]
 
 

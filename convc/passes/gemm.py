@@ -1,0 +1,113 @@
+"""``conv_to_gemm``: the compiler's choice of matrix products for the
+convolutions that are big enough, forward and both gradients. The GEMM is
+the blocked, register-tiled ``matmul`` template; this pass only decides
+where it pays and rewrites the node into im2col/col2im plus matmul."""
+from __future__ import annotations
+
+from ..ir import Graph
+from ..ops import get_op
+from ..ops.columns import col2im, im2col
+from ..ops.linear import matmul
+from ..ops.tensor import reduce_sum, reshape, transpose
+from .im2col import _conv as _conv_im2col
+from .manager import register
+from .rewrite import attrs, fresh, ins, reactivate, rewrite
+from .transposed import _bias
+
+MIN_MACS = 1 << 16
+"""Smaller nodes stay direct: the im2col copy and the call overhead eat the gain."""
+
+
+def _prod(v):
+    p = 1
+    for s in v:
+        p *= s
+    return p
+
+
+def _worth_it(g: Graph, n: str, c_in_g: int, c_out_g: int) -> bool:
+    d = g.node(n)
+    types = [g.node(i)["type"] for i in g.inputs_of(n)]
+    macs = get_op(d["op"]).macs(d["attrs"], types, d["type"])
+    # a depthwise conv (one channel per group) is a tiny GEMM per group: direct is better
+    depthwise = d["attrs"]["groups"] > 1 and min(c_in_g, c_out_g) == 1
+    return macs >= MIN_MACS and not depthwise
+
+
+def _pointwise(a) -> bool:
+    return all(s == 1 for s in a["stride"]) and all(p == (0, 0) for p in a["padding"])
+
+
+def _forward(g: Graph, n: str):
+    a = attrs(g, n)
+    x, w, *b = ins(g, n)
+    c_out, c_in_g, *k = w.shape
+    if not _worth_it(g, n, c_in_g, c_out // a["groups"]):
+        return None
+    if all(kk == 1 for kk in k) and _pointwise(a):        # 1x1: x is already the column matrix
+        groups, out = a["groups"], g.node(n)["type"].shape
+        xm = reshape(x, (x.shape[0], groups, c_in_g, _prod(out[2:])), name=fresh(g, f"{n}.x_matrix"))
+        wm = reshape(w, (groups, c_out // groups, c_in_g), name=fresh(g, f"{n}.w_matrix"))
+        y = reshape(matmul(wm, xm, name=fresh(g, f"{n}.gemm")), out, name=fresh(g, f"{n}.unflatten"))
+        return reactivate(g, n, _bias(g, n, y, b))
+    return _conv_im2col(g, n)
+
+
+def _grad_kernel(g: Graph, n: str):
+    """dW^T (C_in/g·K × C_out/g) = cols (C_in/g·K × P) · G^T (P × C_out/g) per
+    image and group, summed over images; transposing G (not the K-times
+    larger cols) keeps the extra copy small."""
+    a = attrs(g, n)
+    gy, v = ins(g, n)
+    c_out, c_in_g, *k = g.node(n)["type"].shape
+    groups = a["groups"]
+    if not _worth_it(g, n, c_in_g, c_out // groups):
+        return None
+    nb, pp, ck = gy.shape[0], _prod(gy.shape[2:]), c_in_g * _prod(k)
+    cols = im2col(v, k, a["stride"], a["padding"], a["dilation"], a["flip"], name=fresh(g, f"{n}.im2col"))
+    cm = reshape(cols, (nb, groups, ck, pp), name=fresh(g, f"{n}.cols"))
+    gt = transpose(reshape(gy, (nb, groups, c_out // groups, pp), name=fresh(g, f"{n}.g_matrix")), (0, 1, 3, 2),
+                   name=fresh(g, f"{n}.g_matrix_T"))
+    prod = matmul(cm, gt, name=fresh(g, f"{n}.gemm"))                       # (N, G, CK, C_out/g)
+    total = reduce_sum(prod, (0,), name=fresh(g, f"{n}.sum_images")) if nb > 1 else \
+        reshape(prod, (groups, ck, c_out // groups), name=fresh(g, f"{n}.one_image"))
+    total = reshape(total, (groups, ck, c_out // groups), name=fresh(g, f"{n}.by_group"))
+    wt = transpose(total, (0, 2, 1), name=fresh(g, f"{n}.dw_matrix"))       # (G, C_out/g, CK)
+    return reshape(wt, g.node(n)["type"].shape, name=fresh(g, f"{n}.dw"))
+
+
+def _grad_input(g: Graph, n: str):
+    """dX = col2im(W^T · G): the transposed conv as one GEMM per image and
+    group plus the scatter of every tap into place."""
+    a = attrs(g, n)
+    if a["flip"]:
+        return None
+    w, gy = ins(g, n)
+    c_out, c_in_g, *k = w.shape
+    groups = a["groups"]
+    if not _worth_it(g, n, c_in_g, c_out // groups):
+        return None
+    nb, sizes = gy.shape[0], gy.shape[2:]
+    wm = reshape(w, (groups, c_out // groups, c_in_g * _prod(k)), name=fresh(g, f"{n}.w_matrix"))
+    wt = transpose(wm, (0, 2, 1), name=fresh(g, f"{n}.w_matrix_T"))
+    gm = reshape(gy, (nb, groups, c_out // groups, _prod(sizes)), name=fresh(g, f"{n}.g_matrix"))
+    cols = matmul(wt, gm, name=fresh(g, f"{n}.gemm"))                      # (N, G, C_in/g*K, P)
+    cols = reshape(cols, (nb, groups * c_in_g, *k, *sizes), name=fresh(g, f"{n}.cols"))
+    return col2im(cols, a["input_size"], a["stride"], a["padding"], a["dilation"], name=fresh(g, f"{n}.col2im"))
+
+
+_RULES = {"conv": _forward, "conv_grad_kernel": _grad_kernel, "conv_grad_input": _grad_input}
+
+
+def _rule(g: Graph, n: str):
+    rule = _RULES.get(g.node(n)["op"])
+    return rule(g, n) if rule else None
+
+
+@register
+def conv_to_gemm(g: Graph) -> Graph:
+    """Every conv, conv_grad_kernel (g) and conv_grad_input (h) with at least
+    ``MIN_MACS`` multiply-accumulates that is not depthwise-like (grouped with
+    one channel per group) becomes a blocked GEMM: forward im2col · W (a 1×1 conv needs no im2col),
+    g as cols · Gᵀ summed over images, h as col2im(Wᵀ · G)."""
+    return rewrite(g, _rule)
