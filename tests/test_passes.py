@@ -28,7 +28,8 @@ TOL64 = 1e-10
 ALL_PASSES = ("strided_to_downsampled", "fuse_downsample", "transposed_to_conv", "transposed_to_matmul",
               "conv_to_im2col", "local_to_matmul", "grouped_to_split", "dilated_to_dense", "tiled_to_convs",
               "fuse_separable", "factor_spatial_separable", "conv_to_fft", "fold_batch_norm",
-              "fuse_bias_activation", "fold_constants", "eliminate_dead_code", "eliminate_common_subexpressions")
+              "fuse_bias_activation", "fold_constants", "eliminate_dead_code", "eliminate_common_subexpressions",
+              "conv_to_gemm", "conv_to_winograd")
 
 
 # ---------------------------------------------------------------------------
@@ -336,6 +337,76 @@ def test_conv_to_im2col_fires_and_keeps_outputs():
         assert flips == sorted(g.node(n)["attrs"]["flip"] for n in nodes_of(g, "conv"))
 
     check_pass("conv_to_im2col", g, fired)
+
+
+def test_conv_to_gemm_fires_on_convs_and_both_gradients(monkeypatch):
+    import convc.passes.gemm as gemm
+
+    monkeypatch.setattr(gemm, "MIN_MACS", 0)        # the random convs are small; the rule is tested below
+    rng = rng_for("gemm")
+    g = cc.Graph("gemm")
+    outs, flips = [], 0
+    for i, rank in enumerate(RANKS):
+        y, _ = add_conv(g, rng, i, rank, stride=ints(rng, 1, 3, rank), groups=pick(rng, (1, 2, 3)), c_in_g=2,
+                        c_out_g=2, bias=("none", "tied", "untied")[i % 3])
+        outs.append(y)
+        g.output(y, f"y{i}")
+        flips += g.node(y.name)["attrs"]["flip"]
+    loss = outs[0]
+    for y in outs:
+        loss = cc.add(cc.reduce_sum(cc.mul(y, y), tuple(range(len(y.shape)))), loss) if y is not outs[0] else \
+            cc.reduce_sum(cc.mul(y, y), tuple(range(len(y.shape))))
+    xs = [g.value(f"x{i}") for i in range(len(RANKS))]
+    ws = [g.value(g.inputs_of(y.name)[1]) for y in outs]
+    for i, d in enumerate(cc.grad(loss, xs + ws)):
+        g.output(d, f"d{i}")
+    n_conv = len(RANKS)
+    assert ops(g)["conv_grad_kernel"] == n_conv and ops(g)["conv_grad_input"] == n_conv
+
+    def fired(g2):
+        assert ops(g2)["conv"] == 0 and ops(g2)["conv_grad_kernel"] == 0
+        assert ops(g2)["conv_grad_input"] == flips, "h of a flipped conv stays (col2im has no flip)"
+        assert ops(g2)["im2col"] == 2 * n_conv and ops(g2)["col2im"] == n_conv - flips
+        assert ops(g2)["matmul"] == 3 * n_conv - flips
+
+    check_pass("conv_to_gemm", g, fired)
+
+
+def test_conv_to_gemm_pointwise_needs_no_im2col_and_small_convs_stay():
+    rng = rng_for("gemm_rule")
+    g = cc.Graph("gemm_rule")
+    x = g.input("x", (2, 16, 20, 20), "float64")
+    pw = cc.relu(cc.conv(x, g.param("pw", rng.standard_normal((32, 16, 1, 1))), g.param("b", rng.standard_normal(32))))
+    g.output(pw, "pointwise")
+    s = g.input("s", (1, 4, 5, 5), "float64")
+    g.output(cc.conv(s, g.param("w", rng.standard_normal((4, 4, 3, 3)))), "small")    # 576 MACs
+    big = g.input("xbig", (1, 16, 20, 20), "float64")
+    g.output(cc.conv(big, g.param("w3", rng.standard_normal((16, 16, 3, 3))), padding=1), "big")
+    import convc.passes.gemm as gemm
+
+    assert cc.cost(g).macs > gemm.MIN_MACS
+
+    def fired(g2):
+        assert ops(g2)["conv"] == 1, "the small conv stays direct"
+        assert ops(g2)["im2col"] == 1 and ops(g2)["matmul"] == 2, "the 1x1 conv multiplies x as it is"
+        assert ops(g2)["relu"] == 1 and ops(g2)["add"] == 1, "bias and activation follow the GEMM"
+
+    check_pass("conv_to_gemm", g, fired)
+
+
+def test_conv_to_winograd_fires_and_keeps_outputs():
+    rng = rng_for("winograd_pass")
+    g = cc.Graph("winograd_pass")
+    for i, (pad, flip, bias) in enumerate([(1, False, True), (0, True, False), ((2, 0), False, True)]):
+        x = g.input(f"x{i}", (2, 8, 9, 7), "float64")
+        b = g.param(f"b{i}", rng.standard_normal(10)) if bias else None
+        y = cc.conv(x, g.param(f"w{i}", rng.standard_normal((10, 8, 3, 3))), b, padding=pad, flip=flip)
+        g.output(cc.relu(y) if i == 0 else y, f"y{i}")
+
+    def fired(g2):
+        assert ops(g2)["conv"] == 0 and ops(g2)["winograd_conv"] == 3 and ops(g2)["winograd_kernel"] == 3
+
+    check_pass("conv_to_winograd", g, fired)
 
 
 def test_local_to_matmul_fires_and_keeps_outputs():
@@ -947,7 +1018,34 @@ def noop_cse():
     return g
 
 
+def noop_gemm():
+    """Left direct: a depthwise conv, a conv below MIN_MACS, and h of a flipped conv."""
+    rng = rng_for("noop_gemm")
+    g = cc.Graph("noop")
+    x = g.input("x", (2, 16, 40, 40), "float64")
+    g.output(cc.conv(x, g.param("dw", rng.standard_normal((16, 1, 3, 3))), groups=16, padding=1), "depthwise")
+    s = g.input("s", (1, 2, 6, 6), "float64")
+    g.output(cc.conv(s, g.param("w", rng.standard_normal((3, 2, 3, 3)))), "small")
+    gy = g.input("gy", (2, 8, 38, 38), "float64")
+    g.output(cc.conv_grad_input(g.param("wf", rng.standard_normal((8, 16, 3, 3))), gy, (40, 40), flip=True), "h_flip")
+    return g
+
+
+def noop_winograd():
+    rng = rng_for("noop_winograd")
+    g = cc.Graph("noop")
+    x = g.input("x", (1, 8, 9, 9), "float64")
+    g.output(cc.conv(x, g.param("w", rng.standard_normal((8, 8, 3, 3))), stride=2), "strided")
+    g.output(cc.conv(x, g.param("wd", rng.standard_normal((8, 8, 3, 3))), dilation=2), "dilated")
+    g.output(cc.conv(x, g.param("w5", rng.standard_normal((8, 8, 5, 5)))), "k5")
+    g.output(cc.conv(x, g.param("wg", rng.standard_normal((8, 4, 3, 3))), groups=2), "grouped")
+    g.output(cc.conv(x, g.param("wf", rng.standard_normal((4, 8, 3, 3)))), "few_out")
+    return g
+
+
 NOOP_GRAPHS = {
+    "conv_to_gemm": noop_gemm,
+    "conv_to_winograd": noop_winograd,
     "strided_to_downsampled": noop_strided_to_downsampled,
     "fuse_downsample": noop_fuse_downsample,
     "transposed_to_conv": noop_transposed,
@@ -1212,8 +1310,10 @@ def test_default_pipeline_lenet():
     mod = cc.compile(g, "c")
     assert_same_snapshot(before, snapshot(g), "compile")
     lowered = ops(mod.graph)
-    assert lowered["relu"] < ops(g)["relu"], "relus after the convs are fused"
-    acts = [mod.graph.node(n)["attrs"].get("activation") for n in nodes_of(mod.graph, "conv")]
+    assert lowered["conv"] == 0 and lowered["im2col"] == 2 and lowered["matmul"] == 2, "both convs become GEMMs"
+    fused = cc.passes.run(g, [p for p in PIPELINES["default"] if p != "conv_to_gemm"])
+    assert ops(fused)["relu"] < ops(g)["relu"], "relus after the convs are fused"
+    acts = [fused.node(n)["attrs"].get("activation") for n in nodes_of(fused, "conv")]
     assert acts == ["relu", "relu"]
     feeds = {"x": np.random.default_rng(3).standard_normal((2, 1, 28, 28)).astype(np.float32)}
     compare(mod.run(feeds), evaluate(g, feeds), "lenet default", 1e-4, 1e-5)
@@ -1275,7 +1375,8 @@ def test_default_pipeline_mobilenet_tiny():
     g = mobilenet_tiny(batch=2)
     mod = cc.compile(g, "c")
     lowered = ops(mod.graph)
-    assert lowered["fused_separable"] == 4 and lowered["relu"] == 0
+    assert lowered["fused_separable"] == 4
+    assert lowered["conv"] == 0 and lowered["matmul"] == 1 and lowered["relu"] == 1, "the stem conv is a GEMM"
     assert sum(1 for n in nodes_of(g, "conv") if g.node(n)["attrs"]["groups"] > 1) == 4
     assert cc.cost(mod.graph).macs == cc.cost(g).macs, "fusion does not change the multiplications"
     feeds = {"x": np.random.default_rng(5).standard_normal((2, 3, 32, 32)).astype(np.float32)}

@@ -1,0 +1,391 @@
+"""Winograd F(2×2, 3×3): the ``winograd_kernel`` / ``winograd_conv`` ops and
+the ``conv_to_winograd`` pass.
+
+Oracles: torch (float64) on the same values, the numpy reference of the
+unpassed graph, and the Winograd algorithm written out in numpy. Every case
+of a dtype is one input/output pair of ONE graph, compiled once per target
+(an OpenCL build costs about a second).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import convc as cc
+import helpers
+from convc.ops.winograd import WinogradConv, blocking, winograd_conv, winograd_reference
+from convc.passes import PASSES
+from convc.reference import evaluate
+from convc.schedule import plan
+from helpers import assert_close
+
+PASS = "conv_to_winograd"
+TOL = {"float32": dict(rtol=1e-4, atol=1e-5), "float64": dict(rtol=1e-11, atol=1e-12)}
+
+
+@dataclass(frozen=True)
+class Case:
+    n: int
+    c_in: int
+    c_out: int
+    size: tuple                 # (H, W) of the input
+    padding: object             # as given to cc.conv
+    bias: str = "none"          # "none" | "tied" | "untied"
+    flip: bool = False
+    act: str | None = None      # an activation after the conv, fused by fuse_bias_activation
+
+    @property
+    def id(self):
+        pad = str(self.padding).replace(" ", "")
+        return (f"n{self.n}-ci{self.c_in}-co{self.c_out}-in{self.size[0]}x{self.size[1]}-p{pad}-{self.bias}"
+                + ("-flip" if self.flip else "") + (f"-{self.act}" if self.act else ""))
+
+    def pads(self):
+        return helpers.expected_pads(self.padding, self.size, (3, 3), 1, 1)
+
+    def out(self):
+        return helpers.expected_out(self.size, (3, 3), 1, 1, self.pads())
+
+
+CASES = [
+    Case(1, 9, 11, (10, 12), 1, "tied"),                           # even output 10x12
+    Case(3, 13, 8, (9, 7), 0),                                     # odd output 7x5, batch 3
+    Case(1, 8, 17, (5, 6), 2, "untied"),                           # 7x8; 17 = 2 blocks of 8 + 1
+    Case(3, 10, 9, (11, 8), ((0, 2), (1, 0)), "tied", flip=True),  # asymmetric padding, odd x even
+    Case(1, 16, 24, (3, 3), 0, "tied", act="relu"),                # one 1x1 output: a single cut tile
+    Case(1, 12, 8, (40, 70), "same", "none", act="leaky_relu"),    # 35 tile columns: two blocks across
+    Case(2, 8, 8, (70, 3), 1, "untied", act="tanh"),               # 35 tile rows: several blocks down
+    Case(1, 33, 40, (15, 15), (2, 1), "tied", flip=True, act="sigmoid"),
+    Case(3, 11, 14, (8, 13), ((2, 1), (0, 2)), "none"),
+]
+CASES64 = [CASES[i] for i in (0, 1, 3, 6, 7)]
+GRID = [(c, "float32") for c in CASES] + [(c, "float64") for c in CASES64]
+
+
+def arrays(case: Case, dtype: str, index: int):
+    rng = np.random.default_rng([2016, index])
+    x = rng.standard_normal((case.n, case.c_in) + case.size).astype(dtype)
+    w = (rng.standard_normal((case.c_out, case.c_in, 3, 3)) / math.sqrt(9 * case.c_in)).astype(dtype)
+    shape = {"none": None, "tied": (case.c_out,), "untied": (case.c_out,) + case.out()}[case.bias]
+    b = None if shape is None else rng.standard_normal(shape).astype(dtype)
+    return x, w, b
+
+
+def torch_conv(case: Case, x, w, b, slope=0.01):
+    (ply, phy), (plx, phx) = case.pads()
+    tx = F.pad(torch.from_numpy(x.astype(np.float64)), (plx, phx, ply, phy))
+    tw = torch.from_numpy(w.astype(np.float64))
+    if case.flip:
+        tw = tw.flip([2, 3])
+    y = F.conv2d(tx, tw, torch.from_numpy(b.astype(np.float64)) if case.bias == "tied" else None)
+    if case.bias == "untied":
+        y = y + torch.from_numpy(b.astype(np.float64))
+    if case.act:
+        y = {"relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+             "leaky_relu": lambda v: F.leaky_relu(v, slope)}[case.act](y)
+    return y.numpy()
+
+
+def conv_graph(name, cases, dtype):
+    """One graph holding every case (conv, then its activation); returns
+    (graph, feeds, torch results by output name)."""
+    g = cc.Graph(name)
+    feeds, want = {}, {}
+    for i, case in enumerate(cases):
+        x, w, b = arrays(case, dtype, i)
+        xv = g.input(f"x{i}", x.shape, dtype)
+        bv = g.param(f"b{i}", b) if b is not None else None
+        y = cc.conv(xv, g.param(f"w{i}", w), bv, padding=case.padding, flip=case.flip, name=f"conv{i}")
+        if case.act:
+            y = getattr(cc, case.act)(y)
+        g.output(y, f"y{i}")
+        feeds[f"x{i}"] = x
+        want[f"y{i}"] = torch_conv(case, x, w, b)
+    return g, feeds, want
+
+
+def ops(g):
+    out = {}
+    for n in g.nx.nodes:
+        out[g.node(n)["op"]] = out.get(g.node(n)["op"], 0) + 1
+    return out
+
+
+def snapshot(g):
+    return str(g), {n: g.node(n)["value"].copy() for n in g.param_names}
+
+
+def same_snapshot(a, b):
+    return a[0] == b[0] and a[1].keys() == b[1].keys() and all(np.array_equal(a[1][k], b[1][k]) for k in a[1])
+
+
+# ---------------------------------------------------------------------------
+# the grid: every target against torch and the unpassed reference
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def grid():
+    """Per dtype: the graph, the graph after fuse_bias_activation +
+    conv_to_winograd, the torch results, the reference of the unpassed graph
+    and the results of every target on the passed graph."""
+    out = {}
+    for dtype, cases in (("float32", CASES), ("float64", CASES64)):
+        g, feeds, want = conv_graph(f"winograd_{dtype}", cases, dtype)
+        before = snapshot(g)
+        g2 = cc.passes.run(g, ["fuse_bias_activation", PASS])
+        assert same_snapshot(before, snapshot(g)), "the passes changed their argument"
+        results = {t: cc.compile(g2, target=t, passes="none").run(feeds) for t in helpers.TARGETS}
+        out[dtype] = dict(g=g, g2=g2, want=want, ref=evaluate(g, feeds), results=results, feeds=feeds)
+    return out
+
+
+def test_grid_is_all_winograd(grid):
+    for dtype, cases in (("float32", CASES), ("float64", CASES64)):
+        g2 = grid[dtype]["g2"]
+        assert ops(g2).get("conv", 0) == 0, f"{dtype}: every conv is eligible"
+        assert ops(g2)["winograd_conv"] == len(cases)
+        assert ops(g2)["winograd_kernel"] == len(cases)
+        acts = sorted(str(g2.node(n)["attrs"].get("activation")) for n in g2.nx.nodes
+                      if g2.node(n)["op"] == "winograd_conv")
+        assert acts == sorted(str(c.act) for c in cases), "the activations are fused into winograd_conv"
+
+
+def test_grid_covers_the_cases():
+    outs = [c.out() for c in CASES]
+    assert any(o[0] % 2 and o[1] % 2 for o in outs) and any(not o[0] % 2 and not o[1] % 2 for o in outs)
+    assert {c.bias for c in CASES} == {"none", "tied", "untied"} and {c.n for c in CASES} >= {1, 3}
+    assert any(lo != hi for c in CASES for lo, hi in c.pads())
+    assert {p for c in CASES for pp in c.pads() for p in pp} >= {0, 1, 2}
+    assert any(c.c_in % 8 and c.c_out % 8 for c in CASES)
+    assert any(blocking(*c.out(), c.c_out)["BLOCKS_X"] > 1 for c in CASES)
+    assert any(blocking(*c.out(), c.c_out)["BLOCKS_Y"] > 1 for c in CASES)
+
+
+@pytest.mark.parametrize("case, dtype", GRID, ids=[f"{c.id}-{d}" for c, d in GRID])
+def test_winograd_matches_torch(grid, case, dtype):
+    r = grid[dtype]
+    cases = CASES if dtype == "float32" else CASES64
+    out = f"y{cases.index(case)}"
+    want = r["want"][out]
+    scale = max(1.0, float(np.abs(want).max()))
+    tol = dict(rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * scale)
+    assert_close(r["ref"][out], want, what=f"{case.id} numpy reference of the conv vs torch", **tol)
+    for target, res in r["results"].items():
+        assert res[out].dtype == np.dtype(dtype)
+        assert_close(res[out], want, what=f"{case.id} winograd [{target}] vs torch", **tol)
+        assert_close(res[out], r["ref"][out], what=f"{case.id} winograd [{target}] vs reference", **tol)
+
+
+def test_numpy_algorithm_matches_conv():
+    """winograd_kernel's reference and the algorithm in numpy (the layout of
+    U the template reads) give conv's result."""
+    for i, case in enumerate(CASES[:4]):
+        x, w, _ = arrays(case, "float64", i)
+        u = cc.ops.get_op("winograd_kernel").reference(dict(flip=case.flip), w)
+        assert u.shape == (4, 4, case.c_out, case.c_in)
+        plain = Case(case.n, case.c_in, case.c_out, case.size, case.padding, flip=case.flip)   # no bias
+        got = winograd_reference(x, u, case.pads(), case.out())
+        assert_close(got, torch_conv(plain, x, w, None), rtol=1e-12, atol=1e-12, what=case.id)
+
+
+# ---------------------------------------------------------------------------
+# gradients: cc.grad through winograd_conv equals torch autograd
+# ---------------------------------------------------------------------------
+def test_gradient_matches_torch_autograd():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 8, 6, 7))
+    w = rng.standard_normal((9, 8, 3, 3)) / 8
+    b = rng.standard_normal(9)
+    t = rng.standard_normal((2, 9, 7, 6))
+    pads = ((1, 2), (0, 1))
+    g = cc.Graph("winograd_grad")
+    xv, wv, bv = g.input("x", x.shape, "float64"), g.param("w", w), g.param("b", b)
+    g.output(cc.relu(cc.conv(xv, wv, bv, padding=pads, name="c")), "y")
+    g = cc.passes.run(g, ["fuse_bias_activation", PASS])
+    assert ops(g)["winograd_conv"] == 1
+    y = g.value(g.outputs["y"])
+    loss = cc.mse_loss(y, g.const(t, "float64"))
+    dx, dw, db = cc.grad(loss, [g.value("x"), g.value("w"), g.value("b")])
+    for v, name in ((loss, "loss"), (dx, "dx"), (dw, "dw"), (db, "db")):
+        g.output(v, name)
+
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    ty = F.relu(F.conv2d(F.pad(tx, (0, 1, 1, 2)), tw, tb))
+    tl = F.mse_loss(ty, torch.from_numpy(t))
+    tl.backward()
+    want = dict(loss=tl.detach().numpy(), dx=tx.grad.numpy(), dw=tw.grad.numpy(), db=tb.grad.numpy())
+    for target in helpers.TARGETS:
+        res = cc.compile(g, target=target, passes="none").run({"x": x})
+        for k, v in want.items():
+            assert_close(res[k], v, rtol=1e-10, atol=1e-12, what=f"{k} [{target}]")
+
+
+def test_grad_rule_is_conv_rule():
+    """No gradient flows into u; x, w and bias get conv's."""
+    g = cc.Graph("rule")
+    x = g.input("x", (1, 8, 5, 5), "float64")
+    y = winograd_conv(x, g.param("w", np.ones((8, 8, 3, 3))), g.param("b", np.ones(8)), padding=1, name="wc")
+    xs = [g.value(n) for n in g.inputs_of(y.name)]
+    gy = g.input("gy", y.shape, "float64")
+    grads = cc.ops.get_op("winograd_conv").grad(g.node(y.name)["attrs"], xs, y, gy, [True] * 4)
+    assert grads[2] is None
+    assert [v.op for v in (grads[0], grads[1])] == ["conv_grad_input", "conv_grad_kernel"]
+    assert grads[3].shape == (8,)
+
+
+# ---------------------------------------------------------------------------
+# the pass fires only where eligible, and never changes its argument
+# ---------------------------------------------------------------------------
+def ineligible(g, rng):
+    """Convs the pass must leave alone, each on its own input."""
+    def conv(name, xshape, wshape, **kw):
+        x = g.input(f"x_{name}", xshape, "float64")
+        g.output(cc.conv(x, g.param(f"w_{name}", rng.standard_normal(wshape)), name=name, **kw), f"y_{name}")
+    conv("stride2", (1, 8, 9, 9), (8, 8, 3, 3), stride=2, padding=1)
+    conv("stride_y", (1, 8, 9, 9), (8, 8, 3, 3), stride=(2, 1))
+    conv("dilation2", (1, 8, 9, 9), (8, 8, 3, 3), dilation=2)
+    conv("k5", (1, 8, 9, 9), (8, 8, 5, 5), padding=2)
+    conv("k3x1", (1, 8, 9, 9), (8, 8, 3, 1))
+    conv("groups2", (1, 16, 9, 9), (16, 8, 3, 3), groups=2, padding=1)
+    conv("few_in", (1, 4, 9, 9), (16, 4, 3, 3), padding=1)
+    conv("few_out", (1, 16, 9, 9), (7, 16, 3, 3), padding=1)
+    conv("conv1d", (1, 8, 9), (8, 8, 3))
+    conv("conv3d", (1, 8, 5, 5, 5), (8, 8, 3, 3, 3))
+
+
+def test_pass_fires_only_where_eligible():
+    rng = np.random.default_rng(3)
+    g = cc.Graph("mixed")
+    ineligible(g, rng)
+    x = g.input("x", (1, 8, 9, 9), "float64")
+    g.output(cc.conv(x, g.param("w", rng.standard_normal((8, 8, 3, 3))), padding=1, name="eligible"), "y")
+    before = snapshot(g)
+    g2 = PASSES[PASS](g)
+    assert same_snapshot(before, snapshot(g)), "conv_to_winograd changed its argument"
+    g2.verify()
+    assert ops(g2)["winograd_conv"] == 1 and ops(g2)["winograd_kernel"] == 1
+    assert "eligible" not in g2.nx
+    convs = {n for n in g2.nx.nodes if g2.node(n)["op"] == "conv"}
+    assert convs == {n for n in g.nx.nodes if g.node(n)["op"] == "conv"} - {"eligible"}
+    for n in convs:
+        assert g2.node(n)["attrs"] == g.node(n)["attrs"] and g2.inputs_of(n) == g.inputs_of(n)
+    feeds = {n: rng.standard_normal(g.node(n)["type"].shape) for n in g.input_names}
+    want, got = evaluate(g, feeds), evaluate(g2, feeds)
+    for k in want:
+        assert_close(got[k], want[k], rtol=1e-12, atol=1e-12, what=k)
+
+
+def test_pass_leaves_ineligible_graph_equal():
+    g = cc.Graph("noop")
+    ineligible(g, np.random.default_rng(4))
+    before = snapshot(g)
+    g2 = PASSES[PASS](g)
+    assert same_snapshot(before, snapshot(g)) and same_snapshot(before, snapshot(g2))
+    assert cc.passes.run(g, [PASS]).structure_hash() == g.structure_hash()
+
+
+def test_pass_keeps_attributes_and_shares_kernel_transform():
+    """flip, padding, bias and a leaky_relu's slope survive; two convs on one
+    weight share one kernel transform after CSE."""
+    g = cc.Graph("attrs")
+    x = g.input("x", (1, 8, 6, 6), "float64")
+    w = g.param("w", np.random.default_rng(5).standard_normal((8, 8, 3, 3)))
+    y1 = cc.leaky_relu(cc.conv(x, w, g.param("b", np.ones(8)), padding=((0, 1), (2, 0)), flip=True), 0.2)
+    y2 = cc.conv(x, w, padding=1)
+    g.output(y1, "y1")
+    g.output(y2, "y2")
+    g2 = cc.passes.run(g, ["fuse_bias_activation", PASS, "eliminate_common_subexpressions"])
+    wc = [n for n in g2.nx.nodes if g2.node(n)["op"] == "winograd_conv"]
+    kernels = [n for n in g2.nx.nodes if g2.node(n)["op"] == "winograd_kernel"]
+    assert len(wc) == 2 and len(kernels) == 2, "flip=True and flip=False need their own U"
+    a = g2.node(g2.outputs["y1"])["attrs"]
+    assert a["flip"] and a["padding"] == ((0, 1), (2, 0)) and a["activation"] == "leaky_relu"
+    assert a["negative_slope"] == 0.2
+    assert g2.node(g2.inputs_of(g2.outputs["y1"])[2])["attrs"] == {"flip": True}
+
+
+# ---------------------------------------------------------------------------
+# validation: winograd_conv used directly outside its domain
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("xshape, wshape, kw, rule", [
+    ((1, 8, 9, 9), (8, 8, 3, 3), dict(stride=2), "stride 1"),
+    ((1, 8, 9, 9), (8, 8, 3, 3), dict(dilation=(1, 2)), "dilation 1"),
+    ((1, 8, 9, 9), (8, 4, 3, 3), dict(groups=2), "groups=1"),
+    ((1, 8, 9, 9), (8, 8, 5, 5), {}, "3×3 kernel"),
+    ((1, 8, 9), (8, 8, 3), {}, "2D"),
+    ((1, 8, 9, 9), (8, 8, 3), {}, "weight must have rank 4"),
+    ((1, 8, 9, 9), (8, 6, 3, 3), {}, "weight channels"),
+    ((1, 8, 2, 9), (8, 8, 3, 3), {}, "larger than the padded input"),
+])
+def test_builder_rejects_ineligible(xshape, wshape, kw, rule):
+    g = cc.Graph("bad")
+    x = g.input("x", xshape)
+    w = g.param("w", np.zeros(wshape, np.float32))
+    nodes = set(g.nx.nodes)
+    with pytest.raises(cc.ValidationError, match=rule) as e:
+        winograd_conv(x, w, name="wc", **kw)
+    assert "'wc' (winograd_conv)" in str(e.value)
+    assert set(g.nx.nodes) == nodes, "a rejected builder call adds no node"
+
+
+def test_direct_add_is_validated():
+    g = cc.Graph("bad_add")
+    x = g.input("x", (1, 8, 6, 6))
+    w = g.param("w", np.zeros((8, 8, 3, 3), np.float32))
+    u = g.add("winograd_kernel", [w])
+    assert u.shape == (4, 4, 8, 8)
+    with pytest.raises(cc.ConvcError, match="3 to 4 inputs"):
+        g.add("winograd_conv", [x, w], dict(stride=1, padding=0, dilation=1, groups=1, flip=False))
+    bad_u = g.param("u", np.zeros((4, 4, 8, 7), np.float32))
+    with pytest.raises(cc.ConvcError, match="u must be winograd_kernel"):
+        g.add("winograd_conv", [x, w, bad_u], dict(stride=1, padding=0, dilation=1, groups=1, flip=False))
+    with pytest.raises(cc.ConvcError, match="stride 1"):
+        g.add("winograd_conv", [x, w, u], dict(stride=2, padding=0, dilation=1, groups=1, flip=False))
+    with pytest.raises(cc.ConvcError, match="activation must be one of"):
+        g.add("winograd_conv", [x, w, u], dict(stride=1, padding=0, dilation=1, groups=1, flip=False,
+                                               activation="gelu"))
+    with pytest.raises(cc.ConvcError, match=r"\(C_out, C_in, 3, 3\)"):
+        g.add("winograd_kernel", [g.param("w5", np.zeros((8, 8, 5, 5), np.float32))])
+    with pytest.raises(cc.ConvcError, match="flip must be"):
+        g.add("winograd_kernel", [w], dict(flip="yes"))
+    with pytest.raises(cc.ConvcError, match="share one dtype"):
+        g.add("winograd_conv", [x, w, g.param("u64", np.zeros((4, 4, 8, 8)))],
+              dict(stride=1, padding=0, dilation=1, groups=1, flip=False))
+
+
+# ---------------------------------------------------------------------------
+# cost, workspace, readable source
+# ---------------------------------------------------------------------------
+def test_macs_and_workspace():
+    g = cc.Graph("resnet_block")
+    x = g.input("x", (2, 64, 14, 13))
+    g.output(cc.conv(x, g.param("w", np.zeros((32, 64, 3, 3), np.float32)), padding=1, name="c"), "y")
+    g2 = PASSES[PASS](g)
+    rep, rep2 = cc.cost(g), cc.cost(g2)
+    tiles = 7 * 7                                            # ceil(14/2) x ceil(13/2)
+    wc = next(n for n in g2.nx.nodes if g2.node(n)["op"] == "winograd_conv")
+    wk = next(n for n in g2.nx.nodes if g2.node(n)["op"] == "winograd_kernel")
+    assert rep2.nodes[wc].macs == 2 * tiles * 16 * 32 * 64
+    assert rep2.nodes[wk].macs == 14 * 32 * 64
+    assert rep.macs == 2 * 14 * 13 * 32 * 64 * 9
+    assert rep2.macs < rep.macs / 2
+    d = g2.node(wc)
+    types = [g2.node(i)["type"] for i in g2.inputs_of(wc)]
+    ctx = WinogradConv().context(d["attrs"], types, d["type"])
+    per_item = 16 * ctx["TB"] * (64 + ctx["CB"])
+    assert WinogradConv().workspace(d["attrs"], types, d["type"]) == 2 * ctx["BLOCKS_Y"] * ctx["BLOCKS_X"] * per_item
+    assert wc in plan(g2).workspace
+
+
+def test_generated_code_shows_the_phases():
+    g = cc.Graph("phases")
+    x = g.input("x", (1, 8, 6, 6))
+    g.output(cc.conv(x, g.param("w", np.ones((8, 8, 3, 3), np.float32)), padding=1), "y")
+    src = cc.compile(g, "c", passes=[PASS]).source
+    for phrase in ("U = G g G^T", "1. Input transform V = B^T d B", "2. The 16 products",
+                   "3. Output transform Y = A^T M A"):
+        assert phrase in src, phrase
