@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     from convc.onnx import add_cli as add_onnx_cli
 
     add_onnx_cli(sub)
+    from convc.bench import add_cli as add_bench_cli
+
+    add_bench_cli(sub)
     dv = sub.add_parser("devices", help="list the OpenCL devices and the one the opencl target picks")
     dv.set_defaults(fn=cmd_devices)
     c = sub.add_parser("cache", help="show (or --clear) the compile cache")

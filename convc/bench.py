@@ -1,0 +1,1057 @@
+"""``convc bench``: a fixed benchmark suite, timed in one process against
+PyTorch CPU and ONNX Runtime, with every figure also shown as a fraction of
+this machine's measured FMA peak.
+
+    convc bench [--quick] [--cases PATTERN] [--threads 1,2] [--repeat-seconds S]
+                [--min-runs N] [--json FILE] [--markdown] [--list]
+    python -m convc.bench --quick
+
+How it measures:
+
+* every case is a convc graph built with the public builders; it is compiled
+  to C, run once and checked against its PyTorch twin (or, without torch, the
+  numpy reference interpreter) *before* it is timed, at every thread count:
+  a case whose output is off by more than ``RTOL`` of the output's scale is
+  reported as FAILED and not timed, so a wrong kernel is never reported fast;
+* a time is the median of repeated runs after warm-up (at least ``min_runs``
+  runs and ``repeat_seconds`` of running; slow cases stop after
+  ``max_seconds`` once three runs are in), measured with ``time.perf_counter``
+  around each library's own Python entry point (``Module.run``,
+  ``torch.nn.functional``, ``InferenceSession.run``);
+* GFLOP/s = 2 x MACs (``cc.cost``) / time; ``x torch`` and ``x ORT`` are
+  convc's throughput over the peer's (> 1: convc is faster);
+* the FMA peak comes from a generated C micro-kernel of independent fused
+  multiply-add chains, built with convc's own build step; for N threads it
+  runs in N Python threads at once (cffi releases the GIL during the call).
+
+Forward single-layer cases run at batch 1, their gradients at batch 8,
+nets at batch 1 (latency) and 64 (throughput), all in float32.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .errors import ConvcError
+
+RTOL = 1e-3                  # max |convc - reference| / max |reference| a case may show
+FORWARD_BATCH, GRAD_BATCH = 1, 8
+NET_BATCHES = (1, 64)
+TRAIN_BATCH, TRAIN_LR, TRAIN_MOMENTUM = 32, 0.01, 0.9
+
+
+@dataclass
+class Settings:
+    """How long to time. ``quick`` shrinks every case and every repeat count
+    so the whole suite runs in a few seconds (for tests and smoke runs)."""
+    quick: bool = False
+    warmup: int = 2
+    min_runs: int = 5
+    repeat_seconds: float = 0.2
+    max_seconds: float = 5.0
+    fma_seconds: float = 0.2
+    cold_compiles: int = 3
+
+    @classmethod
+    def make(cls, quick: bool = False, repeat_seconds: float | None = None, min_runs: int | None = None):
+        """Defaults for the full or the quick suite, with optional overrides."""
+        s = cls(quick=True, warmup=1, min_runs=3, repeat_seconds=0.01, max_seconds=0.5, fma_seconds=0.02,
+                cold_compiles=1) if quick else cls()
+        if repeat_seconds is not None:
+            if not repeat_seconds >= 0:
+                raise ConvcError(f"bench: --repeat-seconds must be >= 0, got {repeat_seconds}")
+            s.repeat_seconds = repeat_seconds
+        if min_runs is not None:
+            if min_runs < 1:
+                raise ConvcError(f"bench: --min-runs must be >= 1, got {min_runs}")
+            s.min_runs = min_runs
+        return s
+
+
+def median_time(fn: Callable[[], object], settings: Settings) -> float:
+    """Median seconds of ``fn()`` after ``settings.warmup`` warm-up calls,
+    over at least ``min_runs`` runs and ``repeat_seconds`` of running (or
+    three runs once ``max_seconds`` have passed, for slow cases)."""
+    for _ in range(settings.warmup):
+        t = time.perf_counter()
+        fn()
+        if time.perf_counter() - t > settings.max_seconds / 4:
+            break                                   # one warm-up is enough for a slow case
+    times: list[float] = []
+    start = time.perf_counter()
+    while True:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+        elapsed = time.perf_counter() - start
+        if len(times) >= settings.min_runs and elapsed >= settings.repeat_seconds:
+            break
+        if len(times) >= min(3, settings.min_runs) and elapsed >= settings.max_seconds:
+            break
+    return statistics.median(times)
+
+
+# -- the machine ---------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or what ``platform`` knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware", "cpu model"):
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_mhz() -> float | None:
+    """The clock /proc/cpuinfo reports for the first CPU (nominal on most VMs)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return float(line.split(":")[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+# Independent accumulator chains a = a * b + c, CHAINS of them per vector
+# width: CHAINS >= FMA latency x FMA ports, so the loop is bound by FMA
+# throughput. b and c are arguments so the compiler cannot fold the loop. The
+# x86/NEON kernels use intrinsics because -std=c99 turns off contraction of
+# a * b + c; the generic kernel (mul + add) is the fallback elsewhere.
+FMA_SOURCE = r"""/* generated by convc bench: FMA peak micro-kernel */
+#if defined(__AVX512F__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
+
+#define CHAINS 12
+#define UNROLL 4
+#define UPDATE(F) \
+    a0 = F(a0, b, c); a1 = F(a1, b, c); a2 = F(a2, b, c); a3 = F(a3, b, c); \
+    a4 = F(a4, b, c); a5 = F(a5, b, c); a6 = F(a6, b, c); a7 = F(a7, b, c); \
+    a8 = F(a8, b, c); a9 = F(a9, b, c); a10 = F(a10, b, c); a11 = F(a11, b, c)
+#define KERNEL(NAME, VEC, SET1, FMA) \
+static double NAME(long long iters, float bv, float cv) { \
+    VEC b = SET1(bv), c = SET1(cv); \
+    VEC a0 = SET1(1.00f), a1 = SET1(1.01f), a2 = SET1(1.02f), a3 = SET1(1.03f); \
+    VEC a4 = SET1(1.04f), a5 = SET1(1.05f), a6 = SET1(1.06f), a7 = SET1(1.07f); \
+    VEC a8 = SET1(1.08f), a9 = SET1(1.09f), a10 = SET1(1.10f), a11 = SET1(1.11f); \
+    VEC s; const float *p; double r = 0.0; unsigned k; long long i; \
+    for (i = 0; i < iters; i++) { UPDATE(FMA); UPDATE(FMA); UPDATE(FMA); UPDATE(FMA); } \
+    s = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11; \
+    p = (const float *)&s; \
+    for (k = 0; k < sizeof(VEC) / sizeof(float); k++) r += p[k]; \
+    return r; \
+}
+
+typedef float v4sf __attribute__((vector_size(16)));
+#define V4_SET1(x) ((v4sf){(x), (x), (x), (x)})
+#define V4_MULADD(a, b, c) ((a) * (b) + (c))
+KERNEL(k_generic, v4sf, V4_SET1, V4_MULADD)
+#if defined(__FMA__)
+KERNEL(k_avx2, __m256, _mm256_set1_ps, _mm256_fmadd_ps)
+#endif
+#if defined(__AVX512F__)
+KERNEL(k_avx512, __m512, _mm512_set1_ps, _mm512_fmadd_ps)
+#endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#define NEON_FMA(a, b, c) vfmaq_f32((c), (a), (b))
+KERNEL(k_neon, float32x4_t, vdupq_n_f32, NEON_FMA)
+#endif
+
+typedef double (*kernel_fn)(long long, float, float);
+static const struct { const char *name; kernel_fn fn; int lanes; } KERNELS[] = {
+#if defined(__AVX512F__)
+    {"avx512 fma", k_avx512, 16},
+#endif
+#if defined(__FMA__)
+    {"avx2 fma", k_avx2, 8},
+#endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+    {"neon fma", k_neon, 4},
+#endif
+    {"generic mul+add", k_generic, 4},
+};
+
+int convc_fma_count(void) { return (int)(sizeof(KERNELS) / sizeof(KERNELS[0])); }
+const char *convc_fma_name(int which) { return KERNELS[which].name; }
+long long convc_fma_flops_per_iter(int which) { return 2LL * UNROLL * CHAINS * KERNELS[which].lanes; }
+double convc_fma_run(int which, long long iters, float b, float c) { return KERNELS[which].fn(iters, b, c); }
+"""
+
+FMA_CDEF = """int convc_fma_count(void); const char *convc_fma_name(int which);
+long long convc_fma_flops_per_iter(int which); double convc_fma_run(int which, long long iters, float b, float c);"""
+
+
+class FmaPeak:
+    """The FMA micro-kernel, built with convc's build step and loaded with cffi."""
+
+    def __init__(self):
+        import cffi
+
+        from .runtime.build import build
+        from .runtime.cache import private_copy
+
+        self.ffi = cffi.FFI()
+        self.ffi.cdef(FMA_CDEF)
+        alias = private_copy(build(FMA_SOURCE))
+        try:
+            self.lib = self.ffi.dlopen(str(alias))
+        finally:
+            os.unlink(alias)
+        self.kernels = [self.ffi.string(self.lib.convc_fma_name(k)).decode()
+                        for k in range(self.lib.convc_fma_count())]
+        self.best: int | None = None
+
+    def _run(self, which: int, iters: int, threads: int) -> float:
+        """GFLOP/s of ``threads`` concurrent runs of ``iters`` iterations."""
+        def work():
+            barrier.wait()
+            self.lib.convc_fma_run(which, iters, 0.9999999, 1e-7)
+
+        barrier = threading.Barrier(threads + 1)
+        pool = [threading.Thread(target=work) for _ in range(threads)]
+        for t in pool:
+            t.start()
+        barrier.wait()
+        t0 = time.perf_counter()
+        for t in pool:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        return threads * iters * self.lib.convc_fma_flops_per_iter(which) / elapsed / 1e9
+
+    def measure(self, threads: int, seconds: float) -> float:
+        """Best GFLOP/s of three runs of about ``seconds`` each, in ``threads`` threads."""
+        if self.best is None:                       # the fastest kernel, judged on one thread
+            rates = [max(self._run(k, 100_000, 1) for _ in range(3)) for k in range(len(self.kernels))]
+            self.best = int(np.argmax(rates))
+        k = self.best
+        rate = self._run(k, 100_000, 1)
+        iters = max(1000, int(seconds * rate * 1e9 / self.lib.convc_fma_flops_per_iter(k)))
+        return max(self._run(k, iters, threads) for _ in range(3))
+
+
+# -- the suite ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layer:
+    """One single-layer case: a conv (or transposed conv) of the given shape.
+    ``quick`` is (c_in, c_out, spatial sizes) for ``--quick``."""
+    name: str
+    what: str
+    c_in: int
+    c_out: int
+    size: tuple
+    kernel: tuple
+    quick: tuple
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    groups: int = 1
+    transposed: bool = False
+
+    def dims(self, quick: bool) -> tuple:
+        """(c_in, c_out, spatial sizes, groups) for the full or the quick suite."""
+        c_in, c_out, size = self.quick if quick else (self.c_in, self.c_out, self.size)
+        return c_in, c_out, size, c_in if self.groups == self.c_in else self.groups   # depthwise stays depthwise
+
+    def describe(self, quick: bool) -> str:
+        """e.g. "ResNet 3x3 conv, 64->128 channels at 56x56, stride 2, pad 1"."""
+        c_in, c_out, size, groups = self.dims(quick)
+        shape = "x".join(map(str, size))
+        if self.transposed:
+            shape += " -> " + "x".join(str((n - 1) * self.stride - 2 * self.padding + self.dilation
+                                           * (k - 1) + 1) for n, k in zip(size, self.kernel))
+        text = f"{self.what}, {c_in} channels" if groups == c_in == c_out else f"{self.what}, {c_in}->{c_out} channels"
+        text += f" at {shape}, stride {self.stride}, pad {self.padding}"
+        if self.dilation > 1:
+            text += f", dilation {self.dilation}"
+        if 1 < groups < c_in:
+            text += f", {groups} groups"
+        return text
+
+    def weight_shape(self, quick: bool) -> tuple:
+        c_in, c_out, _, groups = self.dims(quick)
+        if self.transposed:
+            return (c_in, c_out // groups) + self.kernel
+        return (c_out, c_in // groups) + self.kernel
+
+
+LAYERS = (
+    Layer("resnet3x3_s1", "ResNet 3x3 conv", 64, 64, (56, 56), (3, 3), (16, 16, (12, 12)), padding=1),
+    Layer("resnet3x3_s2", "ResNet 3x3 conv", 64, 128, (56, 56), (3, 3), (16, 32, (12, 12)), stride=2, padding=1),
+    Layer("mbnet_dw3x3", "MobileNet depthwise 3x3 conv", 128, 128, (56, 56), (3, 3), (32, 32, (12, 12)),
+          padding=1, groups=128),
+    Layer("mbnet_pw1x1", "MobileNet pointwise 1x1 conv", 128, 128, (56, 56), (1, 1), (32, 32, (12, 12))),
+    Layer("dcgan_tconv4x4", "DCGAN transposed 4x4 conv", 128, 64, (16, 16), (4, 4), (32, 16, (4, 4)),
+          stride=2, padding=1, transposed=True),
+    Layer("dilated3x3_d2", "dilated 3x3 conv", 64, 64, (56, 56), (3, 3), (16, 16, (12, 12)), padding=2, dilation=2),
+    Layer("conv1d_k5", "1D conv k=5", 64, 64, (4096,), (5,), (16, 16, (256,)), padding=2),
+    Layer("conv3d_3x3x3", "3D conv 3x3x3", 16, 16, (16, 32, 32), (3, 3, 3), (4, 4, (4, 8, 8)), padding=1),
+    Layer("grouped3x3_g8", "grouped 3x3 conv", 128, 128, (28, 28), (3, 3), (32, 32, (8, 8)), padding=1, groups=8),
+)
+
+
+@dataclass
+class Prepared:
+    """A case made ready to time: the convc graph and its callable, the
+    torch peer (returns what is compared with convc's output), the inputs,
+    and whether the graph goes to ONNX Runtime."""
+    graph: object
+    convc: Callable[[], object]
+    torch: Callable[[], object] | None = None
+    feeds: dict = field(default_factory=dict)
+    onnx: bool = False
+    check: Callable[[], float] | None = None    # custom check: returns the relative error
+    macs: int = 0
+    onnx_bytes: bytes | None = None
+
+
+@dataclass
+class Case:
+    """One benchmark case. ``group``: layer | grad | net | train | compile."""
+    name: str
+    group: str
+    description: str
+    prepare: Callable[["Env", int], Prepared] | None = None
+    kernel3x3: bool = False
+    latency: bool = False           # batch-1 net: the latency target applies
+
+
+class Mismatch(ConvcError):
+    """convc's output differs from the reference beyond ``RTOL``."""
+
+
+def relative_error(got, want) -> float:
+    """max |got - want| / max |want|: the error on the scale of the output."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        raise Mismatch(f"shape {got.shape}, expected {want.shape}")
+    if not np.all(np.isfinite(got)):
+        raise Mismatch(f"{int(np.sum(~np.isfinite(got)))} non-finite values")
+    scale = float(np.max(np.abs(want))) if want.size else 0.0
+    return float(np.max(np.abs(got - want))) / max(scale, 1e-30) if got.size else 0.0
+
+
+def check_close(got, want, what: str = "output") -> float:
+    """The relative error of ``got``; raises :class:`Mismatch` above ``RTOL``."""
+    err = relative_error(got, want)
+    if not err <= RTOL:
+        raise Mismatch(f"{what} differs from the reference: max error {err:.2e} of the output scale "
+                       f"(allowed {RTOL:.0e})")
+    return err
+
+
+class Env:
+    """What the cases build with: settings, a seeded RNG, torch if present."""
+
+    def __init__(self, settings: Settings, torch_mod):
+        self.settings = settings
+        self.quick = settings.quick
+        self.torch = torch_mod
+        self.F = torch_mod.nn.functional if torch_mod is not None else None
+
+    def rng(self, name: str):
+        return np.random.default_rng(sum(map(ord, name)))
+
+    def t(self, a):
+        return self.torch.from_numpy(np.ascontiguousarray(a))
+
+    def compile(self, graph):
+        from .api import compile
+        return compile(graph, target="c")
+
+
+def _torch_conv(env: Env, layer: Layer, groups: int):
+    F, rank = env.F, len(layer.kernel)
+    if layer.transposed:
+        fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[rank - 1]
+        return lambda x, w: fn(x, w, None, layer.stride, layer.padding, 0, groups, layer.dilation)
+    fn = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
+    return lambda x, w: fn(x, w, None, layer.stride, layer.padding, layer.dilation, groups)
+
+
+def layer_graph(layer: Layer, mode: str, quick: bool, batch: int, seed: int = 0):
+    """The convc graph of ``layer``: ``mode`` "fwd" outputs y; "dw" / "dx"
+    output the kernel / input gradient of y for an output gradient input G
+    (built with ``cc.grad``: conv_grad_kernel / conv_grad_input, or for a
+    transposed conv, conv_grad_kernel / conv). Returns (graph, feeds)."""
+    from .autodiff import grad
+    from .ir import Graph
+    from .ops.conv import conv
+    from .ops.transpose import conv_transpose
+
+    rng = np.random.default_rng(seed)
+    c_in, c_out, size, groups = layer.dims(quick)
+    wshape = layer.weight_shape(quick)
+    fan_in = int(np.prod(wshape[1:])) if not layer.transposed else c_in * int(np.prod(layer.kernel))
+    g = Graph(f"bench_{layer.name}_{mode}")
+    x = g.input("x", (batch, c_in) + tuple(size))
+    w = g.param("w", (rng.standard_normal(wshape) / np.sqrt(fan_in)).astype(np.float32))
+    op = conv_transpose if layer.transposed else conv
+    y = op(x, w, stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=groups, name=layer.name)
+    feeds = {"x": rng.standard_normal(x.shape).astype(np.float32)}
+    if mode == "fwd":
+        g.output(y, "y")
+    else:
+        G = g.input("G", y.shape)
+        feeds["G"] = rng.standard_normal(y.shape).astype(np.float32)
+        g.output(grad(y, w if mode == "dw" else x, grad_output=G), mode)
+    return g, feeds
+
+
+def _layer_case(layer: Layer, mode: str, quick: bool) -> Case:
+    batch = FORWARD_BATCH if mode == "fwd" else GRAD_BATCH if not quick else 2
+    label = {"fwd": "", "dw": "kernel gradient of ", "dx": "input gradient of "}[mode]
+
+    def prepare(env: Env, _threads: int) -> Prepared:
+        g, feeds = layer_graph(layer, mode, env.quick, batch)
+        mod = env.compile(g)
+        prep = Prepared(g, lambda: mod.run(feeds)[next(iter(mod.outputs))], feeds=feeds, onnx=mode == "fwd")
+        if env.torch is not None:
+            groups = layer.dims(env.quick)[3]
+            torch, op = env.torch, _torch_conv(env, layer, groups)
+            x, w = env.t(feeds["x"]), env.t(g.node("w")["value"])
+            if mode == "fwd":
+                def run_torch():
+                    with torch.inference_mode():
+                        return op(x, w)
+            else:
+                G, rank = env.t(feeds["G"]), len(layer.kernel)
+                mask = [mode == "dx", mode == "dw", False]
+                args = (None, [layer.stride] * rank, [layer.padding] * rank, [layer.dilation] * rank,
+                        layer.transposed, [0] * rank, groups, mask)
+
+                def run_torch():      # what torch.nn.grad.conv2d_weight/_input call: only the wanted gradient
+                    with torch.inference_mode():
+                        return torch.ops.aten.convolution_backward(G, x, w, *args)[0 if mode == "dx" else 1]
+            prep.torch = run_torch
+        return prep
+
+    suffix = {"fwd": "", "dw": ":dw", "dx": ":dx"}[mode]
+    return Case(layer.name + suffix, "layer" if mode == "fwd" else "grad",
+                f"{label}{layer.describe(quick)}, batch {batch}", prepare, kernel3x3=layer.kernel == (3, 3))
+
+
+# -- nets -------------------------------------------------------------------------------------------
+
+def dcgan_generator(batch: int = 1, nz: int = 100, ngf: int = 64, seed: int = 0, dtype: str = "float32"):
+    """The DCGAN generator (Radford et al.): a latent (N, nz, 1, 1) to a
+    3x64x64 image through 4x4 transposed convs (the first stride 1 pad 0,
+    then stride 2 pad 1; 8, 4, 2, 1 x ngf channels), each but the last
+    followed by inference batch norm and ReLU, and tanh at the end."""
+    from .ir import Graph
+    from .ops.elementwise import relu, tanh
+    from .ops.norm import batch_norm
+    from .ops.transpose import conv_transpose
+
+    rng = np.random.default_rng(seed)
+    g = Graph("dcgan_generator")
+    h = g.input("z", (batch, nz, 1, 1), dtype)
+    widths = [nz, ngf * 8, ngf * 4, ngf * 2, ngf, 3]
+    for i, (c_in, c_out) in enumerate(zip(widths, widths[1:]), start=1):
+        stride, pad = (1, 0) if i == 1 else (2, 1)
+        w = g.param(f"t{i}_w", rng.standard_normal((c_in, c_out, 4, 4)) * np.sqrt(2.0 * stride ** 2 / (16 * c_in)),
+                    dtype)
+        h = conv_transpose(h, w, stride=stride, padding=pad, name=f"t{i}")
+        if c_out == 3:
+            g.output(tanh(h, name="tanh"), "image")
+            break
+        stats = [g.param(f"bn{i}_{p}", v, dtype) for p, v in (
+            ("mean", rng.standard_normal(c_out) * 0.1), ("var", rng.random(c_out) + 0.5),
+            ("weight", rng.random(c_out) + 0.5), ("bias", rng.standard_normal(c_out) * 0.1))]
+        h = relu(batch_norm(h, *stats, name=f"bn{i}"), name=f"relu{i}")
+    return g
+
+
+def _torch_lenet(F, p, x):
+    h = F.max_pool2d(F.relu(F.conv2d(x, p["conv1_w"], p["conv1_b"], padding=2)), 2)
+    h = F.max_pool2d(F.relu(F.conv2d(h, p["conv2_w"], p["conv2_b"])), 2)
+    h = F.relu(F.linear(h.flatten(1), p["fc1_w"], p["fc1_b"]))
+    h = F.relu(F.linear(h, p["fc2_w"], p["fc2_b"]))
+    return F.linear(h, p["fc3_w"], p["fc3_b"])
+
+
+def _torch_mobilenet(F, p, x):
+    h = F.relu(F.conv2d(x, p["stem_w"], p["stem_b"], stride=2, padding=1))
+    for i, stride in enumerate((1, 2, 1, 2), start=1):       # the blocks of convc.models.mobilenet_tiny
+        h = F.relu(F.conv2d(h, p[f"block{i}_dw_w"], p[f"block{i}_dw_b"], stride=stride, padding=1,
+                            groups=h.shape[1]))
+        h = F.relu(F.conv2d(h, p[f"block{i}_pw_w"], p[f"block{i}_pw_b"]))
+    return F.linear(h.mean((2, 3)), p["fc_w"], p["fc_b"])
+
+
+def _torch_dcgan(F, p, x):
+    import torch
+
+    h, i = x, 1
+    while f"t{i}_w" in p:
+        h = F.conv_transpose2d(h, p[f"t{i}_w"], stride=1 if i == 1 else 2, padding=0 if i == 1 else 1)
+        if f"bn{i}_mean" not in p:
+            return torch.tanh(h)
+        h = F.relu(F.batch_norm(h, p[f"bn{i}_mean"], p[f"bn{i}_var"], p[f"bn{i}_weight"], p[f"bn{i}_bias"],
+                                training=False, eps=1e-5))
+        i += 1
+    return h
+
+
+def _net_case(name: str, what: str, batch: int, quick: bool) -> Case:
+    b = batch if not quick else min(batch, 4)
+    nz, ngf = (16, 8) if quick else (100, 64)
+    what = what.format(nz=nz, ngf=ngf)
+
+    def prepare(env: Env, _threads: int) -> Prepared:
+        from . import models
+
+        if name == "lenet5":
+            g, torch_net, shape = models.lenet5(batch=b), _torch_lenet, (b, 1, 28, 28)
+        elif name == "mobilenet":
+            g, torch_net, shape = models.mobilenet_tiny(batch=b), _torch_mobilenet, (b, 3, 32, 32)
+        else:
+            g, torch_net, shape = dcgan_generator(batch=b, nz=nz, ngf=ngf), _torch_dcgan, (b, nz, 1, 1)
+        feeds = {g.input_names[0]: env.rng(name).standard_normal(shape).astype(np.float32)}
+        mod = env.compile(g)
+        prep = Prepared(g, lambda: mod.run(feeds)[next(iter(mod.outputs))], feeds=feeds, onnx=True)
+        if env.torch is not None:
+            params = {n: env.t(g.node(n)["value"]) for n in g.param_names}
+            x = env.t(feeds[g.input_names[0]])
+
+            def run_torch():
+                with env.torch.inference_mode():
+                    return torch_net(env.F, params, x)
+            prep.torch = run_torch
+        return prep
+
+    return Case(f"{name}_b{batch}", "net", f"{what}, batch {b} ({'latency' if batch == 1 else 'throughput'})",
+                prepare, latency=batch == 1)
+
+
+def _train_case(quick: bool) -> Case:
+    b = TRAIN_BATCH if not quick else 8
+    return Case(f"lenet5_train_b{TRAIN_BATCH}", "train",
+                f"one LeNet-5 training step, batch {b}, cross-entropy, SGD momentum {TRAIN_MOMENTUM} "
+                f"(convc Trainer vs torch eager + torch.optim.SGD)", lambda env, _threads: _train_prepare(env, b))
+
+
+def _train_prepare(env: Env, b: int) -> Prepared:
+    """A fresh LeNet Trainer (SGD with momentum) and a fresh torch twin with
+    the same weights and optimizer; the check compares their first steps."""
+    from .models import lenet5
+    from .ops.loss import cross_entropy
+    from .train import SGD, Trainer
+
+    g = lenet5(batch=b)
+    labels = g.input("labels", (b,), "int64")
+    trainer = Trainer(g, cross_entropy(g.value(g.outputs["logits"]), labels),
+                      optimizer=SGD(lr=TRAIN_LR, momentum=TRAIN_MOMENTUM))
+    rng = env.rng("train")
+    batch = {"x": rng.standard_normal((b, 1, 28, 28)).astype(np.float32),
+             "labels": rng.integers(0, 10, b).astype(np.int64)}
+    prep = Prepared(trainer.train_graph, lambda: trainer.step(batch), feeds=batch)
+    first = {}
+
+    if env.torch is not None:
+        torch, F = env.torch, env.F
+        params = {n: env.t(g.node(n)["value"]).clone().requires_grad_(True) for n in trainer.param_names}
+        opt = torch.optim.SGD(list(params.values()), lr=TRAIN_LR, momentum=TRAIN_MOMENTUM)
+        x, y = env.t(batch["x"]), env.t(batch["labels"])
+
+        def torch_step():
+            opt.zero_grad()
+            loss = F.cross_entropy(_torch_lenet(F, params, x), y)
+            loss.backward()
+            opt.step()
+            return loss.item()
+        prep.torch = torch_step
+
+        def reference():
+            loss = torch_step()
+            return loss, {n: p.detach().numpy().copy() for n, p in params.items()}
+    else:
+        from .runtime.module import NumpyModule
+        ref = NumpyModule(trainer.train_graph)
+
+        def reference():
+            loss = float(ref.run({k: v for k, v in batch.items() if k in ref.inputs})["loss"])
+            return loss, ref.get_params(trainer.param_names)
+
+    def check() -> float:
+        if first:                               # the first step only: later ones start from other weights
+            return first["err"]
+        want_loss, want_params = reference()
+        got_loss = trainer.step(batch)
+        err = check_close(np.array(got_loss), np.array(want_loss), "loss")
+        for n, got in trainer.params.items():
+            err = max(err, check_close(got, want_params[n], f"param {n} after one step"))
+        first["err"] = err
+        return err
+    prep.check = check
+    return prep
+
+
+def suite(quick: bool = False) -> list[Case]:
+    """Every case, in table order (names are the same in the quick suite;
+    descriptions give the sizes actually run)."""
+    cases = [_layer_case(layer, "fwd", quick) for layer in LAYERS]
+    cases += [_layer_case(layer, mode, quick) for layer in LAYERS for mode in ("dw", "dx")]
+    for name, what in (("lenet5", "LeNet-5 (convc.models.lenet5, 1x28x28)"),
+                       ("mobilenet", "MobileNet-style net (convc.models.mobilenet_tiny, 3x32x32)"),
+                       ("dcgan", "DCGAN generator (nz {nz}, ngf {ngf}, 3x64x64)")):
+        cases += [_net_case(name, what, b, quick) for b in NET_BATCHES]
+    cases.append(_train_case(quick))
+    cases.append(Case("lenet5_compile_cold", "compile",
+                      "cc.compile(lenet5()) into a fresh, empty CONVC_CACHE_DIR (passes, codegen, C compiler, load)"))
+    cases.append(Case("lenet5_load_cached", "compile", "cc.compile(lenet5()) again, from the compile cache"))
+    return cases
+
+
+def select(cases: list[Case], pattern: str | None) -> list[Case]:
+    """Cases matching ``pattern``: comma-separated parts, each a glob
+    ("resnet*"), an exact case name ("resnet3x3_s2": that case alone), or
+    else a substring ("lenet": every LeNet case)."""
+    if not pattern:
+        return cases
+    parts = [p.strip() for p in pattern.split(",") if p.strip()]
+    names = {c.name for c in cases}
+
+    def matches(name, p):
+        if any(ch in p for ch in "*?["):
+            return fnmatch.fnmatchcase(name, p)
+        return name == p if p in names else p in name
+
+    def hit(name):
+        return any(matches(name, p) for p in parts)
+    chosen = [c for c in cases if hit(c.name)]
+    if not chosen:
+        raise ConvcError(f"bench: no case matches {pattern!r}; the cases are: {', '.join(c.name for c in cases)}")
+    return chosen
+
+
+# -- running ----------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    """One line of the table: a case at a thread count."""
+    case: str
+    group: str
+    threads: int | None
+    macs: int | None = None
+    convc_ms: float | None = None
+    gflops: float | None = None
+    pct_peak: float | None = None
+    torch_ms: float | None = None
+    x_torch: float | None = None
+    ort_ms: float | None = None
+    x_ort: float | None = None
+    error: float | None = None          # relative error against the reference
+    status: str = "ok"                  # ok | FAILED
+    targets: list = field(default_factory=list)     # [{"target", "value", "pass"}]
+
+    @property
+    def mflop(self) -> float | None:
+        return None if self.macs is None else 2 * self.macs / 1e6
+
+
+@dataclass
+class Report:
+    """The result of a run: header facts, rows, and notes."""
+    header: dict
+    rows: list[Row]
+    notes: list[str]
+    descriptions: dict
+
+    @property
+    def failed(self) -> list[str]:
+        return sorted({r.case for r in self.rows if r.status == "FAILED"})
+
+    def to_json(self) -> dict:
+        return dict(header=self.header, notes=self.notes, cases=self.descriptions,
+                    rows=[dict(asdict(r), mflop=r.mflop) for r in self.rows])
+
+    def table(self, markdown: bool = False) -> str:
+        """The header lines, the table (plain or Markdown), the case legend and notes."""
+        cols = ["case", "threads", "MFLOP", "convc ms", "GFLOP/s", "% peak", "torch ms", "x torch", "ORT ms",
+                "x ORT", "target"]
+        body = [[r.case, "-" if r.threads is None else str(r.threads), _num(r.mflop), _ms(r.convc_ms, r.status),
+                 _num(r.gflops), _num(r.pct_peak), _ms(r.torch_ms), _ratio(r.x_torch), _ms(r.ort_ms),
+                 _ratio(r.x_ort), _targets(r)] for r in self.rows]
+        h = self.header
+        lines = [f"machine: {h['cpu']}, {h['cores']} logical cores, load average {h['load']}; {h['compiler']}",
+                 "versions: " + ", ".join(f"{k} {v}" for k, v in h["versions"].items()),
+                 "FMA peak: " + ", ".join(f"{v:.1f} GFLOP/s with {t} thread{'s' * (int(t) > 1)}"
+                                          for t, v in h["fma_peak"].items()) + f" ({h['fma_detail']})",
+                 f"settings: {h['settings']}", ""]
+        if markdown:
+            lines = [f"- {ln}" if ln else "" for ln in lines]
+            lines.append("| " + " | ".join(cols) + " |")
+            lines.append("|" + "|".join("---" if i in (0, 10) else "---:" for i in range(len(cols))) + "|")
+            lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body]
+        else:
+            widths = [max(len(x) for x in col) for col in zip(cols, *body)]
+            fmt = lambda row: "  ".join(v.ljust(w) if i in (0, 10) else v.rjust(w)  # noqa: E731
+                                        for i, (v, w) in enumerate(zip(row, widths))).rstrip()
+            lines += [fmt(cols), "-" * len(fmt(cols))] + [fmt(row) for row in body]
+        results = [t["pass"] for r in self.rows for t in r.targets]
+        lines += ["", f"targets: {sum(results)} pass, {len(results) - sum(results)} miss"
+                  + (f"; FAILED cases: {', '.join(self.failed)}" if self.failed else "")]
+        bullet = "- " if markdown else "  "
+        lines += ["", "cases:"] + [f"{bullet}{n}: {d}" for n, d in self.descriptions.items()]
+        if self.notes:
+            lines += ["", "notes:"] + [f"{bullet}{n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _num(v):
+    if v is None:
+        return "n/a"
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+
+
+def _ms(v, status="ok"):
+    if status == "FAILED":
+        return "FAILED"
+    if v is None:
+        return "n/a"
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}" if v >= 1 else f"{v:.3f}"
+
+
+def _ratio(v):
+    return "n/a" if v is None else f"{v:.2f}x"
+
+
+def _targets(r: Row) -> str:
+    if r.status == "FAILED":
+        return "FAILED"
+    return "; ".join(f"{'pass' if t['pass'] else 'miss'} {t['target']} ({t['value']})" for t in r.targets) or "-"
+
+
+def _describe(e: Exception) -> str:
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
+
+
+def _try_import(name):
+    try:
+        return __import__(name)
+    except ImportError:
+        return None
+
+
+class Runner:
+    """Runs cases at thread counts and collects rows and notes."""
+
+    def __init__(self, settings: Settings, threads: list[int], progress: Callable[[str], None] | None = None):
+        import convc
+
+        self.settings, self.threads = settings, threads
+        self.progress = progress or (lambda msg: None)
+        self.notes: list[str] = []
+        self.torch = _try_import("torch")
+        self.ort = _try_import("onnxruntime")
+        self.onnx = _try_import("onnx")
+        if self.torch is None:
+            self.note("torch is not installed: torch columns are n/a and cases are checked against convc's numpy "
+                      "reference interpreter (pip install 'convc[bench]')")
+        if self.ort is None:
+            self.note("onnxruntime is not installed: ORT columns are n/a (pip install 'convc[bench]')")
+        elif self.onnx is None:
+            self.note("onnx is not installed, so graphs cannot be written for ONNX Runtime: ORT columns are n/a")
+        self.set_convc_threads = getattr(convc, "set_num_threads", None)
+        if self.set_convc_threads is None:
+            self.note("convc threads: not controllable (convc has no set_num_threads); convc runs as its "
+                      "generated code does at every thread count")
+        self.env = Env(settings, self.torch)
+        self.peak: dict[int, float] = {}
+        self.fma_detail = ""
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def measure_peak(self) -> None:
+        fma = FmaPeak()
+        for t in self.threads:
+            self.peak[t] = fma.measure(t, self.settings.fma_seconds)
+        kernel = fma.kernels[fma.best]
+        per_thread = self.peak[self.threads[0]] / self.threads[0]
+        mhz = cpu_mhz()
+        self.fma_detail = f"{kernel} kernel, 12 independent chains"
+        if mhz:
+            self.fma_detail += (f"; {per_thread * 1e3 / mhz:.1f} flop/cycle per thread at the {mhz:.0f} MHz "
+                                "/proc/cpuinfo reports (turbo clocks make this look higher)")
+        if not 0.5 <= per_thread <= 500:
+            self.note(f"FMA peak {per_thread:.1f} GFLOP/s per thread is implausible; % peak may be meaningless")
+        low, top = min(self.threads), max(self.threads)
+        scale = self.peak[top] / self.peak[low]
+        if top > low and scale < 0.75 * top / low:
+            self.note(f"the FMA rate with {top} threads is only {scale:.2f}x the rate with {low}: this machine does "
+                      f"not have {top} cores' worth of compute free (SMT siblings, a shared host, or other load), "
+                      f"so the {top}-thread rows measure scheduling as much as kernels")
+
+    def set_threads(self, n: int) -> None:
+        if self.set_convc_threads is not None:
+            self.set_convc_threads(n)
+        if self.torch is not None:
+            self.torch.set_num_threads(n)
+
+    def prepare(self, case: Case, threads: int) -> Prepared:
+        from .cost import cost
+
+        prep = case.prepare(self.env, threads)
+        prep.macs = cost(prep.graph).macs
+        return prep
+
+    def run_case(self, case: Case) -> list[Row]:
+        """Rows of ``case`` at each thread count: check, then time convc and the peers."""
+        if case.group == "compile":
+            return self.run_compile(case)
+        rows: list[Row] = []
+        prep = reference = None
+        for threads in self.threads:
+            row = Row(case.name, case.group, threads)
+            rows.append(row)
+            self.set_threads(threads)
+            try:
+                if prep is None or case.group == "train":     # a fresh Trainer: its check is its first step
+                    prep = self.prepare(case, threads)
+                row.macs = prep.macs
+                if prep.check is not None:
+                    row.error = prep.check()
+                else:
+                    if reference is None:
+                        reference = self.reference(prep)
+                    row.error = check_close(prep.convc(), reference)
+                t = median_time(prep.convc, self.settings)
+            except Exception as e:          # noqa: BLE001  (a broken case must not stop the suite)
+                row.status = "FAILED"
+                self.note(f"{case.name} FAILED ({threads} thread{'s' * (threads > 1)}): {_describe(e)}")
+                continue
+            row.convc_ms = t * 1e3
+            row.gflops = 2 * prep.macs / t / 1e9 if prep.macs else None
+            if row.gflops is not None and threads in self.peak:
+                row.pct_peak = 100 * row.gflops / self.peak[threads]
+            if prep.torch is not None:
+                row.torch_ms = 1e3 * median_time(prep.torch, self.settings)
+                row.x_torch = row.torch_ms / row.convc_ms
+            if not prep.onnx:
+                if self.ort is not None:
+                    self.note("ORT is n/a for gradient cases and the training step: gradient ops have no ONNX form")
+            elif self.ort is not None and self.onnx is not None:
+                row.ort_ms = self.time_ort(case, prep, threads, reference)
+                if row.ort_ms is not None:
+                    row.x_ort = row.ort_ms / row.convc_ms
+            self.judge(case, row)
+        return rows
+
+    def reference(self, prep: Prepared) -> np.ndarray:
+        """The torch peer's output, or without torch the numpy reference interpreter's."""
+        if prep.torch is not None:
+            return prep.torch().numpy()
+        from .api import compile
+        return next(iter(compile(prep.graph, target="numpy").run(prep.feeds).values()))
+
+    def time_ort(self, case: Case, prep: Prepared, threads: int, reference) -> float | None:
+        """ORT's median time on the graph written with ``cc.to_onnx``, after
+        checking its output too; None (and a note) when it cannot run."""
+        try:
+            so = self.ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            so.log_severity_level = 3
+            if prep.onnx_bytes is None:
+                from .onnx import to_onnx
+                prep.onnx_bytes = to_onnx(prep.graph).SerializeToString()
+            sess = self.ort.InferenceSession(prep.onnx_bytes, so, providers=["CPUExecutionProvider"])
+            feeds = {i.name: prep.feeds[i.name] for i in sess.get_inputs()}
+            check_close(sess.run(None, feeds)[0], reference, "ONNX Runtime's output")
+            return 1e3 * median_time(lambda: sess.run(None, feeds), self.settings)
+        except Exception as e:              # noqa: BLE001  (a peer that cannot run is n/a, not a crash)
+            self.note(f"{case.name}: ORT n/a: {_describe(e)}")
+            return None
+
+    def judge(self, case: Case, row: Row) -> None:
+        """Attach the issue's targets that apply to this row."""
+        def add(target, value, ok):
+            row.targets.append({"target": target, "value": value, "pass": bool(ok)})
+        if case.group in ("layer", "grad"):
+            if row.x_torch is not None:
+                add(">=1x torch", f"{row.x_torch:.2f}x", row.x_torch >= 1.0)
+            if case.kernel3x3 and row.pct_peak is not None:
+                add(">=50% peak", f"{row.pct_peak:.0f}%", row.pct_peak >= 50)
+        elif case.group == "net" and case.latency:
+            for peer, x in (("torch", row.x_torch), ("ORT", row.x_ort)):
+                if x is not None:
+                    add(f"latency <=0.5x {peer}", f"{1 / x:.2f}x", 1 / x <= 0.5)
+        elif case.group == "train" and row.x_torch is not None:
+            add(">=3x torch eager", f"{row.x_torch:.2f}x", row.x_torch >= 3.0)
+
+    def run_compile(self, case: Case) -> list[Row]:
+        """Cold compile: each into a fresh temporary CONVC_CACHE_DIR, with the
+        compiler-version lookup forgotten too; cached: the same graph again."""
+        from .api import compile
+        from .models import lenet5
+        from .runtime import build
+
+        row = Row(case.name, case.group, None)
+        g = lenet5()
+        old = os.environ.get("CONVC_CACHE_DIR")
+        try:
+            with tempfile.TemporaryDirectory(prefix="convc-bench-") as tmp:
+                if case.name.endswith("cold"):
+                    times = []
+                    for i in range(self.settings.cold_compiles):
+                        os.environ["CONVC_CACHE_DIR"] = os.path.join(tmp, str(i))
+                        if hasattr(build.compiler_version, "cache_clear"):
+                            build.compiler_version.cache_clear()
+                        t = time.perf_counter()
+                        mod = compile(g, target="c")
+                        times.append(time.perf_counter() - t)
+                    t = statistics.median(times)
+                    limit, label = 1.5, "<1.5 s"
+                else:
+                    os.environ["CONVC_CACHE_DIR"] = tmp
+                    mod = compile(g, target="c")
+                    s = self.settings
+                    t = median_time(lambda: compile(g, target="c"),
+                                    Settings(warmup=0, min_runs=s.min_runs, repeat_seconds=s.repeat_seconds,
+                                             max_seconds=s.max_seconds))
+                    limit, label = 0.05, "<50 ms"
+                x = self.env.rng("compile").standard_normal((1, 1, 28, 28)).astype(np.float32)
+                row.error = check_close(mod(x=x), compile(g, target="numpy")(x=x))
+        except Exception as e:              # noqa: BLE001
+            row.status = "FAILED"
+            self.note(f"{case.name} FAILED: {_describe(e)}")
+            return [row]
+        finally:
+            if old is None:
+                os.environ.pop("CONVC_CACHE_DIR", None)
+            else:
+                os.environ["CONVC_CACHE_DIR"] = old
+        row.convc_ms = t * 1e3
+        row.targets.append({"target": label, "value": f"{t * 1e3:.0f} ms" if t < 1 else f"{t:.2f} s",
+                            "pass": t < limit})
+        return [row]
+
+
+def parse_threads(text: str | None) -> list[int]:
+    """"1,4" -> [1, 4]; default: 1 and os.cpu_count() (once if equal)."""
+    if not text:
+        return sorted({1, os.cpu_count() or 1})
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConvcError(f"bench: --threads takes comma-separated positive integers such as 1,4, got {text!r}") \
+            from None
+    if not values or min(values) < 1:
+        raise ConvcError(f"bench: --threads takes comma-separated positive integers such as 1,4, got {text!r}")
+    return sorted(set(values))
+
+
+def run(cases: str | None = None, threads=None, quick: bool = False, repeat_seconds: float | None = None,
+        min_runs: int | None = None, progress: Callable[[str], None] | None = None) -> Report:
+    """Run the suite (or the cases matching ``cases``) at each thread count
+    of ``threads`` (a list, or text like "1,4"; default 1 and all cores) and
+    return a :class:`Report`.
+
+    >>> print(cc.bench.run(cases="lenet5_b1", quick=True).table())   # doctest: +SKIP
+    """
+    import convc
+
+    settings = Settings.make(quick, repeat_seconds, min_runs)
+    thread_list = parse_threads(threads if threads is None or isinstance(threads, str)
+                                else ",".join(map(str, threads)))
+    chosen = select(suite(quick), cases)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    runner = Runner(settings, thread_list, progress)
+    progress = runner.progress
+    progress("measuring the FMA peak")
+    runner.measure_peak()
+    rows: list[Row] = []
+    for i, case in enumerate(chosen, start=1):
+        progress(f"[{i}/{len(chosen)}] {case.name}")
+        rows += runner.run_case(case)
+    from .runtime.build import compiler, compiler_version
+
+    versions = {"convc": convc.__version__, "numpy": np.__version__,
+                "torch": getattr(runner.torch, "__version__", "not installed"),
+                "onnxruntime": getattr(runner.ort, "__version__", "not installed")}
+    how = (f"{'quick, ' if quick else ''}float32; forward single-layer cases at batch "
+           f"{FORWARD_BATCH if not quick else 1}, gradients at batch {GRAD_BATCH if not quick else 2}; "
+           f"median of >= {settings.min_runs} runs and >= {settings.repeat_seconds:g} s after {settings.warmup} "
+           f"warm-up(s); threads {', '.join(map(str, thread_list))}; checked to {RTOL:g} of the output scale")
+    header = dict(cpu=cpu_model(), cores=os.cpu_count(), load=f"{load:.2f} at start",
+                  compiler=compiler_version(compiler()).splitlines()[0], versions=versions,
+                  fma_peak={str(t): v for t, v in runner.peak.items()}, fma_detail=runner.fma_detail, settings=how,
+                  quick=quick)
+    return Report(header, rows, runner.notes, {c.name: c.description for c in chosen})
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="shrink every case and repeat count (a few seconds)")
+    p.add_argument("--cases", metavar="PATTERN",
+                   help="comma-separated case names, globs (resnet*) or substrings (lenet); --list shows the names")
+    p.add_argument("--threads", metavar="N,M", help="thread counts (default: 1 and all cores)")
+    p.add_argument("--repeat-seconds", type=float, metavar="S", help="time each case for at least S seconds "
+                                                                     "(default 0.2; quick 0.01)")
+    p.add_argument("--min-runs", type=int, metavar="N", help="at least N timed runs per case (default 5)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+
+
+def cmd_bench(args) -> int:
+    """``convc bench``: run, print the table, optionally write JSON. Exit 1 if a case FAILED."""
+    if args.list:
+        for c in select(suite(args.quick), args.cases):
+            print(f"{c.name:24s} {c.description}")
+        return 0
+    report = run(args.cases, args.threads, args.quick, args.repeat_seconds, args.min_runs,
+                 progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(report.table(markdown=args.markdown))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_json(), f, indent=1)
+    return 1 if report.failed else 0
+
+
+def add_cli(sub) -> None:
+    """Register ``convc bench`` on the ``convc`` command's subparsers."""
+    b = sub.add_parser("bench", help="time a fixed suite against PyTorch and ONNX Runtime, with the FMA peak")
+    add_arguments(b)
+    b.set_defaults(fn=cmd_bench)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m convc.bench", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return cmd_bench(args)
+    except ConvcError as e:
+        print(f"convc bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
