@@ -1058,7 +1058,12 @@ _SIMPLE = {"global_avg_pool": "GlobalAveragePool", "relu": "Relu", "sigmoid": "S
 
 @exports(*_SIMPLE)
 def _x_simple(ex, n, ins, attrs, out):
-    ex.node(_SIMPLE[ex.graph.node(n)["op"]], [ex.tensor[i] for i in ins], [ex.tensor[n]])
+    args = [ex.tensor[i] for i in ins]
+    if attrs.get("transpose_a"):            # matmul of a used transposed
+        rank = len(ex.graph.node(ins[0])["type"].shape)
+        perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+        args[0] = ex.node("Transpose", [args[0]], [ex.fresh(f"{n}.a_T")], perm=perm)
+    ex.node(_SIMPLE[ex.graph.node(n)["op"]], args, [ex.tensor[n]])
 
 
 @exports("leaky_relu")

@@ -210,6 +210,8 @@ def _cases():
         lambda v: cc.matmul(v["a"], v["b"]))
     add("matmul_batched_bcast_both", dict(a=rn(3, 1, 2, 4), b=rn(2, 4, 3)),
         lambda v: cc.matmul(v["a"], v["b"]))
+    add("matmul_transpose_a_bcast", dict(a=rn(3, 1, 4, 2), b=rn(2, 4, 3)),
+        lambda v: cc.matmul(v["a"], v["b"], transpose_a=True))
     add("softmax_last", dict(x=rn(3, 5)), lambda v: cc.softmax(v["x"]))
     add("softmax_axis1", dict(x=rn(2, 4, 3)), lambda v: cc.softmax(v["x"], axis=1))
 

@@ -288,6 +288,17 @@ for _dt in ("float32", "float64"):
             return cc.matmul(x, y), torch.matmul(T(a), T(b)).numpy()
 
 
+# a used transposed (stored (..., K, M)), including shapes that fill the GEMM's register tiles
+for _dt in ("float32", "float64"):
+    for _sa, _sb in [((4, 3), (4, 5)), ((2, 7, 3), (2, 7, 1)), ((40, 37), (40, 70)), ((2, 1, 9, 13), (3, 9, 33))]:
+        @case(f"matmul-aT-{'x'.join(map(str, _sa))}@{'x'.join(map(str, _sb))}{'-f64' if _dt == 'float64' else ''}",
+              _dt)
+        def _(c, sa=_sa, sb=_sb, dt=_dt):
+            x, a = c.input(sa, dt)
+            y, b = c.input(sb, dt)
+            return cc.matmul(x, y, transpose_a=True), torch.matmul(T(a).transpose(-1, -2), T(b)).numpy()
+
+
 @case("matmul-with-constant-array")
 def _(c):
     x, a = c.input((2, 3, 4))

@@ -19,9 +19,11 @@ def dense(x: Value, w, bias=None, name=None) -> Value:
     return x.graph.add("dense", ins, {}, name)
 
 
-def matmul(a: Value, b: Value, name=None) -> Value:
-    """Matrix product of (..., M, K) and (..., K, N); batch dims broadcast."""
-    return a.graph.add("matmul", [a, as_value(a, b, "matmul operand")], {}, name)
+def matmul(a: Value, b: Value, name=None, transpose_a: bool = False) -> Value:
+    """Matrix product of (..., M, K) and (..., K, N); batch dims broadcast.
+    ``transpose_a``: a is stored as (..., K, M) and used transposed (no copy)."""
+    return a.graph.add("matmul", [a, as_value(a, b, "matmul operand")],
+                       {"transpose_a": True} if transpose_a else {}, name)
 
 
 def softmax(x: Value, axis: int = -1, name=None) -> Value:
@@ -78,18 +80,31 @@ class Matmul(Op):
     arity = (2, 2)
     inputs = ("a", "b")
 
+    def normalize(self, attrs, types):
+        ta = attrs.get("transpose_a", False)
+        if ta not in (True, False):
+            raise RuleError(f"transpose_a must be a bool, got {ta!r}")
+        return {"transpose_a": True} if ta else {}
+
+    @staticmethod
+    def _mk(attrs, a):
+        """(M, K) of operand a as used."""
+        return (a.shape[-1], a.shape[-2]) if attrs.get("transpose_a") else (a.shape[-2], a.shape[-1])
+
     def infer(self, attrs, types):
         a, b = types
         dtype = same_dtype(types, "operands")
         if len(a.shape) < 2 or len(b.shape) < 2:
             raise RuleError(f"operands must have rank >= 2 (..., M, K) @ (..., K, N), got {a.shape} and {b.shape}")
-        if a.shape[-1] != b.shape[-2]:
-            raise RuleError(f"inner dims differ: {a.shape} @ {b.shape} needs {a.shape[-1]} == {b.shape[-2]}")
+        m, k = self._mk(attrs, a)
+        if k != b.shape[-2]:
+            used = "a transposed" if attrs.get("transpose_a") else "a"
+            raise RuleError(f"inner dims differ: {used} of {a.shape} @ {b.shape} needs {k} == {b.shape[-2]}")
         try:
             batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         except ValueError:
             raise RuleError(f"batch dims {a.shape[:-2]} and {b.shape[:-2]} do not broadcast") from None
-        return TensorType(tuple(batch) + (a.shape[-2], b.shape[-1]), dtype)
+        return TensorType(tuple(batch) + (m, b.shape[-1]), dtype)
 
     def grad(self, attrs, xs, y, gy, needs):
         from .tensor import sum_to, transpose
@@ -99,20 +114,24 @@ class Matmul(Op):
             perm = list(range(len(v.shape)))
             perm[-2:] = perm[-1], perm[-2]
             return transpose(v, perm)
+        if attrs.get("transpose_a"):       # y = a^T b: da = b gy^T, db = a gy
+            return [sum_to(matmul(b, t(gy)), a.shape) if needs[0] else None,
+                    sum_to(matmul(a, gy), b.shape) if needs[1] else None]
         return [sum_to(matmul(gy, t(b)), a.shape) if needs[0] else None,
-                sum_to(matmul(t(a), gy), b.shape) if needs[1] else None]
+                sum_to(matmul(a, gy, transpose_a=True), b.shape) if needs[1] else None]
 
     def reference(self, attrs, a, b):
-        return np.matmul(a, b)
+        return np.matmul(np.swapaxes(a, -1, -2) if attrs.get("transpose_a") else a, b)
 
     def context(self, attrs, types, out):
         a, b = types
         batch = out.shape[:-2]
-        return dict(M=a.shape[-2], K=a.shape[-1], N=b.shape[-1], batch=list(batch),
+        m, k = self._mk(attrs, a)
+        return dict(M=m, K=k, N=b.shape[-1], batch=list(batch), transpose_a=bool(attrs.get("transpose_a")),
                     sa=broadcast_strides(a.shape[:-2], batch), sb=broadcast_strides(b.shape[:-2], batch))
 
     def macs(self, attrs, types, out):
-        return out.size * types[0].shape[-1]
+        return out.size * self._mk(attrs, types[0])[1]
 
 
 @register

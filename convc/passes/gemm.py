@@ -89,9 +89,8 @@ def _grad_input(g: Graph, n: str):
         return None
     nb, sizes = gy.shape[0], gy.shape[2:]
     wm = reshape(w, (groups, c_out // groups, c_in_g * _prod(k)), name=fresh(g, f"{n}.w_matrix"))
-    wt = transpose(wm, (0, 2, 1), name=fresh(g, f"{n}.w_matrix_T"))
     gm = reshape(gy, (nb, groups, c_out // groups, _prod(sizes)), name=fresh(g, f"{n}.g_matrix"))
-    cols = matmul(wt, gm, name=fresh(g, f"{n}.gemm"))                      # (N, G, C_in/g*K, P)
+    cols = matmul(wm, gm, name=fresh(g, f"{n}.gemm"), transpose_a=True)    # (N, G, C_in/g*K, P)
     cols = reshape(cols, (nb, groups * c_in_g, *k, *sizes), name=fresh(g, f"{n}.cols"))
     return col2im(cols, a["input_size"], a["stride"], a["padding"], a["dilation"], name=fresh(g, f"{n}.col2im"))
 

@@ -68,11 +68,10 @@ def _to_matmul(g: Graph, n: str):
         kk *= v
     for v in sizes:
         nn *= v
-    # weight matrix of the conv, transposed: (G, C_out/g * K, C_in/g)
+    # the weight matrix (G, C_in/g, C_out/g * K), used transposed by the GEMM
     wm = reshape(w, (groups, c_in // groups, c_out_g * kk), name=fresh(g, f"{n}.w_matrix"))
-    wt = transpose(wm, (0, 2, 1), name=fresh(g, f"{n}.w_matrix_T"))
     xm = reshape(x, (nb, groups, c_in // groups, nn), name=fresh(g, f"{n}.x_matrix"))
-    cols = matmul(wt, xm, name=fresh(g, f"{n}.gemm"))                      # (N, G, C_out/g*K, n)
+    cols = matmul(wm, xm, name=fresh(g, f"{n}.gemm"), transpose_a=True)    # (N, G, C_out/g*K, n)
     cols = reshape(cols, (nb, groups * c_out_g, *k, *sizes), name=fresh(g, f"{n}.cols"))
     y = col2im(cols, out[2:], a["stride"], a["padding"], a["dilation"], name=fresh(g, f"{n}.col2im"))
     return _bias(g, n, y, b)
