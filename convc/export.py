@@ -144,10 +144,11 @@ class Library:
     tensors: dict[str, list[dict]] = field(default_factory=dict)   # "inputs"/"outputs" -> entry arguments
 
 
-def render(graph: Graph, name: str = "model", weights_file: bool = False, passes="default") -> Library:
+def render(graph: Graph, name: str = "model", weights_file: bool = False, passes="embedded") -> Library:
     """Render ``NAME.h``, ``NAME.c`` (and ``NAME_weights.c``) for ``graph``
-    after the pass pipeline ``passes`` (the one ``cc.compile`` runs by
-    default: the library is the C the runtime would build)."""
+    after the pass pipeline ``passes`` ("embedded": the default's cleanups
+    and fusions without the GEMM/Winograd lowerings, whose scratch costs RAM;
+    the node functions are the ones the runtime renders)."""
     from .passes import run as run_passes
 
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
@@ -268,12 +269,13 @@ class Export:
                 f"{self.intermediate_bytes:,} without reuse), weights {self.weight_bytes:,} bytes")
 
 
-def export_c(graph: Graph, out_dir, name: str = "model", weights_file: bool = False, passes="default",
+def export_c(graph: Graph, out_dir, name: str = "model", weights_file: bool = False, passes="embedded",
              harness: bool = True, test_inputs=None, tests: int = 2, seed: int = 0) -> Export:
     """Write ``NAME.h``, ``NAME.c`` (weights inside, or in ``NAME_weights.c``
     with ``weights_file=True``) and the test harness ``NAME_test.c`` into
     ``out_dir`` (created if needed). ``passes``: the pipeline run first, as in
-    ``cc.compile`` ("default", "none", ... or a list of pass names).
+    ``cc.compile`` ("embedded" by default: no im2col or Winograd scratch;
+    "default" for speed where RAM allows, "none", or a list of pass names).
 
     >>> cc.export_c(lenet5(), "build/lenet", name="lenet")   # doctest: +SKIP
     """
@@ -418,7 +420,7 @@ def _measure(tools: Toolchain, tmp: str, name: str, obj: str, flags: list[str]) 
     return _Object(symbols, sections, stack)
 
 
-def size_report(graph: Graph, name: str = "model", tools: Toolchain | None = None, passes="default") -> SizeReport:
+def size_report(graph: Graph, name: str = "model", tools: Toolchain | None = None, passes="embedded") -> SizeReport:
     """Compile the exported library twice and measure it. Totals come from
     the build a firmware project does (``-std=c99 -Os``): code = .text,
     const data = .rodata + .data, static RAM = .bss + .data (the arena);
@@ -493,8 +495,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--size", action="store_true",
                    help="compile the library (arm-none-eabi-gcc for a Cortex-M4F if installed, else the host "
                         "compiler) and report flash (code + const data) and RAM (arena + stack) per node")
-    p.add_argument("--pipeline", default="default",
-                   help="pass pipeline run before rendering, as in cc.compile (default: default; none: as given)")
+    p.add_argument("--pipeline", default="embedded",
+                   help="pass pipeline run before rendering, as in cc.compile (default: embedded, which leaves out "
+                        "the GEMM/Winograd lowerings that need scratch RAM; none: as given)")
     p.set_defaults(fn=cmd_export)
     return p
 

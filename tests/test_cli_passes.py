@@ -96,7 +96,9 @@ def test_default_pipeline_is_the_default(tmp_path):
     assert r.returncode == 0, r.stderr
     got = steps(r.stdout)
     assert [h.split(" after ")[-1].rstrip(" =") for h, _ in got[1:]] == PIPELINES["default"]
-    assert "fused_separable(" in ir_of(got[-1][1])
+    final = ir_of(got[-1][1])
+    assert "matmul(" in final and "im2col(" in final, "the stem and the pointwise convs are GEMMs"
+    assert "conv(" in final, "the depthwise convs stay direct"
 
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz `dot` is not installed")

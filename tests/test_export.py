@@ -35,7 +35,7 @@ ALLOWED_UNDEFINED = {"memcpy", "memset", "memmove"} | {
     f + s for f in ("exp", "log", "tanh", "sqrt", "fabs", "pow", "floor", "ceil", "fmax", "fmin", "expm1",
                     "log1p", "erf") for s in ("", "f")}
 # id -> (builder, export name, weights in NAME_weights.c, pass pipeline)
-MODELS = {"lenet5": (lenet5, "lenet", False, "default"), "mobilenet_tiny": (mobilenet_tiny, "mnet", True, "default"),
+MODELS = {"lenet5": (lenet5, "lenet", False, "embedded"), "mobilenet_tiny": (mobilenet_tiny, "mnet", True, "embedded"),
           "mobilenet_tiny-unfused": (mobilenet_tiny, "mnet", False, "none")}
 
 
@@ -158,7 +158,7 @@ def test_node_functions_are_the_runtime_ones(exported):
         assert f in lib, f.splitlines()[0]
 
 
-@pytest.mark.parametrize("passes", ["none", "default"])
+@pytest.mark.parametrize("passes", ["none", "embedded", "default"])
 def test_lenet_arena_is_reused(passes, tmp_path):
     g = run_passes(lenet5(), passes)
     p = make_plan(g)

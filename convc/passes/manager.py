@@ -18,19 +18,31 @@ from ..ir import Graph
 PASSES: dict[str, Callable[[Graph], Graph]] = {}
 
 PIPELINES: dict[str, dict[str, list[str]]] = {
-    # What cc.compile runs unless told otherwise: cleanups and fusions that
-    # never make the work larger, then the choice of algorithm per conv
-    # (GEMM where it pays; see each pass's docstring for the rule).
+    # What cc.compile runs unless told otherwise: cleanups and fusions, then
+    # the choice of algorithm per conv (Winograd for 3x3 unit-stride, GEMM
+    # where it pays; each pass's docstring gives its rule); depthwise +
+    # pointwise pairs too small for a GEMM fuse into one kernel.
     "default": [
         "eliminate_dead_code",
         "eliminate_common_subexpressions",
         "fold_constants",
         "fold_batch_norm",
         "fuse_bias_activation",
-        "fuse_separable",
         "conv_to_winograd",
         "conv_to_gemm",
         "transposed_to_matmul",
+        "fuse_separable",
+        "eliminate_dead_code",
+    ],
+    # For the embedded export: the default's cleanups and fusions without the
+    # algorithm choice, whose im2col columns and Winograd tiles need RAM.
+    "embedded": [
+        "eliminate_dead_code",
+        "eliminate_common_subexpressions",
+        "fold_constants",
+        "fold_batch_norm",
+        "fuse_bias_activation",
+        "fuse_separable",
         "eliminate_dead_code",
     ],
     # For training graphs: the default minus the passes that bake weights
@@ -40,10 +52,10 @@ PIPELINES: dict[str, dict[str, list[str]]] = {
         "eliminate_common_subexpressions",
         "fold_constants",
         "fuse_bias_activation",
-        "fuse_separable",
         "conv_to_winograd",
         "conv_to_gemm",
         "transposed_to_matmul",
+        "fuse_separable",
         "eliminate_dead_code",
     ],
     # The book's lowerings, one after another, to study what each rewrites.
