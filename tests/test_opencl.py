@@ -3,7 +3,6 @@ helpers.TARGETS): availability, device choice, build errors, params and
 training state on the device, the CLI, and oclgrind's memory checks."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess

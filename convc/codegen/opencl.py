@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from .. import __version__
 from ..ir import Graph, TensorType
 from ..schedule import Plan, plan as make_plan
-from .c import describe, node_functions  # noqa: F401  (describe: same comments as C)
+from .c import node_functions
 from .env import CL_TYPES, CTYPES, Namer, environment
 
 

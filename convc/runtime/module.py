@@ -122,6 +122,15 @@ class NumpyModule(Module):
         self._state[n] = a.copy()
 
 
+def param_view(graph: Graph, plan, blob: np.ndarray, n: str) -> np.ndarray:
+    """Param ``n`` as a typed view into the param blob laid out by ``plan``."""
+    t = graph.node(n)["type"]
+    if n not in plan.params:
+        raise InputError(f"graph '{graph.name}': param '{n}' is not used by the compiled code")
+    off = plan.params[n]
+    return blob[off:off + t.nbytes].view(t.dtype).reshape(t.shape)
+
+
 _CDATA = {np.dtype(k): v for k, v in {"float32": "float[]", "float64": "double[]", "int64": "int64_t[]",
                                        "uint8": "unsigned char[]"}.items()}
 
@@ -175,11 +184,7 @@ class CModule(Module):
         return dict(sorted(res.items(), key=lambda kv: -kv[1]))
 
     def _param_view(self, n) -> np.ndarray:
-        t = self.graph.node(n)["type"]
-        if n not in self.plan.params:
-            raise InputError(f"graph '{self.graph.name}': param '{n}' is not used by the compiled code")
-        off = self.plan.params[n]
-        return self._params[off:off + t.nbytes].view(t.dtype).reshape(t.shape)
+        return param_view(self.graph, self.plan, self._params, n)
 
     def _get_param(self, n):
         with self._lock:

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import CompileError, ConvcError, InputError
 from ..ir import Graph
-from .module import Module, aligned_bytes
+from .module import Module, aligned_bytes, param_view
 
 INSTALL_HINT = ("install an OpenCL ICD loader, its headers and a driver, e.g. on Debian/Ubuntu: "
                 "apt-get install ocl-icd-opencl-dev opencl-headers pocl-opencl-icd")
@@ -126,11 +126,7 @@ class OpenCLModule(Module):
         return outs
 
     def _param_view(self, n) -> np.ndarray:
-        t = self.graph.node(n)["type"]
-        if n not in self.plan.params:
-            raise InputError(f"graph '{self.graph.name}': param '{n}' is not used by the compiled code")
-        off = self.plan.params[n]
-        return self._params[off:off + t.nbytes].view(t.dtype).reshape(t.shape)
+        return param_view(self.graph, self.plan, self._params, n)
 
     def _get_param(self, n):
         with self._lock:
