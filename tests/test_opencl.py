@@ -181,3 +181,46 @@ def test_lenet_forward_and_training_step_clean_under_oclgrind():
     assert out.stdout.rstrip().endswith("OK"), report[-4000:]
     found = _OCLGRIND_ERRORS.findall(out.stderr)
     assert not found, out.stderr[-4000:]
+
+
+def test_host_program_runs_without_python(tmp_path):
+    """The generated host program is plain C: built with a small main() and
+    -lOpenCL, it loads the params blob, runs LeNet-5 and prints outputs that
+    match the reference."""
+    from convc.models import lenet5
+
+    g = lenet5()
+    mod = cc.compile(g, target="opencl")
+    p = mod.host_prefix
+    (tmp_path / "host.c").write_text(mod.host_source)
+    mod.params_blob().tofile(tmp_path / "params.bin")
+    x = np.random.default_rng(9).standard_normal((1, 1, 28, 28)).astype(np.float32)
+    x.tofile(tmp_path / "x.bin")
+    (tmp_path / "main.c").write_text(f"""
+#include <stdio.h>
+#include <stdlib.h>
+{mod.host_api}
+int main(void)
+{{
+    static unsigned char params[{max(mod.plan.params_bytes, 1)}];
+    static float x[784], y[10];
+    FILE *f = fopen("params.bin", "rb");
+    if (!f || fread(params, 1, sizeof params, f) != sizeof params) return 2;
+    fclose(f);
+    f = fopen("x.bin", "rb");
+    if (!f || fread(x, sizeof x[0], 784, f) != 784) return 3;
+    fclose(f);
+    if ({p}_init(params) != 0) {{ fprintf(stderr, "%s\\n", {p}_error()); return 4; }}
+    if ({p}_run(x, y) != 0) {{ fprintf(stderr, "%s\\n", {p}_error()); return 5; }}
+    for (int i = 0; i < 10; i++) printf("%.9g\\n", y[i]);
+    {p}_release();
+    return 0;
+}}
+""")
+    build = subprocess.run(["cc", "-std=c99", "-O2", "main.c", "host.c", "-o", "lenet_cl", "-lOpenCL"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run(["./lenet_cl"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    got = np.array([float(v) for v in run.stdout.split()], np.float32).reshape(1, 10)
+    assert_close(got, cc.compile(g, target="numpy")(x=x), what="host program without Python")

@@ -76,7 +76,9 @@ class OpenCLModule(Module):
         import cffi
 
         super().__init__(graph, src.kernels)
-        self.host_source = src.host
+        self.host_source = src.host            # the C host program (kernels embedded): builds without Python
+        self.host_api = src.cdef()              # its declarations, e.g. for a C main() that links it
+        self.host_prefix = src.prefix
         self.library_path = lib_path
         self.kernels_path = Path(lib_path).parent / "kernels.cl"
         self.plan = src.plan
@@ -138,6 +140,13 @@ class OpenCLModule(Module):
             self._check(self._fn["read_params"](self._ptr(self._params)), "reading params")
             self._param_view(n)[...] = a
             self._check(self._fn["write_params"](self._ptr(self._params)), "writing params")
+
+    def params_blob(self) -> np.ndarray:
+        """The params as the host program's ``<prefix>_init`` takes them: one
+        byte blob (with the current, possibly trained, values)."""
+        with self._lock:
+            self._check(self._fn["read_params"](self._ptr(self._params)), "reading params")
+            return self._params.copy()
 
     def profile(self):
         raise InputError(f"graph '{self.graph.name}': per-node profiling is not available on the opencl target")
