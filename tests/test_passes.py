@@ -362,12 +362,16 @@ def test_conv_to_gemm_fires_on_convs_and_both_gradients(monkeypatch):
         g.output(d, f"d{i}")
     n_conv = len(RANKS)
     assert ops(g)["conv_grad_kernel"] == n_conv and ops(g)["conv_grad_input"] == n_conv
+    ungrouped = sum(g.node(y.name)["attrs"]["groups"] == 1 for y in outs)
+    assert 0 < ungrouped < n_conv and all(y.shape[1] < gemm.NARROW for y in outs)
 
     def fired(g2):
         assert ops(g2)["conv"] == 0 and ops(g2)["conv_grad_kernel"] == 0
         assert ops(g2)["conv_grad_input"] == flips, "h of a flipped conv stays (col2im has no flip)"
         assert ops(g2)["im2col"] == 2 * n_conv and ops(g2)["col2im"] == n_conv - flips
-        assert ops(g2)["matmul"] == 3 * n_conv - flips
+        # g of an ungrouped conv with fewer than NARROW output channels (all of these) is dot products
+        assert ops(g2)["dense"] == ungrouped
+        assert ops(g2)["matmul"] == 3 * n_conv - flips - ungrouped
 
     check_pass("conv_to_gemm", g, fired)
 
@@ -390,6 +394,26 @@ def test_conv_to_gemm_pointwise_needs_no_im2col_and_small_convs_stay():
         assert ops(g2)["conv"] == 1, "the small conv stays direct"
         assert ops(g2)["im2col"] == 1 and ops(g2)["matmul"] == 2, "the 1x1 conv multiplies x as it is"
         assert ops(g2)["relu"] == 1 and ops(g2)["add"] == 1, "bias and activation follow the GEMM"
+
+    check_pass("conv_to_gemm", g, fired)
+
+
+def test_conv_to_gemm_wide_kernel_gradient_is_a_gemm():
+    import convc.passes.gemm as gemm
+
+    rng = rng_for("gemm_wide")
+    g = cc.Graph("gemm_wide")
+    x = g.input("x", (2, 8, 12, 12), "float64")
+    w = g.param("w", rng.standard_normal((gemm.NARROW, 8, 3, 3)))
+    y = cc.conv(x, w, padding=1)
+    dx, dw = cc.grad(cc.reduce_sum(cc.mul(y, y), (0, 1, 2, 3)), [x, w])
+    g.output(dw, "dw")
+    g.output(dx, "dx")
+
+    def fired(g2):
+        assert ops(g2)["conv_grad_kernel"] == 0 and ops(g2)["conv_grad_input"] == 0
+        assert ops(g2)["dense"] == 0 and ops(g2)["matmul"] == 3, "forward, g and h are GEMMs"
+        assert ops(g2)["im2col"] == 2, "(shared after eliminate_common_subexpressions)"
 
     check_pass("conv_to_gemm", g, fired)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..ir import Graph
 from ..ops import get_op
 from ..ops.columns import col2im, im2col
-from ..ops.linear import matmul
+from ..ops.linear import dense, matmul
 from ..ops.tensor import reduce_sum, reshape, transpose
 from .im2col import _conv as _conv_im2col
 from .manager import register
@@ -16,6 +16,10 @@ from .transposed import _bias
 
 MIN_MACS = 1 << 16
 """Smaller nodes stay direct: the im2col copy and the call overhead eat the gain."""
+
+NARROW = 16
+"""A kernel gradient with fewer output channels than this is computed as dot
+products (``dense``) instead of a GEMM whose register tiles it cannot fill."""
 
 
 def _prod(v):
@@ -56,7 +60,9 @@ def _forward(g: Graph, n: str):
 def _grad_kernel(g: Graph, n: str):
     """dW^T (C_in/g·K × C_out/g) = cols (C_in/g·K × P) · G^T (P × C_out/g) per
     image and group, summed over images; transposing G (not the K-times
-    larger cols) keeps the extra copy small."""
+    larger cols) keeps the extra copy small. With fewer than ``NARROW``
+    output channels (and one group), dW = dot products of G's and the
+    columns' rows over all images at once."""
     a = attrs(g, n)
     gy, v = ins(g, n)
     c_out, c_in_g, *k = g.node(n)["type"].shape
@@ -65,6 +71,14 @@ def _grad_kernel(g: Graph, n: str):
         return None
     nb, pp, ck = gy.shape[0], _prod(gy.shape[2:]), c_in_g * _prod(k)
     cols = im2col(v, k, a["stride"], a["padding"], a["dilation"], a["flip"], name=fresh(g, f"{n}.im2col"))
+    if groups == 1 and c_out < NARROW:
+        # too few output channels for the GEMM's register tiles: dot products
+        # over all images and positions at once (dense: rows of both operands contiguous)
+        gt = reshape(transpose(reshape(gy, (nb, c_out, pp), name=fresh(g, f"{n}.g_matrix")), (1, 0, 2),
+                               name=fresh(g, f"{n}.g_by_channel")), (c_out, nb * pp), name=fresh(g, f"{n}.g_rows"))
+        ct = reshape(transpose(reshape(cols, (nb, ck, pp), name=fresh(g, f"{n}.cols")), (1, 0, 2),
+                               name=fresh(g, f"{n}.cols_by_tap")), (ck, nb * pp), name=fresh(g, f"{n}.col_rows"))
+        return reshape(dense(gt, ct, name=fresh(g, f"{n}.dots")), g.node(n)["type"].shape, name=fresh(g, f"{n}.dw"))
     cm = reshape(cols, (nb, groups, ck, pp), name=fresh(g, f"{n}.cols"))
     gt = transpose(reshape(gy, (nb, groups, c_out // groups, pp), name=fresh(g, f"{n}.g_matrix")), (0, 1, 3, 2),
                    name=fresh(g, f"{n}.g_matrix_T"))

@@ -31,6 +31,7 @@ PIPELINES: dict[str, dict[str, list[str]]] = {
         "conv_to_winograd",
         "conv_to_gemm",
         "transposed_to_matmul",
+        "eliminate_common_subexpressions",     # a conv and its g share one im2col
         "fuse_separable",
         "eliminate_dead_code",
     ],
@@ -55,6 +56,7 @@ PIPELINES: dict[str, dict[str, list[str]]] = {
         "conv_to_winograd",
         "conv_to_gemm",
         "transposed_to_matmul",
+        "eliminate_common_subexpressions",     # a conv and its g share one im2col
         "fuse_separable",
         "eliminate_dead_code",
     ],
