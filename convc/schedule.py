@@ -41,7 +41,7 @@ class Plan:
     params_bytes: int
     buffers: list[Buffer] = field(default_factory=list)
     workspace: dict[str, int] = field(default_factory=dict)   # node -> arena offset of its scratch
-    aliases: dict[str, str] = field(default_factory=dict)     # reshape node -> arena node it views (no code)
+    aliases: dict[str, str] = field(default_factory=dict)     # reshape node -> node whose buffer it names (no code)
 
     @property
     def intermediate_bytes(self) -> int:
@@ -76,6 +76,9 @@ def plan(g: Graph, target: str = "c") -> Plan:
             src = g.inputs_of(n)[0]
             aliases[n] = aliases.get(src, src)
     order = [n for n in order if n not in aliases]
+    views: dict[str, list[str]] = {}        # buffer -> its aliases, whose readers keep it alive
+    for a, src in aliases.items():
+        views.setdefault(src, []).append(a)
     step = {n: i for i, n in enumerate(order)}
     storage: dict[str, tuple[str, object]] = {}
     params, pbytes = {}, 0
@@ -94,8 +97,7 @@ def plan(g: Graph, target: str = "c") -> Plan:
     for n in order:
         if n in storage:
             continue
-        views = [n] + [a for a, src in aliases.items() if src == n]
-        readers = [step[u] for v in views for u in g.nx.successors(v) if u in step]
+        readers = [step[u] for v in [n, *views.get(n, ())] for u in g.nx.successors(v) if u in step]
         if n in g.assigns.values():          # copied into its param after the last node
             readers.append(len(order))
         buffers.append(Buffer(n, g.node(n)["type"].nbytes, step[n], max(readers, default=step[n])))

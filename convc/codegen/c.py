@@ -105,11 +105,12 @@ multiply-accumulates (or writes this many elements): below that, starting
 the threads costs more than it saves."""
 
 
-def node_functions(g: Graph, plan: Plan, name: Namer, var: dict[str, str], target: str = "c",
+def node_functions(g: Graph, plan: Plan, name: Namer, var: dict[str, str] | None, target: str = "c",
                    parallel: bool = False) -> tuple[list[str], list[dict]]:
     """One static function per scheduled node, rendered from
     ``templates/c/<op>.c.j2``, and the call of each in schedule order on the
-    buffers named in ``var`` (every input, param and scheduled node).
+    buffers named in ``var`` (every input, param and scheduled node; None
+    leaves the calls' ``args`` out, for a caller that binds buffers itself).
 
     ``target`` "opencl" renders the same templates as OpenCL C (``__global``
     pointers, one work-item per iteration of the op's parallel loop nest);
@@ -141,7 +142,8 @@ def node_functions(g: Graph, plan: Plan, name: Namer, var: dict[str, str], targe
         functions.append(env.get_template(f"c/{op.template or op.name}.c.j2").render(ctx))
         if len(launch) > 1 or any(not isinstance(e, int) for e in (launch[0] if launch else ())):
             raise RuntimeError(f"template of op {d['op']!r}: par_for must run once with int extents, got {launch}")
-        args = [var[i] for i in ins] + [var[n]] + ([var[f"{n} workspace"]] if n in plan.workspace else [])
+        args = None if var is None else \
+            [var[i] for i in ins] + [var[n]] + ([var[f"{n} workspace"]] if n in plan.workspace else [])
         calls.append(dict(fn=fn, node=n, args=args, launch=launch[0] if launch else [],
                           ws=plan.workspace.get(n), T=T))
     return functions, calls

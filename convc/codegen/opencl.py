@@ -41,14 +41,6 @@ class OpenCLSource:
         ])
 
 
-class _ByName(dict):
-    """node_functions names each call's buffers through a dict; here the
-    kernels bind buffers themselves, so any name maps to itself."""
-
-    def __missing__(self, key):
-        return key
-
-
 def _c_string_lines(text: str) -> list[str]:
     return [line.replace("\\", "\\\\").replace('"', '\\"') for line in text.splitlines()]
 
@@ -91,7 +83,7 @@ def generate(g: Graph, plan: Plan | None = None) -> OpenCLSource:
         base = "params" if kind == "param" else "arena"
         return f"{cast}({base} + {at})"
 
-    functions, calls = node_functions(g, plan, name, _ByName(), target="opencl")
+    functions, calls = node_functions(g, plan, name, None, target="opencl")
     kernels = []
     for c in calls:
         n = c["node"]
