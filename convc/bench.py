@@ -2,8 +2,9 @@
 PyTorch CPU and ONNX Runtime, with every figure also shown as a fraction of
 this machine's measured FMA peak.
 
-    convc bench [--quick] [--cases PATTERN] [--threads 1,2] [--repeat-seconds S]
-                [--min-runs N] [--json FILE] [--markdown] [--list]
+    convc bench [--quick] [--cases PATTERN] [--models [PATTERN]] [--profile [N]]
+                [--threads 1,2] [--repeat-seconds S] [--min-runs N] [--json FILE]
+                [--markdown] [--list]
     python -m convc.bench --quick
 
 How it measures:
@@ -26,6 +27,15 @@ How it measures:
 
 Forward single-layer cases run at batch 1, their gradients at batch 8,
 nets at batch 1 (latency) and 64 (throughput), all in float32.
+
+The models section (``--models``) runs torchvision classifiers with random
+weights at batch 1, 3x224x224: each is exported once with
+``torch.onnx.export`` (cached beside the compile cache), imported with
+``cc.from_onnx``, compiled with the default pipeline, checked against ONNX
+Runtime to ``MODEL_RTOL`` and timed against ORT and PyTorch eager like the
+other cases; the table shows convc/ORT and convc/PyTorch time ratios and
+their geometric means. A model convc cannot import yet is a row that says
+so, not a crash. ``--profile`` adds each case's slowest nodes.
 """
 from __future__ import annotations
 
@@ -116,6 +126,25 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+             "avx512_bf16", "amx_tile", "asimd", "sve")
+
+
+def isa_flags() -> str:
+    """The vector ISA extensions /proc/cpuinfo lists that matter to the
+    generated code (-march=native), e.g. "avx2 fma avx512f"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    have = set(value.split())
+                    return " ".join(fl for fl in ISA_FLAGS if fl in have) or "none of " + " ".join(ISA_FLAGS)
+    except OSError:
+        pass
+    return platform.machine() or "unknown"
 
 
 def cpu_mhz() -> float | None:
@@ -324,6 +353,9 @@ class Prepared:
     check: Callable[[], float] | None = None    # custom check: returns the relative error
     macs: int = 0
     onnx_bytes: bytes | None = None
+    reference: Callable[[], np.ndarray] | None = None   # what convc is checked against (default: torch)
+    reference_name: str = "the reference"
+    profiled: object = None                      # the profile=True build, made on the first --profile
 
 
 @dataclass
@@ -335,10 +367,21 @@ class Case:
     prepare: Callable[["Env", int], Prepared] | None = None
     kernel3x3: bool = False
     latency: bool = False           # batch-1 net: the latency target applies
+    rtol: float = RTOL              # the check's tolerance, relative to the output's scale
 
 
 class Mismatch(ConvcError):
     """convc's output differs from the reference beyond ``RTOL``."""
+
+
+class CaseFailure(ConvcError):
+    """A case that cannot be timed, with the ``status`` its rows show:
+    "FAILED" (convc broke or is wrong), "unsupported" (convc cannot import
+    the model yet) or "n/a" (what the case needs is missing)."""
+
+    def __init__(self, status: str, text: str):
+        self.status = status
+        super().__init__(text)
 
 
 def relative_error(got, want) -> float:
@@ -352,23 +395,26 @@ def relative_error(got, want) -> float:
     return float(np.max(np.abs(got - want))) / max(scale, 1e-30) if got.size else 0.0
 
 
-def check_close(got, want, what: str = "output") -> float:
-    """The relative error of ``got``; raises :class:`Mismatch` above ``RTOL``."""
+def check_close(got, want, what: str = "output", rtol: float = RTOL, against: str = "the reference") -> float:
+    """The relative error of ``got``; raises :class:`Mismatch` above ``rtol``."""
     err = relative_error(got, want)
-    if not err <= RTOL:
-        raise Mismatch(f"{what} differs from the reference: max error {err:.2e} of the output scale "
-                       f"(allowed {RTOL:.0e})")
+    if not err <= rtol:
+        raise Mismatch(f"{what} differs from {against}: max error {err:.2e} of the output scale "
+                       f"(allowed {rtol:.0e})")
     return err
 
 
 class Env:
-    """What the cases build with: settings, a seeded RNG, torch if present."""
+    """What the cases build with: settings, a seeded RNG, torch and
+    onnxruntime if present, and where to say what a slow step is doing."""
 
-    def __init__(self, settings: Settings, torch_mod):
+    def __init__(self, settings: Settings, torch_mod, ort_mod=None, progress: Callable[[str], None] | None = None):
         self.settings = settings
         self.quick = settings.quick
         self.torch = torch_mod
+        self.ort = ort_mod
         self.F = torch_mod.nn.functional if torch_mod is not None else None
+        self.progress = progress or (lambda msg: None)
 
     def rng(self, name: str):
         return np.random.default_rng(sum(map(ord, name)))
@@ -646,6 +692,225 @@ def select(cases: list[Case], pattern: str | None) -> list[Case]:
     return chosen
 
 
+# -- models: torchvision classifiers through ONNX ---------------------------------------------------
+
+MODEL_RTOL = 1e-4                # convc against ONNX Runtime, relative to the output's scale
+MODEL_OPSET = 18                 # the opset torch 2.13's (dynamo) exporter writes natively
+MODEL_GEOMEAN, MODEL_WORST, MODEL_GOAL = 1.0, 1.25, 0.8    # targets for convc time / ORT time
+
+
+@dataclass(frozen=True)
+class TorchModel:
+    """A model of the models section: a torchvision classifier by name, with
+    random weights, or (``build``) any ``() -> torch.nn.Module``. ``size`` is
+    the C, H, W of its batch-1 input; ``quick_size`` that of ``--quick``."""
+    name: str
+    what: str
+    build: Callable[[], object] | None = None
+    size: tuple = (3, 224, 224)
+    quick_size: tuple = (3, 64, 64)
+
+    def input_shape(self, quick: bool) -> tuple:
+        return (1,) + tuple(self.quick_size if quick else self.size)
+
+
+MODELS = (
+    TorchModel("resnet18", "ResNet-18"),
+    TorchModel("mobilenet_v2", "MobileNetV2 (ReLU6 as Clip)"),
+    TorchModel("mobilenet_v3_small", "MobileNetV3-Small (HardSwish, HardSigmoid, squeeze-excitation)"),
+    TorchModel("efficientnet_b0", "EfficientNet-B0 (SiLU as Sigmoid x Mul, squeeze-excitation)"),
+    TorchModel("squeezenet1_1", "SqueezeNet 1.1 (fire modules: concatenated 1x1 and 3x3 expands)"),
+    TorchModel("shufflenet_v2_x0_5", "ShuffleNetV2 x0.5 (channel split and shuffle)"),
+)
+
+_TORCHVISION_STANDINS = None     # the torch.library.Library holding them: dropping it unregisters the ops
+
+
+def torchvision_models():
+    """``torchvision.models``, importable next to a CPU-only torch.
+
+    torchvision 0.28's compiled extension does not load against the CPU build
+    of torch 2.13, and ``import torchvision`` then fails registering fake
+    kernels for ``torchvision::nms`` and ``qnms``, ops the extension would
+    have defined. The classification models use neither, so when the plain
+    import fails that way, stand-in schemas are defined (without kernels)
+    and the import is tried again. Raises ImportError without torchvision."""
+    global _TORCHVISION_STANDINS
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # "Failed to load image Python extension"
+        try:
+            import torchvision.models
+            return torchvision.models
+        except RuntimeError as e:
+            if "torchvision::" not in str(e):
+                raise
+        for mod in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
+            del sys.modules[mod]                # the half-imported package
+        import torch
+        _TORCHVISION_STANDINS = torch.library.Library("torchvision", "DEF")
+        for op in ("nms", "qnms"):
+            _TORCHVISION_STANDINS.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        import torchvision.models
+        return torchvision.models
+
+
+def build_model(spec: TorchModel, torch):
+    """The model in eval mode, its random weights seeded by its name (so an
+    export cached earlier holds the same weights)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(sum(map(ord, spec.name)))
+        if spec.build is not None:
+            net = spec.build()
+        else:
+            try:
+                models = torchvision_models()
+            except ImportError:
+                raise CaseFailure("n/a", "torchvision is not installed (pip install 'convc[bench]')") from None
+            net = models.get_model(spec.name, weights=None)
+    return net.eval()
+
+
+def exported_onnx(spec: TorchModel, net, shape: tuple, torch, progress: Callable[[str], None]):
+    """``net`` as an ONNX ModelProto, exported with ``torch.onnx.export``
+    (dynamo exporter, ``MODEL_OPSET``) once and then read from
+    ``<cache>/bench-onnx/``, keyed by the name, the input shape, the torch and
+    torchvision versions and the module's structure."""
+    import contextlib
+    import hashlib
+    import io
+    import re
+    import warnings
+
+    import onnx
+
+    from .runtime.cache import cache_dir
+
+    tv = getattr(sys.modules.get("torchvision"), "__version__", "none")
+    arch = hashlib.sha256(repr(net).encode()).hexdigest()[:12]
+    key = re.sub(r"[^A-Za-z0-9._-]", "_", f"{spec.name}-{'x'.join(map(str, shape))}-opset{MODEL_OPSET}-"
+                                         f"torch{torch.__version__}-torchvision{tv}-{arch}")
+    path = cache_dir() / "bench-onnx" / f"{key}.onnx"
+    if path.exists():
+        try:
+            return onnx.load_from_string(path.read_bytes())
+        except Exception:                   # noqa: BLE001  (a damaged entry: export again)
+            path.unlink(missing_ok=True)
+    progress(f"  {spec.name}: torch.onnx.export (once; cached in {path.parent})")
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(net, (torch.zeros(shape),), dynamo=True, opset_version=MODEL_OPSET,
+                                        verbose=False, input_names=["x"], output_names=["logits"])
+        model = program.model_proto
+    except Exception as e:                  # noqa: BLE001  (the exporter's failure is not convc's)
+        raise CaseFailure("n/a", f"torch.onnx.export: {_describe(e)}") from e
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(model.SerializeToString())
+    os.replace(tmp, path)                   # atomic: a concurrent run sees all of it or nothing
+    return model
+
+
+def import_summary(e) -> str:
+    """An OnnxImportError in one line: how many nodes, of which ops, and the
+    first reason given."""
+    from collections import Counter
+
+    ops = Counter(op for op, _, _ in e.problems)
+    first = e.problems[0][2] if e.problems else ""
+    return (f"{len(e.problems)} unsupported node{'s' * (len(e.problems) != 1)}: "
+            + ", ".join(f"{op} x{n}" for op, n in ops.most_common()) + (f" ({first})" if first else ""))
+
+
+def _model_case(spec: TorchModel, quick: bool) -> Case:
+    shape = spec.input_shape(quick)
+
+    def prepare(env: Env, _threads: int) -> Prepared:
+        from .onnx import OnnxImportError, from_onnx
+
+        if env.torch is None:
+            raise CaseFailure("n/a", "torch is not installed (pip install 'convc[bench]')")
+        torch = env.torch
+        net = build_model(spec, torch)
+        model = exported_onnx(spec, net, shape, torch, env.progress)
+        env.progress(f"  {spec.name}: cc.from_onnx, cc.compile")
+        try:
+            g = from_onnx(model, name=spec.name)
+        except OnnxImportError as e:
+            raise CaseFailure("unsupported", f"import: {import_summary(e)}") from e
+        except Exception as e:              # noqa: BLE001
+            raise CaseFailure("FAILED", f"import: {_describe(e)}") from e
+        try:
+            mod = env.compile(g)
+        except Exception as e:              # noqa: BLE001
+            raise CaseFailure("FAILED", f"compile: {_describe(e)}") from e
+        x = env.rng(spec.name).standard_normal(shape).astype(np.float32)
+        feeds = {g.input_names[0]: x}
+        out = next(iter(mod.outputs))
+        xt = env.t(x)
+
+        def run_torch():
+            with torch.inference_mode():
+                return net(xt)
+        prep = Prepared(g, lambda: mod.run(feeds)[out], run_torch, feeds, onnx=True,
+                        onnx_bytes=model.SerializeToString())
+        if env.ort is not None:
+            def reference():
+                so = env.ort.SessionOptions()
+                so.intra_op_num_threads = 1
+                so.log_severity_level = 3
+                sess = env.ort.InferenceSession(prep.onnx_bytes, so, providers=["CPUExecutionProvider"])
+                return sess.run(None, {"x": x})[0]
+            prep.reference, prep.reference_name = reference, "ONNX Runtime's"
+        else:
+            prep.reference, prep.reference_name = lambda: run_torch().numpy(), "PyTorch's"
+        return prep
+
+    return Case(spec.name, "model", f"{spec.what}; torchvision weights=None (random), batch 1, "
+                                    f"{'x'.join(map(str, shape[1:]))}", prepare, rtol=MODEL_RTOL)
+
+
+def model_cases(quick: bool = False) -> list[Case]:
+    """The models section, one case per entry of ``MODELS``."""
+    return [_model_case(m, quick) for m in MODELS]
+
+
+def geomean(values) -> float | None:
+    """The geometric mean of positive numbers (None for none)."""
+    values = list(values)
+    return float(np.exp(np.mean(np.log(values)))) if values else None
+
+
+def model_summary(rows: list["Row"]) -> list[dict]:
+    """Per thread count of the model rows: the geometric mean of convc/ORT
+    (target <= ``MODEL_GEOMEAN``) and of convc/torch, the worst model against
+    ORT (target <= ``MODEL_WORST``, goal ``MODEL_GOAL``), and the models left
+    out (not timed against ORT) with their status."""
+    models = [r for r in rows if r.group == "model"]
+    out = []
+    for t in sorted({r.threads for r in models}):
+        at = [r for r in models if r.threads == t]
+        vs_ort = {r.case: r.vs_ort for r in at if r.status == "ok" and r.vs_ort is not None}
+        vs_torch = [r.vs_torch for r in at if r.status == "ok" and r.vs_torch is not None]
+        entry = dict(threads=t, models=len(vs_ort), of=len(at), geomean_ort=geomean(vs_ort.values()),
+                     geomean_torch=geomean(vs_torch), worst=None, worst_ort=None, targets=[],
+                     left_out={r.case: r.status if r.status != "ok" else "ORT n/a" for r in at
+                               if r.case not in vs_ort})
+        if vs_ort:
+            worst = max(vs_ort, key=vs_ort.get)
+            entry.update(worst=worst, worst_ort=vs_ort[worst])
+            entry["targets"] = [
+                {"target": f"geomean <={MODEL_GEOMEAN:g}x ORT", "value": f"{entry['geomean_ort']:.2f}x",
+                 "pass": entry["geomean_ort"] <= MODEL_GEOMEAN},
+                {"target": f"every model <={MODEL_WORST:g}x ORT", "value": f"{worst} {vs_ort[worst]:.2f}x",
+                 "pass": vs_ort[worst] <= MODEL_WORST},
+                {"target": f"goal: every model <={MODEL_GOAL:g}x ORT", "value": f"{worst} {vs_ort[worst]:.2f}x",
+                 "pass": vs_ort[worst] <= MODEL_GOAL}]
+        out.append(entry)
+    return out
+
+
 # -- running ----------------------------------------------------------------------------------------
 
 @dataclass
@@ -663,12 +928,24 @@ class Row:
     ort_ms: float | None = None
     x_ort: float | None = None
     error: float | None = None          # relative error against the reference
-    status: str = "ok"                  # ok | FAILED
+    status: str = "ok"                  # ok | FAILED | unsupported | n/a (see CaseFailure)
     targets: list = field(default_factory=list)     # [{"target", "value", "pass"}]
+    reason: str | None = None           # why the status is not ok
+    profile: dict | None = None         # --profile: {"total_ms", "runs", "nodes": [{node, op, shape, ms, pct}]}
 
     @property
     def mflop(self) -> float | None:
         return None if self.macs is None else 2 * self.macs / 1e6
+
+    @property
+    def vs_ort(self) -> float | None:
+        """convc's time over ORT's (< 1: convc is faster)."""
+        return None if self.x_ort is None else 1 / self.x_ort
+
+    @property
+    def vs_torch(self) -> float | None:
+        """convc's time over PyTorch's (< 1: convc is faster)."""
+        return None if self.x_torch is None else 1 / self.x_torch
 
 
 @dataclass
@@ -683,41 +960,103 @@ class Report:
     def failed(self) -> list[str]:
         return sorted({r.case for r in self.rows if r.status == "FAILED"})
 
+    @property
+    def models(self) -> list[dict]:
+        """The models section's summary (:func:`model_summary`)."""
+        return model_summary(self.rows)
+
     def to_json(self) -> dict:
         return dict(header=self.header, notes=self.notes, cases=self.descriptions,
-                    rows=[dict(asdict(r), mflop=r.mflop) for r in self.rows])
+                    rows=[dict(asdict(r), mflop=r.mflop) for r in self.rows], models=self.models)
 
     def table(self, markdown: bool = False) -> str:
-        """The header lines, the table (plain or Markdown), the case legend and notes."""
-        cols = ["case", "threads", "MFLOP", "convc ms", "GFLOP/s", "% peak", "torch ms", "x torch", "ORT ms",
-                "x ORT", "target"]
-        body = [[r.case, "-" if r.threads is None else str(r.threads), _num(r.mflop), _ms(r.convc_ms, r.status),
-                 _num(r.gflops), _num(r.pct_peak), _ms(r.torch_ms), _ratio(r.x_torch), _ms(r.ort_ms),
-                 _ratio(r.x_ort), _targets(r)] for r in self.rows]
+        """The header lines, the cases' table and the models' table (plain or
+        Markdown), the models' summary, the legend, profiles and notes."""
         h = self.header
         lines = [f"machine: {h['cpu']}, {h['cores']} logical cores, load average {h['load']}; {h['compiler']}",
+                 f"ISA: {h['isa']}" if h.get("isa") else "",
                  "versions: " + ", ".join(f"{k} {v}" for k, v in h["versions"].items()),
                  "FMA peak: " + ", ".join(f"{v:.1f} GFLOP/s with {t} thread{'s' * (int(t) > 1)}"
                                           for t, v in h["fma_peak"].items()) + f" ({h['fma_detail']})",
-                 f"settings: {h['settings']}", ""]
+                 f"settings: {h['settings']}" if h.get("settings") else "",
+                 f"models: {h['models']}" if h.get("models") else ""]
+        lines = [ln for ln in lines if ln]
         if markdown:
-            lines = [f"- {ln}" if ln else "" for ln in lines]
-            lines.append("| " + " | ".join(cols) + " |")
-            lines.append("|" + "|".join("---" if i in (0, 10) else "---:" for i in range(len(cols))) + "|")
-            lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body]
-        else:
-            widths = [max(len(x) for x in col) for col in zip(cols, *body)]
-            fmt = lambda row: "  ".join(v.ljust(w) if i in (0, 10) else v.rjust(w)  # noqa: E731
-                                        for i, (v, w) in enumerate(zip(row, widths))).rstrip()
-            lines += [fmt(cols), "-" * len(fmt(cols))] + [fmt(row) for row in body]
+            lines = [f"- {ln}" for ln in lines]
+        cases = [r for r in self.rows if r.group != "model"]
+        if cases:
+            cols = ["case", "threads", "MFLOP", "convc ms", "GFLOP/s", "% peak", "torch ms", "x torch", "ORT ms",
+                    "x ORT", "target"]
+            body = [[r.case, "-" if r.threads is None else str(r.threads), _num(r.mflop), _ms(r.convc_ms, r.status),
+                     _num(r.gflops), _num(r.pct_peak), _ms(r.torch_ms), _ratio(r.x_torch), _ms(r.ort_ms),
+                     _ratio(r.x_ort), _targets(r)] for r in cases]
+            lines += [""] + _grid(cols, body, markdown)
+        models = [r for r in self.rows if r.group == "model"]
+        if models:
+            cols = ["model", "threads", "GFLOP", "convc ms", "ORT ms", "torch ms", "convc/ORT", "convc/torch",
+                    "% peak", "target / status"]
+            said = set()                    # a failure's reason once per model, not at every thread count
+
+            def status(r):
+                if r.status == "ok" or (r.case, r.reason) not in said:
+                    said.add((r.case, r.reason))
+                    return _targets(r)
+                return f"{r.status} (as above)"
+            body = [[r.case, str(r.threads), _num(None if r.macs is None else 2 * r.macs / 1e9),
+                     _ms(r.convc_ms, r.status), _ms(r.ort_ms), _ms(r.torch_ms), _ratio(r.vs_ort),
+                     _ratio(r.vs_torch), _num(r.pct_peak), status(r)] for r in models]
+            lines += ["", "models (time ratios: < 1x means convc is faster):"] + _grid(cols, body, markdown)
+            lines += [""] + [("- " if markdown else "") + _summary_line(m) for m in self.models]
         results = [t["pass"] for r in self.rows for t in r.targets]
+        results += [t["pass"] for m in self.models for t in m["targets"]]
         lines += ["", f"targets: {sum(results)} pass, {len(results) - sum(results)} miss"
                   + (f"; FAILED cases: {', '.join(self.failed)}" if self.failed else "")]
         bullet = "- " if markdown else "  "
         lines += ["", "cases:"] + [f"{bullet}{n}: {d}" for n, d in self.descriptions.items()]
+        profiled = [r for r in self.rows if r.profile]
+        if profiled:
+            lines += ["", "per-node profile (a build with profile=True, run at the row's thread count; "
+                          "ms per run, % of the nodes' total):"]
+            for r in profiled:
+                p = r.profile
+                lines += ["", f"{r.case}, {r.threads} thread{'s' * (r.threads != 1)}: {p['total_ms']:.3f} ms in "
+                              f"{p['count']} nodes (timed run {_ms(r.convc_ms)} ms), mean of {p['runs']} runs; "
+                              f"top {len(p['nodes'])}:"]
+                lines += _grid(["node", "op", "shape", "ms", "%"],
+                               [[n["node"], n["op"], n["shape"], _ms(n["ms"]), f"{n['pct']:.1f}"]
+                                for n in p["nodes"]], markdown, left=(0, 1, 2))
         if self.notes:
             lines += ["", "notes:"] + [f"{bullet}{n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _grid(cols: list[str], body: list[list[str]], markdown: bool, left=None) -> list[str]:
+    """A table's lines: Markdown, or plain text in aligned columns. The
+    columns ``left`` (default: the first and the last) are left-aligned."""
+    lefts = {0, len(cols) - 1} if left is None else set(left)
+    if markdown:
+        return (["| " + " | ".join(cols) + " |",
+                 "|" + "|".join("---" if i in lefts else "---:" for i in range(len(cols))) + "|"]
+                + ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body])
+    widths = [max(len(x) for x in col) for col in zip(cols, *body)]
+    fmt = lambda row: "  ".join(v.ljust(w) if i in lefts else v.rjust(w)  # noqa: E731
+                                for i, (v, w) in enumerate(zip(row, widths))).rstrip()
+    return [fmt(cols), "-" * len(fmt(cols))] + [fmt(row) for row in body]
+
+
+def _summary_line(m: dict) -> str:
+    """One thread count of :func:`model_summary` as a sentence."""
+    text = f"models, {m['threads']} thread{'s' * (m['threads'] != 1)}: "
+    if m["geomean_ort"] is None:
+        text += "no model timed against ORT"
+    else:
+        text += "; ".join(f"{'pass' if t['pass'] else 'miss'} {t['target']} ({t['value']})" for t in m["targets"])
+        text += f"; over {m['models']} of {m['of']} models"
+    if m["geomean_torch"] is not None:
+        text += f"; geomean convc/torch {m['geomean_torch']:.2f}x"
+    if m["left_out"]:
+        text += "; left out: " + ", ".join(f"{n} ({s})" for n, s in m["left_out"].items())
+    return text
 
 
 def _num(v):
@@ -727,8 +1066,8 @@ def _num(v):
 
 
 def _ms(v, status="ok"):
-    if status == "FAILED":
-        return "FAILED"
+    if status != "ok":
+        return status
     if v is None:
         return "n/a"
     return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}" if v >= 1 else f"{v:.3f}"
@@ -739,8 +1078,8 @@ def _ratio(v):
 
 
 def _targets(r: Row) -> str:
-    if r.status == "FAILED":
-        return "FAILED"
+    if r.status != "ok":
+        return r.status + (f": {r.reason}" if r.reason and r.group == "model" else "")
     return "; ".join(f"{'pass' if t['pass'] else 'miss'} {t['target']} ({t['value']})" for t in r.targets) or "-"
 
 
@@ -759,10 +1098,11 @@ def _try_import(name):
 class Runner:
     """Runs cases at thread counts and collects rows and notes."""
 
-    def __init__(self, settings: Settings, threads: list[int], progress: Callable[[str], None] | None = None):
+    def __init__(self, settings: Settings, threads: list[int], progress: Callable[[str], None] | None = None,
+                 profile: int = 0):
         import convc
 
-        self.settings, self.threads = settings, threads
+        self.settings, self.threads, self.profile_top = settings, threads, profile
         self.progress = progress or (lambda msg: None)
         self.notes: list[str] = []
         self.torch = _try_import("torch")
@@ -779,7 +1119,7 @@ class Runner:
         if self.set_convc_threads is None:
             self.note("convc threads: not controllable (convc has no set_num_threads); convc runs as its "
                       "generated code does at every thread count")
-        self.env = Env(settings, self.torch)
+        self.env = Env(settings, self.torch, self.ort if self.onnx is not None else None, self.progress)
         self.peak: dict[int, float] = {}
         self.fma_detail = ""
 
@@ -838,12 +1178,18 @@ class Runner:
                     row.error = prep.check()
                 else:
                     if reference is None:
-                        reference = self.reference(prep)
-                    row.error = check_close(prep.convc(), reference)
+                        reference = self.reference(case, prep)
+                    row.error = check_close(prep.convc(), reference, rtol=case.rtol, against=prep.reference_name)
                 t = median_time(prep.convc, self.settings)
             except Exception as e:          # noqa: BLE001  (a broken case must not stop the suite)
-                row.status = "FAILED"
-                self.note(f"{case.name} FAILED ({threads} thread{'s' * (threads > 1)}): {_describe(e)}")
+                row.status = e.status if isinstance(e, CaseFailure) else "FAILED"
+                row.reason = str(e).splitlines()[0] if isinstance(e, CaseFailure) else _describe(e)
+                if case.group != "model":           # the models' table shows the reason itself
+                    self.note(f"{case.name} {row.status} ({threads} thread{'s' * (threads > 1)}): {row.reason}")
+                if isinstance(e, CaseFailure):      # the same at every thread count
+                    for t in self.threads[len(rows):]:
+                        rows.append(Row(case.name, case.group, t, status=row.status, reason=row.reason))
+                    break
                 continue
             row.convc_ms = t * 1e3
             row.gflops = 2 * prep.macs / t / 1e9 if prep.macs else None
@@ -860,14 +1206,57 @@ class Runner:
                 if row.ort_ms is not None:
                     row.x_ort = row.ort_ms / row.convc_ms
             self.judge(case, row)
+            if self.profile_top and case.group != "train":
+                try:
+                    row.profile = self.node_profile(prep, row.convc_ms)
+                except Exception as e:      # noqa: BLE001
+                    self.note(f"{case.name}: no profile ({threads} thread{'s' * (threads > 1)}): {_describe(e)}")
         return rows
 
-    def reference(self, prep: Prepared) -> np.ndarray:
-        """The torch peer's output, or without torch the numpy reference interpreter's."""
+    def reference(self, case: Case, prep: Prepared) -> np.ndarray:
+        """The case's own reference (a model's: ONNX Runtime's output), else the
+        torch peer's output, else the numpy reference interpreter's. When the
+        case has its own reference, the torch peer's output is compared with
+        it too: a note says when the peer computes something else."""
+        if prep.reference is not None:
+            want = prep.reference()
+            if prep.torch is not None:
+                err = relative_error(prep.torch().numpy(), want)
+                if not err <= 10 * case.rtol:
+                    self.note(f"{case.name}: PyTorch's output differs from {prep.reference_name} by {err:.1e} of "
+                              f"the output scale, so the torch column may time another computation")
+            return want
         if prep.torch is not None:
             return prep.torch().numpy()
         from .api import compile
         return next(iter(compile(prep.graph, target="numpy").run(prep.feeds).values()))
+
+    def node_profile(self, prep: Prepared, convc_ms: float) -> dict:
+        """The ``profile_top`` slowest nodes of a ``profile=True`` build of the
+        case's graph (built once per case), as ms per run and % of all nodes'
+        time, averaged over the runs that fill ``repeat_seconds`` (at least
+        ``min_runs``) after a warm-up run."""
+        from .api import compile
+
+        if prep.profiled is None:
+            self.progress("  compiling with profile=True")
+            prep.profiled = compile(prep.graph, target="c", profile=True)
+        mod, s = prep.profiled, self.settings
+        mod.run(prep.feeds)
+        before = mod.profile()
+        runs = max(s.min_runs, min(int(s.repeat_seconds / max(convc_ms / 1e3, 1e-6)) + 1, 10_000))
+        for _ in range(runs):
+            mod.run(prep.feeds)
+        times = {n: (t - before.get(n, 0.0)) / runs * 1e3 for n, t in mod.profile().items()}
+        total = sum(times.values())
+        top = sorted(times.items(), key=lambda kv: -kv[1])[:self.profile_top]
+
+        def shape(n):
+            typ = mod.graph.node(n).get("type")
+            return "x".join(map(str, getattr(typ, "shape", ()))) or "-"
+        return dict(total_ms=total, runs=runs, count=len(times),
+                    nodes=[dict(node=n, op=str(mod.graph.node(n).get("op", "?")), shape=shape(n), ms=ms,
+                                pct=100 * ms / total if total > 0 else 0.0) for n, ms in top])
 
     def time_ort(self, case: Case, prep: Prepared, threads: int, reference) -> float | None:
         """ORT's median time on the graph written with ``cc.to_onnx``, after
@@ -876,19 +1265,22 @@ class Runner:
             so = self.ort.SessionOptions()
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
+            so.execution_mode = self.ort.ExecutionMode.ORT_SEQUENTIAL
             so.log_severity_level = 3
             if prep.onnx_bytes is None:
                 from .onnx import to_onnx
                 prep.onnx_bytes = to_onnx(prep.graph).SerializeToString()
             sess = self.ort.InferenceSession(prep.onnx_bytes, so, providers=["CPUExecutionProvider"])
             feeds = {i.name: prep.feeds[i.name] for i in sess.get_inputs()}
-            check_close(sess.run(None, feeds)[0], reference, "ONNX Runtime's output")
+            check_close(sess.run(None, feeds)[0], reference, "ONNX Runtime's output", rtol=case.rtol,
+                        against=prep.reference_name)
             return 1e3 * median_time(lambda: sess.run(None, feeds), self.settings)
         except Exception as e:              # noqa: BLE001  (a peer that cannot run is n/a, not a crash)
             self.note(f"{case.name}: ORT n/a: {_describe(e)}")
             return None
 
-    def judge(self, case: Case, row: Row) -> None:
+    @staticmethod
+    def judge(case: Case, row: Row) -> None:
         """Attach the issue's targets that apply to this row."""
         def add(target, value, ok):
             row.targets.append({"target": target, "value": value, "pass": bool(ok)})
@@ -903,6 +1295,9 @@ class Runner:
                     add(f"latency <=0.5x {peer}", f"{1 / x:.2f}x", 1 / x <= 0.5)
         elif case.group == "train" and row.x_torch is not None:
             add(">=3x torch eager", f"{row.x_torch:.2f}x", row.x_torch >= 3.0)
+        elif case.group == "model" and row.vs_ort is not None:
+            add(f"<={MODEL_WORST:g}x ORT", f"{row.vs_ort:.2f}x", row.vs_ort <= MODEL_WORST)
+            add(f"goal <={MODEL_GOAL:g}x ORT", f"{row.vs_ort:.2f}x", row.vs_ort <= MODEL_GOAL)
 
     def run_compile(self, case: Case) -> list[Row]:
         """Cold compile: each into a fresh temporary CONVC_CACHE_DIR, with the
@@ -966,22 +1361,37 @@ def parse_threads(text: str | None) -> list[int]:
     return sorted(set(values))
 
 
+def choose(cases: str | None = None, models: str | None = None, quick: bool = False) -> list[Case]:
+    """The cases to run: those matching ``cases`` (all without a pattern),
+    then the models matching ``models`` ("*" or "all": every model). With
+    ``models`` and no ``cases`` only the models run."""
+    chosen = [] if models and not cases else select(suite(quick), cases)
+    if models:
+        chosen += select(model_cases(quick), None if models.strip() in ("*", "all") else models)
+    return chosen
+
+
 def run(cases: str | None = None, threads=None, quick: bool = False, repeat_seconds: float | None = None,
-        min_runs: int | None = None, progress: Callable[[str], None] | None = None) -> Report:
-    """Run the suite (or the cases matching ``cases``) at each thread count
-    of ``threads`` (a list, or text like "1,4"; default 1 and all cores) and
-    return a :class:`Report`.
+        min_runs: int | None = None, progress: Callable[[str], None] | None = None, models: str | None = None,
+        profile: int = 0) -> Report:
+    """Run the suite (or the cases matching ``cases``) and the models matching
+    ``models`` (see :func:`choose`) at each thread count of ``threads`` (a
+    list, or text like "1,4"; default 1 and all cores) and return a
+    :class:`Report`. ``profile``: keep each row's ``profile`` slowest nodes.
 
     >>> print(cc.bench.run(cases="lenet5_b1", quick=True).table())   # doctest: +SKIP
+    >>> print(cc.bench.run(models="resnet18", threads=[1]).table())  # doctest: +SKIP
     """
     import convc
 
     settings = Settings.make(quick, repeat_seconds, min_runs)
     thread_list = parse_threads(threads if threads is None or isinstance(threads, str)
                                 else ",".join(map(str, threads)))
-    chosen = select(suite(quick), cases)
+    if profile < 0:
+        raise ConvcError(f"bench: --profile takes a positive number of nodes, got {profile}")
+    chosen = choose(cases, models, quick)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    runner = Runner(settings, thread_list, progress)
+    runner = Runner(settings, thread_list, progress, profile)
     progress = runner.progress
     progress("measuring the FMA peak")
     runner.measure_peak()
@@ -994,14 +1404,27 @@ def run(cases: str | None = None, threads=None, quick: bool = False, repeat_seco
     versions = {"convc": convc.__version__, "numpy": np.__version__,
                 "torch": getattr(runner.torch, "__version__", "not installed"),
                 "onnxruntime": getattr(runner.ort, "__version__", "not installed")}
-    how = (f"{'quick, ' if quick else ''}float32; forward single-layer cases at batch "
-           f"{FORWARD_BATCH if not quick else 1}, gradients at batch {GRAD_BATCH if not quick else 2}; "
-           f"median of >= {settings.min_runs} runs and >= {settings.repeat_seconds:g} s after {settings.warmup} "
-           f"warm-up(s); threads {', '.join(map(str, thread_list))}; checked to {RTOL:g} of the output scale")
-    header = dict(cpu=cpu_model(), cores=os.cpu_count(), load=f"{load:.2f} at start",
+    timing = (f"median of >= {settings.min_runs} runs and >= {settings.repeat_seconds:g} s after "
+              f"{settings.warmup} warm-up(s); threads {', '.join(map(str, thread_list))}")
+    how = models_how = None
+    if any(c.group != "model" for c in chosen):
+        how = (f"{'quick, ' if quick else ''}float32; forward single-layer cases at batch "
+               f"{FORWARD_BATCH if not quick else 1}, gradients at batch {GRAD_BATCH if not quick else 2}; "
+               f"{timing}; checked to {RTOL:g} of the output scale")
+    if any(c.group == "model" for c in chosen):
+        tv = sys.modules.get("torchvision")
+        if tv is not None:
+            versions["torchvision"] = tv.__version__
+        shape = "x".join(map(str, MODELS[0].input_shape(quick)[1:]))
+        models_how = (f"{'quick, ' if quick else ''}float32, batch 1, {shape}, random weights; "
+                      f"torch.onnx.export(dynamo=True, opset {MODEL_OPSET}) -> cc.from_onnx -> cc.compile "
+                      f"(default pipeline); convc checked against ONNX Runtime to {MODEL_RTOL:g} of the output "
+                      f"scale; ORT intra_op_num_threads = threads, sequential; torch eager with "
+                      f"torch.set_num_threads; {timing}")
+    header = dict(cpu=cpu_model(), isa=isa_flags(), cores=os.cpu_count(), load=f"{load:.2f} at start",
                   compiler=compiler_version(compiler()).splitlines()[0], versions=versions,
                   fma_peak={str(t): v for t, v in runner.peak.items()}, fma_detail=runner.fma_detail, settings=how,
-                  quick=quick)
+                  models=models_how, quick=quick)
     return Report(header, rows, runner.notes, {c.name: c.description for c in chosen})
 
 
@@ -1011,6 +1434,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="shrink every case and repeat count (a few seconds)")
     p.add_argument("--cases", metavar="PATTERN",
                    help="comma-separated case names, globs (resnet*) or substrings (lenet); --list shows the names")
+    p.add_argument("--models", metavar="PATTERN", nargs="?", const="*",
+                   help="the models section: torchvision classifiers through ONNX against ORT and PyTorch; alone, "
+                        "every model, else names, globs or substrings (resnet18,mobilenet*); without --cases only "
+                        f"the models run. Models: {', '.join(m.name for m in MODELS)}")
+    p.add_argument("--profile", metavar="N", nargs="?", type=int, const=10, default=0,
+                   help="after each row, the N slowest nodes of a profile=True build (default N: 10)")
     p.add_argument("--threads", metavar="N,M", help="thread counts (default: 1 and all cores)")
     p.add_argument("--repeat-seconds", type=float, metavar="S", help="time each case for at least S seconds "
                                                                      "(default 0.2; quick 0.01)")
@@ -1023,11 +1452,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_bench(args) -> int:
     """``convc bench``: run, print the table, optionally write JSON. Exit 1 if a case FAILED."""
     if args.list:
-        for c in select(suite(args.quick), args.cases):
-            print(f"{c.name:24s} {c.description}")
+        chosen = choose(args.cases, args.models, args.quick)
+        if not args.cases and not args.models:
+            chosen += model_cases(args.quick)
+        for c in chosen:
+            print(f"{c.name:24s} {'(--models) ' if c.group == 'model' else ''}{c.description}")
         return 0
     report = run(args.cases, args.threads, args.quick, args.repeat_seconds, args.min_runs,
-                 progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+                 progress=lambda msg: print(msg, file=sys.stderr, flush=True), models=args.models,
+                 profile=args.profile)
     print(report.table(markdown=args.markdown))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,9 +1,13 @@
 """``convc bench`` in quick mode: the table, the numbers, the MAC count, the
-correctness gate, missing peers, and the command line."""
+correctness gate, missing peers, and the command line; the models section's
+logic (targets, geometric means, tables, failure rows) on made-up rows, end
+to end on tiny torch models, and on real torchvision models with
+CONVC_BENCH_MODELS=1."""
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 
 import numpy as np
@@ -136,3 +140,245 @@ def test_cli(tmp_path):
     data = json.loads(out.read_text())
     (row,) = data["rows"]
     assert row["case"] == "dilated3x3_d2" and row["status"] == "ok" and row["convc_ms"] > 0
+
+
+# -- the models section ------------------------------------------------------------------------------
+
+def _model_row(name, threads, convc=None, ort=None, torch=None, status="ok", reason=None):
+    r = bench.Row(name, "model", threads, macs=10**9, convc_ms=convc, ort_ms=ort, torch_ms=torch, status=status,
+                  reason=reason)
+    if convc and ort:
+        r.x_ort = ort / convc
+    if convc and torch:
+        r.x_torch = torch / convc
+    if status == "ok":
+        bench.Runner.judge(bench.Case(name, "model", name), r)
+    return r
+
+
+def _model_report(rows, notes=()):
+    header = dict(cpu="Test CPU", isa="avx2 fma", cores=2, load="0.00 at start", compiler="cc 12",
+                  versions={"convc": "0.1.0"}, fma_peak={"1": 100.0, "2": 200.0}, fma_detail="avx2 fma kernel",
+                  settings=None, models="float32, batch 1", quick=False)
+    return bench.Report(header, rows, list(notes), {r.case: f"the {r.case} model" for r in rows})
+
+
+MODEL_ROWS = [
+    _model_row("a", 1, convc=2.0, ort=2.0, torch=4.0),            # 1.00x ORT
+    _model_row("b", 1, convc=4.0, ort=2.0, torch=2.0),            # 2.00x ORT: worst
+    _model_row("c", 1, status="unsupported", reason="import: 3 unsupported nodes: HardSwish x3"),
+    _model_row("a", 2, convc=1.0, ort=1.25, torch=2.0),           # 0.80x
+    _model_row("b", 2, convc=1.0, ort=1.0),                       # 1.00x, torch n/a
+    _model_row("c", 2, status="unsupported", reason="import: 3 unsupported nodes: HardSwish x3"),
+]
+
+
+def test_geomean():
+    assert bench.geomean([]) is None
+    assert bench.geomean([2.0]) == pytest.approx(2.0)
+    assert bench.geomean([1.0, 4.0]) == pytest.approx(2.0)
+    assert bench.geomean([0.5, 2.0, 1.0]) == pytest.approx(1.0)
+
+
+def test_model_rows_are_judged_against_ort():
+    a, b = MODEL_ROWS[0], MODEL_ROWS[1]
+    assert a.vs_ort == pytest.approx(1.0) and a.vs_torch == pytest.approx(0.5)
+    assert [(t["target"], t["pass"]) for t in a.targets] == [("<=1.25x ORT", True), ("goal <=0.8x ORT", False)]
+    assert [t["pass"] for t in b.targets] == [False, False] and b.targets[0]["value"] == "2.00x"
+    fast = _model_row("f", 1, convc=0.7, ort=1.0)
+    assert [t["pass"] for t in fast.targets] == [True, True]
+    assert _model_row("n", 1, convc=1.0).targets == []             # ORT n/a: nothing to judge
+
+
+def test_model_summary_geomean_worst_and_left_out():
+    one, two = bench.model_summary(MODEL_ROWS)
+    assert one["threads"] == 1 and one["models"] == 2 and one["of"] == 3
+    assert one["geomean_ort"] == pytest.approx(2 ** 0.5)
+    assert one["geomean_torch"] == pytest.approx(1.0)              # 0.5x and 2x
+    assert (one["worst"], one["worst_ort"]) == ("b", pytest.approx(2.0))
+    assert one["left_out"] == {"c": "unsupported"}
+    assert [(t["target"], t["pass"]) for t in one["targets"]] == [
+        ("geomean <=1x ORT", False), ("every model <=1.25x ORT", False), ("goal: every model <=0.8x ORT", False)]
+    assert two["geomean_ort"] == pytest.approx(0.8 ** 0.5) and two["worst"] == "b"
+    assert two["geomean_torch"] == pytest.approx(0.5)              # b has no torch time
+    assert [t["pass"] for t in two["targets"]] == [True, True, False]
+    # a model whose ORT time is missing is left out of the mean, and said so
+    (only,) = bench.model_summary([_model_row("z", 1, convc=1.0)])
+    assert only["geomean_ort"] is None and only["targets"] == [] and only["left_out"] == {"z": "ORT n/a"}
+    assert bench.model_summary([bench.Row("x", "layer", 1)]) == []
+
+
+def test_models_table_plain_and_markdown():
+    rows = [bench.Row(r.case, r.group, r.threads, **{k: getattr(r, k) for k in (
+        "macs", "convc_ms", "ort_ms", "torch_ms", "x_ort", "x_torch", "status", "reason", "targets")})
+        for r in MODEL_ROWS]
+    rows[0].profile = dict(total_ms=1.5, runs=7, count=12, nodes=[
+        dict(node="conv1.relu.gemm", op="matmul", shape="1x64x56x56", ms=1.0, pct=66.7),
+        dict(node="pool", op="max_pool", shape="1x64x28x28", ms=0.5, pct=33.3)])
+    rep = _model_report(rows)
+    text = rep.table()
+    lines = text.splitlines()
+    assert lines[0].startswith("machine: Test CPU") and "ISA: avx2 fma" in text and "FMA peak: 100.0" in text
+    header = next(ln for ln in lines if ln.startswith("model "))
+    cols = ["model", "threads", "GFLOP", "convc ms", "ORT ms", "torch ms", "convc/ORT", "convc/torch", "% peak",
+            "target / status"]
+    assert [header.index(c) for c in cols] == sorted(header.index(c) for c in cols)
+    assert "case " not in text.split("models (")[0]                 # no empty cases table
+    b1 = next(ln for ln in lines if ln.split()[:2] == ["b", "1"])
+    assert "2.00x" in b1 and "miss <=1.25x ORT (2.00x)" in b1
+    c_lines = [ln for ln in lines if ln.startswith("c ")]
+    assert len(c_lines) == 2 and "unsupported: import: 3 unsupported nodes: HardSwish x3" in c_lines[0]
+    assert c_lines[1].rstrip().endswith("unsupported (as above)")
+    assert "models, 1 thread: miss geomean <=1x ORT (1.41x)" in text
+    assert "left out: c (unsupported)" in text and "over 2 of 3 models" in text
+    assert "models, 2 threads: pass geomean <=1x ORT (0.89x)" in text
+    assert "conv1.relu.gemm" in text and "a, 1 thread: 1.500 ms in 12 nodes" in text
+    assert not rep.failed                                          # unsupported is not a failure
+    md = rep.table(markdown=True)
+    assert "| " + " | ".join(cols) + " |" in md and "| a | 1 |" in md and "- models, 1 thread:" in md
+    assert "| node | op | shape | ms | % |" in md
+    data = json.loads(json.dumps(rep.to_json()))
+    assert data["models"][0]["geomean_ort"] == pytest.approx(2 ** 0.5)
+    assert data["rows"][2]["status"] == "unsupported" and data["rows"][0]["profile"]["nodes"][0]["op"] == "matmul"
+
+
+def test_failed_model_fails_the_report():
+    rep = _model_report([_model_row("m", 1, status="FAILED", reason="compile: CompileError: boom")])
+    assert rep.failed == ["m"]
+    line = next(ln for ln in rep.table().splitlines() if ln.startswith("m "))
+    assert "FAILED" in line and "compile: CompileError: boom" in line
+
+
+def test_choose_models_and_the_command_line(capsys):
+    names = [m.name for m in bench.MODELS]
+    assert names == ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "squeezenet1_1",
+                     "shufflenet_v2_x0_5"]
+    assert [c.name for c in bench.choose(models="*")] == names
+    assert [c.name for c in bench.choose(models="all")] == names
+    assert [c.name for c in bench.choose(models="resnet18,mobilenet*")] == names[:3]
+    assert [c.name for c in bench.choose(models="mobilenet")] == names[1:3]
+    assert [c.name for c in bench.choose("lenet5_b1", "squeeze")] == ["lenet5_b1", "squeezenet1_1"]
+    assert all(c.group == "model" and c.rtol == bench.MODEL_RTOL for c in bench.choose(models="*"))
+    assert "3x224x224" in bench.choose(models="resnet18")[0].description
+    assert "3x64x64" in bench.choose(models="resnet18", quick=True)[0].description
+    assert [c.name for c in bench.choose()] == [c.name for c in bench.suite()]
+    with pytest.raises(ConvcError, match="no case matches 'nosuchnet'"):
+        bench.choose(models="nosuchnet")
+    import argparse
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--models", "--quick"])
+    assert args.models == "*" and args.quick and args.profile == 0
+    args = p.parse_args(["--models", "resnet18", "--profile"])
+    assert args.models == "resnet18" and args.profile == 10
+    assert p.parse_args(["--profile", "3"]).profile == 3 and p.parse_args([]).models is None
+    assert bench.cmd_bench(p.parse_args(["--list", "--models", "resnet*"])) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("resnet18 ") and len(out.splitlines()) == 1
+    assert bench.cmd_bench(p.parse_args(["--list"])) == 0
+    out = capsys.readouterr().out
+    assert "lenet5_b1 " in out and "(--models) " in out and "shufflenet_v2_x0_5" in out
+
+
+def test_import_summary():
+    from convc.onnx import OnnxImportError
+    e = OnnxImportError("m", [("Split", "s1", "op Split is not supported"), ("HardSwish", "h", "op HardSwish is "
+                              "not supported"), ("Split", "s2", "op Split is not supported")])
+    assert bench.import_summary(e) == "3 unsupported nodes: Split x2, HardSwish x1 (op Split is not supported)"
+
+
+# End to end on tiny torch models (torch and onnxscript, from the test extra; ONNX Runtime if installed).
+
+def _tiny_models():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    nn = torch.nn
+
+    class CumSum(nn.Module):                # an op convc does not import: the row says so
+        def forward(self, x):
+            return torch.cumsum(x, 3)
+
+    def tiny_cnn():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(16, 10))
+    return (bench.TorchModel("tiny_cnn", "two convs and a classifier", build=tiny_cnn, quick_size=(3, 16, 16)),
+            bench.TorchModel("tiny_cumsum", "a cumulative sum", build=CumSum, quick_size=(3, 4, 4)))
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    return _tiny_models()
+
+
+def test_models_section_end_to_end(monkeypatch, tiny_models):
+    monkeypatch.setattr(bench, "MODELS", tiny_models)
+    rep = bench.run(models="*", threads=[1], quick=True, profile=3)
+    ok, unsupported = rep.rows
+    assert ok.case == "tiny_cnn" and ok.status == "ok", (ok, rep.notes)
+    assert ok.error is not None and ok.error <= bench.MODEL_RTOL
+    assert ok.convc_ms > 0 and ok.torch_ms > 0 and ok.x_torch == pytest.approx(ok.torch_ms / ok.convc_ms)
+    assert ok.macs > 0
+    if bench._try_import("onnxruntime") is not None:
+        assert ok.ort_ms > 0 and ok.vs_ort == pytest.approx(ok.convc_ms / ok.ort_ms)
+        assert [t["target"] for t in ok.targets] == ["<=1.25x ORT", "goal <=0.8x ORT"]
+        assert rep.models[0]["geomean_ort"] == pytest.approx(ok.vs_ort)
+    assert len(ok.profile["nodes"]) <= 3 and ok.profile["count"] >= len(ok.profile["nodes"]) > 0
+    assert sum(n["pct"] for n in ok.profile["nodes"]) <= 100.01 and ok.profile["total_ms"] > 0
+    assert unsupported.status == "unsupported" and "CumSum" in unsupported.reason, unsupported
+    assert unsupported.reason.startswith("import: ") and unsupported.convc_ms is None
+    assert not rep.failed and rep.models[0]["left_out"] == {"tiny_cumsum": "unsupported"}
+    text = rep.table()
+    assert "models (time ratios" in text and "tiny_cnn, 1 thread:" in text and "machine:" in text
+    assert "torch.onnx.export(dynamo=True" in text
+    json.dumps(rep.to_json())
+    # the export is cached: a second run does not export again
+    msgs = []
+    bench.run(models="tiny_cnn", threads=[1], quick=True, progress=msgs.append)
+    assert not any("torch.onnx.export" in m for m in msgs), msgs
+
+
+def test_model_mismatch_is_a_failed_row(monkeypatch, tiny_models):
+    monkeypatch.setattr(bench, "MODELS", tiny_models[:1])
+    real_run = CModule.run
+    monkeypatch.setattr(CModule, "run", lambda self, feeds: {k: v * 1.001 for k, v in real_run(self, feeds).items()})
+    rep = bench.run(models="tiny_cnn", threads=[1], quick=True)
+    (row,) = rep.rows
+    assert row.status == "FAILED" and row.convc_ms is None and rep.failed == ["tiny_cnn"]
+    assert "Mismatch" in row.reason and "allowed 1e-04" in row.reason, row.reason
+
+
+def test_missing_torch_makes_model_rows_na(monkeypatch, tiny_models):
+    monkeypatch.setattr(bench, "MODELS", tiny_models[:1])
+    real = bench._try_import
+    monkeypatch.setattr(bench, "_try_import", lambda name: None if name == "torch" else real(name))
+    (row,) = bench.run(models="*", threads=[1], quick=True).rows
+    assert row.status == "n/a" and "torch is not installed" in row.reason
+
+
+def test_without_onnxruntime_models_are_checked_against_torch(monkeypatch, tiny_models):
+    monkeypatch.setattr(bench, "MODELS", tiny_models[:1])
+    real = bench._try_import
+    monkeypatch.setattr(bench, "_try_import", lambda name: None if name == "onnxruntime" else real(name))
+    rep = bench.run(models="*", threads=[1], quick=True)
+    (row,) = rep.rows
+    assert row.status == "ok" and row.error <= bench.MODEL_RTOL and row.ort_ms is None and row.targets == []
+    assert rep.models[0]["left_out"] == {"tiny_cnn": "ORT n/a"}
+    assert "no model timed against ORT" in rep.table()
+
+
+@pytest.mark.skipif(os.environ.get("CONVC_BENCH_MODELS", "") in ("", "0"),
+                    reason="real torchvision models take minutes: set CONVC_BENCH_MODELS=1")
+def test_real_models():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    try:
+        bench.torchvision_models()
+    except ImportError:
+        pytest.skip("torchvision is not installed (pip install '.[bench]')")
+    rep = bench.run(models="resnet18,mobilenet_v3_small", threads=[1], quick=True, profile=5)
+    resnet, v3 = rep.rows
+    assert resnet.status == "ok" and resnet.error <= bench.MODEL_RTOL and resnet.ort_ms > 0, (resnet, rep.notes)
+    assert resnet.profile and resnet.profile["nodes"]
+    assert v3.status == "ok" or (v3.status == "unsupported" and "Hard" in v3.reason), v3
+    print(rep.table())
