@@ -39,6 +39,7 @@ from .ops.layout import downsample, pad
 from .ops.linear import dense, matmul, softmax
 from .ops.norm import batch_norm
 from .ops.pool import avg_pool, global_avg_pool, max_pool
+from .ops.resize import COORDINATE_MODES, axis_matrix, is_ratio, resize
 from .ops.tensor import concat, expand, reduce_sum, reshape, slice_axis, transpose
 from .ops.transpose import conv_transpose
 from .shapes import ceil_div, prod
@@ -881,6 +882,111 @@ def _global_avg_pool(im, node, ins, at):
     return [global_avg_pool(im.value(ins[0]), name=im.name(node))]
 
 
+# -- Resize, Upsample ----------------------------------------------------------------
+STATIC_INPUTS.update(Resize=(1, 2, 3), Upsample=(1,))
+
+
+def _resize_mode(mode: str) -> str:
+    if mode in ("nearest", "linear"):
+        return mode
+    if mode == "bilinear":                  # Upsample-7's spelling in older exporters
+        return "linear"
+    if mode == "cubic":
+        raise _Unsupported("mode 'cubic' is not supported (convc resizes with 'nearest' and 'linear')")
+    raise _Unsupported(f"mode {mode!r} is unknown (ONNX's modes: nearest, linear, cubic)")
+
+
+def _resize_spatial(x: Value, scales, sizes):
+    """Keyword arguments of ``resize`` for ONNX's per-axis scales or sizes
+    (every axis of x): the batch and channel axes must stay as they are."""
+    rank = len(x.shape)
+    if not 3 <= rank <= 5:
+        raise _Unsupported(f"input {x.shape} must be (N, C, *spatial) with 1 to 3 spatial axes")
+    given = scales if scales is not None else sizes
+    if len(given) != rank:
+        raise _Unsupported(f"{'scales' if scales is not None else 'sizes'} {given.tolist()} has "
+                           f"{len(given)} entries for an input of rank {rank}")
+    if scales is not None:
+        if scales[0] != 1 or scales[1] != 1:
+            raise _Unsupported(f"scales {scales.tolist()} resize the batch or channel axis; convc resizes "
+                               "the spatial axes only")
+        return dict(scale_factor=tuple(float(s) for s in scales[2:]))
+    if tuple(int(s) for s in sizes[:2]) != x.shape[:2]:
+        raise _Unsupported(f"sizes {sizes.tolist()} resize the batch or channel axis of {x.shape}; convc "
+                           "resizes the spatial axes only")
+    return dict(size=tuple(int(s) for s in sizes[2:]))
+
+
+def _resize_legacy(im, node, x: Value, scales, mode: str) -> Value:
+    """Upsample and Resize-10: asymmetric coordinates; nearest rounds as ONNX
+    Runtime does, down along an axis that grows and up along one that shrinks
+    (two resizes when the axes disagree: nearest is separable)."""
+    mode = _resize_mode(mode)
+    kw = _resize_spatial(x, np.asarray(scales, np.float32).reshape(-1), None)
+    factors = kw["scale_factor"]
+    if mode == "linear":
+        return resize(x, scale_factor=factors, mode="linear", coordinate_transformation_mode="asymmetric",
+                      name=im.name(node))
+    groups = [("ceil", [f if f < 1 else 1.0 for f in factors]), ("floor", [f if f >= 1 else 1.0 for f in factors])]
+    groups = [(rounding, f) for rounding, f in groups if any(v != 1 for v in f)] or [("floor", list(factors))]
+    for k, (rounding, f) in enumerate(groups):
+        x = resize(x, scale_factor=tuple(f), mode="nearest", coordinate_transformation_mode="asymmetric",
+                   nearest_mode=rounding, name=im.name(node) if k == len(groups) - 1 else im.name(node, "down"))
+    return x
+
+
+@converts("Resize", mode="nearest", coordinate_transformation_mode="half_pixel", nearest_mode="round_prefer_floor",
+          cubic_coeff_a=-0.75, exclude_outside=0, extrapolation_value=0.0, antialias=0, axes=None,
+          keep_aspect_ratio_policy="stretch")
+def _resize(im, node, ins, at):
+    x = im.value(ins[0])
+    if im.opset < 11:                   # Resize-10: (X, scales) and the mode only
+        return [_resize_legacy(im, node, x, im.const(ins[1], "scales"), at["mode"])]
+    mode = _resize_mode(at["mode"])
+    ctm = at["coordinate_transformation_mode"]
+    if ctm == "tf_crop_and_resize":
+        raise _Unsupported("coordinate_transformation_mode 'tf_crop_and_resize' (a crop given by roi) is not "
+                           "supported")
+    if ctm not in COORDINATE_MODES:
+        raise _Unsupported(f"coordinate_transformation_mode {ctm!r} is not supported (only "
+                           f"{', '.join(COORDINATE_MODES)})")
+    if at["antialias"]:
+        raise _Unsupported(f"antialias={at['antialias']} is not supported (only 0)")
+    if at["exclude_outside"] and mode != "linear":
+        # (linear reads at most one element past an edge, where excluding it
+        # and renormalising gives the edge element, as clamping does)
+        raise _Unsupported(f"exclude_outside={at['exclude_outside']} is supported with mode 'linear' only")
+    scales = im.const(ins[2], "scales").reshape(-1) if ins[2] else None
+    scales = scales if scales is not None and scales.size else None
+    sizes = im.const(ins[3], "sizes").reshape(-1) if ins[3] else None
+    if (scales is None) == (sizes is None):
+        raise _Unsupported("exactly one of scales and sizes must be given")
+    if sizes is not None and at["keep_aspect_ratio_policy"] != "stretch":
+        raise _Unsupported(f"keep_aspect_ratio_policy {at['keep_aspect_ratio_policy']!r} is not supported "
+                           "(only 'stretch')")
+    if at["axes"] is not None:          # opset 18: scales / sizes of the listed axes only
+        rank = len(x.shape)
+        axes = [int(a) % rank for a in at["axes"]]
+        given = scales if scales is not None else sizes
+        if len(set(axes)) != len(axes) or len(axes) != len(given):
+            raise _Unsupported(f"axes {list(at['axes'])} must be distinct, one per entry of "
+                               f"{'scales' if scales is not None else 'sizes'} {given.tolist()}")
+        full = np.array([1.0] * rank if scales is not None else x.shape, given.dtype)
+        full[axes] = given
+        scales, sizes = (full, None) if scales is not None else (None, full)
+    nearest = at["nearest_mode"] if mode == "nearest" else None
+    return [resize(x, mode=mode, coordinate_transformation_mode=ctm, nearest_mode=nearest, name=im.name(node),
+                   **_resize_spatial(x, scales, sizes))]
+
+
+@converts("Upsample", mode="nearest", scales=None)
+def _upsample(im, node, ins, at):
+    scales = at["scales"] if im.opset < 9 else im.const(ins[1], "scales")
+    if scales is None:
+        raise _Unsupported("attribute scales is required")
+    return [_resize_legacy(im, node, im.value(ins[0]), scales, at["mode"])]
+
+
 # -- export --------------------------------------------------------------------------
 _EXPORTERS: dict[str, object] = {}
 
@@ -1178,6 +1284,28 @@ def _x_dilate(ex, n, ins, attrs, out):
     w = ex.initializer(np.ones((c, 1) + (1,) * rank, _np(out)), f"{n}.ones")
     ex.node("ConvTranspose", [ex.tensor[ins[0]], w], [ex.tensor[n]], strides=list(attrs["stride"]), group=c,
             kernel_shape=[1] * rank)
+
+
+@exports("resize")
+def _x_resize(ex, n, ins, attrs, out):
+    # ONNX's Resize takes sizes (its scale is then exactly size / input) or
+    # float32 scales (output floor(input * scale)): sizes when convc's scale
+    # is that ratio, else the float32 scales if they compute the same.
+    n_in = ex.graph.node(ins[0])["type"].shape[2:]
+    mode, ctm, nearest = attrs["mode"], attrs["coordinate_transformation_mode"], attrs["nearest_mode"]
+    onnx_attrs = dict(mode=mode, coordinate_transformation_mode=ctm, **({"nearest_mode": nearest} if nearest else {}))
+    if all(is_ratio(i, o, s) for i, o, s in zip(n_in, attrs["size"], attrs["scale"])):
+        ex.node("Resize", [ex.tensor[ins[0]], "", "", ex.ints(out.shape, f"{n}.sizes")], [ex.tensor[n]],
+                **onnx_attrs)
+        return
+    for i, o, s in zip(n_in, attrs["size"], attrs["scale"]):
+        s32 = float(np.float32(s))
+        if math.floor(i * s32) != o or not np.allclose(axis_matrix(i, o, s32, mode, ctm, nearest),
+                                                       axis_matrix(i, o, s, mode, ctm, nearest), rtol=0, atol=1e-6):
+            raise ConvcError(f"node %{n} (resize): the scale {s} of an axis resized from {i} to {o} is not {o}/{i}, "
+                             f"and as a float32 (ONNX's scales are float32) it reads other elements")
+    scales = ex.initializer(np.array([1.0, 1.0] + list(attrs["scale"]), np.float32), f"{n}.scales")
+    ex.node("Resize", [ex.tensor[ins[0]], "", scales], [ex.tensor[n]], **onnx_attrs)
 
 
 # -- command line: convc run / convc compile -------------------------------------------

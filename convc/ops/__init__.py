@@ -3,3 +3,4 @@ from .registry import OPS, Op, get_op, register  # noqa: F401
 from . import (conv, pool, elementwise, tensor, linear, transpose, unshared, layout,  # noqa: F401,E402
                loss, optim, columns, norm, fused, fft)  # (importing registers the ops)
 from . import winograd  # noqa: F401,E402  (registers winograd_kernel, winograd_conv)
+from . import resize  # noqa: F401,E402  (registers resize, resize_grad)
