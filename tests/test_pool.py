@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 import convc as cc
 import helpers
+from convc.ops import get_op
+from convc.ops.pool import interior
 
 assert_close = partial(helpers.assert_close, check_dtype=True)   # results keep their dtype too
 
@@ -149,7 +151,48 @@ HANDPICKED = [
     PoolCfg("avg", (1, 2, 5, 4, 6), 2, 2, 1, ceil_mode=True, dtype="float64"),
 ]
 
-CONFIGS = HANDPICKED + random_configs()
+# The generated code splits every output axis into the interior (windows inside
+# the input: no bounds checks, vectorised) and the border around it (checked).
+# These exercise each side of that split; test_grid_covers_the_split says which.
+SPLIT = [
+    # no interior at all: every window reaches into padding or past the end
+    PoolCfg("max", (2, 2, 3, 3), 3, 2, 1),
+    PoolCfg("avg", (2, 2, 3, 3), 3, 2, 1, count_include_pad=False),
+    # an interior along y only (x has none): every row is border
+    PoolCfg("max", (1, 3, 9, 2), 3, (2, 1), 1),
+    # the whole output is interior (no padding, no overhang)
+    PoolCfg("max", (2, 3, 9, 12), 3, 2, 0),
+    PoolCfg("avg", (2, 3, 9, 12), (3, 2), (2, 2), 0),
+    PoolCfg("avg", (1, 2, 8, 8, 8), 2, None, 0),
+    # resnet's first pool, small: one border output per axis, long interior rows
+    PoolCfg("max", (1, 4, 40, 46), 3, 2, 1),
+    PoolCfg("avg", (1, 4, 40, 46), 3, 2, 1),
+    PoolCfg("avg", (1, 4, 40, 46), 3, 2, 1, count_include_pad=False),
+    # interior rows of 16, 17 and 33 outputs (vector loop and its remainder)
+    PoolCfg("max", (1, 2, 4, 34), 3, 2, 1),
+    PoolCfg("max", (1, 2, 4, 36), 3, 2, 1),
+    PoolCfg("avg", (1, 2, 4, 68), 3, 2, 1),
+    PoolCfg("max", (1, 2, 5, 35), 3, 1, 1),
+    # ceil_mode: the last windows run past the input, on both sides of a long interior
+    PoolCfg("max", (1, 3, 20, 24), 3, 2, 0, ceil_mode=True),
+    PoolCfg("avg", (1, 3, 20, 24), 3, 2, 0, ceil_mode=True),
+    PoolCfg("avg", (1, 3, 21, 24), 3, 2, 1, ceil_mode=True, count_include_pad=False),
+    PoolCfg("max", (2, 2, 31), 4, 3, 1, ceil_mode=True),
+    # dilation inside the interior
+    PoolCfg("max", (1, 2, 14, 30), 3, 1, 1, dilation=2),
+    PoolCfg("max", (1, 2, 15, 33), (2, 3), (1, 2), (1, 1), dilation=(3, 2), ceil_mode=True),
+    # 1D and 3D, interior and border
+    PoolCfg("max", (2, 3, 50), 3, 2, 1),
+    PoolCfg("avg", (2, 3, 50), 5, 2, 2, count_include_pad=False),
+    PoolCfg("max", (1, 2, 9, 10, 23), 3, 2, 1, dilation=(2, 1, 1)),
+    PoolCfg("avg", (1, 2, 9, 10, 23), 3, 2, 1, ceil_mode=True),
+    # float64
+    PoolCfg("max", (1, 3, 17, 30), 3, 2, 1, dtype="float64"),
+    PoolCfg("avg", (1, 3, 17, 30), 3, 2, 1, dtype="float64"),
+    PoolCfg("max", (2, 2, 41), 2, 2, 0, dtype="float64"),
+]
+
+CONFIGS = HANDPICKED + SPLIT + random_configs()
 assert len({c.id for c in CONFIGS}) >= 60
 
 GLOBAL_SHAPES = [((2, 3, 7), "float32"), ((3, 2, 5, 6), "float32"), ((1, 4, 3, 4, 5), "float32"),
@@ -227,6 +270,119 @@ def test_grid_covers_the_brief():
     assert any(c.shape[0] > 1 for c in CONFIGS)
     assert any(len(set(tup(c.kernel, c.rank))) > 1 for c in CONFIGS)
     assert any(c.dtype == "float64" for c in CONFIGS)
+
+
+def split_axes(cfg):
+    """The per-axis template context of cfg's node: i, o, k, s, d, p (low
+    padding), hi (high padding) and the interior [first, end) Python chose."""
+    g = cc.Graph("split")
+    x = g.input("x", cfg.shape, cfg.dtype)
+    d = g.node(cfg.build(x).name)
+    return get_op(d["op"]).context(d["attrs"], [x.type], d["type"])["axes"]
+
+
+def test_interior_is_exactly_the_windows_inside_the_input():
+    """Brute force: per axis, the interior is every output whose window lies in
+    [0, n) (contiguous), the border all the others; empty is (out, out)."""
+    for cfg in CONFIGS:
+        for a in split_axes(cfg):
+            inside = [o for o in range(a["o"])
+                      if o * a["s"] - a["p"] >= 0 and o * a["s"] - a["p"] + a["d"] * (a["k"] - 1) < a["i"]]
+            want = (inside[0], inside[-1] + 1) if inside else (a["o"], a["o"])
+            assert (a["first"], a["end"]) == want, f"{cfg.id} axis {a['l']}: {a}"
+            assert inside == list(range(*want)), f"{cfg.id} axis {a['l']}: interior not contiguous"
+    assert interior(112, 56, 3, 2, 1, 1) == (1, 56)        # resnet's first pool
+
+
+def test_grid_covers_the_split():
+    """Every side of the interior/border split is on the grid, for both pools."""
+    axes = {c.id: split_axes(c) for c in CONFIGS}
+    empty = lambda c: any(a["first"] == a["end"] for a in axes[c.id])                    # noqa: E731
+    full = lambda c: all((a["first"], a["end"]) == (0, a["o"]) for a in axes[c.id])      # noqa: E731
+    mixed = lambda c: not empty(c) and not full(c)                                       # noqa: E731
+    past_end = lambda c: any((a["o"] - 1) * a["s"] - a["p"] + a["d"] * (a["k"] - 1) >= a["i"] + a["hi"]
+                             for a in axes[c.id])                                        # noqa: E731
+    for kind in ("max", "avg"):
+        cfgs = [c for c in CONFIGS if c.kind == kind]
+        assert any(empty(c) for c in cfgs) and any(full(c) for c in cfgs), kind
+        assert any(all(a["first"] == a["end"] for a in axes[c.id]) for c in cfgs), kind
+        assert any(mixed(c) and c.ceil_mode and past_end(c) for c in cfgs), kind
+        assert {c.rank for c in cfgs if mixed(c)} == {1, 2, 3}, kind
+        assert any(mixed(c) and c.dtype == "float64" for c in cfgs), kind
+        assert any(not empty(c) and axes[c.id][-1]["end"] - axes[c.id][-1]["first"] >= 17 for c in cfgs), kind
+    assert any(mixed(c) and any(a["d"] > 1 and a["first"] < a["end"] for a in axes[c.id]) for c in CONFIGS)
+    assert any([a["first"] < a["end"] for a in axes[c.id]] == [True, False] for c in CONFIGS)   # y only
+
+
+# -- NaN and infinities: max_pool propagates NaN (PyTorch), the interior skips the check --
+NAN_CONFIGS = [
+    PoolCfg("max", (1, 3, 20, 22), 3, 2, 1),
+    PoolCfg("max", (2, 2, 9, 40), 3, 2, 1, dtype="float64"),
+    PoolCfg("max", (1, 2, 12, 33), 2, 2, 0, ceil_mode=True),
+    PoolCfg("max", (1, 2, 14, 30), 3, 1, 1, dilation=2),
+    PoolCfg("max", (2, 3, 60), 3, 2, 1),
+    PoolCfg("max", (1, 2, 9, 10, 23), 3, 2, 1, dilation=(2, 1, 1), ceil_mode=True),
+    PoolCfg("max", (1, 2, 7, 6, 9), 2, 1, 0, dtype="float64"),
+]
+NAN_PATTERNS = {
+    "sparse": "a few NaN anywhere (and some infinities)",
+    "edges": "NaN only on the first and last row/column: border windows",
+    "one": "one NaN in the middle: one interior row falls back",
+    "all": "every element NaN",
+    "inf": "infinities, no NaN: the interior keeps them exact",
+}
+
+
+def nan_input(cfg, pattern, rng):
+    shape = cfg.shape
+    a = rng.standard_normal(shape).astype(cfg.dtype)
+    if pattern == "sparse":
+        a[rng.random(shape) < 0.02] = np.nan
+        a[rng.random(shape) < 0.01] = np.inf
+        a[rng.random(shape) < 0.01] = -np.inf
+    elif pattern == "edges":
+        for ax in range(2, len(shape)):
+            idx = [slice(None)] * len(shape)
+            idx[ax] = [0, -1]
+            a[tuple(idx)] = np.nan
+    elif pattern == "one":       # the first tap of the middle interior window
+        mid = [(ax["first"] + ax["end"]) // 2 for ax in split_axes(cfg)]
+        a[(0, 0) + tuple(o * ax["s"] - ax["p"] for o, ax in zip(mid, split_axes(cfg)))] = np.nan
+    elif pattern == "all":
+        a[...] = np.nan
+    else:
+        a[rng.random(shape) < 0.05] = np.inf
+        a[rng.random(shape) < 0.05] = -np.inf
+    return a
+
+
+NAN_CASES = [(cfg, pat) for cfg in NAN_CONFIGS for pat in NAN_PATTERNS]
+
+
+@pytest.fixture(scope="module")
+def nan_suite():
+    rng = np.random.default_rng(SEED + 1)
+    g = cc.Graph("pool_nan")
+    feeds, expected = {}, {}
+    for i, (cfg, pat) in enumerate(NAN_CASES):
+        feeds[f"x{i}"] = nan_input(cfg, pat, rng)
+        g.output(cfg.build(g.input(f"x{i}", cfg.shape, cfg.dtype)), f"y{i}")
+        expected[f"y{i}"] = cfg.torch(feeds[f"x{i}"])
+    return {t: cc.compile(g, target=t).run(feeds) for t in TARGETS}, expected
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("idx", range(len(NAN_CASES)), ids=[f"{c.id}-{p}" for c, p in NAN_CASES])
+def test_max_pool_nan_and_inf_match_torch_and_reference(nan_suite, target, idx):
+    results, expected = nan_suite
+    cfg, pat = NAN_CASES[idx]
+    got, want, ref = results[target][f"y{idx}"], expected[f"y{idx}"], results["numpy"][f"y{idx}"]
+    if pat in ("sparse", "edges", "one", "all"):
+        assert np.isnan(want).any(), f"{cfg.id}-{pat}: the case should put a NaN in some window"
+    assert got.dtype == want.dtype, f"{cfg.id}-{pat} on {target}: dtype {got.dtype}"
+    # a max copies one of its inputs: compare exactly (NaN matches NaN, inf matches inf)
+    np.testing.assert_array_equal(ref, want, f"{cfg.id} with {NAN_PATTERNS[pat]}: numpy reference vs torch")
+    np.testing.assert_array_equal(got, want, f"{cfg.id} with {NAN_PATTERNS[pat]} on target {target}")
 
 
 def test_pool_output_shapes_by_hand():

@@ -39,6 +39,22 @@ def _spatial_rank(t: TensorType) -> int:
     return len(t.shape) - 2
 
 
+def interior(n: int, out: int, k: int, s: int, d: int, lo: int) -> tuple[int, int]:
+    """The output positions [first, end) of one axis whose window
+    o*s - lo + [0, d*(k-1)] lies inside the input [0, n): no padding, no
+    ceil_mode overhang. An empty interior is (out, out), so that the border
+    [0, first) + [end, out) is the whole axis.
+
+    >>> interior(112, 56, 3, 2, 1, 1)      # resnet's 3x3/2 pool: only output 0 touches padding
+    (1, 56)
+    >>> interior(3, 2, 3, 2, 1, 1)         # every window reaches into padding
+    (2, 2)
+    """
+    first = -(-lo // s)                                 # o*s >= lo
+    end = min(out, (n - 1 - d * (k - 1) + lo) // s + 1)  # o*s - lo + d*(k-1) <= n-1
+    return (first, end) if first < end else (out, out)
+
+
 class _Pool(Op):
     template = "pool"
 
@@ -72,12 +88,23 @@ class _Pool(Op):
         return k, s, d, pads, out, extra
 
     def context(self, attrs, types, out):
+        """Shapes as constants; per axis the interior [first, end) of the
+        output positions; the parallel nest is (n*c, every output axis but the
+        innermost): each iteration writes one output row."""
         x = types[0]
-        return dict(kind=self.name, N=x.shape[0], C=x.shape[1],
+        axes = axes_context(x.shape[2:], out.shape[2:], attrs["kernel_size"], attrs["stride"],
+                            attrs["dilation"], attrs["padding"])
+        for a, (_, hi) in zip(axes, attrs["padding"]):
+            a["hi"] = hi
+            a["first"], a["end"] = interior(a["i"], a["o"], a["k"], a["s"], a["d"], a["p"])
+        nc = x.shape[0] * x.shape[1]
+        # max_pool's interior skips the NaN checks once a scan finds no NaN in the input rows
+        # it reads: per tap of the axes before the last two, `span` contiguous elements
+        span = (axes[-2]["d"] * (axes[-2]["k"] - 1) + 1) * axes[-1]["i"] if len(axes) > 1 else axes[0]["i"]
+        return dict(kind=self.name, N=x.shape[0], C=x.shape[1], NC=nc, axes=axes, span=span,
+                    interior=all(a["first"] < a["end"] for a in axes),
                     count_include_pad=attrs.get("count_include_pad", False),
-                    axes=[dict(a, hi=p[1]) for a, p in zip(
-                        axes_context(x.shape[2:], out.shape[2:], attrs["kernel_size"], attrs["stride"],
-                                     attrs["dilation"], attrs["padding"]), attrs["padding"])])
+                    par=[("nc", "NC", nc)] + [("o" + a["l"], "OUT_" + a["U"], a["o"]) for a in axes[:-1]])
 
 
 @register
@@ -148,7 +175,8 @@ class GlobalAvgPool(Op):
 
     def context(self, attrs, types, out):
         x = types[0]
-        return dict(NC=x.shape[0] * x.shape[1], HW=shapes.prod(x.shape[2:]))
+        nc = x.shape[0] * x.shape[1]
+        return dict(NC=nc, HW=shapes.prod(x.shape[2:]), par=[("nc", "NC", nc)])
 
 
 # -- pool gradients ----------------------------------------------------------------
@@ -165,6 +193,10 @@ def avg_pool_grad(gy: Value, input_shape, attrs: dict, name=None) -> Value:
 
 
 class _PoolGrad(_Pool):
+    def grad_context(self, ctx, kind):
+        """A scatter: parallel iterations own whole (n, c) planes of the input gradient."""
+        return dict(ctx, kind=kind, par=[("n", "N", ctx["N"]), ("c", "C", ctx["C"])])
+
     def check_gy(self, attrs, x: TensorType, gy: TensorType):
         want = _Pool.infer(self, attrs, [x]).shape
         if gy.shape != want:
@@ -202,7 +234,8 @@ class MaxPoolGrad(_PoolGrad):
         return dxp[(slice(None), slice(None)) + crop]
 
     def context(self, attrs, types, out):
-        return dict(_Pool.context(self, attrs, types[:1], TensorType(types[1].shape, out.dtype)), kind="max_pool")
+        return self.grad_context(_Pool.context(self, attrs, types[:1], TensorType(types[1].shape, out.dtype)),
+                                 "max_pool")
 
 
 @register
@@ -242,4 +275,4 @@ class AvgPoolGrad(_PoolGrad):
         return dxp[(slice(None), slice(None)) + crop]
 
     def context(self, attrs, types, out):
-        return dict(_Pool.context(self, attrs, [out], types[0]), kind="avg_pool")
+        return self.grad_context(_Pool.context(self, attrs, [out], types[0]), "avg_pool")
