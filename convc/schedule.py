@@ -5,6 +5,12 @@ every other node's result in one arena. Arena offsets are planned by
 liveness: a buffer becomes free once its last reader has run. Buffers are
 placed biggest first, each at the lowest offset that overlaps no buffer
 alive at the same time.
+
+Two kinds of node emit no code and own no buffer of their own: a reshape is
+a second name for its input's buffer (``Plan.aliases``), and a concat whose
+inputs can all be written straight into their slices of its output
+(``Plan.joins``; the rule is ``concat_slices``) leaves its producers writing
+there (``Plan.views``).
 """
 from __future__ import annotations
 
@@ -42,6 +48,14 @@ class Plan:
     buffers: list[Buffer] = field(default_factory=list)
     workspace: dict[str, int] = field(default_factory=dict)   # node -> arena offset of its scratch
     aliases: dict[str, str] = field(default_factory=dict)     # reshape node -> node whose buffer it names (no code)
+    # A node written straight into its slice of a concat's output (or a
+    # reshape of one) -> (host, byte offset): the host is the node that owns
+    # the buffer (an arena buffer or a graph output's caller array). In the
+    # arena the offset is already in ``storage`` (("arena", host's + offset));
+    # in an output, ``storage`` is the host's ("output", name) and the view
+    # starts ``offset`` bytes into the caller's array.
+    views: dict[str, tuple[str, int]] = field(default_factory=dict)
+    joins: list[str] = field(default_factory=list)            # concats that emit no code (all inputs are views)
 
     @property
     def intermediate_bytes(self) -> int:
@@ -56,6 +70,51 @@ def live_nodes(g: Graph) -> set[str]:
         keep.add(n)
         keep |= nx.ancestors(g.nx, n)
     return keep
+
+
+def concat_slices(g: Graph, order: list[str], aliases: dict[str, str], final: set[str]) -> dict[str, tuple[str, int]]:
+    """The concats of ``order`` whose inputs are computed straight into their
+    slices of the concat's output: {input node: (concat, byte offset of its
+    slice)}. An input read through a reshape is placed as the reshape's
+    source (``aliases``: same bytes, in the same order).
+
+    A concat qualifies when every output axis before its axis has extent 1
+    (batch 1 and a channel concat; or axis 0): each input's slice is then one
+    contiguous block (with N > 1 the slices interleave: the concat stays a
+    copy). And each input, as its reshape source ``r``:
+
+    - is computed by a node of this graph (every op writes its whole output
+      and nothing else): not a graph input or a param, whose memory is the
+      caller's or the weight blob;
+    - is not a graph output nor assigned to a param: those have their own
+      buffer (a caller's array, or a copy made after the last node);
+    - is not placed in another concat already (a node has one buffer: the
+      first concat in schedule order takes it, a later one copies from it);
+    - appears once among the concat's inputs (one buffer, one slice).
+
+    ``r`` may be a concat placed itself (its producers' slices then nest in
+    the outer concat's buffer). Other readers of ``r`` are no obstacle: no op
+    writes in place, so nothing but ``r``'s node writes the bytes of its
+    slice, and they read the same values there as from a buffer of its own;
+    ``plan`` keeps the concat's buffer alive until the last reader of any of
+    its slices. It is all or nothing: if one input does not qualify, the
+    concat runs and copies every input, as before."""
+    slices: dict[str, tuple[str, int]] = {}
+    for c in order:
+        d = g.node(c)
+        if d["op"] != "concat":
+            continue
+        ax, out = d["attrs"]["axis"], d["type"]
+        srcs = [aliases.get(i, i) for i in g.inputs_of(c)]
+        if any(e != 1 for e in out.shape[:ax]) or len(set(srcs)) < len(srcs):
+            continue
+        if any(g.node(r)["op"] in ("input", "param") or r in final or r in slices for r in srcs):
+            continue
+        offset = 0
+        for r in srcs:
+            slices[r] = (c, offset)
+            offset += g.node(r)["type"].nbytes
+    return slices
 
 
 def plan(g: Graph, target: str = "c") -> Plan:
@@ -76,9 +135,21 @@ def plan(g: Graph, target: str = "c") -> Plan:
             src = g.inputs_of(n)[0]
             aliases[n] = aliases.get(src, src)
     order = [n for n in order if n not in aliases]
-    views: dict[str, list[str]] = {}        # buffer -> its aliases, whose readers keep it alive
+    slices = concat_slices(g, order, aliases, final)
+    hosts = {c for c, _ in slices.values()}
+    joins = [c for c in order if c in hosts]
+    order = [n for n in order if n not in joins]
+
+    def host(n: str) -> tuple[str, int]:        # the node owning n's buffer, and n's byte offset in it
+        at = 0
+        while n in slices:
+            n, off = slices[n]
+            at += off
+        return n, at
+    views = {n: host(n) for n in slices}
+    names: dict[str, list[str]] = {}        # buffer -> its aliases, whose readers keep it alive
     for a, src in aliases.items():
-        views.setdefault(src, []).append(a)
+        names.setdefault(src, []).append(a)
     step = {n: i for i, n in enumerate(order)}
     storage: dict[str, tuple[str, object]] = {}
     params, pbytes = {}, 0
@@ -93,14 +164,21 @@ def plan(g: Graph, target: str = "c") -> Plan:
     for out, n in g.outputs.items():
         if n not in storage:                # first output name that names a node owns it
             storage[n] = ("output", out)
+    # A joined concat's buffer is written by its first producer and read up
+    # to the last reader of the concat or of any slice (or a reshape of one).
+    members: dict[str, list[str]] = {}
+    for n in order + joins:
+        members.setdefault(views.get(n, (n, 0))[0], []).append(n)
     buffers = []
-    for n in order:
-        if n in storage:
+    for n in order + joins:
+        if n in storage or n in views:
             continue
-        readers = [step[u] for v in [n, *views.get(n, ())] for u in g.nx.successors(v) if u in step]
+        ms = members[n]
+        readers = [step[u] for m in ms for v in [m, *names.get(m, ())] for u in g.nx.successors(v) if u in step]
         if n in g.assigns.values():          # copied into its param after the last node
             readers.append(len(order))
-        buffers.append(Buffer(n, g.node(n)["type"].nbytes, step[n], max(readers, default=step[n])))
+        start = min(step[m] for m in ms if m in step)
+        buffers.append(Buffer(n, g.node(n)["type"].nbytes, start, max(readers, default=start)))
     scratch: dict[int, str] = {}          # id(Buffer) -> node whose workspace it is
     for n in order:
         d = g.node(n)
@@ -130,6 +208,11 @@ def plan(g: Graph, target: str = "c") -> Plan:
             storage[b.node] = ("arena", offset)
         arena = max(arena, _align(offset + b.nbytes))
     buffers.sort(key=lambda b: b.start)
+    for n, (h, at) in views.items():
+        kind, where = storage[h]
+        storage[n] = ("arena", where + at) if kind == "arena" else (kind, where)
     for a, src in aliases.items():
         storage[a] = storage[src]
-    return Plan(order, storage, arena, params, pbytes, buffers, workspace, aliases)
+        if src in views:
+            views[a] = views[src]
+    return Plan(order, storage, arena, params, pbytes, buffers, workspace, aliases, views, joins)

@@ -80,16 +80,22 @@ def generate(g: Graph, plan: Plan | None = None, profile: bool = False) -> CSour
 def bind_buffers(g: Graph, plan: Plan, name: Namer, var: dict[str, str], out_var: dict[str, str]) -> list[dict]:
     """Name the buffer of every scheduled node in ``var``: a graph output
     writes straight into its caller buffer (``out_var``), anything else gets a
-    pointer into the arena; returns those arena pointers (type, name, offset)."""
+    pointer into the arena; returns those arena pointers (type, name, offset).
+    A concat that emits no code (``plan.joins``) names its buffer too, and a
+    node written into its slice of one (``plan.views``) points into it."""
+    import numpy as np
+
     arena_ptrs = []
-    for n in plan.order:
+    for n in plan.order + plan.joins:
         kind, where = plan.storage[n]
-        if kind == "output":
-            var[n] = out_var[where]
+        t = g.node(n)["type"]
+        if kind == "output":                # a view starts its offset into the caller's array
+            at = plan.views[n][1] // np.dtype(t.dtype).itemsize if n in plan.views else 0
+            var[n] = f"({out_var[where]} + {at})" if at else out_var[where]
         else:
             var[n] = name(n, "t_")
-            arena_ptrs.append(dict(T=CTYPES[g.node(n)["type"].dtype], var=var[n], offset=where,
-                                   note=f"{n} {g.node(n)['type']}"))
+            note = f"{n} {t}" + (f", in {plan.views[n][0]} at +{plan.views[n][1]}" if n in plan.views else "")
+            arena_ptrs.append(dict(T=CTYPES[t.dtype], var=var[n], offset=where, note=note))
         if n in plan.workspace:
             var[f"{n} workspace"] = name(n, "ws_")
             arena_ptrs.append(dict(T=CTYPES[g.node(n)["type"].dtype], var=var[f"{n} workspace"],

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .. import __version__
 from ..ir import Graph, TensorType
 from ..schedule import Plan, plan as make_plan
@@ -71,15 +73,18 @@ def generate(g: Graph, plan: Plan | None = None) -> OpenCLSource:
         kernel_args.append(f"__global {CL_TYPES[t.dtype]} *{out_var[o]}")
     signature = f"int {entry}({', '.join(host_args)})"
 
-    # a buffer, as an expression of the kernel arguments
+    # a buffer, as an expression of the kernel arguments (a view of a concat's
+    # buffer is an offset into it: the arena's is in the storage already)
     def where(n: str, const: bool = False) -> str:
-        t = CL_TYPES[g.node(n)["type"].dtype]
+        dtype = g.node(n)["type"].dtype
+        t = CL_TYPES[dtype]
         kind, at = plan.storage[n]
         cast = f"(__global {'const ' if const else ''}{t} *)"
         if kind == "input":
             return var[at]
         if kind == "output":
-            return out_var[at]
+            k = plan.views[n][1] // np.dtype(dtype).itemsize if n in plan.views else 0
+            return f"({out_var[at]} + {k})" if k else out_var[at]
         base = "params" if kind == "param" else "arena"
         return f"{cast}({base} + {at})"
 
