@@ -17,7 +17,8 @@ from .ops.unshared import local_conv, tiled_conv
 from .ops.layout import channel_shuffle, dilate, downsample, pad
 from .ops.pool import avg_pool, global_avg_pool, max_pool
 from .ops.resize import resize
-from .ops.elementwise import add, clip, div, leaky_relu, mul, relu, sigmoid, sub, tanh
+from .ops.elementwise import (add, clip, div, gelu, hardsigmoid, hardswish, leaky_relu, mul, relu, relu6, sigmoid,
+                              silu, sub, tanh)
 from .ops.tensor import concat, expand, flatten, reduce_sum, reshape, slice_axis, transpose
 from .ops.linear import dense, matmul, softmax
 from .ops.norm import batch_norm

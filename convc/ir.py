@@ -240,13 +240,20 @@ class Graph:
 
     # -- printing -----------------------------------------------------------
     def __str__(self):
+        from .ops.epilogue import split_attrs
         lines = [f"graph {self.name} {{"]
         for n in self.topological_order():
             d = self.nx.nodes[n]
-            args = ", ".join(f"%{i}" for i in self.inputs_of(n))
-            attrs = ", ".join(f"{k}={_fmt(v)}" for k, v in d["attrs"].items())
+            own_attrs, ep = split_attrs(d["attrs"])
+            srcs = self.inputs_of(n)
+            if ep.get("residual"):                  # the epilogue's input, shown with it
+                srcs, r = srcs[:-1], srcs[-1]
+                ep = dict(ep, residual=f"%{r}")
+            args = ", ".join(f"%{i}" for i in srcs)
+            attrs = ", ".join(f"{k}={_fmt(v)}" for k, v in own_attrs.items())
             inner = ", ".join(s for s in (args, attrs) if s)
-            lines.append(f"  %{n} = {d['op']}({inner}) : {d['type']}")
+            then = "".join(f" then {step}" for step in _epilogue_steps(ep))
+            lines.append(f"  %{n} = {d['op']}({inner}){then} : {d['type']}")
         for out, n in self.outputs.items():
             lines.append(f"  output {out} = %{n}")
         for p, n in self.assigns.items():
@@ -330,3 +337,12 @@ def _fmt(v):
     if isinstance(v, tuple):
         return "(" + ",".join(_fmt(x) for x in v) + ")"
     return str(v)
+
+
+def _epilogue_steps(ep: dict) -> list[str]:
+    """The printed steps of a producer's epilogue: ``add(%r)``, ``relu``."""
+    steps = [f"add({ep['residual']})"] if ep.get("residual") else []
+    if ep.get("activation"):
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in ep.items() if k not in ("activation", "residual"))
+        steps.append(f"{ep['activation']}({params})" if params else ep["activation"])
+    return steps

@@ -34,7 +34,9 @@ import numpy as np
 from .errors import ConvcError
 from .ir import DTYPES, Graph, Value
 from .ops.conv import conv
-from .ops.elementwise import add, clip, div, leaky_relu, mul, relu, sigmoid, sub, tanh
+from .ops import activations, epilogue
+from .ops.activations import TABLE as ACTIVATION_TABLE
+from .ops.elementwise import add, clip, div, gelu, mul, sub
 from .ops.layout import downsample, pad
 from .ops.linear import dense, matmul, softmax
 from .ops.norm import batch_norm
@@ -492,24 +494,37 @@ def _dropout(im, node, ins, at):
     return [im.env[ins[0]]]
 
 
-@converts("Relu")
-def _relu(im, node, ins, at):
-    return [relu(im.value(ins[0]), name=im.name(node))]
+def _onnx_attr_names(act) -> dict:
+    """Our param name -> the ONNX attribute's name, for an activation record."""
+    return {p: act.onnx_attrs.get(p, p) for p in act.params}
 
 
-@converts("LeakyRelu", alpha=0.01)
-def _leaky_relu(im, node, ins, at):
-    return [leaky_relu(im.value(ins[0]), at["alpha"], name=im.name(node))]
+_SPECIAL_ACTIVATIONS = ("Clip", "Gelu")
+"""Their ONNX form is not one attribute per param: Clip takes its bounds as
+inputs (opset 11+), Gelu picks the record by its ``approximate`` string."""
 
 
-@converts("Sigmoid")
-def _sigmoid(im, node, ins, at):
-    return [sigmoid(im.value(ins[0]), name=im.name(node))]
+def _activation_converter(act):
+    """The converter of an activation of the table: its ONNX attributes are
+    its params (ONNX's defaults)."""
+    names = _onnx_attr_names(act)
+
+    def convert(im, node, ins, at):
+        x = im.value(ins[0])
+        return [x.graph.add(act.name, [x], {p: at[a] for p, a in names.items()}, im.name(node))]
+    converts(act.onnx, **{names[p]: act.onnx_defaults.get(p, d) for p, d in act.params.items()})(convert)
 
 
-@converts("Tanh")
-def _tanh(im, node, ins, at):
-    return [tanh(im.value(ins[0]), name=im.name(node))]
+for _act in ACTIVATION_TABLE.values():
+    if _act.onnx and _act.onnx not in _SPECIAL_ACTIVATIONS:
+        _activation_converter(_act)
+
+
+@converts("Gelu", approximate="none")
+def _gelu(im, node, ins, at):
+    if at["approximate"] not in ("none", "tanh"):
+        raise _Unsupported(f"Gelu approximate={at['approximate']!r} (known: 'none', 'tanh')")
+    return [gelu(im.value(ins[0]), at["approximate"], name=im.name(node))]
 
 
 @converts("Clip", min=None, max=None)
@@ -1099,22 +1114,44 @@ def _pads_attr(pairs):
     return [lo for lo, _ in pairs] + [hi for _, hi in pairs]
 
 
-def _finish(ex, n, y: str, attrs, act_key="activation", slope_key="negative_slope"):
-    """A fused activation (a pass's ``activation`` attr) as its own node."""
-    kind = attrs.get(act_key)
-    if kind is None:
+def _x_activation_node(ex, kind: str, params: dict, x: str, out: str, dtype) -> str:
+    """One activation of the table as ONNX node(s) from tensor ``x`` to ``out``."""
+    act = ACTIVATION_TABLE[kind]
+    if act.onnx is None:          # silu: x * sigmoid(x)
+        s = ex.node("Sigmoid", [x], [ex.fresh(f"{out}.sigmoid")])
+        return ex.node("Mul", [x, s], [out])
+    if ex.opset < act.onnx_since:
+        raise ConvcError(f"{kind} is ONNX {act.onnx}, which needs opset >= {act.onnx_since}; "
+                         f"export with to_onnx(..., opset={act.onnx_since})")
+    if kind == "clip":
+        bounds = [ex.initializer(np.array(params[k], dtype), f"{out}.{k}") if math.isfinite(params[k]) else ""
+                  for k in ("min", "max")]
+        while bounds and not bounds[-1]:
+            bounds.pop()
+        return ex.node("Clip", [x] + bounds, [out])
+    extra = {"approximate": "tanh"} if kind == "gelu_tanh" else \
+        {a: params[p] for p, a in _onnx_attr_names(act).items()}
+    return ex.node(act.onnx, [x], [out], **extra)
+
+
+def _finish(ex, n, y: str, attrs):
+    """A producer's epilogue (residual add, fused activation) as its own nodes."""
+    f = activations.fused(attrs)
+    if attrs.get("residual"):
+        r = ex.tensor[ex.graph.inputs_of(n)[-1]]
+        y = ex.node("Add", [y, r], [ex.tensor[n] if f is None else ex.fresh(f"{n}.residual")])
+    if f is None:
         return y
-    onnx_op = {"relu": "Relu", "leaky_relu": "LeakyRelu", "sigmoid": "Sigmoid", "tanh": "Tanh"}[kind]
-    extra = {"alpha": attrs.get(slope_key, 0.01)} if kind == "leaky_relu" else {}
-    return ex.node(onnx_op, [y], [ex.tensor[n]], **extra)
+    return _x_activation_node(ex, f[0].name, f[1], y, ex.tensor[n], _np(ex.graph.node(n)["type"]))
 
 
 def _with_bias(ex, n, op, ins, names, attrs, **onnx_attrs):
     """Conv / ConvTranspose on tensors ``names``: a tied bias as the third
     input, an untied one (a bias per output position) as an Add, then a
     fused activation."""
+    ins, names = epilogue.split(attrs, ins)[0], epilogue.split(attrs, names)[0]
     untied = len(ins) == 3 and len(ex.graph.node(ins[2])["type"].shape) > 1
-    act = attrs.get("activation")
+    act = attrs.get("activation") or attrs.get("residual")
     y = ex.node(op, names[:2] if untied else names,
                 [ex.tensor[n] if not (untied or act) else ex.fresh(f"{n}.{op}")], **onnx_attrs)
     if untied:
@@ -1158,32 +1195,29 @@ def _x_pool(ex, n, ins, attrs, out):
                 count_include_pad=int(attrs["count_include_pad"]), **common)
 
 
-_SIMPLE = {"global_avg_pool": "GlobalAveragePool", "relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh",
-           "add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "matmul": "MatMul"}
+_SIMPLE = {"global_avg_pool": "GlobalAveragePool", "add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div",
+           "matmul": "MatMul"}
 
 
 @exports(*_SIMPLE)
 def _x_simple(ex, n, ins, attrs, out):
-    args = [ex.tensor[i] for i in ins]
+    own = epilogue.split(attrs, ins)[0]
+    args = [ex.tensor[i] for i in own]
     if attrs.get("transpose_a"):            # matmul of a used transposed
         rank = len(ex.graph.node(ins[0])["type"].shape)
         perm = list(range(rank - 2)) + [rank - 1, rank - 2]
         args[0] = ex.node("Transpose", [args[0]], [ex.fresh(f"{n}.a_T")], perm=perm)
-    ex.node(_SIMPLE[ex.graph.node(n)["op"]], args, [ex.tensor[n]])
+    done = not (attrs.get("bias") or epilogue.describe(attrs))
+    y = ex.node(_SIMPLE[ex.graph.node(n)["op"]], args[:2], [ex.tensor[n] if done else ex.fresh(f"{n}.product")])
+    if attrs.get("bias"):                   # matmul's row bias
+        y = ex.node("Add", [y, args[2]], [ex.tensor[n] if not epilogue.describe(attrs) else ex.fresh(f"{n}.bias")])
+    if not done:
+        _finish(ex, n, y, attrs)
 
 
-@exports("leaky_relu")
-def _x_leaky_relu(ex, n, ins, attrs, out):
-    ex.node("LeakyRelu", [ex.tensor[ins[0]]], [ex.tensor[n]], alpha=attrs["negative_slope"])
-
-
-@exports("clip")
-def _x_clip(ex, n, ins, attrs, out):
-    bounds = [ex.initializer(np.array(attrs[k], _np(out)), f"{n}.{k}") if math.isfinite(attrs[k]) else ""
-              for k in ("min", "max")]
-    while bounds and not bounds[-1]:
-        bounds.pop()
-    ex.node("Clip", [ex.tensor[ins[0]]] + bounds, [ex.tensor[n]])
+@exports(*ACTIVATION_TABLE)
+def _x_activation(ex, n, ins, attrs, out):
+    _x_activation_node(ex, ex.graph.node(n)["op"], attrs, ex.tensor[ins[0]], ex.tensor[n], _np(out))
 
 
 @exports("softmax")
@@ -1226,16 +1260,20 @@ def _x_reduce_sum(ex, n, ins, attrs, out):
 @exports("dense")
 def _x_dense(ex, n, ins, attrs, out):
     t = ex.tensor
+    ins = epilogue.split(attrs, ins)[0]
+    last = t[n] if not epilogue.describe(attrs) else ex.fresh(f"{n}.dense")
     x_rank = len(ex.graph.node(ins[0])["type"].shape)
     if x_rank == 2:
-        ex.node("Gemm", [t[i] for i in ins], [t[n]], transB=1)
-        return
-    w = ex.value(ins[1])
-    wt = (ex.initializer(w.T.copy(), f"{ins[1]}.T") if w is not None
-          else ex.node("Transpose", [t[ins[1]]], [ex.fresh(f"{n}.w_t")], perm=[1, 0]))
-    y = ex.node("MatMul", [t[ins[0]], wt], [t[n] if len(ins) == 2 else ex.fresh(f"{n}.matmul")])
-    if len(ins) == 3:
-        ex.node("Add", [y, t[ins[2]]], [t[n]])
+        y = ex.node("Gemm", [t[i] for i in ins], [last], transB=1)
+    else:
+        w = ex.value(ins[1])
+        wt = (ex.initializer(w.T.copy(), f"{ins[1]}.T") if w is not None
+              else ex.node("Transpose", [t[ins[1]]], [ex.fresh(f"{n}.w_t")], perm=[1, 0]))
+        y = ex.node("MatMul", [t[ins[0]], wt], [last if len(ins) == 2 else ex.fresh(f"{n}.matmul")])
+        if len(ins) == 3:
+            y = ex.node("Add", [y, t[ins[2]]], [last])
+    if last != t[n]:
+        _finish(ex, n, y, attrs)
 
 
 @exports("batch_norm")

@@ -83,10 +83,10 @@ def test_study_pipeline_prints_ir_and_cost_after_every_pass(tmp_path):
 
 def test_passes_option_overrides_the_pipeline(tmp_path):
     r = convc_cli(tmp_path, "lenet5", "--pipeline", "study", "--passes",
-                  "fuse_bias_activation,eliminate_dead_code")
+                  "fuse_epilogues,eliminate_dead_code")
     assert r.returncode == 0, r.stderr
     got = steps(r.stdout)
-    assert [h for h, _ in got] == ["== 00 input graph ==", "== 01 after fuse_bias_activation ==",
+    assert [h for h, _ in got] == ["== 00 input graph ==", "== 01 after fuse_epilogues ==",
                                    "== 02 after eliminate_dead_code =="]
     assert "activation=relu" in ir_of(got[1][1]) and "activation=relu" not in ir_of(got[0][1])
 

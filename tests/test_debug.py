@@ -10,7 +10,7 @@ def test_debug_levels_print_reports_ir_and_timings(monkeypatch, capsys):
     monkeypatch.setenv("CONVC_DEBUG", "1")
     cc.compile(g)
     err = capsys.readouterr().err
-    assert "[convc] pass fuse_bias_activation" in err and "output logits" not in err
+    assert "[convc] pass fuse_epilogues" in err and "output logits" not in err
     monkeypatch.setenv("CONVC_DEBUG", "3")
     mod = cc.compile(g)
     err = capsys.readouterr().err

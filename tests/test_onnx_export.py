@@ -88,7 +88,7 @@ def test_fused_activation_and_float64():
     g, feeds = _graph((1, 3, 5, 5), lambda g, x: cc.leaky_relu(
         cc.conv(x, g.param("w", _rand(4, 3, 3, 3, dtype=np.float64)), g.param("b", _rand(4, dtype=np.float64))),
         0.1), dtype="float64")
-    fused = cc.passes.run(g, ["fuse_bias_activation"])
+    fused = cc.passes.run(g, ["fuse_epilogues"])
     conv = [n for n in fused.nx if fused.node(n)["op"] == "conv"][0]
     assert fused.node(conv)["attrs"].get("activation") == "leaky_relu"
     model = roundtrip(fused, feeds)

@@ -28,8 +28,8 @@ TOL64 = 1e-10
 ALL_PASSES = ("strided_to_downsampled", "fuse_downsample", "transposed_to_conv", "transposed_to_matmul",
               "conv_to_im2col", "local_to_matmul", "grouped_to_split", "dilated_to_dense", "tiled_to_convs",
               "fuse_separable", "factor_spatial_separable", "conv_to_fft", "fold_batch_norm",
-              "fuse_bias_activation", "fold_constants", "eliminate_dead_code", "eliminate_common_subexpressions",
-              "conv_to_gemm", "conv_to_winograd")
+              "fuse_epilogues", "fold_constants", "eliminate_dead_code", "eliminate_common_subexpressions",
+              "conv_to_gemm", "conv_to_winograd", "fold_params")
 
 
 # ---------------------------------------------------------------------------
@@ -532,7 +532,7 @@ def test_tiled_to_convs_fires_and_keeps_outputs():
 
 
 def conv_with_activation(g, x, w, b=None, activation=None, slope=0.01, name=None, **geo):
-    """A conv node with a fused activation attribute (what fuse_bias_activation makes)."""
+    """A conv node with a fused activation attribute (what fuse_epilogues makes)."""
     attrs = dict(stride=1, padding=0, dilation=1, groups=1, flip=False)
     attrs.update(geo)
     if activation:
@@ -696,7 +696,7 @@ def test_fold_batch_norm_fires_and_keeps_outputs():
     check_pass("fold_batch_norm", g, fired)
 
 
-def test_fuse_bias_activation_fires_and_keeps_outputs():
+def test_fuse_epilogues_fires_and_keeps_outputs():
     rng = rng_for("bias_act")
     g = cc.Graph("bias_act")
     want_acts = []
@@ -727,7 +727,7 @@ def test_fuse_bias_activation_fires_and_keeps_outputs():
             if g2.node(n)["attrs"].get("activation") == "leaky_relu":
                 assert 0.05 <= g2.node(n)["attrs"]["negative_slope"] <= 0.5
 
-    check_pass("fuse_bias_activation", g, fired)
+    check_pass("fuse_epilogues", g, fired)
 
 
 def test_fold_constants_fires_and_keeps_outputs():
@@ -809,8 +809,8 @@ def test_eliminate_common_subexpressions_fires_and_keeps_outputs():
                 "conv_to_im2col"]
 ] + ["factor_spatial_separable", "conv_to_fft", "fold_batch_norm", "fuse_separable"])
 def test_fused_activation_survives(name):
-    """cc.compile(g, passes=["fuse_bias_activation", name]) must keep the
-    relu that fuse_bias_activation moved into the conv."""
+    """cc.compile(g, passes=["fuse_epilogues", name]) must keep the
+    relu that fuse_epilogues moved into the conv."""
     g = cc.Graph("fused_act")
     x = g.input("x", (1, 2, 8, 8), "float64")
     w = g.param("w", np.outer([1.0, 2, 1], [1.0, 0, -1])[None, None].repeat(2, 0))
@@ -824,11 +824,11 @@ def test_fused_activation_survives(name):
     if name == "fuse_separable":
         y = cc.conv(y, g.param("wp", np.ones((3, 2, 1, 1))))
     g.output(y, "y")
-    g1 = cc.passes.run(g, ["fuse_bias_activation"])
+    g1 = cc.passes.run(g, ["fuse_epilogues"])
     assert nodes_of(g1, "conv")[0] and any(g1.node(n)["attrs"].get("activation") == "relu"
                                            for n in nodes_of(g1, "conv"))
     feeds = feeds_for(g)
-    compare(evaluate(PASSES[name](g1), feeds), evaluate(g, feeds), f"{name} after fuse_bias_activation",
+    compare(evaluate(PASSES[name](g1), feeds), evaluate(g, feeds), f"{name} after fuse_epilogues",
             TOL64, TOL64)
 
 
@@ -1004,7 +1004,7 @@ def noop_bias_act():
     g.output(cc.add(c3, g.param("cb3", rng.standard_normal((3, 1, 1)))), "has_bias")
     g.output(cc.relu(cc.max_pool(x, 2)), "not_conv")
     c4 = cc.conv(x, g.param("w4", rng.standard_normal((3, 2, 3, 3))), name="conv4")
-    g.output(cc.leaky_relu(c4, -0.5), "negative_slope")
+    g.output(cc.add(c4, c4), "residual_of_itself")
     c5 = conv_with_activation(g, x, g.param("w5", rng.standard_normal((3, 2, 3, 3))), activation="tanh")
     g.output(cc.relu(cc.add(c5, g.param("cb5", rng.standard_normal((3, 1, 1))))), "already_activated")
     return g
@@ -1017,6 +1017,16 @@ def noop_fold_constants():
     a = g.param("a", rng.standard_normal((2, 1, 1)))
     b = g.param("b", rng.standard_normal((2, 1, 1)))                    # trainable: not folded
     g.output(cc.add(x, cc.mul(a, b)), "y")
+    return g
+
+
+def noop_fold_params():
+    rng = rng_for("noop_fold_params")
+    g = cc.Graph("noop")
+    x = g.input("x", (1, 2, 6, 6), "float64")
+    w = g.param("w", rng.standard_normal((3, 2, 3, 3)))
+    g.output(cc.conv(x, cc.reshape(w, (3, 2, 3, 3))), "y")            # a reshape of a param is an alias
+    g.output(w, "w_itself")
     return g
 
 
@@ -1083,8 +1093,9 @@ NOOP_GRAPHS = {
     "factor_spatial_separable": noop_factor,
     "conv_to_fft": noop_fft,
     "fold_batch_norm": noop_fold_bn,
-    "fuse_bias_activation": noop_bias_act,
+    "fuse_epilogues": noop_bias_act,
     "fold_constants": noop_fold_constants,
+    "fold_params": noop_fold_params,
     "eliminate_dead_code": noop_dce,
     "eliminate_common_subexpressions": noop_cse,
 }
@@ -1303,11 +1314,11 @@ def test_report_strided_macs_by_hand():
 
 def test_report_rewritten_and_other_passes():
     g = small_graph()
-    g2, reps = cc.passes.report(g, ["fuse_bias_activation", "conv_to_im2col"])
+    g2, reps = cc.passes.report(g, ["fuse_epilogues", "conv_to_im2col"])
     fb, im = reps
     assert fb.removed == ["conv", "relu_1"] and fb.added == ["conv.relu"] and fb.rewritten == []
     assert fb.before["nodes"] == 3 and fb.after["nodes"] == 2 and fb.before["macs"] == fb.after["macs"]
-    assert im.before["macs"] == cc.cost(cc.passes.run(g, ["fuse_bias_activation"])).macs
+    assert im.before["macs"] == cc.cost(cc.passes.run(g, ["fuse_epilogues"])).macs
     assert im.after["macs"] == cc.cost(g2).macs
     assert "conv.relu.im2col" in im.added and "other.im2col" in im.added
     assert set(im.removed) == {"conv.relu", "other"}

@@ -37,7 +37,7 @@ class Case:
     padding: object             # as given to cc.conv
     bias: str = "none"          # "none" | "tied" | "untied"
     flip: bool = False
-    act: str | None = None      # an activation after the conv, fused by fuse_bias_activation
+    act: str | None = None      # an activation after the conv, fused by fuse_epilogues
 
     @property
     def id(self):
@@ -129,14 +129,14 @@ def same_snapshot(a, b):
 # ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def grid():
-    """Per dtype: the graph, the graph after fuse_bias_activation +
+    """Per dtype: the graph, the graph after fuse_epilogues +
     conv_to_winograd, the torch results, the reference of the unpassed graph
     and the results of every target on the passed graph."""
     out = {}
     for dtype, cases in (("float32", CASES), ("float64", CASES64)):
         g, feeds, want = conv_graph(f"winograd_{dtype}", cases, dtype)
         before = snapshot(g)
-        g2 = cc.passes.run(g, ["fuse_bias_activation", PASS])
+        g2 = cc.passes.run(g, ["fuse_epilogues", PASS])
         assert same_snapshot(before, snapshot(g)), "the passes changed their argument"
         results = {t: cc.compile(g2, target=t, passes="none").run(feeds) for t in helpers.TARGETS}
         out[dtype] = dict(g=g, g2=g2, want=want, ref=evaluate(g, feeds), results=results, feeds=feeds)
@@ -205,7 +205,7 @@ def test_gradient_matches_torch_autograd():
     g = cc.Graph("winograd_grad")
     xv, wv, bv = g.input("x", x.shape, "float64"), g.param("w", w), g.param("b", b)
     g.output(cc.relu(cc.conv(xv, wv, bv, padding=pads, name="c")), "y")
-    g = cc.passes.run(g, ["fuse_bias_activation", PASS])
+    g = cc.passes.run(g, ["fuse_epilogues", PASS])
     assert ops(g)["winograd_conv"] == 1
     y = g.value(g.outputs["y"])
     loss = cc.mse_loss(y, g.const(t, "float64"))
@@ -298,7 +298,7 @@ def test_pass_keeps_attributes_and_shares_kernel_transform():
     y2 = cc.conv(x, w, padding=1)
     g.output(y1, "y1")
     g.output(y2, "y2")
-    g2 = cc.passes.run(g, ["fuse_bias_activation", PASS, "eliminate_common_subexpressions"])
+    g2 = cc.passes.run(g, ["fuse_epilogues", PASS, "eliminate_common_subexpressions"])
     wc = [n for n in g2.nx.nodes if g2.node(n)["op"] == "winograd_conv"]
     kernels = [n for n in g2.nx.nodes if g2.node(n)["op"] == "winograd_kernel"]
     assert len(wc) == 2 and len(kernels) == 2, "flip=True and flip=False need their own U"
@@ -338,7 +338,7 @@ def test_direct_add_is_validated():
     w = g.param("w", np.zeros((8, 8, 3, 3), np.float32))
     u = g.add("winograd_kernel", [w])
     assert u.shape == (4, 4, 8, 8)
-    with pytest.raises(cc.ConvcError, match="3 to 4 inputs"):
+    with pytest.raises(cc.ConvcError, match="3 to 5 inputs"):
         g.add("winograd_conv", [x, w], dict(stride=1, padding=0, dilation=1, groups=1, flip=False))
     bad_u = g.param("u", np.zeros((4, 4, 8, 7), np.float32))
     with pytest.raises(cc.ConvcError, match="u must be winograd_kernel"):

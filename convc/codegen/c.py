@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from .. import __version__
 from ..ir import Graph, TensorType
 from ..ops import get_op
+from ..ops.epilogue import Epilogue
 from ..schedule import Plan, plan as make_plan
 from .env import CL_TYPES, CTYPES, Namer, environment
 
@@ -138,19 +139,19 @@ def node_functions(g: Graph, plan: Plan, name: Namer, var: dict[str, str] | None
         if n in plan.workspace:
             params.append(f"{G}{T} *restrict ws")
         fn = name(n, "node_")
-        launch: list[list[int]] = []
         work = max(op.macs(d["attrs"], types, d["type"]), d["type"].size)
         ctx = dict(op.context(d["attrs"], types, d["type"]))
+        par = ctx.setdefault("par", [])          # the op's parallel loop nest: the OpenCL NDRange
+        if any(not isinstance(e, int) for _, _, e in par):
+            raise RuntimeError(f"context of op {d['op']!r}: par extents must be ints, got {par}")
         ctx.update(fn=fn, sig=", ".join(params), T=T,
                    TI=types_of[types[0].dtype] if types else "float",
-                   comment=describe(g, n), in_types=types, out=d["type"],
-                   target=target, G=G, launch=launch, parallel=parallel and work >= PARALLEL_WORK)
+                   comment=describe(g, n), in_types=types, out=d["type"], ep=Epilogue.of(d["attrs"], T),
+                   target=target, G=G, parallel=parallel and work >= PARALLEL_WORK)
         functions.append(env.get_template(f"c/{op.template or op.name}.c.j2").render(ctx))
-        if len(launch) > 1 or any(not isinstance(e, int) for e in (launch[0] if launch else ())):
-            raise RuntimeError(f"template of op {d['op']!r}: par_for must run once with int extents, got {launch}")
         args = None if var is None else \
             [var[i] for i in ins] + [var[n]] + ([var[f"{n} workspace"]] if n in plan.workspace else [])
-        calls.append(dict(fn=fn, node=n, args=args, launch=launch[0] if launch else [],
+        calls.append(dict(fn=fn, node=n, args=args, launch=[e for _, _, e in par],
                           ws=plan.workspace.get(n), T=T))
     return functions, calls
 

@@ -12,6 +12,7 @@ import numpy as np
 from .. import shapes
 from ..errors import RuleError
 from ..ir import TensorType, Value
+from . import epilogue
 from .registry import Op, register
 from .window import axes_context, padded, windows
 
@@ -68,6 +69,7 @@ class Im2col(Op):
     def context(self, attrs, types, out):
         x, rank = types[0], len(types[0].shape) - 2
         return dict(role="im2col", NC=x.shape[0] * x.shape[1], flip=attrs["flip"],
+                    par=[("nc", "NC", x.shape[0] * x.shape[1])],
                     axes=axes_context(x.shape[2:], out.shape[2 + rank:], attrs["kernel_size"], attrs["stride"],
                                       attrs["dilation"], attrs["padding"]))
 
@@ -80,10 +82,22 @@ class Im2col(Op):
 
 @register
 class Col2im(Op):
+    """Inputs: the columns, a per-channel bias (C,) when ``bias=True``, the
+    epilogue's residual when ``residual=True`` (a transposed conv's bias and
+    activation run in its epilogue)."""
     name = "col2im"
     template = "im2col"
+    arity = (1, 3)
+
+    def arg_names(self, n, attrs=None):
+        attrs = attrs or {}
+        return ["x"] + (["bias"] if attrs.get("bias") else []) + (["res"] if attrs.get("residual") else [])
 
     def normalize(self, attrs, types):
+        ep = epilogue.normalize({k: v for k, v in attrs.items() if k not in ("output_size", "stride", "padding",
+                                                                             "dilation", "bias")})
+        if attrs.get("bias", False) not in (True, False):
+            raise RuleError(f"bias must be a bool, got {attrs['bias']!r}")
         c = types[0]
         if len(c.shape) not in (4, 6, 8):
             raise RuleError(f"cols must be (N, C, *k, *n) with 1 to 3 spatial axes, got {c.shape}")
@@ -96,13 +110,30 @@ class Col2im(Op):
         got = shapes.window_out_sizes(size, k, s, d, pads)
         if tuple(got) != tuple(n):
             raise RuleError(f"cols hold {n} positions, but a {k} kernel over {size} gives {got}")
-        return dict(output_size=size, stride=s, padding=pads, dilation=d)
+        return dict(output_size=size, stride=s, padding=pads, dilation=d, **({"bias": True} if attrs.get("bias") else {}),
+                    **ep)
 
     def infer(self, attrs, types):
         c = types[0]
-        return TensorType(c.shape[:2] + attrs["output_size"], c.dtype)
+        out = TensorType(c.shape[:2] + attrs["output_size"], c.dtype)
+        own = epilogue.check(attrs, types, out)
+        if len(own) != 1 + bool(attrs.get("bias")):
+            raise RuleError(f"takes the columns{', a bias' if attrs.get('bias') else ''}"
+                            f"{' and the residual' if attrs.get('residual') else ''}: {len(types)} inputs given")
+        if attrs.get("bias") and (own[1].shape != (c.shape[1],) or own[1].dtype != c.dtype):
+            raise RuleError(f"bias must be {c.dtype}[{c.shape[1]}] (one per channel), got {own[1]}")
+        return out
 
-    def reference(self, attrs, cols):
+    def reference(self, attrs, *xs):
+        (cols, *b), r = epilogue.split(attrs, xs)
+        y = self.scatter(attrs, cols)
+        if b:
+            y = y + b[0].reshape((-1,) + (1,) * (y.ndim - 2))
+        return epilogue.reference(attrs, y, r)
+
+    @staticmethod
+    def scatter(attrs, cols):
+        """The sum of every column into place, without bias or epilogue."""
         rank = (cols.ndim - 2) // 2
         k, n = cols.shape[2:2 + rank], cols.shape[2 + rank:]
         size = attrs["output_size"]
@@ -115,10 +146,16 @@ class Col2im(Op):
 
     def context(self, attrs, types, out):
         c, rank = types[0], (len(types[0].shape) - 2) // 2
-        return dict(role="col2im", NC=c.shape[0] * c.shape[1], flip=False,
+        return dict(role="col2im", NC=c.shape[0] * c.shape[1], C=c.shape[1], flip=False, bias=bool(attrs.get("bias")),
+                    par=[("nc", "NC", c.shape[0] * c.shape[1])],
                     axes=axes_context(attrs["output_size"], c.shape[2 + rank:], c.shape[2:2 + rank],
                                       attrs["stride"], attrs["dilation"], attrs["padding"]))
 
     def grad(self, attrs, xs, y, gy, needs):
+        from .tensor import reduce_sum
+        gy, gr = epilogue.grad(self.name, attrs, xs, y, gy)
+        own = epilogue.split(attrs, xs)[0]
         rank = len(attrs["output_size"])
-        return [im2col(gy, xs[0].shape[2:2 + rank], attrs["stride"], attrs["padding"], attrs["dilation"])]
+        return ([im2col(gy, own[0].shape[2:2 + rank], attrs["stride"], attrs["padding"], attrs["dilation"])]
+                + ([reduce_sum(gy, (0,) + tuple(range(2, 2 + rank)))] if attrs.get("bias") else [])
+                + ([gr] if gr is not None else []))

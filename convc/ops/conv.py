@@ -8,6 +8,7 @@ import numpy as np
 from .. import shapes
 from ..errors import RuleError
 from ..ir import TensorType, Value
+from . import epilogue
 from .registry import Op, as_value, float_dtype, register, rules, same_dtype
 from .window import axes_context, padded, windows
 
@@ -25,28 +26,6 @@ def conv(x: Value, w, bias=None, stride=1, padding=0, dilation=1, groups=1, flip
     ins = [x, w] + ([as_value(x, bias, "conv bias")] if bias is not None else [])
     attrs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, flip=flip)
     return x.graph.add("conv", ins, attrs, name)
-
-
-def fused_activation(attrs: dict) -> dict:
-    """The optional ``activation`` (+ ``negative_slope``) a pass may fuse into
-    a conv's output loop; absent means none."""
-    from .elementwise import ACTIVATIONS
-    kind = attrs.pop("activation", None)
-    slope = attrs.pop("negative_slope", 0.01)
-    if kind is None:
-        return attrs
-    if kind not in ACTIVATIONS:
-        raise RuleError(f"activation must be one of {ACTIVATIONS}, got {kind!r}")
-    attrs["activation"] = kind
-    if kind == "leaky_relu":
-        attrs["negative_slope"] = float(slope)
-    return attrs
-
-
-def activation_of(attrs: dict, y: np.ndarray) -> np.ndarray:
-    from .elementwise import activate
-    kind = attrs.get("activation")
-    return y if kind is None else activate(kind, y, attrs.get("negative_slope", 0.01))
 
 
 def conv_geometry(attrs, x: TensorType, w: TensorType):
@@ -82,41 +61,56 @@ def conv_geometry(attrs, x: TensorType, w: TensorType):
 
 @register
 class Conv(Op):
+    """Inputs x, w, an optional bias and, with ``residual=True``, the residual
+    of the epilogue (ops/epilogue.py) last."""
     name = "conv"
-    arity = (2, 3)
+    arity = (2, 4)
     inputs = ("x", "w", "b")
+
+    def arg_names(self, n, attrs=None):
+        own = n - 1 if attrs and attrs.get("residual") else n
+        return super().arg_names(own) + (["res"] if own < n else [])
 
     def normalize(self, attrs, types):
         attrs, _ = conv_geometry(attrs, types[0], types[1])
         if not isinstance(attrs["flip"], (bool, np.bool_)):
             raise RuleError(f"flip must be True or False, got {attrs['flip']!r}")
         attrs["flip"] = bool(attrs["flip"])
-        return fused_activation(attrs)
+        return epilogue.normalize(attrs)
 
     def infer(self, attrs, types):
         x, w = types[:2]
         dtype = same_dtype(types)
         float_dtype(x)
         _, out = conv_geometry(attrs, x, w)
-        if len(types) == 3:
-            b = types[2].shape
+        own = epilogue.check(attrs, types, TensorType(out, dtype))
+        if len(own) > 3:
+            raise RuleError("takes x, w and an optional bias (and a residual with residual=True)")
+        if len(own) == 3:
+            b = own[2].shape
             if b != (out[1],) and b != out[1:]:
                 raise RuleError(f"bias must be ({out[1]},) (tied) or {out[1:]} (untied), got {b}")
         return TensorType(out, dtype)
 
     def grad(self, attrs, xs, y, gy, needs):
-        from .elementwise import activation_grad
         from .transpose import conv_grad_input, conv_grad_kernel
-        x, w = xs[:2]
-        if attrs.get("activation"):      # fused activation: y > 0 iff its input > 0, so y serves for all four
-            gy = activation_grad(attrs["activation"], y, gy, attrs.get("negative_slope", 0.01))
+        own, r = epilogue.split(attrs, xs)
+        gy, gr = epilogue.grad("conv", attrs, xs, y, gy)
+        x, w = own[:2]
         geo = dict(stride=attrs["stride"], padding=attrs["padding"], dilation=attrs["dilation"],
                    groups=attrs["groups"], flip=attrs["flip"])
         return [conv_grad_input(w, gy, x.shape[2:], **geo) if needs[0] else None,        # h, Eq 6
                 conv_grad_kernel(gy, x, w.shape[2:], **geo) if needs[1] else None,       # g, Eq 5
-                *([bias_grad(gy, xs[2])] if len(xs) == 3 else [])][:len(xs)]
+                *([bias_grad(gy, own[2])] if len(own) == 3 else []),
+                *([gr] if r is not None else [])]
 
-    def reference(self, attrs, x, w, b=None):
+    def reference(self, attrs, *xs):
+        own, r = epilogue.split(attrs, xs)
+        return epilogue.reference(attrs, self.convolve(attrs, *own), r)
+
+    @staticmethod
+    def convolve(attrs, x, w, b=None):
+        """The convolution and its bias, without the epilogue."""
         g = attrs["groups"]
         n, c_in = x.shape[:2]
         c_out, c_in_g, *kernel = w.shape
@@ -133,13 +127,14 @@ class Conv(Op):
         y = acc.reshape(n, c_out, *out_sizes)
         if b is not None:
             y = y + (b.reshape(c_out, *([1] * len(out_sizes))) if b.ndim == 1 else b)
-        return activation_of(attrs, y.astype(x.dtype))
+        return y.astype(x.dtype)
 
     def context(self, attrs, types, out):
+        types = epilogue.split(attrs, types)[0]
         x, w = types[:2]
         g = attrs["groups"]
         bias = "none" if len(types) == 2 else ("tied" if len(types[2].shape) == 1 else "untied")
-        return dict(weights="shared", activation=attrs.get("activation"), slope=attrs.get("negative_slope", 0.01),
+        return dict(weights="shared", par=[("n", "N", x.shape[0]), ("co", "C_OUT", w.shape[0])],
                     N=x.shape[0], C_IN=x.shape[1], C_OUT=w.shape[0], GROUPS=g,
                     C_IN_G=x.shape[1] // g, C_OUT_G=w.shape[0] // g, flip=attrs["flip"], bias=bias,
                     axes=axes_context(x.shape[2:], out.shape[2:], w.shape[2:], attrs["stride"],

@@ -1,148 +1,107 @@
-"""Elementwise ops: activations (``relu``, ``leaky_relu``, ``sigmoid``,
-``tanh``, ``clip``) and binary arithmetic (``add``, ``sub``, ``mul``, ``div``) with
-numpy broadcasting."""
+"""Elementwise ops: one op per activation of the table in
+``ops/activations.py`` (``relu``, ``leaky_relu``, ``clip``, ``sigmoid``,
+``tanh``, ``silu``, ``hardswish``, ``hardsigmoid``, ``gelu``), their
+gradient ``activation_grad``, and binary arithmetic (``add``, ``sub``,
+``mul``, ``div``) with numpy broadcasting."""
 from __future__ import annotations
 
 import numpy as np
 
 from ..errors import RuleError
 from ..ir import TensorType, Value
-from .registry import Op, as_value, float_dtype, graph_of, register, same_dtype
+from .activations import TABLE, Activation, get as get_activation
+from .registry import Op, as_value, float_dtype, graph_of, par_outer, register, register_op, same_dtype
 
 
-# -- activations ---------------------------------------------------------------
+# -- activations: one op per record of the table (ops/activations.py) ------
+def _activation(kind: str, x: Value, name, **params) -> Value:
+    return x.graph.add(kind, [x], params, name)
+
+
 def relu(x: Value, name=None) -> Value:
     """max(x, 0)."""
-    return x.graph.add("relu", [x], {}, name)
+    return _activation("relu", x, name)
 
 
 def leaky_relu(x: Value, negative_slope: float = 0.01, name=None) -> Value:
     """x if x > 0 else negative_slope * x (PyTorch's default slope 0.01)."""
-    return x.graph.add("leaky_relu", [x], {"negative_slope": negative_slope}, name)
+    return _activation("leaky_relu", x, name, negative_slope=negative_slope)
 
 
 def sigmoid(x: Value, name=None) -> Value:
     """1 / (1 + exp(-x))."""
-    return x.graph.add("sigmoid", [x], {}, name)
+    return _activation("sigmoid", x, name)
 
 
 def tanh(x: Value, name=None) -> Value:
     """Hyperbolic tangent."""
-    return x.graph.add("tanh", [x], {}, name)
-
-
-ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh")
-
-
-def activate(kind: str, x: np.ndarray, negative_slope: float = 0.01) -> np.ndarray:
-    """numpy meaning of each activation (shared by the ops that fuse one)."""
-    if kind == "relu":
-        return np.maximum(x, 0)
-    if kind == "leaky_relu":
-        return np.where(x > 0, x, x * x.dtype.type(negative_slope))
-    if kind == "sigmoid":
-        one = x.dtype.type(1)
-        return one / (one + np.exp(-x))
-    if kind == "tanh":
-        return np.tanh(x)
-    raise ValueError(f"unknown activation {kind!r}")
-
-
-class _Unary(Op):
-    template = "unary"
-
-    def reference(self, attrs, x):
-        return activate(self.name, x, attrs.get("negative_slope", 0.01))
-
-    def infer(self, attrs, types):
-        float_dtype(types[0])
-        return types[0]
-
-    def context(self, attrs, types, out):
-        return dict(kind=self.name, SIZE=out.size, attrs=attrs)
-
-
-@register
-class Relu(_Unary):
-    name = "relu"
-
-    def grad(self, attrs, xs, y, gy, needs):
-        return [activation_grad("relu", xs[0], gy)]
-
-
-
-@register
-class LeakyRelu(_Unary):
-    name = "leaky_relu"
-
-    def normalize(self, attrs, types):
-        try:
-            return {"negative_slope": float(attrs["negative_slope"])}
-        except (TypeError, ValueError):
-            raise RuleError(f"negative_slope must be a number, got {attrs['negative_slope']!r}") from None
-
-    def grad(self, attrs, xs, y, gy, needs):
-        return [activation_grad("leaky_relu", xs[0], gy, attrs["negative_slope"])]
-
-
-
-@register
-class Sigmoid(_Unary):
-    name = "sigmoid"
-
-    def grad(self, attrs, xs, y, gy, needs):
-        return [activation_grad("sigmoid", y, gy)]
-
-
-
-@register
-class Tanh(_Unary):
-    name = "tanh"
-
-    def grad(self, attrs, xs, y, gy, needs):
-        return [activation_grad("tanh", y, gy)]
-
+    return _activation("tanh", x, name)
 
 
 def clip(x: Value, min: float | None = None, max: float | None = None, name=None) -> Value:  # noqa: A002
     """Clamp to [min, max] as ``numpy.clip`` (``None``: open on that side);
     ReLU6 is ``clip(x, 0, 6)``. NaN stays NaN; min > max gives max."""
-    lo = -np.inf if min is None else min
-    hi = np.inf if max is None else max
-    return x.graph.add("clip", [x], {"min": lo, "max": hi}, name)
+    return _activation("clip", x, name, min=-np.inf if min is None else min, max=np.inf if max is None else max)
 
 
-def _bounds(attrs) -> dict:
-    try:
-        lo, hi = float(attrs["min"]), float(attrs["max"])
-    except (TypeError, ValueError):
-        raise RuleError(f"min and max must be numbers, got {attrs['min']!r} and {attrs['max']!r}") from None
-    if lo != lo or hi != hi:
-        raise RuleError("min and max must not be NaN")
-    return {"min": lo, "max": hi}
+def relu6(x: Value, name=None) -> Value:
+    """min(max(x, 0), 6): ``clip(x, 0, 6)``."""
+    return clip(x, 0.0, 6.0, name=name)
 
 
-@register
-class Clip(Op):
-    name = "clip"
+def silu(x: Value, name=None) -> Value:
+    """x * sigmoid(x) (SiLU, also called swish)."""
+    return _activation("silu", x, name)
+
+
+def hardswish(x: Value, name=None) -> Value:
+    """x * relu6(x + 3) / 6, as torch.nn.functional.hardswish."""
+    return _activation("hardswish", x, name)
+
+
+def hardsigmoid(x: Value, alpha: float = 1 / 6, beta: float = 0.5, name=None) -> Value:
+    """clip(alpha * x + beta, 0, 1); the defaults are PyTorch's (ONNX's
+    HardSigmoid defaults to alpha 0.2)."""
+    return _activation("hardsigmoid", x, name, alpha=alpha, beta=beta)
+
+
+def gelu(x: Value, approximate: str = "none", name=None) -> Value:
+    """x * Phi(x) as torch.nn.functional.gelu: ``approximate="none"`` (erf)
+    or ``"tanh"``."""
+    if approximate not in ("none", "tanh"):
+        from ..errors import GraphError
+        raise GraphError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _activation("gelu" if approximate == "none" else "gelu_tanh", x, name)
+
+
+class ActivationOp(Op):
+    """An elementwise op made from one record of the activation table."""
+    template = "unary"
+
+    def __init__(self, act: Activation):
+        self.act = act
+        self.name = act.name
 
     def normalize(self, attrs, types):
-        return _bounds(attrs)
+        return self.act.normalize(attrs)
 
     def infer(self, attrs, types):
         float_dtype(types[0])
         return types[0]
 
     def reference(self, attrs, x):
-        t = x.dtype.type
-        return np.minimum(np.maximum(x, t(attrs["min"])), t(attrs["max"]))
+        return self.act.apply(x, attrs)
 
     def grad(self, attrs, xs, y, gy, needs):
-        # gy where min < x < max (strict, as F.hardtanh / F.relu6)
-        return [activation_grad("clip", xs[0], gy, bounds=(attrs["min"], attrs["max"]))]
+        t = y if self.act.grad_input(attrs) == "y" else xs[0]
+        return [activation_grad(self.name, t, gy, attrs)]
 
     def context(self, attrs, types, out):
-        return dict(SIZE=out.size, lo=attrs["min"], hi=attrs["max"])
+        return dict(SIZE=out.size, par=[("i", "SIZE", out.size)], act=self.act, params=attrs)
+
+
+for _act in TABLE.values():
+    register_op(ActivationOp(_act))
 
 
 # -- binary arithmetic with broadcasting ---------------------------------------
@@ -204,6 +163,7 @@ class _Binary(Op):
         dims = list(out.shape)
         same = types[0].shape == types[1].shape == out.shape
         return dict(kind=self.name, same=same, SIZE=out.size, dims=dims,
+                    par=[("i", "SIZE", out.size)] if same else par_outer(dims),
                     sa=broadcast_strides(types[0].shape, out.shape),
                     sb=broadcast_strides(types[1].shape, out.shape))
 
@@ -264,15 +224,11 @@ class Div(_Binary):
 
 
 # -- activation gradients --------------------------------------------------------
-def activation_grad(kind: str, t: Value, gy: Value, negative_slope: float = 0.01, name=None,
-                    bounds=None) -> Value:
-    """dL/dx of an activation from ``gy`` = dL/dy. ``t`` is the activation's
-    input x for relu/leaky_relu/clip and its output y for sigmoid/tanh
-    (cheaper); ``bounds`` is clip's (min, max)."""
-    attrs = {"kind": kind, "negative_slope": negative_slope}
-    if bounds is not None:
-        attrs["min"], attrs["max"] = bounds
-    return t.graph.add("activation_grad", [t, gy], attrs, name)
+def activation_grad(kind: str, t: Value, gy: Value, params: dict | None = None, name=None) -> Value:
+    """dL/dx of activation ``kind`` from ``gy`` = dL/dy. ``t`` is the
+    activation's input x or its output y, whichever its table record's
+    ``grad_from`` names for these ``params``."""
+    return t.graph.add("activation_grad", [t, gy], {"kind": kind, **(params or {})}, name)
 
 
 @register
@@ -280,37 +236,25 @@ class ActivationGrad(Op):
     name = "activation_grad"
     arity = (2, 2)
     inputs = ("t", "gy")
-    KINDS = ("relu", "leaky_relu", "sigmoid", "tanh", "clip")
 
     def normalize(self, attrs, types):
-        if attrs["kind"] not in self.KINDS:
-            raise RuleError(f"kind must be one of {self.KINDS}, got {attrs['kind']!r}")
-        out = {"kind": attrs["kind"], "negative_slope": float(attrs["negative_slope"])}
-        if attrs["kind"] == "clip":
-            if "min" not in attrs or "max" not in attrs:
-                raise RuleError("kind 'clip' needs min and max")
-            out.update(_bounds(attrs))
-        return out
+        act = get_activation(attrs.get("kind"))
+        return {"kind": act.name, **act.normalize(attrs)}
 
     def infer(self, attrs, types):
         if types[0].shape != types[1].shape:
             raise RuleError(f"t {types[0].shape} and gy {types[1].shape} must have one shape")
         same_dtype(types)
+        float_dtype(types[1], "gy")
         return types[1]
 
+    @staticmethod
+    def _params(attrs):
+        return {k: v for k, v in attrs.items() if k != "kind"}
+
     def reference(self, attrs, t, gy):
-        kind = attrs["kind"]
-        if kind == "relu":
-            return np.where(t > 0, gy, 0)
-        if kind == "leaky_relu":
-            return np.where(t > 0, gy, gy * t.dtype.type(attrs["negative_slope"]))
-        if kind == "sigmoid":
-            return gy * t * (1 - t)
-        if kind == "clip":
-            c = t.dtype.type
-            return np.where((t > c(attrs["min"])) & (t < c(attrs["max"])), gy, 0)
-        return gy * (1 - t * t)
+        return TABLE[attrs["kind"]].derivative(t, gy, self._params(attrs))
 
     def context(self, attrs, types, out):
-        return dict(kind=attrs["kind"], SIZE=out.size, slope=attrs["negative_slope"],
-                    lo=attrs.get("min", 0.0), hi=attrs.get("max", 0.0))
+        return dict(SIZE=out.size, par=[("i", "SIZE", out.size)], act=TABLE[attrs["kind"]],
+                    params=self._params(attrs))

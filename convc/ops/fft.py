@@ -30,8 +30,8 @@ class FFTConv(Conv):
             raise RuleError(f"fft_conv needs unit stride, got {attrs['stride']}")
         if len(types[0].shape) not in (3, 4):
             raise RuleError("fft_conv is 1D or 2D")
-        if attrs.get("activation"):
-            raise RuleError("fft_conv takes no fused activation")
+        if attrs.get("activation") or attrs.get("residual"):
+            raise RuleError("fft_conv takes no epilogue (fused activation or residual)")
         return attrs
 
     def context(self, attrs, types, out):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from ..errors import RuleError
 from ..ir import TensorType
-from .conv import Conv, conv_geometry, fused_activation
+from . import activations
+from .conv import Conv, conv_geometry
+from .epilogue import Epilogue
 from .registry import Op, register, same_dtype
 from .window import axes_context
 
@@ -49,12 +51,10 @@ class FusedSeparable(Op):
         for k in ("stride", "padding", "dilation"):
             out["dw_" + k] = dw_attrs[k]
         out["dw_flip"] = bool(attrs.get("dw_flip", False))
-        for prefix in ("dw_", "pw_"):
-            act = fused_activation({"activation": attrs.get(prefix + "activation"),
-                                    "negative_slope": attrs.get(prefix + "negative_slope", 0.01)})
-            out.pop(prefix + "activation", None)
-            out.pop(prefix + "negative_slope", None)
-            out.update({prefix + k: v for k, v in act.items()})
+        names = {"activation"} | {p for a in activations.TABLE.values() for p in a.params}
+        for prefix in ("dw_", "pw_"):         # each half's activation: a record of the table
+            half = {k[len(prefix):]: out.pop(k) for k in list(out) if k[len(prefix):] in names and k.startswith(prefix)}
+            out.update({prefix + k: v for k, v in activations.normalize_fused(half).items()})
         return out
 
     def infer(self, attrs, types):
@@ -84,12 +84,14 @@ class FusedSeparable(Op):
         return Conv.reference(Conv, pw, mid, w_pw, b_pw)
 
     def context(self, attrs, types, out):
+        from ..codegen.env import CTYPES
         x, w_dw, w_pw, b_dw, b_pw = self._types(attrs, types)
         c_mid = w_dw.shape[0]
+        T = CTYPES[out.dtype]
         return dict(N=x.shape[0], C_IN=x.shape[1], C_MID=c_mid, MULT=c_mid // x.shape[1], C_OUT=w_pw.shape[0],
                     flip=attrs["dw_flip"], dw_bias=attrs["dw_bias"], pw_bias=attrs["pw_bias"],
-                    dw_act=attrs.get("dw_activation"), dw_slope=attrs.get("dw_negative_slope", 0.01),
-                    pw_act=attrs.get("pw_activation"), pw_slope=attrs.get("pw_negative_slope", 0.01),
+                    dw_ep=Epilogue.of(_split(attrs, "dw_"), T), pw_ep=Epilogue.of(_split(attrs, "pw_"), T),
+                    par=[("n", "N", x.shape[0]), ("oy", "OUT_Y", out.shape[2])],
                     axes=axes_context(x.shape[2:], out.shape[2:], w_dw.shape[2:], attrs["dw_stride"],
                                       attrs["dw_dilation"], attrs["dw_padding"]))
 

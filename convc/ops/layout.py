@@ -66,7 +66,8 @@ class _Resample(Op):
         letters = AXIS_LETTERS[len(x.shape) - 2]
         axes = [dict(l=l, U=l.upper(), i=i, o=o, down=dn, up=up, lo=lo) for l, i, o, (dn, up, lo) in
                 zip(letters, x.shape[2:], out.shape[2:], self.axes(attrs, x))]
-        return dict(NC=x.shape[0] * x.shape[1], axes=axes, value=float(attrs.get("value", 0.0)))
+        return dict(NC=x.shape[0] * x.shape[1], axes=axes, value=float(attrs.get("value", 0.0)),
+                    par=[("nc", "NC", x.shape[0] * x.shape[1])])
 
 
 @register
@@ -191,4 +192,5 @@ class ChannelShuffle(Op):
 
     def context(self, attrs, types, out):
         n, c, *rest = out.shape
-        return dict(N=n, GROUPS=attrs["groups"], PER_GROUP=c // attrs["groups"], INNER=shapes.prod(rest))
+        return dict(N=n, GROUPS=attrs["groups"], PER_GROUP=c // attrs["groups"], INNER=shapes.prod(rest),
+                    par=[("n", "N", n), ("g", "GROUPS", attrs["groups"]), ("j", "PER_GROUP", c // attrs["groups"])])

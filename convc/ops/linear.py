@@ -8,6 +8,7 @@ from .. import shapes
 from ..errors import RuleError
 from ..ir import TensorType, Value
 from .elementwise import broadcast_strides
+from . import epilogue
 from .registry import Op, as_value, float_dtype, register, same_dtype
 from .tensor import _axis
 
@@ -19,11 +20,14 @@ def dense(x: Value, w, bias=None, name=None) -> Value:
     return x.graph.add("dense", ins, {}, name)
 
 
-def matmul(a: Value, b: Value, name=None, transpose_a: bool = False) -> Value:
+def matmul(a: Value, b: Value, name=None, transpose_a: bool = False, bias=None) -> Value:
     """Matrix product of (..., M, K) and (..., K, N); batch dims broadcast.
-    ``transpose_a``: a is stored as (..., K, M) and used transposed (no copy)."""
-    return a.graph.add("matmul", [a, as_value(a, b, "matmul operand")],
-                       {"transpose_a": True} if transpose_a else {}, name)
+    ``transpose_a``: a is stored as (..., K, M) and used transposed (no copy).
+    ``bias``: one number per row, shape (..., M, 1) (batch dims broadcast),
+    added in the GEMM's epilogue."""
+    ins = [a, as_value(a, b, "matmul operand")] + ([as_value(a, bias, "matmul bias")] if bias is not None else [])
+    attrs = dict({"transpose_a": True} if transpose_a else {}, **({"bias": True} if bias is not None else {}))
+    return a.graph.add("matmul", ins, attrs, name)
 
 
 def softmax(x: Value, axis: int = -1, name=None) -> Value:
@@ -31,11 +35,23 @@ def softmax(x: Value, axis: int = -1, name=None) -> Value:
     return x.graph.add("softmax", [x], {"axis": axis}, name)
 
 
+class _Producer(Op):
+    """An op whose template applies an epilogue (ops/epilogue.py); the
+    residual, if any, is its last input, named ``res``."""
+
+    def arg_names(self, n, attrs=None):
+        own = n - 1 if attrs and attrs.get("residual") else n
+        return super().arg_names(own) + (["res"] if own < n else [])
+
+
 @register
-class Dense(Op):
+class Dense(_Producer):
     name = "dense"
-    arity = (2, 3)
+    arity = (2, 4)
     inputs = ("x", "w", "b")
+
+    def normalize(self, attrs, types):
+        return epilogue.normalize(attrs)
 
     def infer(self, attrs, types):
         x, w = types[:2]
@@ -44,12 +60,18 @@ class Dense(Op):
         if len(x.shape) < 1 or len(w.shape) != 2 or w.shape[1] != x.shape[-1]:
             raise RuleError(f"weight must be (out_features, in_features={x.shape[-1] if x.shape else '?'}), "
                             f"got {w.shape}")
-        if len(types) == 3 and types[2].shape != (w.shape[0],):
-            raise RuleError(f"bias must be ({w.shape[0]},), got {types[2].shape}")
-        return TensorType(x.shape[:-1] + (w.shape[0],), dtype)
+        out = TensorType(x.shape[:-1] + (w.shape[0],), dtype)
+        own = epilogue.check(attrs, types, out)
+        if len(own) > 3:
+            raise RuleError("takes x, w and an optional bias (and a residual with residual=True)")
+        if len(own) == 3 and own[2].shape != (w.shape[0],):
+            raise RuleError(f"bias must be ({w.shape[0]},), got {own[2].shape}")
+        return out
 
     def grad(self, attrs, xs, y, gy, needs):
         from .tensor import reduce_sum, reshape, transpose
+        gy, gr = epilogue.grad(self.name, attrs, xs, y, gy)
+        xs = epilogue.split(attrs, xs)[0]
         x, w = xs[:2]
         k, n = w.shape[1], w.shape[0]
         out = [dense(gy, transpose(w)) if needs[0] else None]                      # gy @ w
@@ -60,31 +82,44 @@ class Dense(Op):
             out.append(None)
         if len(xs) == 3:
             out.append(reduce_sum(gy, tuple(range(len(gy.shape) - 1))) if len(gy.shape) > 1 else gy)
-        return out
+        return out + ([gr] if gr is not None else [])
 
-    def reference(self, attrs, x, w, b=None):
+    def reference(self, attrs, *xs):
+        (x, w, *b), r = epilogue.split(attrs, xs)
         y = x @ w.T
-        return y + b if b is not None else y
+        return epilogue.reference(attrs, y + b[0] if b else y, r)
 
     def context(self, attrs, types, out):
-        x, w = types[:2]
-        return dict(M=shapes.prod(x.shape[:-1]), K=w.shape[1], N=w.shape[0], bias=len(types) == 3)
+        x, w, *b = epilogue.split(attrs, types)[0]
+        m = shapes.prod(x.shape[:-1])
+        return dict(M=m, K=w.shape[1], N=w.shape[0], bias=bool(b), par=[("m", "M", m), ("n", "N", w.shape[0])])
 
     def macs(self, attrs, types, out):
         return out.size * types[1].shape[1]
 
 
+GEMM_MC, GEMM_NC, GEMM_KC = 48, 256, 256
+"""The GEMM's cache blocks: rows (a multiple of every register tile's MR),
+columns and the K slice whose B panel stays in cache."""
+
+
 @register
-class Matmul(Op):
+class Matmul(_Producer):
+    """Inputs a, b, the row bias when ``bias=True`` and the residual when
+    ``residual=True``."""
     name = "matmul"
-    arity = (2, 2)
-    inputs = ("a", "b")
+    arity = (2, 4)
+    inputs = ("a", "b", "bias")
 
     def normalize(self, attrs, types):
-        ta = attrs.get("transpose_a", False)
-        if ta not in (True, False):
-            raise RuleError(f"transpose_a must be a bool, got {ta!r}")
-        return {"transpose_a": True} if ta else {}
+        out = epilogue.normalize(attrs)
+        for k in ("transpose_a", "bias"):
+            v = out.pop(k, False)
+            if v not in (True, False):
+                raise RuleError(f"{k} must be a bool, got {v!r}")
+            if v:
+                out[k] = True
+        return out
 
     @staticmethod
     def _mk(attrs, a):
@@ -92,7 +127,11 @@ class Matmul(Op):
         return (a.shape[-1], a.shape[-2]) if attrs.get("transpose_a") else (a.shape[-2], a.shape[-1])
 
     def infer(self, attrs, types):
-        a, b = types
+        own = epilogue.split(attrs, types)[0]
+        if len(own) != 2 + bool(attrs.get("bias")):
+            raise RuleError(f"takes a, b{', bias' if attrs.get('bias') else ''}"
+                            f"{' and the residual' if attrs.get('residual') else ''}: {len(types)} inputs given")
+        a, b = own[:2]
         dtype = same_dtype(types, "operands")
         if len(a.shape) < 2 or len(b.shape) < 2:
             raise RuleError(f"operands must have rank >= 2 (..., M, K) @ (..., K, N), got {a.shape} and {b.shape}")
@@ -104,11 +143,22 @@ class Matmul(Op):
             batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         except ValueError:
             raise RuleError(f"batch dims {a.shape[:-2]} and {b.shape[:-2]} do not broadcast") from None
-        return TensorType(tuple(batch) + (m, b.shape[-1]), dtype)
+        out = TensorType(tuple(batch) + (m, b.shape[-1]), dtype)
+        if attrs.get("bias"):
+            e = own[2].shape
+            if len(e) < 2 or e[-2:] != (m, 1) or len(e) > len(out.shape) or \
+                    np.broadcast_shapes(e[:-2], batch) != tuple(batch):
+                raise RuleError(f"bias must be one number per row, (..., {m}, 1) with batch dims that broadcast "
+                                f"to {tuple(batch)}, got {e}")
+        epilogue.check(attrs, types, out)
+        return out
 
     def grad(self, attrs, xs, y, gy, needs):
         from .tensor import sum_to, transpose
-        a, b = xs
+        gy, gr = epilogue.grad(self.name, attrs, xs, y, gy)
+        own = epilogue.split(attrs, xs)[0]
+        a, b = own[:2]
+        rest = ([sum_to(gy, own[2].shape, name=None)] if attrs.get("bias") else []) + ([gr] if gr is not None else [])
 
         def t(v):
             perm = list(range(len(v.shape)))
@@ -116,22 +166,37 @@ class Matmul(Op):
             return transpose(v, perm)
         if attrs.get("transpose_a"):       # y = a^T b: da = b gy^T, db = a gy
             return [sum_to(matmul(b, t(gy)), a.shape) if needs[0] else None,
-                    sum_to(matmul(a, gy), b.shape) if needs[1] else None]
+                    sum_to(matmul(a, gy), b.shape) if needs[1] else None] + rest
         return [sum_to(matmul(gy, t(b)), a.shape) if needs[0] else None,
-                sum_to(matmul(a, gy, transpose_a=True), b.shape) if needs[1] else None]
+                sum_to(matmul(a, gy, transpose_a=True), b.shape) if needs[1] else None] + rest
 
-    def reference(self, attrs, a, b):
-        return np.matmul(np.swapaxes(a, -1, -2) if attrs.get("transpose_a") else a, b)
+    def reference(self, attrs, *xs):
+        (a, b, *e), r = epilogue.split(attrs, xs)
+        y = np.matmul(np.swapaxes(a, -1, -2) if attrs.get("transpose_a") else a, b)
+        return epilogue.reference(attrs, y + e[0] if e else y, r)
 
     def context(self, attrs, types, out):
-        a, b = types
+        a, b, *e = epilogue.split(attrs, types)[0]
         batch = out.shape[:-2]
         m, k = self._mk(attrs, a)
-        return dict(M=m, K=k, N=b.shape[-1], batch=list(batch), transpose_a=bool(attrs.get("transpose_a")),
-                    sa=broadcast_strides(a.shape[:-2], batch), sb=broadcast_strides(b.shape[:-2], batch))
+        n = b.shape[-1]
+        # cache blocks: rows in blocks of MC so that a tall, narrow product still splits over threads
+        mc = GEMM_MC if m > 2 * GEMM_MC else m
+        nc, kc = min(n, GEMM_NC), min(k, GEMM_KC)
+        mblocks, nblocks = -(-m // mc), -(-n // nc)
+        return dict(M=m, K=k, N=n, batch=list(batch), transpose_a=bool(attrs.get("transpose_a")),
+                    sa=broadcast_strides(a.shape[:-2], batch), sb=broadcast_strides(b.shape[:-2], batch),
+                    bias=bool(e), se=broadcast_strides(e[0].shape[:-2], batch) if e else [],
+                    MC=mc, NC=nc, KC=kc, M_BLOCKS=mblocks, N_BLOCKS=nblocks,
+                    par=[("i0", str(d), d) for d in batch[:1]] + [("mb", "M_BLOCKS", mblocks),
+                                                                   ("nb", "N_BLOCKS", nblocks)])
 
     def macs(self, attrs, types, out):
         return out.size * self._mk(attrs, types[0])[1]
+
+    def arg_names(self, n, attrs=None):
+        names = ["a", "b"] + (["bias"] if attrs and attrs.get("bias") else [])
+        return names + (["res"] if attrs and attrs.get("residual") else [])
 
 
 @register
@@ -156,4 +221,5 @@ class Softmax(Op):
 
     def context(self, attrs, types, out):
         ax, sh = attrs["axis"], out.shape
-        return dict(OUTER=shapes.prod(sh[:ax]), AXIS=sh[ax], INNER=shapes.prod(sh[ax + 1:]))
+        return dict(OUTER=shapes.prod(sh[:ax]), AXIS=sh[ax], INNER=shapes.prod(sh[ax + 1:]),
+                    par=[("o", "OUTER", shapes.prod(sh[:ax])), ("i", "INNER", shapes.prod(sh[ax + 1:]))])

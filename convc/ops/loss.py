@@ -87,7 +87,7 @@ class CrossEntropy(Op):
         return -np.mean(_log_softmax(z)[np.arange(z.shape[0]), labels])
 
     def context(self, attrs, types, out):
-        return dict(N=types[0].shape[0], C=types[0].shape[1])
+        return dict(N=types[0].shape[0], C=types[0].shape[1], par=[("n", "N", types[0].shape[0])])
 
 
 @register
@@ -109,4 +109,4 @@ class CrossEntropyGrad(Op):
         return p * (gy / z.shape[0])
 
     def context(self, attrs, types, out):
-        return dict(N=types[0].shape[0], C=types[0].shape[1], grad=True)
+        return dict(N=types[0].shape[0], C=types[0].shape[1], grad=True, par=[("n", "N", types[0].shape[0])])

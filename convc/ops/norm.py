@@ -56,7 +56,8 @@ class BatchNorm(Op):
         inner = 1
         for s in x.shape[2:]:
             inner *= s
-        return dict(N=x.shape[0], C=x.shape[1], INNER=inner, eps=attrs["eps"])
+        return dict(N=x.shape[0], C=x.shape[1], INNER=inner, eps=attrs["eps"],
+                    par=[("n", "N", x.shape[0]), ("c", "C", x.shape[1])])
 
     def grad(self, attrs, xs, y, gy, needs):
         from .elementwise import mul

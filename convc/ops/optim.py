@@ -44,4 +44,4 @@ class AdamStep(Op):
         return p - attrs["lr"] * (m / c1) / (np.sqrt(v / c2) + attrs["eps"])
 
     def context(self, attrs, types, out):
-        return dict(SIZE=out.size, **attrs)
+        return dict(SIZE=out.size, par=[("i", "SIZE", out.size)], **attrs)

@@ -69,11 +69,17 @@ class Op(abc.ABC):
         return 0
 
 
-def register(cls):
-    op = cls()
+def register_op(op: "Op") -> "Op":
+    """Register an op instance under its name."""
     if op.name in OPS:
         raise RuntimeError(f"op {op.name!r} registered twice")
     OPS[op.name] = op
+    return op
+
+
+def register(cls):
+    """Class decorator: register one instance of the op class."""
+    register_op(cls())
     return cls
 
 
@@ -118,6 +124,14 @@ def rules(op: str, name: str | None, **values):
     except RuleError as e:
         shown = {k: (v.shape if isinstance(v, Value) else np.shape(v)) for k, v in values.items()}
         raise ValidationError(format_node_error(name or f"<new {op}>", op, shown, str(e))) from None
+
+
+def par_outer(dims) -> list[tuple[str, str, int]]:
+    """The parallel loop nest (``par`` of a template context) over the outer
+    axes of ``dims``, i0, i1, ...: at most two, never the innermost axis of
+    several, which stays a plain loop the compiler can vectorise."""
+    npar = 1 if len(dims) <= 1 else min(2, len(dims) - 1)
+    return [(f"i{k}", str(d), d) for k, d in enumerate(list(dims)[:npar])]
 
 
 def graph_of(*values) -> "Value":

@@ -8,7 +8,7 @@ import numpy as np
 from .. import shapes
 from ..errors import RuleError
 from ..ir import TensorType, Value
-from .registry import Op, register, same_dtype
+from .registry import Op, par_outer, register, same_dtype
 
 
 def concat(values, axis: int = 1, name=None) -> Value:
@@ -68,7 +68,7 @@ class Concat(Op):
     def context(self, attrs, types, out):
         ax = attrs["axis"]
         return dict(OUTER=shapes.prod(out.shape[:ax]), OUT_ROW=shapes.prod(out.shape[ax:]),
-                    rows=[shapes.prod(t.shape[ax:]) for t in types])
+                    rows=[shapes.prod(t.shape[ax:]) for t in types], par=[("o", "OUTER", shapes.prod(out.shape[:ax]))])
 
 
 class _Copy(Op):
@@ -81,7 +81,7 @@ class _Copy(Op):
         return x.reshape(self.infer(attrs, [TensorType(x.shape, str(x.dtype))]).shape)
 
     def context(self, attrs, types, out):
-        return dict(SIZE=out.size)
+        return dict(SIZE=out.size, par=[("i", "SIZE", out.size)])
 
 
 @register
@@ -175,7 +175,7 @@ class _Gather(Op):
 
     def context(self, attrs, types, out):
         offset, strides = self.gather(attrs, types[0], out)
-        return dict(dims=list(out.shape), strides=strides, offset=offset)
+        return dict(dims=list(out.shape), strides=strides, offset=offset, par=par_outer(out.shape))
 
 
 @register
@@ -301,4 +301,4 @@ class ReduceSum(Op):
         kept = [n if i not in attrs["axes"] else 1 for i, n in enumerate(x.shape)]
         ys = row_major_strides(kept)
         return dict(dims=list(x.shape), ystrides=[0 if i in attrs["axes"] else s for i, s in enumerate(ys)],
-                    SIZE=out.size)
+                    SIZE=out.size, par=[("j", "SIZE", out.size)])

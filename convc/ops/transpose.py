@@ -189,7 +189,8 @@ class ConvTranspose(Op):
     def context(self, attrs, types, out):
         bias = "none" if len(types) == 2 else ("tied" if len(types[2].shape) == 1 else "untied")
         return dict(_transpose_context(types[0], types[1], out.shape, attrs["stride"], attrs["dilation"],
-                                       attrs["padding"], attrs["groups"], bias), flip=False)
+                                       attrs["padding"], attrs["groups"], bias), flip=False,
+                    par=[("n", "N", out.shape[0]), ("co", "C_OUT", out.shape[1])])
 
     def macs(self, attrs, types, out):
         x, w = types[:2]
@@ -261,7 +262,8 @@ class ConvGradInput(Op):
     def context(self, attrs, types, out):
         k, grad = types
         return dict(_transpose_context(grad, k, out.shape, attrs["stride"], attrs["dilation"], attrs["padding"],
-                                       attrs["groups"], "none"), flip=attrs["flip"])
+                                       attrs["groups"], "none"), flip=attrs["flip"],
+                    par=[("n", "N", out.shape[0]), ("co", "C_OUT", out.shape[1])])
 
     def macs(self, attrs, types, out):
         k, grad = types
@@ -321,7 +323,7 @@ class ConvGradKernel(Op):
         grad, v = types
         g = attrs["groups"]
         return dict(flip=attrs["flip"], N=v.shape[0], C_IN=v.shape[1], C_OUT=grad.shape[1], C_IN_G=v.shape[1] // g,
-                    C_OUT_G=grad.shape[1] // g,
+                    C_OUT_G=grad.shape[1] // g, par=[("co", "C_OUT", grad.shape[1]), ("ci", "C_IN_G", v.shape[1] // g)],
                     axes=axes_context(v.shape[2:], grad.shape[2:], attrs["kernel_size"], attrs["stride"],
                                       attrs["dilation"], attrs["padding"]))
 

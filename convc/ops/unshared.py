@@ -99,8 +99,7 @@ class _Unshared(Op):
         for a, t in zip(axes, w.shape[2 + rank:] if self.name == "tiled_conv" else [1] * rank):
             a["t"] = t
         return dict(weights="local" if self.name == "local_conv" else "tiled", flip=False, bias=bias,
-                    activation=None, slope=0.01,
-                    N=x.shape[0], C_IN=x.shape[1], C_OUT=w.shape[0], GROUPS=1, C_IN_G=x.shape[1],
+                    par=[("n", "N", x.shape[0]), ("co", "C_OUT", w.shape[0])], N=x.shape[0], C_IN=x.shape[1], C_OUT=w.shape[0], GROUPS=1, C_IN_G=x.shape[1],
                     C_OUT_G=w.shape[0], axes=axes)
 
     def macs(self, attrs, types, out):
@@ -202,7 +201,9 @@ class _UnsharedGrad(Op):
     def context(self, attrs, types, out):
         x, w, gy = self.forward(attrs, types)
         ctx = _forward_op(attrs["mode"]).context(attrs, [x, w], gy)
-        return dict(ctx, role=self.role)
+        par = ([("n", "N", ctx["N"]), ("ci", "C_IN", ctx["C_IN"])] if self.role == "input"
+               else [("co", "C_OUT", ctx["C_OUT"]), ("ci", "C_IN", ctx["C_IN"])])
+        return dict(ctx, role=self.role, par=par)
 
 
 @register

@@ -36,6 +36,7 @@ import numpy as np
 
 from ..errors import RuleError
 from ..ir import TensorType, Value
+from . import epilogue
 from .conv import Conv
 from .registry import OPS, Op, as_value, float_dtype, register, rules, same_dtype
 
@@ -141,7 +142,7 @@ class WinogradKernel(Op):
 
     def context(self, attrs, types, out):
         (w,) = types
-        return dict(C_OUT=w.shape[0], C_IN=w.shape[1], flip=attrs["flip"])
+        return dict(C_OUT=w.shape[0], C_IN=w.shape[1], flip=attrs["flip"], par=[("co", "C_OUT", w.shape[0])])
 
     def macs(self, attrs, types, out):
         (w,) = types
@@ -153,12 +154,12 @@ class WinogradConv(Conv):
     """``conv`` by Winograd F(2×2, 3×3); inputs x, w, u = winograd_kernel(w), bias."""
     name = "winograd_conv"
     template = "winograd_conv"
-    arity = (3, 4)
+    arity = (3, 5)
     inputs = ("x", "w", "u", "b")
 
     @staticmethod
     def _conv_inputs(items):
-        """(x, w, u[, b]) -> (x, w[, b]): what ``conv`` takes."""
+        """(x, w, u[, b][, r]) -> (x, w[, b][, r]): what ``conv`` takes."""
         return [items[0], items[1], *items[3:]]
 
     def normalize(self, attrs, types):
@@ -178,23 +179,25 @@ class WinogradConv(Conv):
             raise RuleError(f"u must be winograd_kernel(w), shape {want}, got {u.shape}")
         return out
 
-    def reference(self, attrs, x, w, u, b=None):
-        return super().reference(attrs, x, w, b)          # the meaning of conv; u is how C computes it
+    def reference(self, attrs, x, w, u, *rest):
+        return super().reference(attrs, x, w, *rest)      # the meaning of conv; u is how C computes it
 
     def grad(self, attrs, xs, y, gy, needs):
         """conv's rule for x, w and the bias; none for u, which only
         restates w (its share of dL/dw is already in conv's dL/dw)."""
-        gx, gw, *gb = super().grad(attrs, self._conv_inputs(xs), y, gy, self._conv_inputs(needs))
-        return [gx, gw, None, *gb]
+        gx, gw, *rest = Conv.grad(self, attrs, self._conv_inputs(xs), y, gy, self._conv_inputs(needs))
+        return [gx, gw, None, *rest]
 
     def context(self, attrs, types, out):
+        types = epilogue.split(attrs, types)[0]
         x, w = types[:2]
         bias = "none" if len(types) == 3 else ("tied" if len(types[3].shape) == 1 else "untied")
         (py, _), (px, _) = attrs["padding"]
+        blk = blocking(out.shape[2], out.shape[3], w.shape[0])
         return dict(N=x.shape[0], C_IN=x.shape[1], C_OUT=w.shape[0], IN_Y=x.shape[2], IN_X=x.shape[3],
                     OUT_Y=out.shape[2], OUT_X=out.shape[3], P_Y=py, P_X=px, bias=bias,
-                    activation=attrs.get("activation"), slope=attrs.get("negative_slope", 0.01),
-                    **blocking(out.shape[2], out.shape[3], w.shape[0]))
+                    par=[("n", "N", x.shape[0]), ("by", "BLOCKS_Y", blk["BLOCKS_Y"]), ("bx", "BLOCKS_X", blk["BLOCKS_X"])],
+                    **blk)
 
     def workspace(self, attrs, types, out, target="c"):
         """One slice per work-item (image n, tile block): V for the block's

@@ -1,11 +1,14 @@
 """Clean-up passes: dead code, common subexpressions, constant folding."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import networkx as nx
 import numpy as np
 
 from ..ir import Graph
 from .manager import register
-from .rewrite import prune, replace_uses
+from .rewrite import fresh, prune, replace_uses
 
 
 @register
@@ -56,4 +59,61 @@ def fold_constants(g: Graph) -> Graph:
             value = values(out, {}, nodes=[n])[n]
             c = out.const(np.asarray(value), d["type"].dtype)
             replace_uses(out, n, c.name)
+    return prune(out)
+
+
+FOLD_ALIASES = ("reshape", "flatten")
+"""Param-only nodes left alone: a reshape is an alias of its input's buffer
+(no code), and a folded copy would only cost params bytes."""
+
+
+@dataclass(frozen=True)
+class Folded:
+    """How a folded constant was computed: ``node`` of ``graph`` (the
+    original nodes it depended on) from the trainable params ``roots``. A
+    module recomputes it when ``set_params`` changes a root."""
+    graph: Graph
+    node: str
+    roots: tuple[str, ...]
+
+    def recompute(self, root_values: dict) -> np.ndarray:
+        from ..reference import values
+        return values(self.graph, {}, params=root_values, nodes=[self.node])[self.node]
+
+
+def _ancestry(g: Graph, n: str) -> Graph:
+    """The part of ``g`` that ``n`` depends on (param values shared, not copied)."""
+    sub = Graph(g.name)
+    sub.nx = g.nx.subgraph(nx.ancestors(g.nx, n) | {n}).copy()
+    return sub
+
+
+@register
+def fold_params(g: Graph) -> Graph:
+    """Inference: every node whose inputs are all params (weights included),
+    such as the Winograd kernel transform, a transposed weight matrix or a
+    reshape-and-transpose of weights, is evaluated once at compile time and
+    stored as a constant in the params blob instead of running on every call.
+    The folded constant remembers how it was made (``folded``): a compiled
+    module's ``set_params`` recomputes it (on the host) when one of its
+    source params changes. Not in the ``train`` pipeline, whose weights
+    change every step."""
+    from ..reference import values
+
+    out = g.copy()
+    assigned = set(g.assigns)
+    for n in g.topological_order():
+        d = out.node(n)
+        if d["op"] in ("input", "param") or d["op"] in FOLD_ALIASES or n in out.outputs.values():
+            continue
+        srcs = out.inputs_of(n)
+        if not srcs or not all(out.node(s)["op"] == "param" and s not in assigned for s in srcs):
+            continue
+        value = values(out, {}, nodes=[n])[n]
+        c = out.param(fresh(out, f"{n}.folded"), np.asarray(value), d["type"].dtype)
+        out.nx.nodes[c.name]["const"] = True
+        source = _ancestry(g, n)          # the original nodes, not the constants folded before
+        roots = tuple(p for p in source.param_names if not source.node(p).get("const"))
+        out.nx.nodes[c.name]["folded"] = Folded(source, n, roots)
+        replace_uses(out, n, c.name)
     return prune(out)

@@ -6,7 +6,7 @@ import numpy as np
 from ..ir import Graph
 from ..ops.conv import spatial_separable_conv
 from .manager import register
-from .rewrite import attrs, fresh, ins, is_const, rewrite
+from .rewrite import attrs, fresh, ins, is_const, operands, reactivate, rewrite
 
 RTOL = 1e-6      # second singular value / first below this counts as rank 1
 
@@ -25,7 +25,7 @@ def _factor(g: Graph, n: str):
     if g.node(n)["op"] != "conv":
         return None
     a = attrs(g, n)
-    x, w, *b = ins(g, n)
+    x, w, *b = operands(g, n)
     if len(w.shape) != 4 or not is_const(g, w) or w.shape[1] != 1 or min(w.shape[2:]) < 2:
         return None
     c_out = w.shape[0]
@@ -46,10 +46,7 @@ def _factor(g: Graph, n: str):
     w_row = g.param(fresh(g, f"{w.name}.row"), np.array(rows).reshape(c_out, 1, 1, kw), w.dtype)
     y = spatial_separable_conv(x, w_col, w_row, b[0] if b else None, a["stride"], a["padding"], a["dilation"],
                                groups=c_out, name=fresh(g, f"{n}.separable"))
-    if a.get("activation"):
-        y = g.add(a["activation"], [y], {"negative_slope": a["negative_slope"]} if a["activation"] == "leaky_relu"
-                  else {}, fresh(g, f"{n}.{a['activation']}"))
-    return y
+    return reactivate(g, n, y)
 
 
 @register

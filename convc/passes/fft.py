@@ -14,7 +14,7 @@ def _fft(g: Graph, n: str):
         return None
     a = attrs(g, n)
     x, w, *b = ins(g, n)
-    if len(x.shape) not in (3, 4) or any(s != 1 for s in a["stride"]) or a.get("activation"):
+    if len(x.shape) not in (3, 4) or any(s != 1 for s in a["stride"]) or a.get("activation") or a.get("residual"):
         return None
     plane = 1
     for size, (lo, hi) in zip(x.shape[2:], a["padding"]):

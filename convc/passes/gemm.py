@@ -11,7 +11,7 @@ from ..ops.linear import dense, matmul
 from ..ops.tensor import reduce_sum, reshape, transpose
 from .im2col import _conv as _conv_im2col
 from .manager import register
-from .rewrite import attrs, fresh, ins, reactivate, rewrite
+from .rewrite import attrs, fresh, ins, operands, reactivate, rewrite
 from .transposed import _bias
 
 MIN_MACS = 1 << 16
@@ -44,7 +44,7 @@ def _pointwise(a) -> bool:
 
 def _forward(g: Graph, n: str):
     a = attrs(g, n)
-    x, w, *b = ins(g, n)
+    x, w, *b = operands(g, n)
     c_out, c_in_g, *k = w.shape
     if not _worth_it(g, n, c_in_g, c_out // a["groups"]):
         return None

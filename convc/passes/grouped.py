@@ -6,14 +6,14 @@ from ..ops.conv import conv
 from ..ops.layout import dilate
 from ..ops.tensor import concat, slice_axis
 from .manager import register
-from .rewrite import attrs, fresh, ins, reactivate, rewrite
+from .rewrite import attrs, fresh, ins, operands, reactivate, rewrite
 
 
 def _split(g: Graph, n: str):
     if g.node(n)["op"] != "conv" or attrs(g, n)["groups"] == 1:
         return None
     a = attrs(g, n)
-    x, w, *b = ins(g, n)
+    x, w, *b = operands(g, n)
     groups = a["groups"]
     cig, cog = x.shape[1] // groups, w.shape[0] // groups
     parts = []
@@ -37,7 +37,7 @@ def _dense(g: Graph, n: str):
     if g.node(n)["op"] != "conv" or all(d == 1 for d in attrs(g, n)["dilation"]):
         return None
     a = attrs(g, n)
-    x, w, *b = ins(g, n)
+    x, w, *b = operands(g, n)
     wd = dilate(w, a["dilation"], name=fresh(g, f"{n}.dilated_kernel"))   # zeros between the taps
     return reactivate(g, n, conv(x, wd, b[0] if b else None, a["stride"], a["padding"], 1, a["groups"], a["flip"],
                                  name=fresh(g, f"{n}.dense")))

@@ -6,7 +6,7 @@ from ..ops.columns import im2col
 from ..ops.linear import matmul
 from ..ops.tensor import reshape, transpose
 from .manager import register
-from .rewrite import attrs, fresh, ins, reactivate, rewrite
+from .rewrite import attrs, fresh, ins, operands, reactivate, rewrite
 from .transposed import _bias
 
 
@@ -21,7 +21,7 @@ def _conv(g: Graph, n: str):
     if g.node(n)["op"] != "conv":
         return None
     a = attrs(g, n)
-    x, w, *b = ins(g, n)
+    x, w, *b = operands(g, n)
     groups = a["groups"]
     c_out, c_in_g, *k = w.shape
     out = g.node(n)["type"].shape

@@ -18,21 +18,24 @@ from ..ir import Graph
 PASSES: dict[str, Callable[[Graph], Graph]] = {}
 
 PIPELINES: dict[str, dict[str, list[str]]] = {
-    # What cc.compile runs unless told otherwise: cleanups and fusions, then
+    # What cc.compile runs unless told otherwise (inference): cleanups, then
     # the choice of algorithm per conv (Winograd for 3x3 unit-stride, GEMM
-    # where it pays; each pass's docstring gives its rule); depthwise +
-    # pointwise pairs too small for a GEMM fuse into one kernel.
+    # where it pays; each pass's docstring gives its rule), then the fusions
+    # on what the lowerings made (bias, residual and activation into each
+    # producer's epilogue; depthwise + pointwise pairs too small for a GEMM
+    # into one kernel), then the weight-only work done once, at compile time.
     "default": [
         "eliminate_dead_code",
         "eliminate_common_subexpressions",
         "fold_constants",
         "fold_batch_norm",
-        "fuse_bias_activation",
         "conv_to_winograd",
         "conv_to_gemm",
         "transposed_to_matmul",
         "eliminate_common_subexpressions",     # a conv and its g share one im2col
+        "fuse_epilogues",
         "fuse_separable",
+        "fold_params",
         "eliminate_dead_code",
     ],
     # For the embedded export: the default's cleanups and fusions without the
@@ -42,21 +45,22 @@ PIPELINES: dict[str, dict[str, list[str]]] = {
         "eliminate_common_subexpressions",
         "fold_constants",
         "fold_batch_norm",
-        "fuse_bias_activation",
+        "fuse_epilogues",
         "fuse_separable",
         "eliminate_dead_code",
     ],
     # For training graphs: the default minus the passes that bake weights
-    # into new constants, so every trained param stays settable by name.
+    # into new constants (BN folding, fold_params), so every trained param
+    # stays settable by name and weight transforms run on each step.
     "train": [
         "eliminate_dead_code",
         "eliminate_common_subexpressions",
         "fold_constants",
-        "fuse_bias_activation",
         "conv_to_winograd",
         "conv_to_gemm",
         "transposed_to_matmul",
         "eliminate_common_subexpressions",     # a conv and its g share one im2col
+        "fuse_epilogues",
         "fuse_separable",
         "eliminate_dead_code",
     ],

@@ -4,7 +4,9 @@ A rule is ``rule(g, node) -> Value | None``: it may add nodes to ``g`` (a
 private copy made by :func:`rewrite`) and returns the Value that replaces
 ``node``, or None to leave it alone. The driver redirects every use of the
 node (consumers, outputs, assignments) to the replacement, then removes what
-became dead.
+became dead. Rules can be one function for every node or a dict from op name
+to rule (dispatched by the node's op); the driver sweeps the graph until no
+rule fires (a fixed point), so a rewrite may enable another.
 """
 from __future__ import annotations
 
@@ -39,25 +41,46 @@ def prune(g: Graph) -> Graph:
     return g
 
 
-def rewrite(g: Graph, rule) -> Graph:
-    """Apply ``rule`` to every node of a copy of ``g`` in topological order."""
+MAX_SWEEPS = 100
+"""A guard against rules that keep firing on their own output."""
+
+
+def rewrite(g: Graph, rules, fixed_point: bool = True) -> Graph:
+    """Apply ``rules`` (one rule, or a dict op name -> rule) to the nodes of a
+    copy of ``g`` in topological order, sweep after sweep until none fires
+    (``fixed_point=False``: one sweep)."""
+    dispatch = rules.get if isinstance(rules, dict) else (lambda op: rules)
     out = g.copy()
-    for n in g.topological_order():
-        if n not in out.nx or out.node(n)["op"] in ("input", "param"):
-            continue
-        new = rule(out, n)
-        if new is not None and new.name != n:
-            if new.type != out.node(n)["type"]:
-                raise RuntimeError(f"rewrite of %{n}: replacement %{new.name} is {new.type}, "
-                                   f"expected {out.node(n)['type']}")
-            replace_uses(out, n, new.name)
-    if not nx.is_directed_acyclic_graph(out.nx):
-        raise RuntimeError("rewrite produced a cycle")
-    return prune(out)
+    for _ in range(MAX_SWEEPS):
+        fired = False
+        for n in out.topological_order():
+            if n not in out.nx or out.node(n)["op"] in ("input", "param"):
+                continue
+            rule = dispatch(out.node(n)["op"])
+            new = rule(out, n) if rule else None
+            if new is not None and new.name != n:
+                if new.type != out.node(n)["type"]:
+                    raise RuntimeError(f"rewrite of %{n}: replacement %{new.name} is {new.type}, "
+                                       f"expected {out.node(n)['type']}")
+                replace_uses(out, n, new.name)
+                fired = True
+        if not nx.is_directed_acyclic_graph(out.nx):
+            raise RuntimeError("rewrite produced a cycle")
+        out = prune(out)
+        if not fired or not fixed_point:
+            return out
+    raise RuntimeError(f"rewrite did not reach a fixed point in {MAX_SWEEPS} sweeps")
 
 
 def ins(g: Graph, n: str) -> list[Value]:
     return [Value(g, i) for i in g.inputs_of(n)]
+
+
+def operands(g: Graph, n: str) -> list[Value]:
+    """The inputs of producer ``n`` without its epilogue's residual (see
+    :func:`reactivate`, which adds that back)."""
+    from ..ops import epilogue
+    return epilogue.split(attrs(g, n), ins(g, n))[0]
 
 
 def is_const(g: Graph, v: Value) -> bool:
@@ -79,11 +102,16 @@ def attrs(g: Graph, n: str) -> dict:
 
 
 def reactivate(g: Graph, n: str, y: Value) -> Value:
-    """``y`` followed by the activation fused into conv ``n`` (if any), for
-    rewrites that rebuild a conv from plain parts."""
+    """``y`` followed by the epilogue of producer ``n`` (its residual add and
+    activation, if any) as separate nodes, for rewrites that rebuild a
+    producer from plain parts; fuse_epilogues fuses them again afterwards."""
+    from ..ops import activations
+    from ..ops.elementwise import add
     a = attrs(g, n)
-    kind = a.get("activation")
-    if not kind:
+    if a.get("residual"):
+        y = add(y, ins(g, n)[-1], name=fresh(g, f"{n}.residual"))
+    f = activations.fused(a)
+    if f is None:
         return y
-    extra = {"negative_slope": a["negative_slope"]} if kind == "leaky_relu" else {}
-    return g.add(kind, [y], extra, fresh(g, f"{n}.{kind}"))
+    act, params = f
+    return g.add(act.name, [y], params, fresh(g, f"{n}.{act.name}"))

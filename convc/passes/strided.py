@@ -6,14 +6,14 @@ from ..ops.conv import conv
 from ..ops.elementwise import add
 from ..ops.layout import downsample
 from .manager import register
-from .rewrite import attrs, fresh, ins, only_user, reactivate, rewrite
+from .rewrite import attrs, fresh, ins, only_user, operands, reactivate, rewrite
 
 
 def _to_downsampled(g: Graph, n: str):
     if g.node(n)["op"] != "conv" or all(s == 1 for s in attrs(g, n)["stride"]):
         return None
     a = attrs(g, n)
-    x, w, *b = ins(g, n)
+    x, w, *b = operands(g, n)
     untied = bool(b) and len(b[0].shape) > 1      # an untied bias has the strided output's shape
     full = conv(x, w, None if untied or not b else b[0], 1, a["padding"], a["dilation"], a["groups"], a["flip"],
                 name=fresh(g, f"{n}.unit_stride"))
@@ -35,10 +35,10 @@ def _fuse(g: Graph, n: str):
     if d["op"] != "downsample":
         return None
     (src,) = ins(g, n)
-    if src.op != "conv" or only_user(g, src.name) != n:
-        return None
+    if src.op != "conv" or only_user(g, src.name) != n or attrs(g, src.name).get("residual"):
+        return None                                  # (a residual has the unstrided shape)
     a = attrs(g, src.name)
-    x, w, *b = ins(g, src.name)
+    x, w, *b = operands(g, src.name)
     if b and len(b[0].shape) > 1:
         return None                                  # an untied bias cannot follow the stride change
     stride = tuple(s1 * s2 for s1, s2 in zip(a["stride"], d["attrs"]["stride"]))

@@ -28,6 +28,7 @@ class Module(abc.ABC):
         self.inputs: dict[str, TensorType] = {n: graph.node(n)["type"] for n in graph.input_names if n in live}
         self.param_names: list[str] = [n for n in graph.param_names if n in live]
         self.outputs: dict[str, TensorType] = {o: graph.node(n)["type"] for o, n in graph.outputs.items()}
+        self._detached: dict[str, np.ndarray] = {}      # set params that only folded constants read
 
     def check_inputs(self, feeds) -> dict[str, np.ndarray]:
         """Names, shapes and dtypes checked; arrays made C-contiguous."""
@@ -83,13 +84,31 @@ class Module(abc.ABC):
         return {n: self._get_param(self._param_name(n)) for n in names}
 
     def set_params(self, values: dict) -> None:
-        """Overwrite param values (same shape; cast to the param's dtype)."""
+        """Overwrite param values (same shape; cast to the param's dtype).
+        Constants that ``fold_params`` computed from a changed param at
+        compile time (default pipeline: Winograd kernels, ...) are computed
+        again, on the host."""
+        folded = {c: self.graph.node(c)["folded"] for c in self.graph.param_names if "folded" in self.graph.node(c)}
+        detached = self._detached        # a param only folded constants read is no longer in the graph
         for n, v in values.items():
-            t = self.graph.node(self._param_name(n))["type"]
-            a = np.asarray(v)
-            if a.shape != t.shape:
-                raise InputError(f"graph '{self.graph.name}': param '{n}' has shape {t.shape}, got {a.shape}")
-            self._set_param(n, np.ascontiguousarray(a, dtype=t.dtype))
+            f = next((f for f in folded.values() if n in f.roots), None)
+            if f is not None and n not in self.graph.nx:
+                t = f.graph.node(n)["type"]
+                detached[n] = self._checked(n, t, v)
+            else:
+                self._set_param(n, self._checked(n, self.graph.node(self._param_name(n))["type"], v))
+        for c, f in folded.items():
+            if set(values) & set(f.roots):
+                now = {r: detached[r] if r in detached else
+                       (self._get_param(r) if r in self.graph.nx else f.graph.node(r)["value"]) for r in f.roots}
+                value = f.recompute(now)
+                self._set_param(c, np.ascontiguousarray(value, dtype=self.graph.node(c)["type"].dtype))
+
+    def _checked(self, n, t, v) -> np.ndarray:
+        a = np.asarray(v)
+        if a.shape != t.shape:
+            raise InputError(f"graph '{self.graph.name}': param '{n}' has shape {t.shape}, got {a.shape}")
+        return np.ascontiguousarray(a, dtype=t.dtype)
 
     def _param_name(self, n):
         if n not in self.graph.nx or self.graph.node(n)["op"] != "param":

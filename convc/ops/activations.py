@@ -1,0 +1,223 @@
+"""The activation table: one record per activation, read by everything that
+needs one — the elementwise ops and their builders, the ``activation_grad``
+op, every fused epilogue (numpy meaning and C expression), autodiff, ONNX
+import and export, and the templates (which only print the expression).
+
+Adding an activation is one :class:`Activation` record in ``TABLE`` plus its
+tests (``tests/test_activations.py`` is parametrized over the table).
+
+A record's C expressions are format strings over ``{x}`` (the input; it may
+appear several times, so callers bind it to a variable first), ``{y}``,
+``{t}`` and ``{gy}`` (gradients), ``{f}`` (the float suffix of C math
+functions: ``expf`` for float, ``exp`` for double) and the record's
+parameters (printed as exact C literals).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import RuleError
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    return np.frompyfunc(math.erf, 1, 1)(x).astype(x.dtype)
+
+
+_SQRT_2_PI = math.sqrt(2.0 / math.pi)       # gelu's tanh form
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One activation: what it computes (numpy and C), its derivative and
+    from what (``"x"``, its input, or ``"y"``, its output — cheaper: the
+    fused producer's output serves), and its ONNX name."""
+    name: str
+    doc: str
+    forward: Callable                       # (x, **params) -> y, numpy
+    c: str                                  # C expression of {x}
+    backward: Callable                      # (t, gy, **params) -> dL/dx, numpy; t is x or y (grad_from)
+    c_grad: str                             # C expression of {t} and {gy}
+    grad_from: str | Callable = "x"         # "x" | "y", or a function of the params saying which
+    params: dict = field(default_factory=dict)     # name -> default
+    onnx: str | None = None                 # ONNX op type (params as its attributes, same names unless onnx_attrs)
+    onnx_attrs: dict = field(default_factory=dict)  # our param name -> ONNX attribute name
+    onnx_defaults: dict = field(default_factory=dict)  # ONNX's default where it differs from ours
+    onnx_since: int = 1                     # first ONNX opset with the op
+
+    def grad_input(self, params: dict) -> str:
+        """``"x"`` or ``"y"``: which tensor the derivative reads."""
+        return self.grad_from(params) if callable(self.grad_from) else self.grad_from
+
+    def normalize(self, attrs: dict) -> dict:
+        """This activation's params from ``attrs`` (defaults filled, floats
+        checked); raises RuleError on a bad value."""
+        out = {}
+        for p, default in self.params.items():
+            v = attrs.get(p, default)
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                raise RuleError(f"{self.name}: {p} must be a number, got {v!r}") from None
+            if v != v:
+                raise RuleError(f"{self.name}: {p} must not be NaN")
+            out[p] = v
+        return out
+
+    def apply(self, x: np.ndarray, params: dict) -> np.ndarray:
+        p = {k: x.dtype.type(v) for k, v in params.items()}
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.asarray(self.forward(x, **p), dtype=x.dtype)
+
+    def derivative(self, t: np.ndarray, gy: np.ndarray, params: dict) -> np.ndarray:
+        p = {k: t.dtype.type(v) for k, v in params.items()}
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.asarray(self.backward(t, gy, **p), dtype=gy.dtype)
+
+    def _literals(self, params: dict, T: str) -> dict:
+        from ..codegen.env import cfloat
+        return {k: f"({cfloat(v, T)})" for k, v in params.items()}
+
+    def c_expr(self, x: str, params: dict, T: str) -> str:
+        """The C expression of the activation of ``x`` (a variable name)."""
+        return self.c.format(x=x, f="f" if T == "float" else "", T=T, **self._literals(params, T))
+
+    def c_grad_expr(self, t: str, gy: str, params: dict, T: str) -> str:
+        return self.c_grad.format(t=t, gy=gy, f="f" if T == "float" else "", T=T, **self._literals(params, T))
+
+
+def _np_sigmoid(x):
+    one = x.dtype.type(1)
+    return one / (one + np.exp(-x))
+
+
+TABLE: dict[str, Activation] = {a.name: a for a in [
+    Activation(
+        "relu", "max(x, 0).",
+        lambda x: np.maximum(x, 0), "({x} > 0 ? {x} : 0)",
+        lambda y, gy: np.where(y > 0, gy, 0), "({t} > 0 ? {gy} : 0)", grad_from="y",
+        onnx="Relu"),
+    Activation(
+        "leaky_relu", "x if x > 0 else negative_slope * x (PyTorch's default slope 0.01).",
+        lambda x, negative_slope: np.where(x > 0, x, x * negative_slope),
+        "({x} > 0 ? {x} : {negative_slope} * {x})",
+        lambda t, gy, negative_slope: np.where(t > 0, gy, gy * negative_slope),
+        "({t} > 0 ? {gy} : {negative_slope} * {gy})",
+        # y > 0 exactly where x > 0 unless the slope is negative
+        grad_from=lambda p: "y" if p["negative_slope"] >= 0 else "x",
+        params={"negative_slope": 0.01}, onnx="LeakyRelu", onnx_attrs={"negative_slope": "alpha"}),
+    Activation(
+        "clip", "Clamp to [min, max] as numpy.clip (ReLU6 is clip(x, 0, 6)); NaN stays NaN; min > max gives max.",
+        lambda x, min, max: np.minimum(np.maximum(x, min), max),  # noqa: A006
+        "((({x}) < {min} ? {min} : ({x})) > {max} ? {max} : (({x}) < {min} ? {min} : ({x})))",
+        lambda y, gy, min, max: np.where((y > min) & (y < max), gy, 0),  # noqa: A006
+        "({t} > {min} && {t} < {max} ? {gy} : 0)",
+        grad_from="y", params={"min": -np.inf, "max": np.inf}, onnx="Clip"),
+    Activation(
+        "sigmoid", "1 / (1 + exp(-x)).",
+        _np_sigmoid, "(1 / (1 + exp{f}(-{x})))",
+        lambda y, gy: gy * y * (1 - y), "({gy} * {t} * (1 - {t}))", grad_from="y",
+        onnx="Sigmoid"),
+    Activation(
+        "tanh", "Hyperbolic tangent.",
+        np.tanh, "tanh{f}({x})",
+        lambda y, gy: gy * (1 - y * y), "({gy} * (1 - {t} * {t}))", grad_from="y",
+        onnx="Tanh"),
+    Activation(
+        "silu", "x * sigmoid(x) (SiLU, swish).",
+        lambda x: x * _np_sigmoid(x), "({x} / (1 + exp{f}(-{x})))",
+        lambda x, gy: gy * _np_sigmoid(x) * (1 + x * (1 - _np_sigmoid(x))),
+        "({gy} * (1 / (1 + exp{f}(-{t}))) * (1 + {t} * (1 - 1 / (1 + exp{f}(-{t})))))"),
+    Activation(
+        "hardswish", "x * relu6(x + 3) / 6 (MobileNetV3).",
+        lambda x: x * np.minimum(np.maximum(x + 3, 0), 6) / 6,
+        "({x} * ({x} + 3 < 0 ? 0 : ({x} + 3 > 6 ? 6 : {x} + 3)) / 6)",
+        # PyTorch's derivative: 0 below -3, x/3 + 1/2 up to 3 (inclusive), 1 above
+        lambda x, gy: np.where(x < -3, 0, np.where(x <= 3, gy * (x / 3 + x.dtype.type(0.5)), gy)),
+        "({t} < -3 ? 0 : ({t} <= 3 ? {gy} * ({t} / 3 + ({T})0.5) : {gy}))",
+        onnx="HardSwish", onnx_since=14),
+    Activation(
+        "hardsigmoid", "clip(alpha * x + beta, 0, 1) (PyTorch's alpha 1/6; ONNX's default is 0.2).",
+        lambda x, alpha, beta: np.minimum(np.maximum(alpha * x + beta, 0), 1),
+        "({alpha} * {x} + {beta} < 0 ? 0 : ({alpha} * {x} + {beta} > 1 ? 1 : {alpha} * {x} + {beta}))",
+        lambda y, gy, alpha, beta: np.where((y > 0) & (y < 1), gy * alpha, 0),
+        "({t} > 0 && {t} < 1 ? {alpha} * {gy} : 0)", grad_from="y",
+        params={"alpha": 1 / 6, "beta": 0.5}, onnx="HardSigmoid", onnx_defaults={"alpha": 0.2}, onnx_since=6),
+    Activation(
+        "gelu", "x * Phi(x), Phi the standard normal CDF (PyTorch's approximate='none').",
+        lambda x: x * (1 + _erf(x * x.dtype.type(_INV_SQRT_2))) / 2,
+        f"({{x}} * (1 + erf{{f}}({{x}} * ({{T}}){_INV_SQRT_2!r})) / 2)",
+        lambda x, gy: gy * ((1 + _erf(x * x.dtype.type(_INV_SQRT_2))) / 2
+                            + x * np.exp(-x * x / 2) * x.dtype.type(_INV_SQRT_2PI)),
+        f"({{gy}} * ((1 + erf{{f}}({{t}} * ({{T}}){_INV_SQRT_2!r})) / 2 + {{t}} * exp{{f}}(-{{t}} * {{t}} / 2) * ({{T}}){_INV_SQRT_2PI!r}))",
+        onnx="Gelu", onnx_since=20),
+    Activation(
+        "gelu_tanh", "GELU's tanh form, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (approximate='tanh').",
+        lambda x: x * (1 + np.tanh(x.dtype.type(_SQRT_2_PI) * (x + x.dtype.type(0.044715) * x * x * x))) / 2,
+        f"({{x}} * (1 + tanh{{f}}(({{T}}){_SQRT_2_PI!r} * ({{x}} + ({{T}})0.044715 * {{x}} * {{x}} * {{x}}))) / 2)",
+        lambda x, gy: gy * _gelu_tanh_grad(x),
+        f"({{gy}} * ((1 + tanh{{f}}(({{T}}){_SQRT_2_PI!r} * ({{t}} + ({{T}})0.044715 * {{t}} * {{t}} * {{t}}))) / 2"
+        # 1 - tanh(u)^2 as 1 / cosh(u)^2: exactly 0 where u saturates, whatever tanh's last ulp
+        f" + {{t}} / 2 / (cosh{{f}}(({{T}}){_SQRT_2_PI!r} * ({{t}} + ({{T}})0.044715 * {{t}} * {{t}} * {{t}}))"
+        f" * cosh{{f}}(({{T}}){_SQRT_2_PI!r} * ({{t}} + ({{T}})0.044715 * {{t}} * {{t}} * {{t}})))"
+        f" * ({{T}}){_SQRT_2_PI!r} * (1 + 3 * ({{T}})0.044715 * {{t}} * {{t}})))",
+        onnx="Gelu", onnx_since=20),
+]}
+
+
+def _gelu_tanh_grad(x):
+    c = x.dtype.type(_SQRT_2_PI)
+    k = x.dtype.type(0.044715)
+    th = np.tanh(c * (x + k * x * x * x))
+    return (1 + th) / 2 + x / 2 * (1 - th * th) * c * (1 + 3 * k * x * x)
+
+
+ACTIVATIONS = tuple(TABLE)
+
+
+def get(kind: str) -> Activation:
+    try:
+        return TABLE[kind]
+    except KeyError:
+        raise RuleError(f"activation must be one of {ACTIVATIONS}, got {kind!r}") from None
+
+
+# -- an activation fused into a producer (part of its epilogue) ---------------
+def fused(attrs: dict) -> tuple[Activation, dict] | None:
+    """The fused activation of a node's (normalised) attrs and its params, or None."""
+    kind = attrs.get("activation")
+    if kind is None:
+        return None
+    act = TABLE[kind]
+    return act, {p: attrs[p] for p in act.params}
+
+
+def normalize_fused(attrs: dict) -> dict:
+    """Validate the optional ``activation`` (and that activation's params) a
+    pass may fuse into a producer's output loop; absent means none. Params of
+    other activations are dropped."""
+    all_params = {p for a in TABLE.values() for p in a.params}
+    kind = attrs.get("activation")
+    out = {k: v for k, v in attrs.items() if k not in all_params and k != "activation"}
+    if kind is None:
+        return out
+    act = get(kind)
+    out["activation"] = kind
+    out.update(act.normalize(attrs))
+    return out
+
+
+def fused_attrs(kind, params: dict) -> dict:
+    """The attrs that fuse activation ``kind`` (a name or a record) with
+    ``params`` into a producer."""
+    return {"activation": kind if isinstance(kind, str) else kind.name, **params}
+
+
+def unfused(attrs: dict) -> dict:
+    """``attrs`` without the fused activation."""
+    return normalize_fused({k: v for k, v in attrs.items() if k != "activation"})
