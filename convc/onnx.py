@@ -107,7 +107,8 @@ _CONVERTERS: dict[str, tuple] = {}
 # Inputs convc needs at compile time, per op type (their values decide shapes
 # or attributes). A graph input feeding one can be bound with ``constants=``.
 STATIC_INPUTS = {"Reshape": (1,), "Pad": (1, 2, 3), "Clip": (1, 2), "Dropout": (1, 2), "Slice": (1, 2, 3, 4),
-                 "Expand": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "ReduceSum": (1,), "ReduceMean": (1,)}
+                 "Expand": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "ReduceSum": (1,), "ReduceMean": (1,),
+                 "Split": (1,)}
 
 # Never folded: their result is random.
 _RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
@@ -116,8 +117,13 @@ _RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLi
 def converts(*op_types: str, dropped: str = "", **defaults):
     """Register a converter for ``op_types``. ``defaults``: every attribute
     the converter understands, with its ONNX default (an attribute not
-    listed is unsupported). Converters compute the first output only;
-    ``dropped`` says what the others are, for the error when one is used."""
+    listed is unsupported).
+
+    A converter ``fn(importer, node, inputs, attrs)`` returns the node's
+    outputs in order, a Value (or a constant array) each, or None for an
+    unused output it leaves out. It may return fewer than the node has
+    (most compute the first only); ``dropped`` says what the others are,
+    for the error when one of them is used."""
     def deco(fn):
         for t in op_types:
             _CONVERTERS[t] = (fn, dropped, defaults)
@@ -168,6 +174,7 @@ class _Importer:
         self.params: dict[str, Value] = {}             # constant -> the param it became
         self.initializers: set[str] = set()
         self.placeholders: set[str] = set()
+        self.unknown_constants: set[str] = set()        # would be constants, but come from an unsupported node
         self.problems: list[tuple[str, str, str]] = []
         self.input_shapes, self.constants = input_shapes, constants
         self.shapes: dict[str, tuple] = {}              # graph input -> the shape it was given
@@ -294,21 +301,25 @@ class _Importer:
         label = node.name or f"(unnamed, output {node.output[0] if node.output else '?'!r})"
         missing = [i for i in node.input if i and i not in self.env]
         if missing and not all(self.placeholder(i) for i in missing):
-            # an input comes from an unsupported node: only the op itself can be checked
+            # an input comes from an unsupported node: only the op itself can be
+            # checked -- whether convc maps it, should its inputs be run-time tensors
             if node.domain not in ("", "ai.onnx"):
                 self.problems.append((node.op_type, label, f"domain {node.domain!r} is not supported"))
-            elif node.op_type not in _CONVERTERS:
+            elif node.op_type not in _CONVERTERS and not self.would_be_constant(node):
                 self.problems.append((node.op_type, label, f"op {node.op_type} is not supported"))
+            self.unresolved(node)
             return
         try:
             outs = self.convert_node(node)
         except _Unsupported as e:
             if not e.consequence:
                 self.problems.append((node.op_type, label, str(e)))
+            self.unresolved(node)
             return
         except ConvcError as e:
             if not any(i in self.placeholders for i in node.input):
                 self.problems.append((node.op_type, label, f"convc rejects it: {e}"))
+            self.unresolved(node)
             return
         for o, v in zip(node.output, outs):
             if o and v is not None:
@@ -322,6 +333,8 @@ class _Importer:
             return [_shape_op(node, self.shape(node.input[0]))]
         if all(a is None or isinstance(a, np.ndarray) for a in args) and node.op_type not in _RANDOM:
             return self.fold(node, args)
+        if self.would_be_constant(node):        # folded, were it not for an unsupported node before it
+            raise _Unsupported("an input comes from an unsupported node", consequence=True)
         entry = _CONVERTERS.get(node.op_type)
         if entry is None:
             raise _Unsupported(f"op {node.op_type} is not supported")
@@ -333,10 +346,26 @@ class _Importer:
             attrs[a.name] = _attr_value(a)
         ins = list(node.input)
         outs = fn(self, node, ins + [""] * (6 - len(ins)), attrs)
-        for o in node.output[1:]:
+        for o in node.output[len(outs):]:
             if o and o in self.used:
-                raise _Unsupported(f"its output {o!r} ({dropped}) is used; convc computes only the first output")
+                first = "the first output" if len(outs) == 1 else f"the first {len(outs)} outputs"
+                raise _Unsupported(f"its output {o!r} ({dropped}) is used; convc computes only {first}")
         return outs
+
+    def would_be_constant(self, node) -> bool:
+        """Whether the node would be folded, had every node before it been
+        imported: Shape and Size, and deterministic nodes whose inputs are (or
+        would be) constants."""
+        if node.op_type in ("Shape", "Size"):
+            return True
+        return node.op_type not in _RANDOM and all(
+            not i or isinstance(self.env.get(i), np.ndarray) or i in self.unknown_constants for i in node.input)
+
+    def unresolved(self, node):
+        """A node not imported: its outputs stay unknown (later nodes reading
+        them get placeholders, or are skipped), constants among them noted."""
+        if self.would_be_constant(node):
+            self.unknown_constants.update(o for o in node.output if o)
 
     def fold(self, node, args):
         from onnx.reference import ReferenceEvaluator
@@ -373,6 +402,12 @@ class _Importer:
                 del dims[:]
                 for s in self.shapes[inp.name]:
                     dims.add().dim_value = s
+        # onnx's inference aborts the process on a Split whose num_outputs is
+        # not its number of outputs (onnx 1.23): leave such nodes out
+        bad = [n for n in m.graph.node if n.op_type == "Split" and n.domain in ("", "ai.onnx") and any(
+            a.name == "num_outputs" and a.i != len(n.output) for a in n.attribute)]
+        for n in bad:
+            m.graph.node.remove(n)
         try:
             m = onnx.shape_inference.infer_shapes(m)
         except Exception:       # noqa: BLE001 -- no inference, no placeholders
@@ -629,6 +664,45 @@ def _slice(im, node, ins, at):
         if sp > 1:
             x = downsample(x, tuple(sp if i == a else 1 for i in range(2, rank)), name=im.name(node, f"step{a}"))
     return [reshape(x, x.shape, name=im.name(node))]
+
+
+@converts("Split", axis=0, split=None, num_outputs=None)
+def _split(im, node, ins, at):
+    """One slice per output. The sizes are the ``split`` attribute (opsets 2
+    and 11) or input (1, 13 and later); without them, equal parts -- since
+    opset 18 ``num_outputs`` parts of ceil(n / num_outputs), the last smaller."""
+    x = im.value(ins[0])
+    rank, k = len(x.shape), len(node.output)
+    if not -rank <= at["axis"] < rank:
+        raise _Unsupported(f"axis {at['axis']} is not an axis of the input {x.shape}")
+    axis = at["axis"] % rank
+    n = x.shape[axis]
+    sizes = im.const(ins[1], "split").reshape(-1).tolist() if ins[1] else at["split"]
+    if at["num_outputs"] is not None:
+        if sizes is not None:
+            raise _Unsupported("both split and num_outputs are given; ONNX allows one of them")
+        if at["num_outputs"] != k:
+            raise _Unsupported(f"num_outputs {at['num_outputs']} differs from the node's {k} outputs")
+    if sizes is None:
+        if n % k and at["num_outputs"] is None:
+            raise _Unsupported(f"axis {axis} of size {n} does not split into {k} equal parts (a smaller last "
+                               "part needs opset 18's num_outputs)")
+        chunk = ceil_div(n, k)
+        sizes = [chunk] * (k - 1) + [n - chunk * (k - 1)]
+    sizes = [int(s) for s in sizes]
+    if len(sizes) != k or min(sizes) < 0 or sum(sizes) != n:
+        raise _Unsupported(f"split {sizes} must be {k} sizes (one per output, none negative) adding up to "
+                           f"{n}, the size of axis {axis} of {x.shape}")
+    outs, start = [], 0
+    for i, (o, size) in enumerate(zip(node.output, sizes)):
+        if not (o and o in im.used):
+            outs.append(None)
+        elif size == 0:
+            raise _Unsupported(f"its output {o!r} is empty (split size 0); convc tensors are never empty")
+        else:
+            outs.append(x if size == n else slice_axis(x, axis, start, start + size, name=im.name(node, str(i))))
+        start += size
+    return outs
 
 
 @converts("Expand")

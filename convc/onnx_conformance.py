@@ -60,14 +60,14 @@ EXPECTED_FAILURES: dict[str, tuple[str, str]] = {case: (why, pattern) for why, p
                                                  for case in cases}
 
 
-def select_cases():
-    """The node test cases whose every node is one of :data:`OPS`, by name."""
+def select_cases(ops=OPS):
+    """The node test cases whose every node is one of ``ops``, by name."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")      # the generators of other ops warn about overflowing casts
         from onnx.backend.test.case.node import collect_testcases
         cases = collect_testcases(None)
     picked = [c for c in cases if c.kind == "node" and c.model.graph.node
-              and all(n.op_type in OPS and n.domain in ("", "ai.onnx") for n in c.model.graph.node)]
+              and all(n.op_type in ops and n.domain in ("", "ai.onnx") for n in c.model.graph.node)]
     return sorted(picked, key=lambda c: c.name)
 
 
@@ -148,8 +148,8 @@ def report(target: str = "c") -> str:
         "model = cc.to_onnx(g)            # back to ONNX: passes onnx.checker, same outputs in onnx.reference",
         "```",
         "",
-        f"`from_onnx` maps {', '.join(OPS)} (and Squeeze, Unsqueeze, Slice, Expand, ReduceSum, ReduceMean) to "
-        "convc ops, with every attribute of the convolutions and pools "
+        f"`from_onnx` maps {', '.join(OPS)} (and Squeeze, Unsqueeze, Slice, Split, Expand, ReduceSum, ReduceMean, "
+        "Resize, Upsample) to convc ops, with every attribute of the convolutions and pools "
         "(auto_pad, asymmetric pads, dilations, groups, ceil_mode, count_include_pad, output_shape). "
         "Initializers become params named after them; nodes whose inputs are known at compile time "
         "(constants, and the `Shape` of any tensor: convc shapes are static) are folded, so the "

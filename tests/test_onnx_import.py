@@ -9,7 +9,10 @@
   past PyTorch's rule, ConvTranspose outputs beyond output_padding, opset < 13
   Softmax, legacy broadcasting, constant folding, ...), each against
   ``onnx.reference``.
-* Errors: every unsupported node listed at once; symbolic input shapes.
+* Split, a node with several outputs: each opset's form against
+  ``onnx.reference`` and the onnx package's Split node tests, on C and OpenCL.
+* Errors: every unsupported node listed at once, and none of the supported
+  nodes behind them; symbolic input shapes.
 """
 from __future__ import annotations
 
@@ -85,15 +88,17 @@ def _rand(*shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def check(model, feeds, rtol=1e-4, atol=1e-5, want=None, **kw):
-    """convc's C target against onnx.reference on ``feeds`` (or against the
-    arrays ``want`` where onnx.reference is wrong); returns the graph."""
+def check(model, feeds, rtol=1e-4, atol=1e-5, want=None, targets=("c",), **kw):
+    """convc's C target (or ``targets``) against onnx.reference on ``feeds``
+    (or against the arrays ``want`` where onnx.reference is wrong); returns
+    the graph."""
     want = ReferenceEvaluator(model).run(None, feeds) if want is None else want
     g = from_onnx(model, **kw)
-    got = cc.compile(g, target="c").run(feeds)
-    assert len(got) == len(want)
-    for (name, y), w in zip(got.items(), want):
-        assert_close(y, w, rtol, atol, what=name)
+    for target in targets:
+        got = cc.compile(g, target=target).run(feeds)
+        assert len(got) == len(want)
+        for (name, y), w in zip(got.items(), want):
+            assert_close(y, w, rtol, atol, what=f"{name} ({target})")
     return g
 
 
@@ -277,6 +282,103 @@ def test_batch_norm_runtime_statistics():
               "v": np.abs(_rand(3, seed=4)) + 0.5})
 
 
+# -- Split: a converter with several outputs -------------------------------------------
+SPLIT_CASES = {c.name: c for c in select_cases(("Split",))}
+
+
+def _split_model(opset, x_shape, n_out, split_input=None, valid=True, **attrs):
+    """x -> Split -> n_out outputs, each through a Relu (so every output is a
+    node's input, as in a real model); ``split_input``: the sizes as an input."""
+    outs = [f"s{i}" for i in range(n_out)]
+    nodes = [helper.make_node("Split", ["x"] + (["split"] if split_input is not None else []), outs, **attrs)]
+    nodes += [helper.make_node("Relu", [o], [f"y{i}"]) for i, o in enumerate(outs)]
+    inits = [("split", np.array(split_input, np.int64))] if split_input is not None else []
+    return _model(nodes, [("x", x_shape)], [f"y{i}" for i in range(n_out)], inits, opset=opset, valid=valid)
+
+
+@pytest.mark.parametrize("opset,x_shape,n_out,split,attrs,sizes", [
+    (2, (2, 5, 3), 2, None, dict(axis=1, split=[2, 3]), [2, 3]),
+    (2, (6, 4), 3, None, dict(), [2, 2, 2]),                                 # equal parts of axis 0
+    (11, (2, 3, 8), 3, None, dict(axis=-1, split=[1, 4, 3]), [1, 4, 3]),
+    (13, (2, 6, 3), 2, [5, 1], dict(axis=1), [5, 1]),
+    (13, (1, 4, 2, 2), 2, None, dict(axis=1), [2, 2]),                       # ShuffleNet's channel halves
+    (18, (2, 7, 3), 3, None, dict(axis=1, num_outputs=3), [3, 3, 1]),        # the last part smaller
+    (18, (2, 3, 8), 3, [4, 3, 1], dict(axis=-1), [4, 3, 1]),
+    (18, (3, 5), 1, None, dict(axis=1, num_outputs=1), [5]),                 # the input itself
+], ids=["opset2_attr", "opset2_equal", "opset11_negative_axis", "opset13_input", "opset13_equal",
+        "opset18_num_outputs_uneven", "opset18_input", "opset18_one_output"])
+def test_split(opset, x_shape, n_out, split, attrs, sizes):
+    m = _split_model(opset, x_shape, n_out, split, valid=opset > 2, **attrs)   # (no shape inference for opset 2)
+    g = check(m, {"x": _rand(*x_shape)}, targets=CONFORMANCE_TARGETS)
+    slices = [g.node(n)["attrs"] for n in g.topological_order() if g.node(n)["op"] == "slice"]
+    assert [s["stop"] - s["start"] for s in slices] == (sizes if n_out > 1 else [])
+
+
+def test_split_feeds_a_shuffle_block_and_unused_outputs_are_left_out():
+    # ShuffleNetV2's unit: split the channels, a branch on one half, concat, channel shuffle
+    x, w = _rand(1, 9, 5, 5), _rand(4, 4, 1, 1, seed=1)
+    nodes = [helper.make_node("Split", ["x", "sizes"], ["a", "b", "unused"], axis=1),
+             helper.make_node("Split", ["a"], ["a0", "a1"], axis=1, num_outputs=2),
+             helper.make_node("Concat", ["a1", "a0"], ["a10"], axis=1),
+             helper.make_node("Conv", ["a10", "w"], ["c"]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Concat", ["b", "r"], ["cat"], axis=1),
+             helper.make_node("Reshape", ["cat", "s1"], ["g"]),
+             helper.make_node("Transpose", ["g"], ["t"], perm=[0, 2, 1, 3, 4]),
+             helper.make_node("Reshape", ["t", "s2"], ["y"])]
+    inits = [("sizes", np.array([4, 4, 1], np.int64)), ("w", w), ("s1", np.array([1, 2, 4, 5, 5], np.int64)),
+             ("s2", np.array([1, 8, 5, 5], np.int64))]
+    m = _model(nodes, [("x", x.shape)], ["y"], inits, opset=18)
+    g = check(m, {"x": x}, targets=CONFORMANCE_TARGETS)
+    assert sum(g.node(n)["op"] == "slice" for n in g.nx) == 4          # none for the unused output
+
+
+def test_split_of_a_constant_is_folded():
+    k = helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(_rand(6, seed=3)))
+    nodes = [k, helper.make_node("Split", ["k"], ["k0", "k1"], num_outputs=2),
+             helper.make_node("Add", ["x", "k1"], ["y"])]
+    g = check(_model(nodes, [("x", (2, 3))], ["y"], opset=18), {"x": _rand(2, 3)})
+    assert "slice" not in {g.node(n)["op"] for n in g.nx}
+
+
+@pytest.mark.parametrize("opset,n,n_out,split,attrs,error", [
+    (13, 7, 2, None, dict(), r"size 7 does not split into 2 equal parts"),
+    (18, 5, 4, None, dict(num_outputs=4), r"split \[2, 2, 2, -1\] must be 4 sizes"),
+    (18, 6, 3, None, dict(num_outputs=2), r"num_outputs 2 differs from the node's 3 outputs"),
+    (13, 6, 3, [2, 0, 4], dict(), r"output 's1' is empty \(split size 0\)"),
+    (13, 6, 2, [2, 3], dict(), r"split \[2, 3\] must be 2 sizes .* adding up to 6"),
+    (13, 6, 2, None, dict(axis=2), r"axis 2 is not an axis of the input \(2, 6\)"),
+], ids=["uneven_before_18", "last_part_negative", "num_outputs_mismatch", "empty_output", "wrong_sum", "bad_axis"])
+def test_split_errors(opset, n, n_out, split, attrs, error):
+    m = _split_model(opset, (2, n), n_out, split, valid=False, **dict(attrs, axis=attrs.get("axis", 1)))
+    with pytest.raises(OnnxImportError, match=error):
+        from_onnx(m)
+
+
+@pytest.mark.parametrize("target", CONFORMANCE_TARGETS)
+@pytest.mark.parametrize("name", sorted(SPLIT_CASES))
+def test_split_node_tests(name, target):
+    if "zero_size" in name:       # an input of shape (0,)
+        with pytest.raises(OnnxImportError, match="has an empty dimension"):
+            run_case(SPLIT_CASES[name], target)
+    else:
+        run_case(SPLIT_CASES[name], target)
+
+
+def test_split_node_tests_found():
+    assert len(SPLIT_CASES) >= 14 and any("uneven" in n for n in SPLIT_CASES)
+
+
+def test_dropped_output_still_reported():
+    # MaxPool's indices: the converter returns the first output only
+    nodes = [helper.make_node("MaxPool", ["x"], ["y", "idx"], kernel_shape=[2, 2], name="pool"),
+             helper.make_node("Cast", ["idx"], ["z"], to=TensorProto.FLOAT)]
+    m = _model(nodes, [("x", (1, 1, 4, 4))], ["y", "z"], valid=False)
+    with pytest.raises(OnnxImportError, match=r"'idx' \(the argmax indices\) is used; convc computes only the first "
+                                              r"output"):
+        from_onnx(m)
+
+
 # -- errors ----------------------------------------------------------------------------
 def test_every_unsupported_node_is_listed():
     nodes = [helper.make_node("Relu", ["x"], ["a"], name="ok"),
@@ -304,6 +406,44 @@ def test_consequences_of_an_unsupported_node_are_not_listed():
     with pytest.raises(OnnxImportError) as e:
         from_onnx(m)
     assert [(op, name) for op, name, _ in e.value.problems] == [("ArgMax", "argmax")]
+
+
+def _with_domains(m):
+    m.opset_import.extend([helper.make_opsetid("ai.onnx.ml", 3), helper.make_opsetid("com.example", 1)])
+    return m
+
+
+def test_supported_nodes_behind_an_unsupported_one_are_not_listed():
+    # A node of an unknown domain (so no shape inference and no placeholder
+    # for its output): the Shape -> Gather -> Unsqueeze -> Concat chain after it
+    # would fold, the Reshape and Relu convert; only the unknown node is a problem.
+    nodes = [helper.make_node("Mystery", ["x"], ["h"], domain="com.example", name="mystery"),
+             helper.make_node("Shape", ["h"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "zero"], ["n"], axis=0, name="gather"),
+             helper.make_node("Unsqueeze", ["n", "axes"], ["n1"], name="unsqueeze"),
+             helper.make_node("Concat", ["n1", "minus1"], ["target"], axis=0, name="concat"),
+             helper.make_node("Reshape", ["h", "target"], ["flat"], name="reshape"),
+             helper.make_node("Relu", ["flat"], ["y"], name="relu")]
+    inits = [("zero", np.array(0, np.int64)), ("axes", np.array([0], np.int64)), ("minus1", np.array([-1], np.int64))]
+    m = _with_domains(_model(nodes, [("x", (2, 3, 4))], ["y"], inits, valid=False))
+    with pytest.raises(OnnxImportError) as e:
+        from_onnx(m)
+    assert [(op, name) for op, name, _ in e.value.problems] == [("Mystery", "mystery")]
+    assert "1 unsupported node:" in str(e.value)
+
+
+def test_nodes_behind_an_unsupported_constant_are_not_listed():
+    # An unsupported node on constants whose output ONNX can infer: the Cast
+    # reading its placeholder would have been folded, so it is no problem; an
+    # op convc has no converter for on a run-time tensor still is one.
+    nodes = [helper.make_node("Binarizer", ["k"], ["b"], domain="ai.onnx.ml", name="binarize"),
+             helper.make_node("Cast", ["b"], ["bi"], to=TensorProto.INT64, name="cast"),
+             helper.make_node("Reshape", ["x", "bi"], ["r"], name="reshape"),
+             helper.make_node("Erf", ["r"], ["y"], name="erf")]
+    m = _with_domains(_model(nodes, [("x", (2, 3))], ["y"], [("k", np.array([3.0, 2.0], np.float32))], valid=False))
+    with pytest.raises(OnnxImportError) as e:
+        from_onnx(m)
+    assert [(op, name) for op, name, _ in e.value.problems] == [("Binarizer", "binarize"), ("Erf", "erf")]
 
 
 def test_symbolic_input_needs_a_shape():
