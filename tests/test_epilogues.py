@@ -35,12 +35,17 @@ TORCH_ACTS = {"relu": F.relu, "silu": F.silu, "clip": lambda t: torch.clamp(t, 0
               "leaky_relu": lambda t: F.leaky_relu(t, -0.3)}
 
 
-def producer_case(spec, act, residual, seed=0):
-    """conv (or conv_transpose) + bias, + residual, then the activation, as
-    separate nodes; float64. Returns the graph, feeds and torch's outputs and
-    gradients (of x, w, b and the residual for L = sum(y * G))."""
+CASES = [(p, a, r) for p in PRODUCERS for a in ACTS for r in (False, True)]
+CASE_IDS = [f"{p[0]}-{a[0]}-{'bias+residual' if r else 'bias'}" for p, a, r in CASES]
+
+
+def add_producer_case(g, i, spec, act, residual, passes, feeds, want):
+    """Case ``i`` in graph ``g``: conv (or conv_transpose) + bias, + residual,
+    then the activation as separate nodes, float64, rewritten by ``passes``
+    into one producer, and the gradients of x, w, b (and the residual) of
+    L = sum(y * G) through it. Records feeds and torch's answers."""
     c_in, c_out, k, stride, n, kind = spec
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(i)
     groups = c_in if kind == "depthwise" else 1
     x = rng.standard_normal((2, c_in, n, n))
     if kind is True:
@@ -52,53 +57,65 @@ def producer_case(spec, act, residual, seed=0):
     b = rng.standard_normal(c_out)
     tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
     ty = tconv(tx, tw, tb)
-    r = rng.standard_normal(tuple(ty.shape))
-    G = rng.standard_normal(tuple(ty.shape))
+    r, G = rng.standard_normal(tuple(ty.shape)), rng.standard_normal(tuple(ty.shape))
     tr = torch.tensor(r, requires_grad=True)
-    if residual:
-        ty = ty + tr
-    ty = TORCH_ACTS[act[0]](ty)
+    ty = TORCH_ACTS[act[0]](ty + tr if residual else ty)
     ty.backward(torch.tensor(G))
 
-    g = cc.Graph("epilogue")
-    gx, gr, gG = g.input("x", x.shape, "float64"), g.input("r", r.shape, "float64"), g.input("G", G.shape, "float64")
-    gw, gb = g.param("w", w), g.param("b", b)
-    if kind is True:
-        y = cc.conv_transpose(gx, gw, gb, stride=stride, padding=1, name="conv")
-    else:
-        y = cc.conv(gx, gw, gb, stride=stride, padding=k // 2, groups=groups, name="conv")
+    sub = cc.Graph("epilogue")             # built alone, rewritten, then copied into g
+    gx, gr = sub.input("x", x.shape, "float64"), sub.input("r", r.shape, "float64")
+    gw, gb = sub.param("w", w), sub.param("b", b)
+    y = (cc.conv_transpose(gx, gw, gb, stride=stride, padding=1, name="conv") if kind is True else
+         cc.conv(gx, gw, gb, stride=stride, padding=k // 2, groups=groups, name="conv"))
     if residual:
         y = cc.add(y, gr, name="skip")
-    y = g.add(act[0], [y], act[1], "act")
-    g.output(y, "y")
-    want = {"y": ty.detach().numpy(), "dx": tx.grad.numpy(), "dw": tw.grad.numpy(), "db": tb.grad.numpy()}
-    if residual:
-        want["dr"] = tr.grad.numpy()
-    return g, {"x": x, "r": r, "G": G}, want
+    sub.output(sub.add(act[0], [y], act[1], "act"), "y")
+    fused = run_passes(sub, passes)
+    names = {n: f"c{i}_{n}" for n in fused.nx.nodes}
+    for n in fused.topological_order():
+        d = fused.node(n)
+        if d["op"] == "input":
+            g.input(names[n], d["type"].shape, "float64")
+        elif d["op"] == "param":
+            g.param(names[n], d["value"])
+        else:
+            g.add(d["op"], [g.value(names[s]) for s in fused.inputs_of(n)], dict(d["attrs"]), names[n])
+    yv = g.value(names[fused.outputs["y"]])
+    g.output(yv, f"c{i}_y")
+    wrt = [g.value(names[v]) for v in ("x", "w", "b")] + ([g.value(names["r"])] if residual else [])
+    Gv = g.input(f"c{i}_G", G.shape, "float64")
+    for key, d in zip(("dx", "dw", "db", "dr"), cc.grad(yv, wrt, grad_output=Gv)):
+        g.output(d, f"c{i}_{key}")
+    feeds.update({f"c{i}_x": x, f"c{i}_r": r, f"c{i}_G": G})
+    want[i] = {"y": ty.detach().numpy(), "dx": tx.grad.numpy(), "dw": tw.grad.numpy(), "db": tb.grad.numpy(),
+               **({"dr": tr.grad.numpy()} if residual else {})}
+    return fused
 
 
-@pytest.mark.parametrize("residual", [False, True], ids=["bias", "bias+residual"])
-@pytest.mark.parametrize("act", ACTS, ids=[a for a, _ in ACTS])
-@pytest.mark.parametrize("name,op,passes,spec", PRODUCERS, ids=[p[0] for p in PRODUCERS])
-def test_epilogue_on_every_producer(name, op, passes, spec, act, residual):
-    g, feeds, want = producer_case(spec, act, residual)
-    fused = run_passes(g, passes)
-    counts = ops(fused)
+@pytest.fixture(scope="module")
+def producer_runs():
+    """Every case in one graph, compiled once per target."""
+    g, feeds, want, fused = cc.Graph("epilogues"), {}, {}, {}
+    for i, ((name, op, passes, spec), act, residual) in enumerate(CASES):
+        fused[i] = add_producer_case(g, i, spec, act, residual, passes, feeds, want)
+    got = {t: cc.compile(g, target=t, passes="none").run(feeds) for t in TARGETS}
+    return fused, got, want
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=CASE_IDS)
+def test_epilogue_on_every_producer(producer_runs, i):
+    (name, op, passes, spec), act, residual = CASES[i]
+    fused, got, want = producer_runs
+    g = fused[i]
+    counts = ops(g)
     assert not (ELEMENTWISE & set(counts)), f"{name}: left behind {dict(counts)}"
-    (p,) = [n for n in fused.nx.nodes if fused.node(n)["op"] == op]
-    a = fused.node(p)["attrs"]
+    (p,) = [n for n in g.nx.nodes if g.node(n)["op"] == op]
+    a = g.node(p)["attrs"]
     assert a["activation"] == act[0] and bool(a.get("residual")) == residual
-    assert "then" in str(fused), "print(g) shows the epilogue"
-    # value and float64 gradients through the fused producer, on every target
-    y = fused.value(fused.outputs["y"])
-    wrt = [fused.value(v) for v in ("x", "w", "b")] + ([fused.value("r")] if residual else [])
-    grads = cc.grad(y, wrt, grad_output=fused.value("G"))
-    for k, d in zip(("dx", "dw", "db", "dr"), grads):
-        fused.output(d, k)
-    for t in TARGETS:
-        got = cc.compile(fused, target=t, passes="none").run(feeds)
-        for k, w in want.items():
-            assert_close(got[k], w, rtol=1e-9, atol=1e-10, what=f"{name} {act[0]} {k} [{t}]")
+    assert ") then " in str(g), "print(g) shows the epilogue"
+    for t in TARGETS:      # value and float64 gradients through the fused producer
+        for k, w in want[i].items():
+            assert_close(got[t][f"c{i}_{k}"], w, rtol=1e-9, atol=1e-10, what=f"{CASE_IDS[i]} {k} [{t}]")
 
 
 def test_dense_and_matmul_epilogues():
