@@ -212,3 +212,20 @@ def test_extreme_inputs_give_what_torch_gives(target):
         # (float32 tanh / exp round differently near saturation: 1 + tanh(-1e4) is a few ulp of 1, times 1e4)
         assert_close(got[f"y{i}"], y.detach().numpy(), rtol=1e-5, atol=1e-3, what=f"{IDS[i]} value")
         assert_close(got[f"d{i}"], t.grad.numpy(), rtol=1e-5, atol=1e-5, what=f"{IDS[i]} derivative")
+
+
+def test_float32_exp_in_the_generated_c_is_accurate_over_its_whole_range():
+    """Float activations use the prelude's vectorisable convc_expf: within a
+    few ulp of exp everywhere, exact at the limits (0, inf, NaN)."""
+    x = np.concatenate([np.linspace(-87, 88.5, 200001), [-1e4, -88.0, 89.0, 1e4, np.inf, -np.inf, np.nan]])
+    x = x.astype(np.float32)
+    g = cc.Graph("exp")
+    v = g.input("x", x.shape)
+    g.output(cc.sigmoid(cc.mul(v, -1.0)), "s")         # 1 / (1 + exp(x))
+    got = cc.compile(g).run({"x": x})["s"].astype(np.float64)
+    with np.errstate(over="ignore"):
+        want = 1 / (1 + np.exp(x.astype(np.float64)))
+    finite = np.isfinite(x) & (want > 1e-37)          # (float32's normal range)
+    rel = np.abs(got[finite] - want[finite]) / want[finite]
+    assert rel.max() < 1e-6, f"worst relative error {rel.max():.3g} at x = {x[finite][np.argmax(rel)]}"
+    np.testing.assert_array_equal(got[-7:], [1.0, 1.0, 0.0, 0.0, 0.0, 1.0, np.nan])

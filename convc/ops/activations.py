@@ -8,9 +8,10 @@ tests (``tests/test_activations.py`` is parametrized over the table).
 
 A record's C expressions are format strings over ``{x}`` (the input; it may
 appear several times, so callers bind it to a variable first), ``{y}``,
-``{t}`` and ``{gy}`` (gradients), ``{f}`` (the float suffix of C math
-functions: ``expf`` for float, ``exp`` for double) and the record's
-parameters (printed as exact C literals).
+``{t}`` and ``{gy}`` (gradients), ``{T}`` (the C type), ``{f}`` (the float
+suffix of C math functions: ``tanhf`` for float, ``tanh`` for double),
+``{exp}`` (float: the prelude's vectorisable ``convc_expf``; double: ``exp``)
+and the record's parameters (printed as exact C literals).
 """
 from __future__ import annotations
 
@@ -85,10 +86,16 @@ class Activation:
 
     def c_expr(self, x: str, params: dict, T: str) -> str:
         """The C expression of the activation of ``x`` (a variable name)."""
-        return self.c.format(x=x, f="f" if T == "float" else "", T=T, **self._literals(params, T))
+        return self.c.format(x=x, **_c_names(T), **self._literals(params, T))
 
     def c_grad_expr(self, t: str, gy: str, params: dict, T: str) -> str:
-        return self.c_grad.format(t=t, gy=gy, f="f" if T == "float" else "", T=T, **self._literals(params, T))
+        return self.c_grad.format(t=t, gy=gy, **_c_names(T), **self._literals(params, T))
+
+
+def _c_names(T: str) -> dict:
+    """What a record's C format strings name: the type, the float suffix of
+    C math functions, and exp (float: the prelude's vectorisable convc_expf)."""
+    return dict(T=T, f="f" if T == "float" else "", exp="convc_expf" if T == "float" else "exp")
 
 
 def _np_sigmoid(x):
@@ -120,7 +127,7 @@ TABLE: dict[str, Activation] = {a.name: a for a in [
         grad_from="y", params={"min": -np.inf, "max": np.inf}, onnx="Clip"),
     Activation(
         "sigmoid", "1 / (1 + exp(-x)).",
-        _np_sigmoid, "(1 / (1 + exp{f}(-{x})))",
+        _np_sigmoid, "(1 / (1 + {exp}(-{x})))",
         lambda y, gy: gy * y * (1 - y), "({gy} * {t} * (1 - {t}))", grad_from="y",
         onnx="Sigmoid"),
     Activation(
@@ -130,9 +137,9 @@ TABLE: dict[str, Activation] = {a.name: a for a in [
         onnx="Tanh"),
     Activation(
         "silu", "x * sigmoid(x) (SiLU, swish).",
-        lambda x: x * _np_sigmoid(x), "({x} / (1 + exp{f}(-{x})))",
+        lambda x: x * _np_sigmoid(x), "({x} / (1 + {exp}(-{x})))",
         lambda x, gy: gy * _np_sigmoid(x) * (1 + x * (1 - _np_sigmoid(x))),
-        "({gy} * (1 / (1 + exp{f}(-{t}))) * (1 + {t} * (1 - 1 / (1 + exp{f}(-{t})))))"),
+        "({gy} * (1 / (1 + {exp}(-{t}))) * (1 + {t} * (1 - 1 / (1 + {exp}(-{t})))))"),
     Activation(
         "hardswish", "x * relu6(x + 3) / 6 (MobileNetV3).",
         lambda x: x * np.minimum(np.maximum(x + 3, 0), 6) / 6,
@@ -154,7 +161,7 @@ TABLE: dict[str, Activation] = {a.name: a for a in [
         f"({{x}} * (1 + erf{{f}}({{x}} * ({{T}}){_INV_SQRT_2!r})) / 2)",
         lambda x, gy: gy * ((1 + _erf(x * x.dtype.type(_INV_SQRT_2))) / 2
                             + x * np.exp(-x * x / 2) * x.dtype.type(_INV_SQRT_2PI)),
-        f"({{gy}} * ((1 + erf{{f}}({{t}} * ({{T}}){_INV_SQRT_2!r})) / 2 + {{t}} * exp{{f}}(-{{t}} * {{t}} / 2) * ({{T}}){_INV_SQRT_2PI!r}))",
+        f"({{gy}} * ((1 + erf{{f}}({{t}} * ({{T}}){_INV_SQRT_2!r})) / 2 + {{t}} * {{exp}}(-{{t}} * {{t}} / 2) * ({{T}}){_INV_SQRT_2PI!r}))",
         onnx="Gelu", onnx_since=20),
     Activation(
         "gelu_tanh", "GELU's tanh form, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (approximate='tanh').",
