@@ -148,7 +148,7 @@ def node_functions(g: Graph, plan: Plan, name: Namer, var: dict[str, str] | None
                    TI=types_of[types[0].dtype] if types else "float",
                    comment=describe(g, n), in_types=types, out=d["type"], ep=Epilogue.of(d["attrs"], T),
                    target=target, G=G, parallel=parallel and work >= PARALLEL_WORK)
-        functions.append(env.get_template(f"c/{op.template or op.name}.c.j2").render(ctx))
+        functions.append(env.get_template(f"c/{op.template_of(d['attrs'], types)}.c.j2").render(ctx))
         args = None if var is None else \
             [var[i] for i in ins] + [var[n]] + ([var[f"{n} workspace"]] if n in plan.workspace else [])
         calls.append(dict(fn=fn, node=n, args=args, launch=[e for _, _, e in par],

@@ -129,12 +129,28 @@ class Conv(Op):
             y = y + (b.reshape(c_out, *([1] * len(out_sizes))) if b.ndim == 1 else b)
         return y.astype(x.dtype)
 
+    @staticmethod
+    def depthwise_2d(attrs, types) -> bool:
+        """One input channel per group, 2D: the row kernel of depthwise.c.j2."""
+        x, w = types[:2]
+        return len(x.shape) == 4 and attrs["groups"] == x.shape[1] and w.shape[1] == 1
+
+    def template_of(self, attrs, types):
+        return "depthwise" if self.name == "conv" and self.depthwise_2d(attrs, types) else super().template_of(
+            attrs, types)
+
     def context(self, attrs, types, out):
         types = epilogue.split(attrs, types)[0]
         x, w = types[:2]
         g = attrs["groups"]
         bias = "none" if len(types) == 2 else ("tied" if len(types[2].shape) == 1 else "untied")
-        return dict(weights="shared", par=[("n", "N", x.shape[0]), ("co", "C_OUT", w.shape[0])],
+        if self.name == "conv" and self.depthwise_2d(attrs, types):      # the columns whose taps are all inside
+            first, end = shapes.interior(x.shape[3], out.shape[3], w.shape[3], attrs["stride"][1],
+                                         attrs["dilation"][1], attrs["padding"][1][0])
+            extra = dict(X_FIRST=first, X_END=end)
+        else:
+            extra = {}
+        return dict(weights="shared", par=[("n", "N", x.shape[0]), ("co", "C_OUT", w.shape[0])], **extra,
                     N=x.shape[0], C_IN=x.shape[1], C_OUT=w.shape[0], GROUPS=g,
                     C_IN_G=x.shape[1] // g, C_OUT_G=w.shape[0] // g, flip=attrs["flip"], bias=bias,
                     axes=axes_context(x.shape[2:], out.shape[2:], w.shape[2:], attrs["stride"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import shapes
+from ..shapes import interior
 from ..errors import RuleError
 from ..ir import TensorType, Value
 from .registry import Op, float_dtype, register
@@ -37,22 +38,6 @@ def _spatial_rank(t: TensorType) -> int:
     if not 3 <= len(t.shape) <= 5:
         raise RuleError(f"input must be (N, C, *spatial) with 1 to 3 spatial axes, got rank {len(t.shape)}")
     return len(t.shape) - 2
-
-
-def interior(n: int, out: int, k: int, s: int, d: int, lo: int) -> tuple[int, int]:
-    """The output positions [first, end) of one axis whose window
-    o*s - lo + [0, d*(k-1)] lies inside the input [0, n): no padding, no
-    ceil_mode overhang. An empty interior is (out, out), so that the border
-    [0, first) + [end, out) is the whole axis.
-
-    >>> interior(112, 56, 3, 2, 1, 1)      # resnet's 3x3/2 pool: only output 0 touches padding
-    (1, 56)
-    >>> interior(3, 2, 3, 2, 1, 1)         # every window reaches into padding
-    (2, 2)
-    """
-    first = -(-lo // s)                                 # o*s >= lo
-    end = min(out, (n - 1 - d * (k - 1) + lo) // s + 1)  # o*s - lo + d*(k-1) <= n-1
-    return (first, end) if first < end else (out, out)
 
 
 class _Pool(Op):

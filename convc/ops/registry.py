@@ -54,6 +54,11 @@ class Op(abc.ABC):
         from ..errors import GraphError
         raise GraphError(f"op {self.name!r} has no gradient rule (node %{y.name})")
 
+    def template_of(self, attrs: dict, types: list[TensorType]) -> str:
+        """The template (templates/c/<name>.c.j2) that prints this node: by
+        default the op's; an op may pick a specialised one per node."""
+        return self.template or self.name
+
     def context(self, attrs: dict, types: list[TensorType], out: TensorType) -> dict:
         """Extra template variables (shapes as constants) for the C template."""
         return {}
