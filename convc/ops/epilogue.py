@@ -77,11 +77,6 @@ def reference(attrs: dict, y: np.ndarray, residual: np.ndarray | None) -> np.nda
     return y if f is None else f[0].apply(y.astype(residual.dtype if residual is not None else y.dtype), f[1])
 
 
-def without(attrs: dict) -> dict:
-    """The attrs of the same producer with no epilogue."""
-    return {k: v for k, v in activations.unfused(attrs).items() if k != "residual"}
-
-
 def grad(op: str, attrs: dict, xs: list, y, gy):
     """Reverse mode through the epilogue: returns (dL/d(pre-activation sum),
     the residual's gradient or None). An activation whose derivative needs
