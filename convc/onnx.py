@@ -1281,10 +1281,10 @@ def _x_simple(ex, n, ins, attrs, out):
         rank = len(ex.graph.node(ins[0])["type"].shape)
         perm = list(range(rank - 2)) + [rank - 1, rank - 2]
         args[0] = ex.node("Transpose", [args[0]], [ex.fresh(f"{n}.a_T")], perm=perm)
-    done = not (attrs.get("bias") or epilogue.describe(attrs))
+    done = not (attrs.get("bias") or epilogue.active(attrs))
     y = ex.node(_SIMPLE[ex.graph.node(n)["op"]], args[:2], [ex.tensor[n] if done else ex.fresh(f"{n}.product")])
     if attrs.get("bias"):                   # matmul's row bias
-        y = ex.node("Add", [y, args[2]], [ex.tensor[n] if not epilogue.describe(attrs) else ex.fresh(f"{n}.bias")])
+        y = ex.node("Add", [y, args[2]], [ex.tensor[n] if not epilogue.active(attrs) else ex.fresh(f"{n}.bias")])
     if not done:
         _finish(ex, n, y, attrs)
 
@@ -1335,7 +1335,7 @@ def _x_reduce_sum(ex, n, ins, attrs, out):
 def _x_dense(ex, n, ins, attrs, out):
     t = ex.tensor
     ins = epilogue.split(attrs, ins)[0]
-    last = t[n] if not epilogue.describe(attrs) else ex.fresh(f"{n}.dense")
+    last = t[n] if not epilogue.active(attrs) else ex.fresh(f"{n}.dense")
     x_rank = len(ex.graph.node(ins[0])["type"].shape)
     if x_rank == 2:
         y = ex.node("Gemm", [t[i] for i in ins], [last], transB=1)

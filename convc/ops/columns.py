@@ -89,9 +89,7 @@ class Col2im(Op):
     template = "im2col"
     arity = (1, 3)
 
-    def arg_names(self, n, attrs=None):
-        attrs = attrs or {}
-        return ["x"] + (["bias"] if attrs.get("bias") else []) + (["res"] if attrs.get("residual") else [])
+    inputs = ("x", "bias")
 
     def normalize(self, attrs, types):
         ep = epilogue.normalize({k: v for k, v in attrs.items() if k not in ("output_size", "stride", "padding",

@@ -67,10 +67,6 @@ class Conv(Op):
     arity = (2, 4)
     inputs = ("x", "w", "b")
 
-    def arg_names(self, n, attrs=None):
-        own = n - 1 if attrs and attrs.get("residual") else n
-        return super().arg_names(own) + (["res"] if own < n else [])
-
     def normalize(self, attrs, types):
         attrs, _ = conv_geometry(attrs, types[0], types[1])
         if not isinstance(attrs["flip"], (bool, np.bool_)):

@@ -32,7 +32,6 @@ PRODUCERS = ("conv", "winograd_conv", "matmul", "dense", "col2im")
 """Ops whose template applies an epilogue (their own bias: conv and
 winograd_conv per channel or untied, matmul per row, dense per column,
 col2im per channel)."""
-"""Ops whose template applies an epilogue."""
 
 
 def normalize(attrs: dict) -> dict:
@@ -74,7 +73,7 @@ def reference(attrs: dict, y: np.ndarray, residual: np.ndarray | None) -> np.nda
     if residual is not None:
         y = y + residual
     f = activations.fused(attrs)
-    return y if f is None else f[0].apply(y.astype(residual.dtype if residual is not None else y.dtype), f[1])
+    return y if f is None else f[0].apply(y, f[1])
 
 
 def grad(op: str, attrs: dict, xs: list, y, gy):
@@ -94,15 +93,9 @@ def grad(op: str, attrs: dict, xs: list, y, gy):
     return gy, (gy if attrs.get("residual") else None)
 
 
-def describe(attrs: dict) -> str:
-    """``+residual relu`` and the like, for the IR printer; '' if none."""
-    parts = ["+residual"] if attrs.get("residual") else []
-    f = activations.fused(attrs)
-    if f is not None:
-        act, params = f
-        args = ", ".join(f"{k}={v:g}" for k, v in params.items())
-        parts.append(f"{act.name}({args})" if args else act.name)
-    return " ".join(parts)
+def active(attrs: dict) -> bool:
+    """Whether a producer's attrs hold an epilogue (a residual or an activation)."""
+    return bool(attrs.get("residual") or attrs.get("activation"))
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ def matmul(a: Value, b: Value, name=None, transpose_a: bool = False, bias=None) 
     ``bias``: one number per row, shape (..., M, 1) (batch dims broadcast),
     added in the GEMM's epilogue."""
     ins = [a, as_value(a, b, "matmul operand")] + ([as_value(a, bias, "matmul bias")] if bias is not None else [])
-    attrs = dict({"transpose_a": True} if transpose_a else {}, **({"bias": True} if bias is not None else {}))
+    attrs = {k: True for k, on in (("transpose_a", transpose_a), ("bias", bias is not None)) if on}
     return a.graph.add("matmul", ins, attrs, name)
 
 
@@ -35,17 +35,8 @@ def softmax(x: Value, axis: int = -1, name=None) -> Value:
     return x.graph.add("softmax", [x], {"axis": axis}, name)
 
 
-class _Producer(Op):
-    """An op whose template applies an epilogue (ops/epilogue.py); the
-    residual, if any, is its last input, named ``res``."""
-
-    def arg_names(self, n, attrs=None):
-        own = n - 1 if attrs and attrs.get("residual") else n
-        return super().arg_names(own) + (["res"] if own < n else [])
-
-
 @register
-class Dense(_Producer):
+class Dense(Op):
     name = "dense"
     arity = (2, 4)
     inputs = ("x", "w", "b")
@@ -104,7 +95,7 @@ columns and the K slice whose B panel stays in cache."""
 
 
 @register
-class Matmul(_Producer):
+class Matmul(Op):
     """Inputs a, b, the row bias when ``bias=True`` and the residual when
     ``residual=True``."""
     name = "matmul"
@@ -193,10 +184,6 @@ class Matmul(_Producer):
 
     def macs(self, attrs, types, out):
         return out.size * self._mk(attrs, types[0])[1]
-
-    def arg_names(self, n, attrs=None):
-        names = ["a", "b"] + (["bias"] if attrs and attrs.get("bias") else [])
-        return names + (["res"] if attrs and attrs.get("residual") else [])
 
 
 @register

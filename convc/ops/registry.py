@@ -25,6 +25,8 @@ class Op(abc.ABC):
     inputs: tuple[str, ...] = ("x",)    # C argument names of the inputs
 
     def arg_names(self, n: int, attrs: dict | None = None) -> list[str]:
+        if attrs and attrs.get("residual"):          # a producer's epilogue input comes last (ops/epilogue.py)
+            return self.arg_names(n - 1) + ["res"]
         if n <= len(self.inputs):
             return list(self.inputs[:n])
         return [f"x{i}" for i in range(n)]
