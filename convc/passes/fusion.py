@@ -12,7 +12,7 @@ from ..ops.norm import BatchNorm
 from ..ops.tensor import reshape
 from ..shapes import prod
 from .manager import register
-from .rewrite import attrs, fresh, ins, is_const, only_user, rewrite
+from .rewrite import attrs, fresh, ins, is_const, only_user, operands, rewrite
 
 
 def _conv_args(a):
@@ -52,17 +52,17 @@ def fold_batch_norm(g: Graph) -> Graph:
 # -- fuse_epilogues ---------------------------------------------------------------
 def _producer(g: Graph, v: Value, consumer: str):
     """The epilogue producer behind ``v`` as ``consumer`` sees it, through
-    reshapes (aliases, no code), each step used only by the next: (producer
-    name, True if reshaped) or None."""
+    reshapes (aliases, no code), each step used only by the next: its name,
+    or None."""
     if only_user(g, v.name) != consumer:
         return None
-    n, reshaped = v.name, False
+    n = v.name
     while g.node(n)["op"] == "reshape":
         (src,) = g.inputs_of(n)
         if only_user(g, src) != n:
             return None
-        n, reshaped = src, True
-    return (n, reshaped) if g.node(n)["op"] in PRODUCERS else None
+        n = src
+    return n if g.node(n)["op"] in PRODUCERS else None
 
 
 def _rebuild(g: Graph, p: str, inputs: list[Value], new_attrs: dict, like: Value, what: str) -> Value:
@@ -101,15 +101,16 @@ def _bias_input(g: Graph, p: str, b: Value, out: Value):
     return None
 
 
+BIAS_SLOT = {"conv": 2, "winograd_conv": 3, "dense": 2, "matmul": 2, "col2im": 1}
+"""Where each producer takes its own bias among its inputs."""
+
 BIAS_ATTR = ("matmul", "col2im")
 """Producers whose bias input is announced by ``bias=True`` (the others
-count their inputs)."""
+know it from their input count)."""
 
 
 def _has_bias(g: Graph, p: str) -> bool:
-    a, op = attrs(g, p), g.node(p)["op"]
-    own = len(g.inputs_of(p)) - bool(a.get("residual"))
-    return bool(a.get("bias")) if op in BIAS_ATTR else own > {"winograd_conv": 3}.get(op, 2)
+    return len(operands(g, p)) > BIAS_SLOT[g.node(p)["op"]]
 
 
 def _fuse_add(g: Graph, n: str):
@@ -117,10 +118,9 @@ def _fuse_add(g: Graph, n: str):
     a, b = ins(g, n)
     out_type = g.node(n)["type"]
     for v, other in ((a, b), (b, a)):
-        found = _producer(g, v, n)
-        if found is None or v.name == other.name:
+        p = _producer(g, v, n)
+        if p is None or v.name == other.name:
             continue
-        p, _ = found
         pa = attrs(g, p)
         if pa.get("activation") or pa.get("residual"):
             continue
@@ -140,10 +140,9 @@ def _fuse_add(g: Graph, n: str):
 def _fuse_activation(g: Graph, n: str):
     """An activation after a producer runs in the producer's epilogue."""
     (v,) = ins(g, n)
-    found = _producer(g, v, n)
-    if found is None:
+    p = _producer(g, v, n)
+    if p is None:
         return None
-    p, _ = found
     pa = attrs(g, p)
     if pa.get("activation"):
         return None
