@@ -28,6 +28,7 @@ from .ops.loss import cross_entropy, mse_loss
 from .api import compile  # noqa: A001
 from .runtime.threads import get_num_threads, set_num_threads
 from .cost import cost
+from .tuner import tune
 from .autodiff import grad
 from .train import SGD, Adam, Trainer
 from . import passes

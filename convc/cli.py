@@ -148,6 +148,18 @@ def cmd_passes(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    import convc as cc
+    from convc.export import load_model
+
+    g = load_model(args.model)
+    if args.threads is not None:
+        cc.set_num_threads(args.threads)
+    rep = cc.tune(g, budget=args.budget, passes=args.pipeline, progress=not args.quiet)
+    print(rep.table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convc", description="convc: a small graph compiler for conv nets")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -165,6 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_.add_argument("--dot", metavar="DIR", help="write one Graphviz file per step (and SVG/PNG if `dot` exists)")
     p_.add_argument("--debug", action="store_true", help="check every pass against the reference interpreter")
     p_.set_defaults(fn=cmd_passes)
+    t = sub.add_parser("tune", help="measure how to compute each conv of a model on this machine and save the "
+                                    "winners to the tuning database that compile uses")
+    t.add_argument("model", help="an ONNX file, a bundled model name such as lenet5, or a Python file defining "
+                                 "build() -> Graph")
+    t.add_argument("--budget", type=float, default=120.0, metavar="SECONDS",
+                   help="time for the whole search, compiles included (default 120)")
+    t.add_argument("--pipeline", default=None, help="the pipeline the model will be compiled with "
+                                                    "(default: default, or train for a training graph)")
+    t.add_argument("--threads", type=int, default=None, help="tune at this many threads (default: all cores)")
+    t.add_argument("--quiet", action="store_true", help="no progress lines")
+    t.set_defaults(fn=cmd_tune)
     from convc.export import add_cli as add_export_cli
 
     add_export_cli(sub)

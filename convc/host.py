@@ -5,10 +5,15 @@ constants measured on one CPU, and the benchmark names the machine with them.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import platform
+import subprocess
 import threading
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -175,3 +180,127 @@ class FmaPeak:
         rate = self._run(k, 100_000, 1)
         iters = max(1000, int(seconds * rate * 1e9 / self.lib.convc_fma_flops_per_iter(k)))
         return max(self._run(k, iters, threads) for _ in range(3))
+
+
+# -- the probe: what the compiler derives its defaults from -------------------------------------
+
+VECTOR_MACROS = (("__AVX512F__", 64, 32), ("__AVX__", 32, 16), ("__ARM_NEON", 16, 32), ("__SSE2__", 16, 16))
+"""(predefined macro, vector bytes, vector registers): the widest SIMD the C
+compiler targets with the build flags, in order of preference."""
+
+FALLBACK_CACHES = (32 << 10, 1 << 20, 8 << 20)
+"""L1d, L2, L3 bytes assumed only when the OS reports no cache sizes (said so
+in ``Host.notes``)."""
+
+
+@dataclass(frozen=True)
+class Host:
+    """The facts about this machine the compiler's defaults come from.
+
+    ``vector_bytes`` and ``vector_registers`` are those of the widest SIMD the
+    C compiler targets with convc's flags (``-march=native``: the compiler's
+    own view of this CPU); ``l1d``/``l2`` are per core, ``l3`` shared, in
+    bytes; ``compiler`` is the compiler's version banner. ``key`` names the
+    host for the tuning database: a tuning measured on another CPU model,
+    another ISA or another compiler is never used here."""
+    cpu: str
+    isa: str
+    flags: tuple
+    vector_bytes: int
+    vector_registers: int
+    l1d: int
+    l2: int
+    l3: int
+    cores: int
+    compiler: str
+    notes: tuple = ()
+
+    @property
+    def key(self) -> str:
+        text = "\0".join([self.cpu, " ".join(self.flags), str(self.vector_bytes), self.compiler])
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    def lanes(self, dtype: str = "float32") -> int:
+        """Elements of ``dtype`` in one vector register."""
+        return max(1, self.vector_bytes // np.dtype(dtype).itemsize)
+
+    def describe(self) -> str:
+        return (f"{self.cpu}, {self.cores} cores, {self.vector_bytes * 8}-bit vectors x {self.vector_registers}, "
+                f"L1d {self.l1d >> 10} KiB, L2 {self.l2 >> 10} KiB, L3 {self.l3 >> 20} MiB")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _cpu_flags() -> tuple:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return tuple(sorted(set(value.split())))
+    except OSError:
+        pass
+    return (platform.machine(),)
+
+
+def _caches() -> tuple[tuple[int, int, int], tuple[str, ...]]:
+    """(L1d, L2, L3) bytes of cpu0 from sysfs; a level it does not report is
+    taken from ``FALLBACK_CACHES`` and noted."""
+    sizes: dict[int, int] = {}
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for idx in sorted(base.glob("index*")) if base.is_dir() else ():
+        try:
+            level = int((idx / "level").read_text())
+            kind = (idx / "type").read_text().strip()
+            text = (idx / "size").read_text().strip().upper()
+        except (OSError, ValueError):
+            continue
+        if kind == "Instruction":
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes[level] = int(text.rstrip("KMG")) * mult
+        except ValueError:
+            continue
+    notes = tuple(f"L{lv} size not reported by the OS: {FALLBACK_CACHES[lv - 1] >> 10} KiB assumed"
+                  for lv in (1, 2, 3) if lv not in sizes)
+    return tuple(sizes.get(lv, FALLBACK_CACHES[lv - 1]) for lv in (1, 2, 3)), notes
+
+
+def _vector_unit(cc: str, flags: list[str]) -> tuple[int, int, tuple[str, ...]]:
+    """Vector bytes and register count from the macros the compiler predefines
+    with the build's target flags (the generated code sees the same ones)."""
+    try:
+        out = subprocess.run([cc, *flags, "-dM", "-E", "-x", "c", os.devnull], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return 16, 16, (f"the compiler's target macros could not be read ({e}): 128-bit vectors assumed",)
+    defined = {line.split()[1] for line in out.splitlines() if line.startswith("#define ")}
+    for macro, nbytes, regs in VECTOR_MACROS:
+        if macro in defined:
+            return nbytes, regs, ()
+    return 16, 16, ("no SIMD macro predefined: 128-bit vectors assumed (the compiler may still vectorise)",)
+
+
+@functools.lru_cache(maxsize=None)
+def probe() -> Host:
+    """This machine's :class:`Host` (computed once per process: one run of
+    the compiler's preprocessor, plus /proc and /sys reads; nothing timed)."""
+    from .runtime.build import compiler, compiler_version, flags
+
+    cc = compiler()
+    target = [f for f in flags(True) if f.startswith(("-m", "-f")) and f not in ("-fPIC", "-fopenmp")]
+    vbytes, vregs, vnotes = _vector_unit(cc, target)
+    (l1, l2, l3), cnotes = _caches()
+    banner = compiler_version(cc).splitlines()
+    return Host(cpu=cpu_model(), isa=isa_flags(), flags=_cpu_flags(), vector_bytes=vbytes, vector_registers=vregs,
+                l1d=l1, l2=l2, l3=l3, cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                else (os.cpu_count() or 1), compiler=banner[0] if banner else cc, notes=vnotes + cnotes)
+
+
+@functools.lru_cache(maxsize=None)
+def fma_peak(threads: int = 1, seconds: float = 0.2) -> float:
+    """Measured FMA peak of this machine in GFLOP/s on ``threads`` threads
+    (float32; once per process and thread count)."""
+    return FmaPeak().measure(threads, seconds)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import shapes
+from .. import shapes, tuning
 from ..errors import RuleError
 from ..ir import TensorType, Value
 from .elementwise import broadcast_strides
@@ -20,13 +20,18 @@ def dense(x: Value, w, bias=None, name=None) -> Value:
     return x.graph.add("dense", ins, {}, name)
 
 
-def matmul(a: Value, b: Value, name=None, transpose_a: bool = False, bias=None) -> Value:
+def matmul(a: Value, b: Value, name=None, transpose_a: bool = False, bias=None, blocks=None) -> Value:
     """Matrix product of (..., M, K) and (..., K, N); batch dims broadcast.
     ``transpose_a``: a is stored as (..., K, M) and used transposed (no copy).
     ``bias``: one number per row, shape (..., M, 1) (batch dims broadcast),
-    added in the GEMM's epilogue."""
+    added in the GEMM's epilogue. ``blocks``: the register-tile rows and
+    cache blocks (MR, MC, NC, KC) of the generated GEMM (a schedule choice,
+    e.g. from the tuner; default: derived from this host's vector unit and
+    caches, ``convc.tuning.default_gemm_blocks``)."""
     ins = [a, as_value(a, b, "matmul operand")] + ([as_value(a, bias, "matmul bias")] if bias is not None else [])
     attrs = {k: True for k, on in (("transpose_a", transpose_a), ("bias", bias is not None)) if on}
+    if blocks is not None:
+        attrs["blocks"] = blocks
     return a.graph.add("matmul", ins, attrs, name)
 
 
@@ -89,11 +94,6 @@ class Dense(Op):
         return out.size * types[1].shape[1]
 
 
-GEMM_MC, GEMM_NC, GEMM_KC = 48, 256, 256
-"""The GEMM's cache blocks: rows (a multiple of every register tile's MR),
-columns and the K slice whose B panel stays in cache."""
-
-
 @register
 class Matmul(Op):
     """Inputs a, b, the row bias when ``bias=True`` and the residual when
@@ -110,6 +110,14 @@ class Matmul(Op):
                 raise RuleError(f"{k} must be a bool, got {v!r}")
             if v:
                 out[k] = True
+        blocks = out.pop("blocks", None)
+        if blocks is not None:
+            if not (isinstance(blocks, (tuple, list)) and len(blocks) == 4 and
+                    all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 1 <= v <= 1 << 16
+                        for v in blocks) and blocks[0] <= tuning.MAX_TILE_ROWS):
+                raise RuleError(f"blocks must be four positive ints (MR, MC, NC, KC): tile rows up to "
+                                f"{tuning.MAX_TILE_ROWS}, cache blocks up to 65536; got {blocks!r}")
+            out["blocks"] = tuple(int(v) for v in blocks)
         return out
 
     @staticmethod
@@ -171,14 +179,13 @@ class Matmul(Op):
         batch = out.shape[:-2]
         m, k = self._mk(attrs, a)
         n = b.shape[-1]
-        # cache blocks: rows in blocks of MC so that a tall, narrow product still splits over threads
-        mc = GEMM_MC if m > 2 * GEMM_MC else m
-        nc, kc = min(n, GEMM_NC), min(k, GEMM_KC)
+        blk = tuning.gemm_blocks(m, k, n, out.dtype, attrs, batch=batch[0] if batch else 1)
+        mr, mc, nc, kc = blk["MR"], blk["MC"], blk["NC"], blk["KC"]
         mblocks, nblocks = -(-m // mc), -(-n // nc)
         return dict(M=m, K=k, N=n, batch=list(batch), transpose_a=bool(attrs.get("transpose_a")),
                     sa=broadcast_strides(a.shape[:-2], batch), sb=broadcast_strides(b.shape[:-2], batch),
                     bias=bool(e), se=broadcast_strides(e[0].shape[:-2], batch) if e else [],
-                    MC=mc, NC=nc, KC=kc, M_BLOCKS=mblocks, N_BLOCKS=nblocks,
+                    MR=mr, MC=mc, NC=nc, KC=kc, M_BLOCKS=mblocks, N_BLOCKS=nblocks,
                     par=[("i0", str(d), d) for d in batch[:1]] + [("mb", "M_BLOCKS", mblocks),
                                                                    ("nb", "N_BLOCKS", nblocks)])
 

@@ -4,6 +4,7 @@ the blocked, register-tiled ``matmul`` template; this pass only decides
 where it pays and rewrites the node into im2col/col2im plus matmul."""
 from __future__ import annotations
 
+from .. import tuning
 from ..ir import Graph
 from ..ops import get_op
 from ..ops.columns import col2im, im2col
@@ -42,22 +43,22 @@ def _pointwise(a) -> bool:
     return all(s == 1 for s in a["stride"]) and all(p == (0, 0) for p in a["padding"])
 
 
-def _forward(g: Graph, n: str):
+def _forward(g: Graph, n: str, blocks=None, tuned=False):
     a = attrs(g, n)
     x, w, *b = operands(g, n)
     c_out, c_in_g, *k = w.shape
-    if not _worth_it(g, n, c_in_g, c_out // a["groups"]):
+    if not tuned and not _worth_it(g, n, c_in_g, c_out // a["groups"]):
         return None
     if all(kk == 1 for kk in k) and _pointwise(a):        # 1x1: x is already the column matrix
         groups, out = a["groups"], g.node(n)["type"].shape
         xm = reshape(x, (x.shape[0], groups, c_in_g, _prod(out[2:])), name=fresh(g, f"{n}.x_matrix"))
         wm = reshape(w, (groups, c_out // groups, c_in_g), name=fresh(g, f"{n}.w_matrix"))
-        y = reshape(matmul(wm, xm, name=fresh(g, f"{n}.gemm")), out, name=fresh(g, f"{n}.unflatten"))
+        y = reshape(matmul(wm, xm, name=fresh(g, f"{n}.gemm"), blocks=blocks), out, name=fresh(g, f"{n}.unflatten"))
         return reactivate(g, n, _bias(g, n, y, b))
-    return _conv_im2col(g, n)
+    return _conv_im2col(g, n, blocks)
 
 
-def _grad_kernel(g: Graph, n: str):
+def _grad_kernel(g: Graph, n: str, blocks=None, tuned=False):
     """dW^T (C_in/g·K × C_out/g) = cols (C_in/g·K × P) · G^T (P × C_out/g) per
     image and group, summed over images; transposing G (not the K-times
     larger cols) keeps the extra copy small. With fewer than ``NARROW``
@@ -67,7 +68,7 @@ def _grad_kernel(g: Graph, n: str):
     gy, v = ins(g, n)
     c_out, c_in_g, *k = g.node(n)["type"].shape
     groups = a["groups"]
-    if not _worth_it(g, n, c_in_g, c_out // groups):
+    if not tuned and not _worth_it(g, n, c_in_g, c_out // groups):
         return None
     nb, pp, ck = gy.shape[0], _prod(gy.shape[2:]), c_in_g * _prod(k)
     cols = im2col(v, k, a["stride"], a["padding"], a["dilation"], a["flip"], name=fresh(g, f"{n}.im2col"))
@@ -82,7 +83,7 @@ def _grad_kernel(g: Graph, n: str):
     cm = reshape(cols, (nb, groups, ck, pp), name=fresh(g, f"{n}.cols"))
     gt = transpose(reshape(gy, (nb, groups, c_out // groups, pp), name=fresh(g, f"{n}.g_matrix")), (0, 1, 3, 2),
                    name=fresh(g, f"{n}.g_matrix_T"))
-    prod = matmul(cm, gt, name=fresh(g, f"{n}.gemm"))                       # (N, G, CK, C_out/g)
+    prod = matmul(cm, gt, name=fresh(g, f"{n}.gemm"), blocks=blocks)        # (N, G, CK, C_out/g)
     total = reduce_sum(prod, (0,), name=fresh(g, f"{n}.sum_images")) if nb > 1 else \
         reshape(prod, (groups, ck, c_out // groups), name=fresh(g, f"{n}.one_image"))
     total = reshape(total, (groups, ck, c_out // groups), name=fresh(g, f"{n}.by_group"))
@@ -90,7 +91,7 @@ def _grad_kernel(g: Graph, n: str):
     return reshape(wt, g.node(n)["type"].shape, name=fresh(g, f"{n}.dw"))
 
 
-def _grad_input(g: Graph, n: str):
+def _grad_input(g: Graph, n: str, blocks=None, tuned=False):
     """dX = col2im(W^T · G): the transposed conv as one GEMM per image and
     group plus the scatter of every tap into place."""
     a = attrs(g, n)
@@ -99,12 +100,12 @@ def _grad_input(g: Graph, n: str):
     w, gy = ins(g, n)
     c_out, c_in_g, *k = w.shape
     groups = a["groups"]
-    if not _worth_it(g, n, c_in_g, c_out // groups):
+    if not tuned and not _worth_it(g, n, c_in_g, c_out // groups):
         return None
     nb, sizes = gy.shape[0], gy.shape[2:]
     wm = reshape(w, (groups, c_out // groups, c_in_g * _prod(k)), name=fresh(g, f"{n}.w_matrix"))
     gm = reshape(gy, (nb, groups, c_out // groups, _prod(sizes)), name=fresh(g, f"{n}.g_matrix"))
-    cols = matmul(wm, gm, name=fresh(g, f"{n}.gemm"), transpose_a=True)    # (N, G, C_in/g*K, P)
+    cols = matmul(wm, gm, name=fresh(g, f"{n}.gemm"), transpose_a=True, blocks=blocks)   # (N, G, C_in/g*K, P)
     cols = reshape(cols, (nb, groups * c_in_g, *k, *sizes), name=fresh(g, f"{n}.cols"))
     return col2im(cols, a["input_size"], a["stride"], a["padding"], a["dilation"], name=fresh(g, f"{n}.col2im"))
 
@@ -112,9 +113,25 @@ def _grad_input(g: Graph, n: str):
 _RULES = {"conv": _forward, "conv_grad_kernel": _grad_kernel, "conv_grad_input": _grad_input}
 
 
+def gemm_choice(g: Graph, n: str):
+    """(use the GEMM?, its cache blocks or None) from the tuning database:
+    None when it has no entry for ``n`` (the default rule decides)."""
+    e = tuning.choice(g, n)
+    if e is None:
+        return None
+    blocks = tuple(e["gemm"][k] for k in tuning.GEMM_KNOBS) if e.get("gemm") else None
+    return e["algorithm"] == "gemm", blocks
+
+
 def _rule(g: Graph, n: str):
     rule = _RULES.get(g.node(n)["op"])
-    return rule(g, n) if rule else None
+    if rule is None:
+        return None
+    tuned = gemm_choice(g, n)
+    if tuned is None:
+        return rule(g, n)
+    use, blocks = tuned
+    return rule(g, n, blocks, tuned=True) if use else None
 
 
 @register
@@ -122,5 +139,7 @@ def conv_to_gemm(g: Graph) -> Graph:
     """Every conv, conv_grad_kernel (g) and conv_grad_input (h) with at least
     ``MIN_MACS`` multiply-accumulates that is not depthwise-like (grouped with
     one channel per group) becomes a blocked GEMM: forward im2col · W (a 1×1 conv needs no im2col),
-    g as cols · Gᵀ summed over images, h as col2im(Wᵀ · G)."""
+    g as cols · Gᵀ summed over images, h as col2im(Wᵀ · G). Where the tuning
+    database (``convc tune``) has an entry for a node, the entry decides
+    instead, and gives the GEMM's cache blocks."""
     return rewrite(g, _rule)

@@ -17,7 +17,7 @@ def _prod(v):
     return p
 
 
-def _conv(g: Graph, n: str):
+def _conv(g: Graph, n: str, blocks=None):
     if g.node(n)["op"] != "conv":
         return None
     a = attrs(g, n)
@@ -29,7 +29,7 @@ def _conv(g: Graph, n: str):
     cols = im2col(x, k, a["stride"], a["padding"], a["dilation"], a["flip"], name=fresh(g, f"{n}.im2col"))
     cm = reshape(cols, (nb, groups, c_in_g * kk, pp), name=fresh(g, f"{n}.cols"))
     wm = reshape(w, (groups, c_out // groups, c_in_g * kk), name=fresh(g, f"{n}.w_matrix"))
-    y = matmul(wm, cm, name=fresh(g, f"{n}.gemm"))                        # (N, G, C_out/g, positions)
+    y = matmul(wm, cm, name=fresh(g, f"{n}.gemm"), blocks=blocks)          # (N, G, C_out/g, positions)
     y = reshape(y, out, name=fresh(g, f"{n}.unflatten"))
     return reactivate(g, n, _bias(g, n, y, b))
 

@@ -119,6 +119,7 @@ class PassReport:
     rewritten: list[str] = field(default_factory=list)
     before: dict = field(default_factory=dict)
     after: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)     # e.g. the tuning entries the pass used
 
     @property
     def changed(self) -> bool:
@@ -130,6 +131,7 @@ class PassReport:
         rows.append(f"  {'':14}{'before':>14}{'after':>14}")
         for k in ("macs", "params", "bytes", "arena_bytes", "nodes"):
             rows.append(f"  {k:14}{self.before[k]:>14,}{self.after[k]:>14,}")
+        rows += [f"  note: {t}" for t in self.notes]
         return "\n".join(rows)
 
     __str__ = table
@@ -190,14 +192,18 @@ def run(g: Graph, names, debug: bool | None = None, reports: list | None = None)
     ``reports``: a list that receives one :class:`PassReport` per pass."""
     if debug is None:
         debug = os.environ.get("CONVC_DEBUG_PASSES", "") not in ("", "0")
+    from .. import tuning
+
     g.verify()
     for name in resolve(names):
-        new = PASSES[name](g)
+        with tuning.notes() as notes:
+            new = PASSES[name](g)
         new.verify()
         if debug:
             check_same(g, new, name)
         if reports is not None:
             reports.append(diff(g, new, name))
+            reports[-1].notes = notes
         g = new
     return g
 

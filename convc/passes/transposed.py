@@ -2,6 +2,7 @@
 of the zero-dilated input, and to the transpose of the conv's matrix."""
 from __future__ import annotations
 
+from .. import tuning
 from ..ir import Graph
 from ..ops.columns import col2im
 from ..ops.conv import conv
@@ -55,6 +56,10 @@ def transposed_to_conv(g: Graph) -> Graph:
 def _to_matmul(g: Graph, n: str):
     if g.node(n)["op"] != "conv_transpose":
         return None
+    tuned = tuning.choice(g, n)
+    if tuned is not None and tuned["algorithm"] != "gemm":
+        return None
+    blocks = tuple(tuned["gemm"][k] for k in tuning.GEMM_KNOBS) if tuned and tuned.get("gemm") else None
     a = attrs(g, n)
     if any(op >= s for op, s in zip(a["output_padding"], a["stride"])):
         return None          # col2im's positions cover only what a strided conv of the output reaches
@@ -71,7 +76,7 @@ def _to_matmul(g: Graph, n: str):
     # the weight matrix (G, C_in/g, C_out/g * K), used transposed by the GEMM
     wm = reshape(w, (groups, c_in // groups, c_out_g * kk), name=fresh(g, f"{n}.w_matrix"))
     xm = reshape(x, (nb, groups, c_in // groups, nn), name=fresh(g, f"{n}.x_matrix"))
-    cols = matmul(wm, xm, name=fresh(g, f"{n}.gemm"), transpose_a=True)    # (N, G, C_out/g*K, n)
+    cols = matmul(wm, xm, name=fresh(g, f"{n}.gemm"), transpose_a=True, blocks=blocks)   # (N, G, C_out/g*K, n)
     cols = reshape(cols, (nb, groups * c_out_g, *k, *sizes), name=fresh(g, f"{n}.cols"))
     y = col2im(cols, out[2:], a["stride"], a["padding"], a["dilation"], name=fresh(g, f"{n}.col2im"))
     return _bias(g, n, y, b)
@@ -82,7 +87,8 @@ def transposed_to_matmul(g: Graph) -> Graph:
     """A transposed conv becomes the transpose of the conv's matrix: a GEMM
     with the transposed weight matrix (W^T · X, all kernel taps at once)
     followed by ``col2im``, the transpose of im2col, which sums the taps
-    into place."""
+    into place. A tuning entry (``convc tune``) for the node may keep it
+    direct instead, or give the GEMM's cache blocks."""
     return rewrite(g, _to_matmul)
 
 
