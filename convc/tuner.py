@@ -137,8 +137,14 @@ def _blocked_ok(g: Graph, n: str) -> bool:
         return bool(blocked_eligible(g, n))
 
 
-def candidates(g: Graph, n: str) -> list[Candidate]:
-    """The legal implementations of node ``n`` (GEMM with default blocks)."""
+NEEDS_PASS = {"gemm": ("conv_to_gemm", "transposed_to_matmul"), "winograd": ("conv_to_winograd",),
+              "winograd4": ("conv_to_winograd",), "blocked": ("to_blocked_layout",)}
+"""The passes that carry out each algorithm: a pipeline without them cannot."""
+
+
+def candidates(g: Graph, n: str, passes=None) -> list[Candidate]:
+    """The legal implementations of node ``n`` (GEMM with default blocks)
+    that the pipeline ``passes`` (names; default: every pass) can carry out."""
     d = g.node(n)
     op, a = d["op"], d["attrs"]
     types = [g.node(i)["type"] for i in g.inputs_of(n)]
@@ -159,7 +165,9 @@ def candidates(g: Graph, n: str) -> list[Candidate]:
     elif op == "conv_transpose":
         if all(p < s for p, s in zip(a["output_padding"], a["stride"])):
             out.append(Candidate("gemm"))
-    return [c for c in out if c.algorithm in tuning.ALGORITHMS]
+    able = (lambda c: True) if passes is None else \
+        (lambda c: c.algorithm == "direct" or any(p in passes for p in NEEDS_PASS[c.algorithm]))
+    return [c for c in out if c.algorithm in tuning.ALGORITHMS and able(c)]
 
 
 # -- one-node graphs ------------------------------------------------------------------------------
@@ -388,7 +396,7 @@ def tune(graph: Graph, budget: float = 120.0, passes=None, progress: bool = True
         m = micro_graph(lowered, n, seed)
         feeds = _feeds(m)
         want = evaluate(m, feeds)["y"].astype(np.float64)
-        cands = candidates(lowered, n)
+        cands = candidates(lowered, n, names)
         per = min(0.25, max(0.02, share / (4 * (len(cands) + 1))))
         got = _measure(m, sig, cands, pipeline, host, want, feeds, per)
         t.measured = [r for r, _ in got]

@@ -252,16 +252,18 @@ def entry_key(sig: str, threads: int) -> str:
     return f"{sig} @{threads} threads"
 
 
-def choice(g, n: str) -> dict | None:
-    """The tuned entry for node ``n`` of ``g`` if the active database has one
-    (noted for the pass report), else None: the pass applies its default rule.
-    An entry measured at the current thread count (``cc.set_num_threads``)
-    is preferred; else one measured at another count is used."""
+def choice(g, n: str, mine=ALGORITHMS) -> dict | None:
+    """The tuned entry for node ``n`` of ``g`` if the active database has one,
+    else None: the pass applies its default rule. An entry measured at the
+    current thread count (``cc.set_num_threads``) is preferred; else one
+    measured at another count is used. The entry is noted for the pass
+    report when its algorithm is one of ``mine`` (the ones the asking pass
+    carries out), so each choice is reported once, by the pass that made it."""
     db = active()
     if db is None:
         return None
     e = db.lookup(signature(g, n))
-    if e is not None:
+    if e is not None and e["algorithm"] in mine:
         sink = _NOTES.get()
         if sink is not None:
             how = e["algorithm"] + (" with GEMM tile rows {MR}, blocks {MC}x{NC}x{KC}".format(**e["gemm"])
@@ -271,9 +273,9 @@ def choice(g, n: str) -> dict | None:
     return e
 
 
-def algorithm(g, n: str) -> str | None:
+def algorithm(g, n: str, mine=ALGORITHMS) -> str | None:
     """The tuned algorithm of node ``n`` (see :data:`ALGORITHMS`), or None."""
-    e = choice(g, n)
+    e = choice(g, n, mine)
     return e["algorithm"] if e else None
 
 

@@ -116,7 +116,7 @@ _RULES = {"conv": _forward, "conv_grad_kernel": _grad_kernel, "conv_grad_input":
 def gemm_choice(g: Graph, n: str):
     """(use the GEMM?, its cache blocks or None) from the tuning database:
     None when it has no entry for ``n`` (the default rule decides)."""
-    e = tuning.choice(g, n)
+    e = tuning.choice(g, n, mine=("gemm", "direct"))
     if e is None:
         return None
     blocks = tuple(e["gemm"][k] for k in tuning.GEMM_KNOBS) if e.get("gemm") else None

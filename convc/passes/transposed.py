@@ -56,7 +56,7 @@ def transposed_to_conv(g: Graph) -> Graph:
 def _to_matmul(g: Graph, n: str):
     if g.node(n)["op"] != "conv_transpose":
         return None
-    tuned = tuning.choice(g, n)
+    tuned = tuning.choice(g, n, mine=("gemm", "direct"))
     if tuned is not None and tuned["algorithm"] != "gemm":
         return None
     blocks = tuple(tuned["gemm"][k] for k in tuning.GEMM_KNOBS) if tuned and tuned.get("gemm") else None
