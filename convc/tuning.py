@@ -45,8 +45,6 @@ kernel over the NCHWc layout."""
 TUNED_OPS = ("conv", "conv_grad_kernel", "conv_grad_input", "conv_transpose")
 """The ops whose implementation the tuner chooses."""
 
-_EPILOGUE_ATTRS = ("activation", "residual", "alpha", "beta")
-
 
 GEMM_KNOBS = ("MR", "MC", "NC", "KC")
 """The GEMM's schedule: register-tile rows, then the cache blocks (rows,
@@ -63,11 +61,14 @@ class TuningWarning(UserWarning):
 # -- signatures -----------------------------------------------------------------------------------
 def signature_of(op: str, types, attrs: dict) -> str:
     """The key of a node in the database: op, operand types and the
-    attributes that change the computation (not a fused epilogue, which
-    every algorithm applies alike)."""
-    parts = [op, " ".join(str(t) for t in types)]
-    parts += [f"{k}={attrs[k]!r}" for k in sorted(attrs) if k not in _EPILOGUE_ATTRS]
-    return " ".join(parts)
+    attributes that change the computation; not a fused epilogue (residual
+    input, activation), which every algorithm applies alike, so a conv has
+    one signature before and after ``fuse_epilogues``."""
+    from .ops import epilogue
+
+    own = epilogue.split(attrs, list(types))[0]
+    mine = epilogue.split_attrs(attrs)[0]
+    return " ".join([op, " ".join(str(t) for t in own)] + [f"{k}={mine[k]!r}" for k in sorted(mine)])
 
 
 def signature(g, n: str) -> str:
