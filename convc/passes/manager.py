@@ -38,6 +38,28 @@ PIPELINES: dict[str, dict[str, list[str]]] = {
         "fold_params",
         "eliminate_dead_code",
     ],
+    # The default with the blocked layout NCHWc (passes/blocked.py): a first
+    # fuse_epilogues attaches bias, residual and activation to each conv, so
+    # that to_blocked_layout carries them into conv_nchwc; it runs before the
+    # algorithm choice because it is one (blocked_eligible decides), so
+    # Winograd and GEMM take only the convs it leaves; the second
+    # fuse_epilogues fuses what those lowerings split off again.
+    "blocked": [
+        "eliminate_dead_code",
+        "eliminate_common_subexpressions",
+        "fold_constants",
+        "fold_batch_norm",
+        "fuse_epilogues",
+        "to_blocked_layout",
+        "conv_to_winograd",
+        "conv_to_gemm",
+        "transposed_to_matmul",
+        "eliminate_common_subexpressions",
+        "fuse_epilogues",
+        "fuse_separable",
+        "fold_params",
+        "eliminate_dead_code",
+    ],
     # For the embedded export: the default's cleanups and fusions without the
     # algorithm choice, whose im2col columns and Winograd tiles need RAM.
     "embedded": [
