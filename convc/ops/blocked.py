@@ -30,10 +30,6 @@ adjoint). The others are inference-only: their gradient rule raises
 """
 from __future__ import annotations
 
-import functools
-import re
-import subprocess
-
 import numpy as np
 
 from .. import shapes
@@ -46,33 +42,17 @@ from .registry import Op, float_dtype, register, same_dtype
 from .window import axes_context
 
 
-# -- host facts ------------------------------------------------------------------
-# TODO(lead): move to convc.host.probe() when it lands (vector bytes, registers).
-@functools.lru_cache(maxsize=None)
-def vector_facts() -> tuple[int, int]:
-    """(vector bytes, vector registers) of the widest SIMD that ``-march=native``
-    enables, read from the C compiler's predefined macros: AVX-512 64 bytes and
-    32 registers, AVX 32 and 16, SSE2 16 and 16, NEON 16 and 32 on AArch64
-    (16 on 32-bit ARM). Without an answer: 16 bytes, 16 registers."""
-    from ..runtime.build import compiler
-    try:
-        out = subprocess.run([compiler(), "-march=native", "-dM", "-E", "-x", "c", "/dev/null"],
-                             capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        out = ""
-    have = set(re.findall(r"#define (__\w+__) ", out))
-    if "__AVX512F__" in have:
-        return 64, 32
-    if "__AVX__" in have:
-        return 32, 16
-    if "__ARM_NEON" in out:
-        return 16, 32 if "__aarch64__" in have else 16
-    return 16, 16
-
-
+# -- host facts: convc.host.probe() (vector bytes and registers from the compiler's target macros)
 def block_size(dtype: str) -> int:
     """The channel block c for ``dtype``: one host vector of elements."""
-    return max(1, vector_facts()[0] // np.dtype(dtype).itemsize)
+    from ..host import probe
+    return probe().lanes(dtype)
+
+
+def vector_registers() -> int:
+    """The host's vector registers (what a register tile may fill)."""
+    from ..host import probe
+    return probe().vector_registers
 
 
 MIN_CHAINS = 8
@@ -97,7 +77,7 @@ def default_blocking(out_x: int, oc_blocks: int, registers: int | None = None) -
     time for a row: per tile max(FMAs, loads, MIN_CHAINS), summed over the
     tiles that cover ``out_x`` columns × ``oc_blocks`` blocks (edges
     included)."""
-    regs = registers or vector_facts()[1]
+    regs = registers or vector_registers()
     best = None
     for nb in range(1, min(MAX_OC_BLOCKS, oc_blocks) + 1):
         ur = min(out_x, (regs - nb - 1) // nb)
@@ -115,7 +95,7 @@ def default_blocking(out_x: int, oc_blocks: int, registers: int | None = None) -
 def depthwise_ur(out_x: int, registers: int | None = None) -> int:
     """Output columns per depthwise tile: one accumulator each, plus the weight
     vector and a loaded input vector."""
-    return max(1, min(out_x, (registers or vector_facts()[1]) - 2))
+    return max(1, min(out_x, (registers or vector_registers()) - 2))
 
 
 def segments(lo: int, hi: int, ur: int, edge: bool) -> list[dict]:

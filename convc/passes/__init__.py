@@ -3,3 +3,4 @@ own module; ``run`` applies a pipeline (see ``PIPELINES``)."""
 from .manager import PASSES, PIPELINES, PassError, PassReport, register, report, resolve, run  # noqa: F401
 from . import cleanup, factor, fft, fusion, gemm, grouped, im2col, strided, tiled, transposed  # noqa: F401,E402  (registers the passes)
 from . import winograd  # noqa: F401,E402  (registers conv_to_winograd)
+from . import blocked  # noqa: F401,E402  (registers to_blocked_layout)

@@ -1,0 +1,144 @@
+"""``to_blocked_layout``: keep activations in the blocked layout NCHWc between
+the convolutions that run over it (convc/ops/blocked.py)."""
+from __future__ import annotations
+
+from .. import tuning
+from ..ir import Graph, Value
+from ..ops import activations, epilogue
+from ..ops.blocked import (block_size, block_weights, from_blocked, global_avg_pool_nchwc, max_pool_nchwc,
+                           to_blocked)
+from ..shapes import ceil_div
+from .manager import register
+from .rewrite import attrs, fresh, ins, operands, rewrite
+
+
+def blocked_eligible(g: Graph, n: str) -> bool:
+    """Whether conv node ``n`` runs as ``conv_nchwc``: the ONE place that
+    decides (the tuner may take it over). Today's rule: a 2D float conv,
+    groups 1 or depthwise (one input and one output channel per group), no
+    bias or a tied one, and at most half of its output lanes padding
+    (ceil(C_out / c)·c <= 2·C_out: a conv with few output channels would
+    waste most of its vectors)."""
+    d = g.node(n)
+    if d["op"] != "conv":
+        return False
+    x, w, *b = operands(g, n)
+    if len(x.shape) != 4 or x.dtype not in ("float32", "float64"):
+        return False
+    groups, (c_out, c_in_g) = d["attrs"]["groups"], w.shape[:2]
+    if groups != 1 and not (groups == x.shape[1] == c_out and c_in_g == 1):
+        return False
+    if b and len(b[0].shape) != 1:
+        return False
+    c = block_size(x.dtype)
+    return ceil_div(c_out, c) * c <= 2 * c_out
+
+
+def _blocked(g: Graph, v: Value, c: int) -> Value:
+    """``v`` in NCHWc: the blocked tensor behind a ``from_blocked``, or a new
+    ``to_blocked``."""
+    if v.op == "from_blocked" and ins(g, v.name)[0].shape[-1] == c:
+        return ins(g, v.name)[0]
+    return to_blocked(v, c, name=fresh(g, f"{v.name}.blocked"))
+
+
+def _conv(g: Graph, n: str):
+    tuned = tuning.algorithm(g, n, mine=("blocked",))        # the tuning database overrides the rule
+    if (tuned or "blocked") != "blocked" or not blocked_eligible(g, n):
+        return None
+    a = attrs(g, n)
+    x, w, *b = operands(g, n)
+    c = block_size(x.dtype)
+    depthwise = a["groups"] > 1
+    if depthwise:
+        xb, wb = _blocked(g, x, c), block_weights(w, "depthwise", co=c, flip=a["flip"],
+                                                  name=fresh(g, f"{n}.w_blocked"))
+    else:
+        # a stem (fewer input channels than a block, not blocked already) reads NCHW as it is
+        plain = x.shape[1] < c and x.op != "from_blocked"
+        xb = x if plain else _blocked(g, x, c)
+        wb = block_weights(w, "conv", ci=1 if plain else c, co=c, flip=a["flip"], name=fresh(g, f"{n}.w_blocked"))
+    extra = [block_weights(b[0], "bias", co=c, name=fresh(g, f"{n}.b_blocked"))] if b else []
+    if a.get("residual"):
+        extra.append(_blocked(g, ins(g, n)[-1], c))
+    geo = dict(stride=a["stride"], padding=a["padding"], dilation=a["dilation"])
+    y = g.add("conv_nchwc", [xb, wb] + extra, dict(geo, **epilogue.split_attrs(a)[1]), fresh(g, f"{n}.nchwc"))
+    return from_blocked(y, g.node(n)["type"].shape[1], name=fresh(g, f"{n}.nchw"))
+
+
+def _cancel(g: Graph, n: str):
+    """to_blocked(from_blocked(y)) with the same block size is y (its
+    padding lanes hold finite values instead of zeros: no consumer reads them)."""
+    (v,) = ins(g, n)
+    if v.op == "from_blocked" and ins(g, v.name)[0].type == g.node(n)["type"]:
+        return ins(g, v.name)[0]
+    return None
+
+
+def _sources(g: Graph, n: str):
+    """The blocked tensors behind every input of ``n`` when all are
+    ``from_blocked`` of one shape and channel count as the output, else None."""
+    xs = ins(g, n)
+    if not all(v.op == "from_blocked" and v.shape == g.node(n)["type"].shape for v in xs):
+        return None
+    src = [ins(g, v.name)[0] for v in xs]
+    if len({s.type for s in src}) != 1:
+        return None
+    return src
+
+
+def _elementwise(g: Graph, n: str):
+    """add/sub/mul of two blocked tensors, or an activation of one, runs per
+    element on the blocked data."""
+    src = _sources(g, n)
+    if src is None:
+        return None
+    y = g.add(g.node(n)["op"], src, attrs(g, n), fresh(g, f"{n}.nchwc"))
+    return from_blocked(y, g.node(n)["type"].shape[1], name=fresh(g, f"{n}.nchw"))
+
+
+def _max_pool(g: Graph, n: str):
+    src = _sources_of_one(g, n)
+    if src is None:
+        return None
+    a = attrs(g, n)
+    y = max_pool_nchwc(src, a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"],
+                       name=fresh(g, f"{n}.nchwc"))
+    return from_blocked(y, g.node(n)["type"].shape[1], name=fresh(g, f"{n}.nchw"))
+
+
+def _global_avg_pool(g: Graph, n: str):
+    src = _sources_of_one(g, n)
+    if src is None:
+        return None
+    y = global_avg_pool_nchwc(src, name=fresh(g, f"{n}.nchwc"))
+    return from_blocked(y, g.node(n)["type"].shape[1], name=fresh(g, f"{n}.nchw"))
+
+
+def _sources_of_one(g: Graph, n: str):
+    """The blocked tensor behind a 2D pool's input, if it is a from_blocked."""
+    (v,) = ins(g, n)
+    return ins(g, v.name)[0] if v.op == "from_blocked" and len(v.shape) == 4 else None
+
+
+RULES = {"conv": _conv, "to_blocked": _cancel, "max_pool": _max_pool, "global_avg_pool": _global_avg_pool,
+         **{op: _elementwise for op in ("add", "sub", "mul", *activations.ACTIVATIONS)}}
+
+
+@register
+def to_blocked_layout(g: Graph) -> Graph:
+    """Convs that :func:`blocked_eligible` accepts become ``conv_nchwc`` over
+    the blocked layout NCHWc (c = the host's vector width), their epilogue
+    kept. Activations stay blocked from one such conv to the next and through
+    the ops that work per element or per channel on blocked data: add, sub
+    and mul of two blocked tensors of one shape, activations, 2D max_pool
+    and global_avg_pool. ``to_blocked`` / ``from_blocked`` appear only where
+    the layout changes: after graph inputs and NCHW-only ops (reshape,
+    concat, dense, ...), before graph outputs and NCHW-only ops. A stem conv
+    with fewer input channels than a block reads its NCHW input directly.
+    Weights and biases are reordered by ``block_weights`` nodes, which
+    ``fold_params`` folds into constants. Where the tuning database has an
+    entry for a conv, it decides (``blocked`` or another algorithm) among
+    the convs blocked_eligible allows. Inference-only (conv_nchwc has no
+    gradient): the train pipeline keeps NCHW."""
+    return rewrite(g, RULES)
