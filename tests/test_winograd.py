@@ -1,5 +1,6 @@
-"""Winograd F(2×2, 3×3): the ``winograd_kernel`` / ``winograd_conv`` ops and
-the ``conv_to_winograd`` pass.
+"""Winograd F(2×2, 3×3) (and the pass's choice between it and F(4×4, 3×3)):
+the ``winograd_kernel`` / ``winograd_conv`` ops and the ``conv_to_winograd``
+pass. F(4×4, 3×3) on its own: tests/test_winograd_f43.py.
 
 Oracles: torch (float64) on the same values, the numpy reference of the
 unpassed graph, and the Winograd algorithm written out in numpy. Every case
@@ -144,6 +145,11 @@ def grid():
 
 
 def test_grid_is_all_winograd(grid):
+    """Every conv is rewritten; the pass picks F(2x2) for some and F(4x4) for
+    others (tests/test_winograd_f43.py has the grid forced to F(4x4))."""
+    tiles = {grid["float32"]["g2"].node(n)["attrs"]["tile"] for n in grid["float32"]["g2"].nx.nodes
+             if grid["float32"]["g2"].node(n)["op"] == "winograd_conv"}
+    assert tiles == {2, 4}
     for dtype, cases in (("float32", CASES), ("float64", CASES64)):
         g2 = grid[dtype]["g2"]
         assert ops(g2).get("conv", 0) == 0, f"{dtype}: every conv is eligible"
@@ -185,7 +191,7 @@ def test_numpy_algorithm_matches_conv():
     U the template reads) give conv's result."""
     for i, case in enumerate(CASES[:4]):
         x, w, _ = arrays(case, "float64", i)
-        u = cc.ops.get_op("winograd_kernel").reference(dict(flip=case.flip), w)
+        u = cc.ops.get_op("winograd_kernel").reference(dict(flip=case.flip, tile=2), w)
         assert u.shape == (4, 4, case.c_out, case.c_in)
         plain = Case(case.n, case.c_in, case.c_out, case.size, case.padding, flip=case.flip)   # no bias
         got = winograd_reference(x, u, case.pads(), case.out())
@@ -305,7 +311,7 @@ def test_pass_keeps_attributes_and_shares_kernel_transform():
     a = g2.node(g2.outputs["y1"])["attrs"]
     assert a["flip"] and a["padding"] == ((0, 1), (2, 0)) and a["activation"] == "leaky_relu"
     assert a["negative_slope"] == 0.2
-    assert g2.node(g2.inputs_of(g2.outputs["y1"])[2])["attrs"] == {"flip": True}
+    assert g2.node(g2.inputs_of(g2.outputs["y1"])[2])["attrs"] == {"flip": True, "tile": a["tile"]}
 
 
 # ---------------------------------------------------------------------------
@@ -360,23 +366,32 @@ def test_direct_add_is_validated():
 # ---------------------------------------------------------------------------
 # cost, workspace, readable source
 # ---------------------------------------------------------------------------
-def test_macs_and_workspace():
+# (tile, tiles of the 14x13 output, multiplications of one kernel's transform: G's rows on the 3
+#  columns of g, then on the T rows of G g; F(2x2): 2 per column (1/2 (g0 + g1 + g2), 1/2 (g0 - g1 + g2)),
+#  F(4x4): 1 + 1 + 1 + 3 + 3 per column (1/4 g0, -1/6 (...) twice, 1/24 g0 + 1/12 g1 + 1/6 g2 twice))
+@pytest.mark.parametrize("tile, tiles, kernel_muls", [(2, 7 * 7, 2 * (3 + 4)), (4, 4 * 4, 9 * (3 + 6))])
+def test_macs_and_workspace(tile, tiles, kernel_muls):
     g = cc.Graph("resnet_block")
     x = g.input("x", (2, 64, 14, 13))
-    g.output(cc.conv(x, g.param("w", np.zeros((32, 64, 3, 3), np.float32)), padding=1, name="c"), "y")
-    g2 = PASSES[PASS](g)
-    rep, rep2 = cc.cost(g), cc.cost(g2)
-    tiles = 7 * 7                                            # ceil(14/2) x ceil(13/2)
+    w = g.param("w", np.zeros((32, 64, 3, 3), np.float32))
+    g.output(cc.conv(x, w, padding=1, name="c"), "y")
+    rep = cc.cost(g)
+    g2 = cc.Graph("resnet_block_winograd")
+    x2 = g2.input("x", (2, 64, 14, 13))
+    g2.output(winograd_conv(x2, g2.param("w", np.zeros((32, 64, 3, 3), np.float32)), padding=1, name="c",
+                            tile=tile), "y")
+    rep2 = cc.cost(g2)
+    t = tile + 2
     wc = next(n for n in g2.nx.nodes if g2.node(n)["op"] == "winograd_conv")
     wk = next(n for n in g2.nx.nodes if g2.node(n)["op"] == "winograd_kernel")
-    assert rep2.nodes[wc].macs == 2 * tiles * 16 * 32 * 64
-    assert rep2.nodes[wk].macs == 14 * 32 * 64
+    assert rep2.nodes[wc].macs == 2 * tiles * t * t * 32 * 64
+    assert rep2.nodes[wk].macs == kernel_muls * 32 * 64
     assert rep.macs == 2 * 14 * 13 * 32 * 64 * 9
     assert rep2.macs < rep.macs / 2
     d = g2.node(wc)
     types = [g2.node(i)["type"] for i in g2.inputs_of(wc)]
     ctx = WinogradConv().context(d["attrs"], types, d["type"])
-    per_item = 16 * ctx["TB"] * (64 + ctx["CB"])
+    per_item = t * t * ctx["TB"] * (64 + ctx["CB"])
     assert WinogradConv().workspace(d["attrs"], types, d["type"]) == 2 * ctx["BLOCKS_Y"] * ctx["BLOCKS_X"] * per_item
     assert wc in plan(g2).workspace
 

@@ -1,8 +1,10 @@
-"""``conv_to_winograd``: 3×3 unit-stride convolution by Winograd F(2×2, 3×3)."""
+"""``conv_to_winograd``: 3×3 unit-stride convolution by Winograd F(2×2, 3×3)
+or F(4×4, 3×3), the tile chosen per conv by :func:`winograd_tile`."""
 from __future__ import annotations
 
-from ..ir import Graph
-from ..ops.winograd import winograd_rule
+from .. import shapes, tuning
+from ..ir import Graph, TensorType
+from ..ops.winograd import TILES, arithmetic, winograd_rule
 from .manager import register
 from .rewrite import attrs, fresh, ins, rewrite
 
@@ -11,23 +13,71 @@ MIN_CHANNELS = 8
 transforms then cost more than the 36 → 16 multiplications save."""
 
 
+def winograd_tile(x: TensorType, w: TensorType, attrs: dict) -> int | None:
+    """The output tile m of Winograd F(m×m, 3×3) for a conv with (normalised)
+    ``attrs`` on ``x`` and ``w``: 2 or 4, or None when the conv is not
+    computed by Winograd (not a 2D 3×3 unit-stride ungrouped conv, or fewer
+    than MIN_CHANNELS input or output channels).
+
+    Between the tiles, the one whose generated code does fewer arithmetic
+    operations (:func:`convc.ops.winograd.arithmetic`: the T² products over
+    the V slots *with their padding to whole register tiles*, plus the input
+    and output transforms counted from the matrices) wins. Nothing here is
+    measured on one CPU; the counts follow from the transforms and the
+    blocking. F(4×4) does 2.25 products per output and channel pair instead
+    of 4, but its transforms cost about 2.3× more per output, and its tiles
+    are 4× fewer, so a small output pads a register tile with empty slots:
+
+    - 64→64 at 56², 128→128 at 28², 256→256 at 14²: F(4×4) counts 0.59-0.69×
+      F(2×2)'s operations and ran 1.3-1.5× faster (one thread, Xeon AVX-512,
+      see the commit that added tile 4);
+    - 512→512 at 7²: 4 tiles of 4×4 fill a 16-slot register tile a quarter,
+      F(4×4) counts 2.25× more and F(2×2) (16 tiles, one full register tile)
+      stays; so do outputs under 8×8 and the thin 8-channel layers, where the
+      transforms dominate.
+
+    The lead's tuning database (when it has an entry) overrides this rule in
+    the caller, not here.
+    """
+    if winograd_rule(x, w, attrs) or min(x.shape[1], w.shape[0]) < MIN_CHANNELS:
+        return None
+    out = shapes.window_out_sizes(x.shape[2:], (3, 3), attrs["stride"], attrs["dilation"], attrs["padding"])
+    cost = {t: arithmetic(*out, x.shape[1], w.shape[0], t) for t in TILES}
+    return min(TILES, key=lambda t: (cost[t], t))
+
+
+def _chosen_tile(g: Graph, n: str, x: TensorType, w: TensorType, a: dict) -> int | None:
+    """The tuning database's choice for node ``n`` where it has one
+    (``winograd`` → 2, ``winograd4`` → 4, another algorithm → None), else
+    :func:`winograd_tile`'s rule."""
+    tuned = tuning.algorithm(g, n, mine=("winograd", "winograd4"))
+    if tuned is None:
+        return winograd_tile(x, w, a)
+    if not tuned.startswith("winograd") or winograd_rule(x, w, a):
+        return None
+    return 4 if tuned == "winograd4" else 2
+
+
 def _winograd(g: Graph, n: str):
     if g.node(n)["op"] != "conv":
         return None
     a = attrs(g, n)
     x, w, *b = ins(g, n)
-    if winograd_rule(x.type, w.type, a) or min(x.shape[1], w.shape[0]) < MIN_CHANNELS:
+    tile = _chosen_tile(g, n, x.type, w.type, a)
+    if tile is None:
         return None
-    u = g.add("winograd_kernel", [w], dict(flip=a["flip"]), fresh(g, f"{n}.winograd_kernel"))
-    return g.add("winograd_conv", [x, w, u, *b], dict(a), fresh(g, f"{n}.winograd"))
+    u = g.add("winograd_kernel", [w], dict(flip=a["flip"], tile=tile), fresh(g, f"{n}.winograd_kernel"))
+    return g.add("winograd_conv", [x, w, u, *b], dict(a, tile=tile), fresh(g, f"{n}.winograd"))
 
 
 @register
 def conv_to_winograd(g: Graph) -> Graph:
     """A 2D 3×3 conv with stride 1, dilation 1, groups 1 and at least 8 input
     and output channels becomes ``winograd_kernel`` (U = G g Gᵀ from the
-    weights, once per run) and ``winograd_conv`` (16 matrix products of
-    transformed 2×2 tiles): 16 instead of 36 multiplications per output tile
-    and channel pair. Any padding, flip, bias and fused activation are kept;
-    float32 results carry a little more rounding error than the direct conv."""
+    weights, once per run) and ``winograd_conv`` (T² matrix products of
+    transformed tiles): F(2×2, 3×3), 16 instead of 36 multiplications per 2×2
+    output tile and channel pair, or F(4×4, 3×3), 36 instead of 144 per 4×4
+    tile, whichever :func:`winograd_tile` picks. Any padding, flip, bias and
+    fused activation are kept; float32 results carry more rounding error than
+    the direct conv (F(4×4) more than F(2×2))."""
     return rewrite(g, _winograd)
