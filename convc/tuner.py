@@ -49,14 +49,17 @@ RTOL = {"float32": 2e-3, "float64": 1e-9}
 @dataclass
 class Candidate:
     algorithm: str
-    gemm: dict | None = None
+    gemm: dict | None = None            # the GEMM's MR, MC, NC, KC
+    blocking: dict | None = None        # the NCHWc kernel's register tile
 
     @property
     def label(self) -> str:
-        return self.algorithm + (" {MR}r {MC}x{NC}x{KC}".format(**self.gemm) if self.gemm else "")
+        return self.algorithm + (" {MR}r {MC}x{NC}x{KC}".format(**self.gemm) if self.gemm else "") + \
+            ("".join(f" {k}={v}" for k, v in self.blocking.items()) if self.blocking else "")
 
     def entry(self) -> dict:
-        return {"algorithm": self.algorithm, **({"gemm": dict(self.gemm)} if self.gemm else {})}
+        return {"algorithm": self.algorithm, **({"gemm": dict(self.gemm)} if self.gemm else {}),
+                **({"blocking": dict(self.blocking)} if self.blocking else {})}
 
 
 @dataclass
@@ -331,6 +334,45 @@ def _refine_blocks(m: Graph, sig: str, best: Measured, mod, pipeline, host, want
     return tried
 
 
+def _blocked_tiles(g: Graph, n: str, host: Host) -> list[dict]:
+    """Register tiles of ``conv_nchwc`` worth measuring for node ``n``: for
+    each number of output-channel blocks the widest row of columns that fits
+    the vector registers, and half of it (depthwise: columns only)."""
+    from .ops.blocked import block_size
+
+    d = g.node(n)
+    x, w = [g.node(i)["type"] for i in g.inputs_of(n)][:2]
+    out_x = d["type"].shape[-1]
+    regs = host.vector_registers
+    if d["attrs"]["groups"] > 1:
+        return [{"ur_w": u} for u in sorted({min(out_x, regs - 2), max(1, min(out_x, (regs - 2) // 2)), min(out_x, 8)})]
+    blocks = -(-w.shape[0] // block_size(x.dtype))
+    tiles = []
+    for nb in range(1, min(4, blocks) + 1):
+        widest = min(out_x, (regs - nb - 1) // nb)
+        for ur in sorted({widest, max(1, widest // 2)}):
+            if ur >= 1:
+                tiles.append({"ur_w": ur, "oc_blocks": nb})
+    return tiles
+
+
+def _refine_blocked(m: Graph, sig: str, lowered: Graph, n: str, best: Measured, pipeline, host, want, feeds,
+                    seconds, clock: _Clock) -> list[Measured]:
+    """Measure the NCHWc kernel's register tiles (:func:`_blocked_tiles`)
+    beside the default one, as far as the clock allows."""
+    cands = [Candidate("blocked", blocking=t) for t in _blocked_tiles(lowered, n, host)]
+    tried: list[Measured] = []
+    while cands and clock.left > 3 * seconds + 2:
+        batch, cands = cands[:max(1, host.cores)], cands[max(1, host.cores):]
+        got = _measure(m, sig, [best.candidate] + batch, pipeline, host, want, feeds, seconds)
+        ref = got[0][0].seconds
+        for r, _ in got[1:]:
+            tried.append(r)
+            if r.seconds is not None and ref is not None:
+                r.seconds *= best.seconds / ref         # on the scale of the first measurement
+    return tried
+
+
 def _pipeline_prefix(names: list[str]) -> list[str]:
     out = []
     for p in names:
@@ -407,11 +449,16 @@ def tune(graph: Graph, budget: float = 120.0, passes=None, progress: bool = True
                 + "; ".join(f"{r.candidate.label}: {r.failure}" for r in t.measured))
             continue
         best, best_mod = min(ok, key=lambda rm: rm[0].seconds)
+        more = []
         if best.candidate.algorithm == "gemm":
             more = _refine_blocks(m, sig, best, best_mod, pipeline, host, want, feeds, per,
                                   _Clock(share - (time.perf_counter() - began)))
+        elif best.candidate.algorithm == "blocked":
+            more = _refine_blocked(m, sig, lowered, n, best, pipeline, host, want, feeds, per,
+                                   _Clock(share - (time.perf_counter() - began)))
+        if more:
             t.measured += more
-            faster = [r for r in more if r.seconds is not None and r.seconds < best.seconds]
+            faster = [r for r in more if r.seconds is not None and r.seconds < 0.97 * best.seconds]
             if faster:
                 best = min(faster, key=lambda r: r.seconds)
         t.best = best

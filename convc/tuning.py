@@ -16,8 +16,8 @@ Two sources decide how a conv-like node is computed:
    come from the probed cache sizes and vector width
    (:func:`default_gemm_blocks`), not from constants measured on one CPU.
 
-An entry is a dict ``{"algorithm": ..., "gemm": {"MC":, "NC":, "KC":},
-"seconds": ..., "candidates": {...}}``; a malformed file or entry is ignored
+An entry is a dict ``{"algorithm": ..., "gemm": {"MR":, "MC":, "NC":, "KC":}
+or "blocking": {"ur_w":, "oc_blocks":}, "seconds": ..., "candidates": {...}}``; a malformed file or entry is ignored
 with a warning (and never breaks a compile). ``CONVC_TUNING=0`` turns the
 database off; :func:`using` installs another database (or none) for a block
 of code, which is how the tuner forces each candidate it measures.
@@ -95,6 +95,12 @@ def _valid_entry(e) -> str | None:
                 not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 16 for v in blocks.values()) \
                 or blocks["MR"] > MAX_TILE_ROWS:
             return f"bad GEMM tile and blocks {blocks!r}"
+    tile = e.get("blocking")
+    if tile is not None:
+        if e["algorithm"] != "blocked" or not isinstance(tile, dict) or not tile or \
+                not set(tile) <= {"ur_w", "oc_blocks"} or \
+                not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 256 for v in tile.values()):
+            return f"bad NCHWc register tile {tile!r}"
     return None
 
 
@@ -268,7 +274,9 @@ def choice(g, n: str, mine=ALGORITHMS) -> dict | None:
         sink = _NOTES.get()
         if sink is not None:
             how = e["algorithm"] + (" with GEMM tile rows {MR}, blocks {MC}x{NC}x{KC}".format(**e["gemm"])
-                                    if e.get("gemm") else "")
+                                    if e.get("gemm") else "") + \
+                (" with register tile " + ", ".join(f"{k}={v}" for k, v in e["blocking"].items())
+                 if e.get("blocking") else "")
             secs = f", {e['seconds'] * 1e3:.3g} ms measured" if isinstance(e.get("seconds"), (int, float)) else ""
             sink.append(f"'{n}' ({g.node(n)['op']}): tuned -> {how}{secs}")
     return e

@@ -335,3 +335,36 @@ def test_cli_tune(private_cache, capsys):
     out, err = capsys.readouterr()
     assert "conv1" in out and "% peak" in out and "[1/2]" in err
     assert json.loads(tuning.db_path().read_text())["entries"]
+
+
+@pytest.mark.parametrize("shape", [dict(c_in=16, c_out=40, size=11, k=3, stride=2, padding=1),
+                                   dict(c_in=3, c_out=16, size=15, k=7, stride=2, padding=3),
+                                   dict(c_in=16, c_out=16, size=9, k=3, padding=1, groups=16)])
+def test_blocked_candidates_and_their_register_tiles_agree_with_the_reference(shape):
+    g = _conv_graph(**shape)
+    assert "blocked" in _check_candidates(g, "blocked")
+    lowered = _lowered(g, "blocked")
+    (n,) = _tuned_nodes(lowered)
+    m = tuner.micro_graph(lowered, n)
+    feeds = tuner._feeds(m)
+    want = evaluate(m, feeds)["y"]
+    sig = tuning.signature(lowered, n)
+    tiles = tuner._blocked_tiles(lowered, n, probe())
+    assert len(tiles) >= 2
+    for t in tiles:
+        mod = tuner._compile(m, "blocked", tuner._forcing(probe(), sig, tuner.Candidate("blocked", blocking=t)))
+        (conv,) = [v for v in mod.graph.topological_order() if mod.graph.node(v)["op"] == "conv_nchwc"]
+        assert mod.graph.node(conv)["attrs"]["blocking"] == t
+        np.testing.assert_allclose(mod.run(feeds)["y"], want, rtol=2e-3, atol=2e-3 * float(np.max(np.abs(want))))
+
+
+def test_tune_the_blocked_pipeline_refines_the_register_tile(private_cache):
+    g = _conv_graph(3, 16, 23, 7, stride=2, padding=3, name="stem")
+    rep = cc.tune(g, budget=60, passes="blocked", progress=False)
+    (t,) = rep.ops
+    labels = [r.candidate.label for r in t.measured]
+    assert "blocked" in labels and "direct" in labels
+    if t.best.candidate.algorithm == "blocked":
+        assert any("ur_w=" in lb for lb in labels)
+    out, reps = manager.report(g, "blocked")
+    assert any("tuned -> " + t.best.candidate.algorithm in x for r in reps for x in r.notes)

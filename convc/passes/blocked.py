@@ -43,9 +43,10 @@ def _blocked(g: Graph, v: Value, c: int) -> Value:
 
 
 def _conv(g: Graph, n: str):
-    tuned = tuning.algorithm(g, n, mine=("blocked",))        # the tuning database overrides the rule
-    if (tuned or "blocked") != "blocked" or not blocked_eligible(g, n):
+    tuned = tuning.choice(g, n, mine=("blocked",))           # the tuning database overrides the rule
+    if (tuned["algorithm"] if tuned else "blocked") != "blocked" or not blocked_eligible(g, n):
         return None
+    tile = {"blocking": tuned["blocking"]} if tuned and tuned.get("blocking") else {}
     a = attrs(g, n)
     x, w, *b = operands(g, n)
     c = block_size(x.dtype)
@@ -62,7 +63,7 @@ def _conv(g: Graph, n: str):
     if a.get("residual"):
         extra.append(_blocked(g, ins(g, n)[-1], c))
     geo = dict(stride=a["stride"], padding=a["padding"], dilation=a["dilation"])
-    y = g.add("conv_nchwc", [xb, wb] + extra, dict(geo, **epilogue.split_attrs(a)[1]), fresh(g, f"{n}.nchwc"))
+    y = g.add("conv_nchwc", [xb, wb] + extra, dict(geo, **tile, **epilogue.split_attrs(a)[1]), fresh(g, f"{n}.nchwc"))
     return from_blocked(y, g.node(n)["type"].shape[1], name=fresh(g, f"{n}.nchw"))
 
 
