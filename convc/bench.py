@@ -25,8 +25,10 @@ How it measures:
   multiply-add chains, built with convc's own build step; for N threads it
   runs in N Python threads at once (cffi releases the GIL during the call).
 
-Forward single-layer cases run at batch 1, their gradients at batch 8,
-nets at batch 1 (latency) and 64 (throughput), all in float32.
+Forward single-layer cases run at batch 1, their gradients at batch 8; the
+layers of ResNet-18 and MobileNetV2 (``r18_*``, ``mbv2_*``) forward at batch 1
+and 8 (``_b1``, ``_b8``); nets at batch 1 (latency) and 64 (throughput), all
+in float32.
 
 The models section (``--models``) runs torchvision classifiers with random
 weights at batch 1, 3x224x224: each is exported once with
@@ -57,6 +59,8 @@ from .host import FmaPeak, cpu_mhz, cpu_model, isa_flags
 
 RTOL = 1e-3                  # max |convc - reference| / max |reference| a case may show
 FORWARD_BATCH, GRAD_BATCH = 1, 8
+QUICK_BATCH = 2              # --quick runs gradients and larger-batch layer cases at this batch
+LAYER_BATCHES = (1, 8)       # the real-model layer cases (r18_*, mbv2_*) run at each of these
 NET_BATCHES = (1, 64)
 TRAIN_BATCH, TRAIN_LR, TRAIN_MOMENTUM = 32, 0.01, 0.9
 
@@ -117,7 +121,10 @@ def median_time(fn: Callable[[], object], settings: Settings) -> float:
 @dataclass(frozen=True)
 class Layer:
     """One single-layer case: a conv (or transposed conv) of the given shape.
-    ``quick`` is (c_in, c_out, spatial sizes) for ``--quick``."""
+    ``quick`` is (c_in, c_out, spatial sizes) for ``--quick``. ``batch``:
+    the batch it runs at (None: ``FORWARD_BATCH`` forward, ``GRAD_BATCH``
+    for its gradients); ``grads``: whether the suite also times its kernel
+    and input gradients."""
     name: str
     what: str
     c_in: int
@@ -130,6 +137,14 @@ class Layer:
     dilation: int = 1
     groups: int = 1
     transposed: bool = False
+    batch: int | None = None
+    grads: bool = True
+
+    def batch_for(self, mode: str, quick: bool) -> int:
+        """The batch of the case for ``mode`` ("fwd", "dw", "dx")."""
+        if self.batch is not None:
+            return min(self.batch, QUICK_BATCH) if quick else self.batch
+        return FORWARD_BATCH if mode == "fwd" else QUICK_BATCH if quick else GRAD_BATCH
 
     def dims(self, quick: bool) -> tuple:
         """(c_in, c_out, spatial sizes, groups) for the full or the quick suite."""
@@ -158,6 +173,14 @@ class Layer:
         return (c_out, c_in // groups) + self.kernel
 
 
+def model_layers(name: str, what: str, c_in: int, c_out: int, size: tuple, kernel: tuple, quick: tuple,
+                 **kw) -> tuple:
+    """A forward layer of a real model, once per batch of ``LAYER_BATCHES``:
+    ``<name>_b1``, ``<name>_b8``."""
+    return tuple(Layer(f"{name}_b{b}", what, c_in, c_out, size, kernel, quick, batch=b, grads=False, **kw)
+                 for b in LAYER_BATCHES)
+
+
 LAYERS = (
     Layer("resnet3x3_s1", "ResNet 3x3 conv", 64, 64, (56, 56), (3, 3), (16, 16, (12, 12)), padding=1),
     Layer("resnet3x3_s2", "ResNet 3x3 conv", 64, 128, (56, 56), (3, 3), (16, 32, (12, 12)), stride=2, padding=1),
@@ -170,6 +193,23 @@ LAYERS = (
     Layer("conv1d_k5", "1D conv k=5", 64, 64, (4096,), (5,), (16, 16, (256,)), padding=2),
     Layer("conv3d_3x3x3", "3D conv 3x3x3", 16, 16, (16, 32, 32), (3, 3, 3), (4, 4, (4, 8, 8)), padding=1),
     Layer("grouped3x3_g8", "grouped 3x3 conv", 128, 128, (28, 28), (3, 3), (32, 32, (8, 8)), padding=1, groups=8),
+    # the layers torchvision's ResNet-18 and MobileNetV2 spend their time in, forward at batch 1 and 8
+    *model_layers("r18_3x3_64", "ResNet-18 3x3 conv (layer1)", 64, 64, (56, 56), (3, 3), (16, 16, (12, 12)),
+                  padding=1),
+    *model_layers("r18_3x3_128", "ResNet-18 3x3 conv (layer2)", 128, 128, (28, 28), (3, 3), (16, 16, (8, 8)),
+                  padding=1),
+    *model_layers("r18_3x3s2_64_128", "ResNet-18 3x3 stride-2 conv (layer2.0.conv1)", 64, 128, (56, 56), (3, 3),
+                  (16, 32, (12, 12)), stride=2, padding=1),
+    *model_layers("r18_1x1s2_64_128", "ResNet-18 1x1 stride-2 downsample conv (layer2.0.downsample)", 64, 128,
+                  (56, 56), (1, 1), (16, 32, (12, 12)), stride=2),
+    *model_layers("r18_stem7x7", "ResNet-18 stem 7x7 conv", 3, 64, (224, 224), (7, 7), (3, 16, (32, 32)),
+                  stride=2, padding=3),
+    *model_layers("mbv2_dw3x3_144", "MobileNetV2 depthwise 3x3 conv", 144, 144, (56, 56), (3, 3),
+                  (32, 32, (12, 12)), padding=1, groups=144),
+    *model_layers("mbv2_dw3x3s2_144", "MobileNetV2 depthwise 3x3 stride-2 conv", 144, 144, (56, 56), (3, 3),
+                  (32, 32, (12, 12)), stride=2, padding=1, groups=144),
+    *model_layers("mbv2_pw1x1_24_144", "MobileNetV2 pointwise 1x1 expansion conv", 24, 144, (56, 56), (1, 1),
+                  (8, 32, (12, 12))),
 )
 
 
@@ -299,7 +339,7 @@ def layer_graph(layer: Layer, mode: str, quick: bool, batch: int, seed: int = 0)
 
 
 def _layer_case(layer: Layer, mode: str, quick: bool) -> Case:
-    batch = FORWARD_BATCH if mode == "fwd" else GRAD_BATCH if not quick else 2
+    batch = layer.batch_for(mode, quick)
     label = {"fwd": "", "dw": "kernel gradient of ", "dx": "input gradient of "}[mode]
 
     def prepare(env: Env, _threads: int) -> Prepared:
@@ -491,7 +531,7 @@ def suite(quick: bool = False) -> list[Case]:
     """Every case, in table order (names are the same in the quick suite;
     descriptions give the sizes actually run)."""
     cases = [_layer_case(layer, "fwd", quick) for layer in LAYERS]
-    cases += [_layer_case(layer, mode, quick) for layer in LAYERS for mode in ("dw", "dx")]
+    cases += [_layer_case(layer, mode, quick) for layer in LAYERS if layer.grads for mode in ("dw", "dx")]
     for name, what in (("lenet5", "LeNet-5 (convc.models.lenet5, 1x28x28)"),
                        ("mobilenet", "MobileNet-style net (convc.models.mobilenet_tiny, 3x32x32)"),
                        ("dcgan", "DCGAN generator (nz {nz}, ngf {ngf}, 3x64x64)")):
@@ -1242,7 +1282,8 @@ def run(cases: str | None = None, threads=None, quick: bool = False, repeat_seco
     how = models_how = None
     if any(c.group != "model" for c in chosen):
         how = (f"{'quick, ' if quick else ''}float32; forward single-layer cases at batch "
-               f"{FORWARD_BATCH if not quick else 1}, gradients at batch {GRAD_BATCH if not quick else 2}; "
+               f"{FORWARD_BATCH}, gradients at batch {GRAD_BATCH if not quick else QUICK_BATCH}, r18_*/mbv2_* "
+               f"layers at the batch their description gives; "
                f"{timing}; checked to {RTOL:g} of the output scale")
     if any(c.group == "model" for c in chosen):
         tv = sys.modules.get("torchvision")

@@ -80,6 +80,56 @@ def test_macs_are_the_analytic_count(report):
     assert _row(report, "resnet3x3_s2").mflop == pytest.approx(2 * per_image / 1e6)
 
 
+MODEL_LAYERS = {"r18": ["3x3_64", "3x3_128", "3x3s2_64_128", "1x1s2_64_128", "stem7x7"],
+                "mbv2": ["dw3x3_144", "dw3x3s2_144", "pw1x1_24_144"]}
+
+
+def test_model_layer_cases_are_listed_and_selected(capsys):
+    full, quick = bench.suite(), bench.suite(quick=True)
+    for prefix, layers in MODEL_LAYERS.items():
+        want = [f"{prefix}_{n}_b{b}" for n in layers for b in bench.LAYER_BATCHES]
+        assert [c.name for c in bench.select(full, prefix)] == want
+        assert [c.name for c in bench.select(quick, prefix)] == want          # same names in the quick suite
+    cases = {c.name: c for c in full}
+    assert all(c.group == "layer" and ":" not in c.name for n, c in cases.items() if n.startswith(("r18", "mbv2")))
+    assert cases["r18_3x3s2_64_128_b8"].description.endswith("64->128 channels at 56x56, stride 2, pad 1, batch 8")
+    assert cases["r18_stem7x7_b1"].description.endswith("3->64 channels at 224x224, stride 2, pad 3, batch 1")
+    assert cases["mbv2_dw3x3_144_b1"].description.endswith("144 channels at 56x56, stride 1, pad 1, batch 1")
+    assert cases["mbv2_pw1x1_24_144_b8"].description.endswith("24->144 channels at 56x56, stride 1, pad 0, batch 8")
+    assert {c.name: c for c in quick}["r18_3x3_64_b8"].description.endswith(f"batch {bench.QUICK_BATCH}")
+    # the earlier cases keep their names, batches and gradients
+    for name in ("resnet3x3_s1", "resnet3x3_s2:dw", "mbnet_dw3x3:dx", "grouped3x3_g8"):
+        assert name in cases
+    assert cases["resnet3x3_s1"].description.endswith(f"batch {bench.FORWARD_BATCH}")
+    assert cases["resnet3x3_s1:dw"].description.endswith(f"batch {bench.GRAD_BATCH}")
+    import argparse
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    assert bench.cmd_bench(p.parse_args(["--list", "--cases", "r18"])) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 10 and out[0].startswith("r18_3x3_64_b1 ") and "batch 1" in out[0]
+
+
+def test_model_layer_cases_run_against_torch():
+    """Three new cases end to end (quick sizes): checked against their PyTorch
+    twin before timing; MACs by the output-size formula at the case's batch."""
+    names = ["r18_1x1s2_64_128_b8", "mbv2_dw3x3s2_144_b8", "r18_stem7x7_b1"]
+    rep = bench.run(cases=",".join(names), threads=[1], quick=True)
+    assert not rep.failed, rep.notes
+    for name in names:
+        row = _row(rep, name)
+        layer = next(la for la in bench.LAYERS if la.name == name)
+        c_in, c_out, size, groups = layer.dims(quick=True)
+        out = [(n + 2 * layer.padding - layer.dilation * (k - 1) - 1) // layer.stride + 1
+               for n, k in zip(size, layer.kernel)]
+        batch = layer.batch_for("fwd", quick=True)
+        assert batch == min(int(name[-1]), bench.QUICK_BATCH)
+        assert row.macs == batch * c_out * math.prod(out) * (c_in // groups) * math.prod(layer.kernel), name
+        assert row.status == "ok" and row.error <= bench.RTOL and row.convc_ms > 0
+        if bench._try_import("torch") is not None:
+            assert row.torch_ms > 0, name                    # the twin ran, so the check was against it
+
+
 def test_wrong_output_is_reported_failed_not_timed(monkeypatch):
     real_run = CModule.run
 
