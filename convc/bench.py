@@ -42,10 +42,12 @@ so, not a crash. ``--profile`` adds each case's slowest nodes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -784,6 +786,112 @@ def model_summary(rows: list["Row"]) -> list[dict]:
     return out
 
 
+# -- under load: other processes spinning on the cores ---------------------------------------------
+
+BUSY_LOOP = """import os, sys, time
+end, parent = time.monotonic() + float(sys.argv[1]), os.getppid()
+print("spinning", flush=True)
+while time.monotonic() < end and os.getppid() == parent:    # until the deadline, or the bench is gone
+    for _ in range(20000):
+        pass
+"""
+"""What each busy process runs: a pure-Python spin, which competes for a
+core and for little else (no I/O, next to no memory traffic)."""
+
+LOAD_TARGET = 1.3
+"""Under load, convc's time at N threads over its time at 1 thread must not exceed this."""
+
+
+def load_processes() -> int:
+    """How many busy processes ``--under-load`` starts: one per core this
+    process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def busy_load(processes: int | None = None, seconds: float = 3600.0, start_timeout: float = 60.0):
+    """Keep ``processes`` other processes (default: one per core) spinning on
+    the CPU while the ``with`` block runs, as on a machine someone else is
+    using; yields their pids once every one of them is spinning.
+
+    On leaving the block, normally, on an error or on Ctrl-C, they are
+    terminated and reaped. Each also stops by itself after ``seconds`` and as
+    soon as this process is gone, so none outlives even a killed bench; they
+    run in their own session, so a Ctrl-C in the terminal reaches the bench
+    (whose exit stops them) rather than printing their tracebacks.
+
+    >>> with busy_load() as pids:                   # doctest: +SKIP
+    ...     mod.run(feeds)                          # timed on a busy machine
+    """
+    import select as io                         # (this module's select() chooses cases)
+
+    n = load_processes() if processes is None else processes
+    if not (isinstance(n, int) and n >= 1 and seconds > 0):
+        raise ConvcError(f"bench: busy_load takes processes >= 1 and seconds > 0, got {processes!r}, {seconds!r}")
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(n):
+            procs.append(subprocess.Popen([sys.executable, "-c", BUSY_LOOP, repr(float(seconds))],
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL, start_new_session=True))
+        deadline = time.monotonic() + start_timeout
+        for p in procs:
+            ready = io.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]
+            if not ready or p.stdout.readline() != b"spinning\n":
+                raise ConvcError(f"bench: busy process {p.pid} did not start spinning within {start_timeout:g} s "
+                                 f"(exit code {p.poll()})")
+        yield [p.pid for p in procs]
+    finally:
+        _stop(procs)
+
+
+def _stop(procs: list) -> None:
+    """Terminate ``procs``, wait for them (kill one that lingers) and close their pipes."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        if p.stdout is not None:
+            p.stdout.close()
+
+
+def judge_load(rows: list["Row"]) -> None:
+    """Under load: give each row at N > 1 threads the target that convc's
+    time is at most ``LOAD_TARGET`` times its 1-thread time."""
+    one = {r.case: r.convc_ms for r in rows if r.threads == 1 and r.status == "ok"}
+    for r in rows:
+        if r.threads is not None and r.threads > 1 and r.status == "ok" and one.get(r.case):
+            ratio = r.convc_ms / one[r.case]
+            r.targets.append({"target": f"under load <={LOAD_TARGET:g}x 1 thread", "value": f"{ratio:.2f}x",
+                              "pass": ratio <= LOAD_TARGET})
+
+
+def load_summary(rows: list["Row"]) -> list[dict]:
+    """Per case and thread count N > 1 that has a 1-thread row: convc's,
+    PyTorch's and ONNX Runtime's times at 1 and N threads and N/1 ratios
+    (None where a time is missing), and whether convc's meets ``LOAD_TARGET``."""
+    by = {(r.case, r.threads): r for r in rows if r.threads is not None}
+    out = []
+    for (case, n), r in by.items():
+        one = by.get((case, 1))
+        if n == 1 or one is None:
+            continue
+
+        def ratio(a, b):
+            return a / b if a is not None and b else None
+        entry = dict(case=case, threads=n, convc_1=one.convc_ms, convc_n=r.convc_ms,
+                     convc=ratio(r.convc_ms, one.convc_ms), torch=ratio(r.torch_ms, one.torch_ms),
+                     ort=ratio(r.ort_ms, one.ort_ms), status=r.status if r.status != "ok" else one.status)
+        entry["pass"] = entry["convc"] is not None and entry["convc"] <= LOAD_TARGET
+        out.append(entry)
+    return out
+
+
 # -- running ----------------------------------------------------------------------------------------
 
 @dataclass
@@ -840,7 +948,8 @@ class Report:
 
     def to_json(self) -> dict:
         return dict(header=self.header, notes=self.notes, cases=self.descriptions,
-                    rows=[dict(asdict(r), mflop=r.mflop) for r in self.rows], models=self.models)
+                    rows=[dict(asdict(r), mflop=r.mflop) for r in self.rows], models=self.models,
+                    under_load=load_summary(self.rows) if self.header.get("under_load") else None)
 
     def table(self, markdown: bool = False) -> str:
         """The header lines, the cases' table and the models' table (plain or
@@ -852,7 +961,9 @@ class Report:
                  "FMA peak: " + ", ".join(f"{v:.1f} GFLOP/s with {t} thread{'s' * (int(t) > 1)}"
                                           for t, v in h["fma_peak"].items()) + f" ({h['fma_detail']})",
                  f"settings: {h['settings']}" if h.get("settings") else "",
-                 f"models: {h['models']}" if h.get("models") else ""]
+                 f"models: {h['models']}" if h.get("models") else "",
+                 f"OpenMP: {h['openmp']}" if h.get("openmp") else "",
+                 f"under load: {h['under_load']}" if h.get("under_load") else ""]
         lines = [ln for ln in lines if ln]
         if markdown:
             lines = [f"- {ln}" for ln in lines]
@@ -880,6 +991,15 @@ class Report:
                      _ratio(r.vs_torch), _num(r.pct_peak), status(r)] for r in models]
             lines += ["", "models (time ratios: < 1x means convc is faster):"] + _grid(cols, body, markdown)
             lines += [""] + [("- " if markdown else "") + _summary_line(m) for m in self.models]
+        if h.get("under_load"):
+            cols = ["case", "threads", "convc 1 thread ms", "convc N threads ms", "convc N/1", "torch N/1", "ORT N/1",
+                    "target"]
+            body = [[e["case"], str(e["threads"]), _ms(e["convc_1"]), _ms(e["convc_n"], e["status"]),
+                     _ratio(e["convc"]), _ratio(e["torch"]), _ratio(e["ort"]),
+                     e["status"] if e["convc"] is None else
+                     f"{'pass' if e['pass'] else 'miss'} <={LOAD_TARGET:g}x"] for e in load_summary(self.rows)]
+            lines += ["", f"under load (time at N threads over time at 1 thread, with busy processes on every core; "
+                          f"target for convc: <= {LOAD_TARGET:g}x):"] + _grid(cols, body, markdown)
         results = [t["pass"] for r in self.rows for t in r.targets]
         results += [t["pass"] for m in self.models for t in m["targets"]]
         lines += ["", f"targets: {sum(results)} pass, {len(results) - sum(results)} miss"
@@ -1246,11 +1366,15 @@ def choose(cases: str | None = None, models: str | None = None, quick: bool = Fa
 
 def run(cases: str | None = None, threads=None, quick: bool = False, repeat_seconds: float | None = None,
         min_runs: int | None = None, progress: Callable[[str], None] | None = None, models: str | None = None,
-        profile: int = 0) -> Report:
+        profile: int = 0, under_load: bool = False) -> Report:
     """Run the suite (or the cases matching ``cases``) and the models matching
     ``models`` (see :func:`choose`) at each thread count of ``threads`` (a
     list, or text like "1,4"; default 1 and all cores) and return a
     :class:`Report`. ``profile``: keep each row's ``profile`` slowest nodes.
+    ``under_load``: time everything beside :func:`busy_load` processes (one
+    per core; the FMA peak is measured before they start) and judge each
+    case's time at N threads against its time at 1 thread (1 is added to
+    ``threads`` if missing; ``LOAD_TARGET``).
 
     >>> print(cc.bench.run(cases="lenet5_b1", quick=True).table())   # doctest: +SKIP
     >>> print(cc.bench.run(models="resnet18", threads=[1]).table())  # doctest: +SKIP
@@ -1262,6 +1386,11 @@ def run(cases: str | None = None, threads=None, quick: bool = False, repeat_seco
                                 else ",".join(map(str, threads)))
     if profile < 0:
         raise ConvcError(f"bench: --profile takes a positive number of nodes, got {profile}")
+    if under_load:
+        thread_list = sorted({1, *thread_list})
+        if len(thread_list) < 2:
+            raise ConvcError("bench: --under-load compares convc at 1 thread with more threads, but only 1 thread "
+                             "is asked for (this machine has one core, or --threads 1): try --threads 1,2")
     chosen = choose(cases, models, quick)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     runner = Runner(settings, thread_list, progress, profile)
@@ -1269,9 +1398,16 @@ def run(cases: str | None = None, threads=None, quick: bool = False, repeat_seco
     progress("measuring the FMA peak")
     runner.measure_peak()
     rows: list[Row] = []
-    for i, case in enumerate(chosen, start=1):
-        progress(f"[{i}/{len(chosen)}] {case.name}")
-        rows += runner.run_case(case)
+    busy = 0
+    with busy_load() if under_load else contextlib.nullcontext() as pids:
+        if under_load:
+            busy = len(pids)
+            progress(f"under load: {busy} busy processes spinning (pids {', '.join(map(str, pids))})")
+        for i, case in enumerate(chosen, start=1):
+            progress(f"[{i}/{len(chosen)}] {case.name}")
+            rows += runner.run_case(case)
+    if under_load:
+        judge_load(rows)
     from .runtime.build import compiler, compiler_version
 
     versions = {"convc": convc.__version__, "numpy": np.__version__,
@@ -1295,10 +1431,14 @@ def run(cases: str | None = None, threads=None, quick: bool = False, repeat_seco
                       f"(default pipeline); convc checked against ONNX Runtime to {MODEL_RTOL:g} of the output "
                       f"scale; ORT intra_op_num_threads = threads, sequential; torch eager with "
                       f"torch.set_num_threads; {timing}")
+    from .runtime.threads import wait_policy
+
+    under = (f"{busy} busy processes (one per core, a pure-Python spin each) ran beside every compile, check and "
+             f"timed run; the FMA peak was measured before they started") if under_load else None
     header = dict(cpu=cpu_model(), isa=isa_flags(), cores=os.cpu_count(), load=f"{load:.2f} at start",
                   compiler=compiler_version(compiler()).splitlines()[0], versions=versions,
                   fma_peak={str(t): v for t, v in runner.peak.items()}, fma_detail=runner.fma_detail, settings=how,
-                  models=models_how, quick=quick)
+                  models=models_how, quick=quick, openmp=wait_policy().detail, under_load=under)
     return Report(header, rows, runner.notes, {c.name: c.description for c in chosen})
 
 
@@ -1315,6 +1455,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", metavar="N", nargs="?", type=int, const=10, default=0,
                    help="after each row, the N slowest nodes of a profile=True build (default N: 10)")
     p.add_argument("--threads", metavar="N,M", help="thread counts (default: 1 and all cores)")
+    p.add_argument("--under-load", action="store_true",
+                   help=f"time beside one busy process per core and report each case's time at N threads over its "
+                        f"time at 1 thread (target <= {LOAD_TARGET:g}x); the processes stop when the bench ends")
     p.add_argument("--repeat-seconds", type=float, metavar="S", help="time each case for at least S seconds "
                                                                      "(default 0.2; quick 0.01)")
     p.add_argument("--min-runs", type=int, metavar="N", help="at least N timed runs per case (default 5)")
@@ -1334,7 +1477,7 @@ def cmd_bench(args) -> int:
         return 0
     report = run(args.cases, args.threads, args.quick, args.repeat_seconds, args.min_runs,
                  progress=lambda msg: print(msg, file=sys.stderr, flush=True), models=args.models,
-                 profile=args.profile)
+                 profile=args.profile, under_load=args.under_load)
     print(report.table(markdown=args.markdown))
     if args.json:
         with open(args.json, "w") as f:
