@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import CompileError, ConvcError, InputError
 from ..ir import Graph
-from .module import Module, aligned_bytes, param_view
+from .module import Module, aligned_bytes, fast_path, param_view, untyped
 
 INSTALL_HINT = ("install an OpenCL ICD loader, its headers and a driver, e.g. on Debian/Ubuntu: "
                 "apt-get install ocl-icd-opencl-dev opencl-headers pocl-opencl-icd")
@@ -75,7 +75,7 @@ class OpenCLModule(Module):
     def __init__(self, graph: Graph, src, lib_path):
         import cffi
 
-        super().__init__(graph, src.kernels)
+        super().__init__(graph, src.kernels, [n for n, _ in src.inputs])
         self.host_source = src.host            # the C host program (kernels embedded): builds without Python
         self.host_api = src.cdef()              # its declarations, e.g. for a C main() that links it
         self.host_prefix = src.prefix
@@ -109,6 +109,10 @@ class OpenCLModule(Module):
                 raise OpenCLUnavailable(msg)
             raise ConvcError(f"graph '{graph.name}': OpenCL setup failed: {msg}")
         self.device = self._ffi.string(self._fn["device"]()).decode(errors="replace")
+        # the host program's run(inputs..., outputs...) copies inputs to the
+        # device and the results back into the output buffers it is given
+        self._call_entry = untyped(self._ffi, self._fn["run"], len(src.inputs) + len(src.outputs))
+        fast_path(self, (), self._lock)
 
     def _error(self) -> str:
         return self._ffi.string(self._fn["error"]()).decode(errors="replace")
@@ -120,12 +124,16 @@ class OpenCLModule(Module):
         if rc != 0:
             raise ConvcError(f"graph '{self.graph.name}': {what} on OpenCL device '{self.device}': {self._error()}")
 
-    def _run(self, feeds):
-        outs = {o: np.empty(t.shape, t.dtype) for o, t in self.outputs.items()}
-        args = [self._ptr(feeds[n]) for n, _ in self._src.inputs] + [self._ptr(outs[o]) for o in self.outputs]
+    def _run(self, args, outs):
+        ptrs = [self._ffi.from_buffer(a) for a in (*args, *outs)]     # each keeps its array alive
         with self._lock:
-            self._check(self._fn["run"](*args), "run")
+            rc = self._call_entry(*ptrs)
+        if rc:
+            self._failed(rc)
         return outs
+
+    def _failed(self, rc: int):
+        self._check(rc, "run")
 
     def _param_view(self, n) -> np.ndarray:
         return param_view(self.graph, self.plan, self._params, n)
