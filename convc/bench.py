@@ -529,6 +529,29 @@ def _train_prepare(env: Env, b: int) -> Prepared:
     return prep
 
 
+def _call_case(out: bool) -> Case:
+    """The cost of one call: ``Module.run`` on a graph that is one ReLU of
+    16 float32s (checks, output allocation, cffi, the module's lock) against
+    ``torch.relu``; with ``out``, into a preallocated array."""
+    def prepare(env: Env, _threads: int) -> Prepared:
+        from .ir import Graph
+        from .ops.elementwise import relu
+
+        g = Graph("call_overhead")
+        g.output(relu(g.input("x", (16,))), "y")
+        feeds = {"x": env.rng("call_overhead").standard_normal(16).astype(np.float32)}
+        mod, y = env.compile(g), np.empty(16, np.float32)
+        run = (lambda: mod.run(feeds, out={"y": y})["y"]) if out else (lambda: mod.run(feeds)["y"])
+        prep = Prepared(g, run, feeds=feeds, onnx=True)
+        if env.torch is not None:
+            x = env.t(feeds["x"])
+            prep.torch = lambda: env.torch.relu(x)
+        return prep
+    return Case("call_overhead" + ("_out" if out else ""), "call",
+                f"mod.run({{'x': x}}{', out=...' if out else ''}) on one ReLU of 16 float32s vs torch.relu: "
+                f"the cost of a call (times under 10 us are shown in us)", prepare)
+
+
 def suite(quick: bool = False) -> list[Case]:
     """Every case, in table order (names are the same in the quick suite;
     descriptions give the sizes actually run)."""
@@ -539,6 +562,7 @@ def suite(quick: bool = False) -> list[Case]:
                        ("dcgan", "DCGAN generator (nz {nz}, ngf {ngf}, 3x64x64)")):
         cases += [_net_case(name, what, b, quick) for b in NET_BATCHES]
     cases.append(_train_case(quick))
+    cases += [_call_case(out=False), _call_case(out=True)]
     cases.append(Case("lenet5_compile_cold", "compile",
                       "cc.compile(lenet5()) into a fresh, empty CONVC_CACHE_DIR (passes, codegen, C compiler, load)"))
     cases.append(Case("lenet5_load_cached", "compile", "cc.compile(lenet5()) again, from the compile cache"))
@@ -1063,6 +1087,8 @@ def _ms(v, status="ok"):
         return status
     if v is None:
         return "n/a"
+    if v < 0.01:
+        return f"{v * 1e3:.2f} us"          # a call's overhead: microseconds
     return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}" if v >= 1 else f"{v:.3f}"
 
 
