@@ -359,8 +359,9 @@ def fast_path(mod: Module, fixed: tuple, lock) -> str:
                 f"    return {otherwise}",
                 ""]
 
-    lines = [f"# fast path of convc module '{mod.graph.name}' ({mod.target}): "
-             f"({', '.join(n for n, _, _ in mod._in_spec)}) -> ({', '.join(mod._out_names)})",
+    # names only ever appear as repr() literals: a name with a newline must not end the comment
+    lines = [f"# fast path of convc module {mod.graph.name!r} ({mod.target}): "
+             f"({', '.join(repr(n) for n, _, _ in mod._in_spec)}) -> ({', '.join(map(repr, mod._out_names))})",
              *function("def run(mod, feeds, out=None):", outputs_of_run, as_dict, "mod._checked_run(feeds, out)"),
              *function("def call(mod, feeds):", allocate, as_value, "mod._checked_call(feeds)")]
     source = "\n".join(lines)
