@@ -482,7 +482,10 @@ def test_fire_modules_match_the_reference(pipeline):
     for target in [t for t in helpers.TARGETS if t != "numpy"]:
         mod = cc.compile(g, target=target, passes=passes)
         assert not any(n.startswith("cat") for n in mod.plan.order)
-        helpers.assert_close(mod(x=a), want, what=f"{target}, passes={pipeline}")
+        # default: the 3x3 expands run as Winograd F(4x4, 3x3), whose float32 rounding is
+        # about 1e-5 of max |y| (tests/test_winograd_f43.py measures it)
+        helpers.assert_close(mod(x=a), want, atol=3e-5 * max(1.0, float(np.abs(want).max())),
+                             what=f"{target}, passes={pipeline}")
 
 
 def test_concat_output_is_the_callers_array():
@@ -672,7 +675,7 @@ def test_export_writes_concat_inputs_into_their_slices(passes, tmp_path):
         lib = (tmp_path / g.name / "fire.c").read_text()
         assert "node_cat" not in lib
         cmd = ["gcc", "-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O2", "-o", "harness",
-               "fire_test.c", "fire.c", "-lm"]
+               "-DFIRE_TEST_TOLERANCE=1e-4", "fire_test.c", "fire.c", "-lm"]    # the bound asserted below
         for c in (cmd, ["./harness"]):
             run = subprocess.run(c, cwd=tmp_path / g.name, capture_output=True, text=True, timeout=300)
             assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
