@@ -49,11 +49,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..codegen.env import CTYPES, cfloat
 from ..errors import RuleError
 from ..ir import TensorType, Value
 from . import epilogue
 from .conv import Conv
 from .registry import OPS, Op, as_value, float_dtype, register, rules, same_dtype
+
 
 @dataclass(frozen=True)
 class Transform:
@@ -99,20 +101,19 @@ def combination(coefs, names, ctype: str = "float") -> tuple[str, int]:
     >>> combination([4, 0, -5, 0, 1], ["d0", "d1", "d2", "d3", "d4"])
     ('4.0f * d0 - 5.0f * d2 + d4', 2)
     """
-    from ..codegen.env import cfloat
-
     terms = [(float(c), n) for c, n in zip(coefs, names) if c != 0]
     if not terms:
         return cfloat(0.0, ctype), 0
-    scale = terms[0][0]
+    scale = terms[0][0]             # factored out when every term has its magnitude (and it is not 1)
     if len(terms) == 1 or abs(scale) == 1 or any(abs(c) != abs(scale) for c, _ in terms):
         scale = 1.0
-    text, muls = "", int(scale != 1)
-    for k, (c, n) in enumerate(terms):
+    parts, muls = [], int(scale != 1)
+    for c, n in terms:
         c /= scale
-        term = n if abs(c) == 1 else f"{cfloat(abs(c), ctype)} * {n}"
         muls += abs(c) != 1
-        text += ("-" if c < 0 else "") + term if k == 0 else (" - " if c < 0 else " + ") + term
+        term = n if abs(c) == 1 else f"{cfloat(abs(c), ctype)} * {n}"
+        parts.append(("-" if c < 0 else "") + term if not parts else (" - " if c < 0 else " + ") + term)
+    text = "".join(parts)
     return (text if scale == 1 else f"{cfloat(scale, ctype)} * ({text})"), muls
 
 
@@ -224,14 +225,16 @@ def transform_ops(tile: int) -> tuple[int, int]:
 def arithmetic(out_y: int, out_x: int, c_in: int, c_out: int, tile: int) -> int:
     """Arithmetic operations of one image of ``winograd_conv`` with ``tile``
     as the template runs it: the products (one multiply-add per coefficient,
-    V slot — padding included — and channel pair: T² · TB · blocks · C_in ·
-    C_out) plus the input transforms of every (padded) tile and input channel
-    and the output transforms of every tile and output channel. The kernel
-    transform is left out (weights: folded at compile time, or once per run)."""
+    V slot and channel pair, with the padding of the register tiles: TB slots
+    per block, output channels in blocks of CB: T² · TB · blocks · C_in ·
+    ⌈C_out / CB⌉ · CB) plus the input transforms of every tile of the blocks
+    and input channel and the output transforms of every tile and output
+    channel. The kernel transform is left out (weights: folded at compile
+    time, or once per run)."""
     b = blocking(out_y, out_x, c_out, tile)
     blocks = b["BLOCKS_Y"] * b["BLOCKS_X"]
     t_in, t_out = transform_ops(tile)
-    products = (tile + 2) ** 2 * b["TB"] * blocks * c_in * c_out
+    products = (tile + 2) ** 2 * b["TB"] * blocks * c_in * _ceil_div(c_out, b["CB"]) * b["CB"]
     return products + b["BY"] * b["BX"] * blocks * c_in * t_in + b["TILES_Y"] * b["TILES_X"] * c_out * t_out
 
 
@@ -292,7 +295,7 @@ class WinogradKernel(Op):
 
     def context(self, attrs, types, out):
         (w,) = types
-        code = transform_code(attrs["tile"], "float" if w.dtype == "float32" else "double")
+        code = transform_code(attrs["tile"], CTYPES[w.dtype])
         return dict(C_OUT=w.shape[0], C_IN=w.shape[1], flip=attrs["flip"], par=[("co", "C_OUT", w.shape[0])],
                     points=TRANSFORMS[attrs["tile"]].points, G_rows=_matrix_text(TRANSFORMS[attrs["tile"]].g),
                     **code)
@@ -364,7 +367,7 @@ class WinogradConv(Conv):
                     OUT_Y=out.shape[2], OUT_X=out.shape[3], P_Y=py, P_X=px, bias=bias,
                     par=[("n", "N", x.shape[0]), ("by", "BLOCKS_Y", blk["BLOCKS_Y"]), ("bx", "BLOCKS_X", blk["BLOCKS_X"])],
                     points=tr.points, BT_rows=_matrix_text(tr.bt), AT_rows=_matrix_text(tr.at),
-                    **transform_code(tile, "float" if x.dtype == "float32" else "double"), **blk)
+                    **transform_code(tile, CTYPES[x.dtype]), **blk)
 
     def workspace(self, attrs, types, out, target="c"):
         """One slice per work-item (image n, tile block): V for the block's
