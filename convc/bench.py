@@ -3,8 +3,8 @@ PyTorch CPU and ONNX Runtime, with every figure also shown as a fraction of
 this machine's measured FMA peak.
 
     convc bench [--quick] [--cases PATTERN] [--models [PATTERN]] [--profile [N]]
-                [--threads 1,2] [--repeat-seconds S] [--min-runs N] [--json FILE]
-                [--markdown] [--list]
+                [--threads 1,2] [--under-load] [--repeat-seconds S] [--min-runs N]
+                [--json FILE] [--markdown] [--list]
     python -m convc.bench --quick
 
 How it measures:
@@ -38,6 +38,12 @@ Runtime to ``MODEL_RTOL`` and timed against ORT and PyTorch eager like the
 other cases; the table shows convc/ORT and convc/PyTorch time ratios and
 their geometric means. A model convc cannot import yet is a row that says
 so, not a crash. ``--profile`` adds each case's slowest nodes.
+
+``--under-load`` runs everything beside one busy process per core
+(:func:`busy_load`) and reports each case's time at N threads over its time
+at 1 thread, for convc (target <= ``LOAD_TARGET``), PyTorch and ORT: how the
+threads fare on a machine someone else is using (see
+``convc/runtime/threads.py`` for how convc's threads wait).
 """
 from __future__ import annotations
 
