@@ -256,7 +256,7 @@ def conv_types(c_in, c_out, size, padding=1, stride=1):
 @pytest.mark.parametrize("c, size, tile", [
     (64, 56, 4), (128, 28, 4), (256, 14, 4),  # the ResNet 3x3 layers: F(4x4) fills its register tiles
     (512, 7, 2),                              # 2x2 tiles of 4x4 would pad a 16-slot register tile to 4x
-    (8, 56, 2),                               # thin: the bigger transforms cost more than the products save
+    (8, 56, 2),                               # thin: by the count, the bigger transforms cost more than they save
     (16, 56, 4), (32, 8, 2), (64, 4, 2),
 ])
 def test_winograd_tile_rule(c, size, tile):

@@ -28,16 +28,20 @@ def winograd_tile(x: TensorType, w: TensorType, attrs: dict) -> int | None:
     of 4, but its transforms cost about 2.3× more per output, and its tiles
     are 4× fewer, so a small output pads a register tile with empty slots:
 
-    - 64→64 at 56², 128→128 at 28², 256→256 at 14²: F(4×4) counts 0.59-0.69×
-      F(2×2)'s operations and ran 1.3-1.5× faster (one thread, Xeon AVX-512,
-      see the commit that added tile 4);
+    - 64→64 at 56², 128→128 at 28², 256→256 at 14²: F(4×4) counts 0.65,
+      0.69 and 0.59× F(2×2)'s operations and ran 1.36-1.41, 1.04-1.06 and
+      1.08-1.21× faster (one thread, Xeon AVX-512, medians of 41 interleaved
+      runs, three repeats on a shared host): less than the counts say where
+      a block row has few tiles (7 and 4 tiles: the transforms, which run
+      across a block row, fill a vector only partly);
     - 512→512 at 7²: 4 tiles of 4×4 fill a 16-slot register tile a quarter,
-      F(4×4) counts 2.25× more and F(2×2) (16 tiles, one full register tile)
-      stays; so do outputs under 8×8 and the thin 8-channel layers, where the
-      transforms dominate.
-
-    The lead's tuning database (when it has an entry) overrides this rule in
-    the caller, not here.
+      F(4×4) counts 2.25× more (and ran 2.2× slower); F(2×2) (16 tiles, one
+      full register tile) stays; so do outputs of 8×8 and less (16→16 at 8²:
+      F(4×4) 1.7× slower);
+    - the counts are not a clock: 8→8 at 56² counts 1.07× for F(4×4), so
+      F(2×2) stays, but F(4×4) ran 1.15× faster there. Such cases are for a
+      measured choice (a tuning database consulted by the caller), not for
+      a constant here.
     """
     if winograd_rule(x, w, attrs) or min(x.shape[1], w.shape[0]) < MIN_CHANNELS:
         return None
