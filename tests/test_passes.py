@@ -29,7 +29,7 @@ ALL_PASSES = ("strided_to_downsampled", "fuse_downsample", "transposed_to_conv",
               "conv_to_im2col", "local_to_matmul", "grouped_to_split", "dilated_to_dense", "tiled_to_convs",
               "fuse_separable", "factor_spatial_separable", "conv_to_fft", "fold_batch_norm",
               "fuse_epilogues", "fold_constants", "eliminate_dead_code", "eliminate_common_subexpressions",
-              "conv_to_gemm", "conv_to_winograd", "fold_params")
+              "conv_to_gemm", "conv_to_winograd", "fold_params", "to_blocked_layout")
 
 
 # ---------------------------------------------------------------------------
@@ -1077,7 +1077,26 @@ def noop_winograd():
     return g
 
 
+def noop_blocked():
+    """Convs the NCHWc layout does not take (passes/blocked.py blocked_eligible):
+    1D and 3D, grouped but not depthwise, an untied bias, and so few output
+    channels that most lanes of a block would be padding."""
+    rng = rng_for("noop_blocked")
+    g = cc.Graph("noop")
+    x = g.input("x", (1, 8, 9, 9), "float64")
+    g.output(cc.conv(x, g.param("wg", rng.standard_normal((8, 4, 3, 3))), groups=2), "grouped")
+    g.output(cc.conv(x, g.param("wu", rng.standard_normal((32, 8, 3, 3))), g.param("bu", rng.standard_normal((32, 7, 7)))),
+             "untied")
+    g.output(cc.conv(x, g.param("wf", rng.standard_normal((3, 8, 3, 3)))), "few_out")
+    x1 = g.input("x1", (1, 8, 20), "float64")
+    g.output(cc.conv(x1, g.param("w1", rng.standard_normal((32, 8, 3)))), "conv1d")
+    x3 = g.input("x3", (1, 8, 5, 5, 5), "float64")
+    g.output(cc.conv(x3, g.param("w3", rng.standard_normal((32, 8, 3, 3, 3)))), "conv3d")
+    return g
+
+
 NOOP_GRAPHS = {
+    "to_blocked_layout": noop_blocked,
     "conv_to_gemm": noop_gemm,
     "conv_to_winograd": noop_winograd,
     "strided_to_downsampled": noop_strided_to_downsampled,
