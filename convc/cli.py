@@ -103,6 +103,38 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def compare_pipelines(g, pipelines: list[str]) -> str:
+    """The graph after each pipeline side by side: a cost table (MACs,
+    arena, nodes, layout reorders, nodes per op) and the ops of each final
+    graph in schedule order, one column per pipeline."""
+    from collections import Counter
+
+    from convc import passes
+    from convc.cost import cost
+    from convc.schedule import plan
+
+    outs = [passes.run(g, p) for p in pipelines]
+    counts = [Counter(o.node(n)["op"] for n in o.topological_order()
+                      if o.node(n)["op"] not in ("input", "param")) for o in outs]
+    rows = [("pipeline", *pipelines)]
+    reps = [cost(o) for o in outs]
+    rows.append(("MACs", *(f"{r.macs:,}" for r in reps)))
+    rows.append(("arena bytes", *(f"{plan(o).arena_bytes:,}" for o in outs)))
+    rows.append(("nodes", *(str(sum(c.values())) for c in counts)))
+    rows.append(("layout reorders", *(str(c["to_blocked"] + c["from_blocked"]) for c in counts)))
+    for op in sorted(set().union(*counts)):
+        rows.append((f"  {op}", *(str(c[op]) for c in counts)))
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in rows]
+    lines.append("")
+    cols = [[f"{o.node(n)['op']} -> {o.node(n)['type']}" for n in plan(o).order] for o in outs]
+    colw = max(36, *(len(t) for c in cols for t in c))
+    lines.append("  ".join(p.ljust(colw) for p in pipelines).rstrip())
+    for i in range(max(len(c) for c in cols)):
+        lines.append("  ".join((c[i] if i < len(c) else "").ljust(colw) for c in cols).rstrip())
+    return "\n".join(lines)
+
+
 def cmd_passes(args) -> int:
     import shutil
     import subprocess
@@ -112,6 +144,9 @@ def cmd_passes(args) -> int:
     from convc.export import load_model
 
     g = load_model(args.model)
+    if args.compare:
+        print(compare_pipelines(g, [p.strip() for p in args.compare.split(",") if p.strip()]))
+        return 0
     names = passes.resolve([p.strip() for p in args.passes.split(",")] if args.passes else args.pipeline)
     steps = [("input", g, None)]
     for name in names:
@@ -176,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_.add_argument("--passes", help="comma-separated pass names instead of a pipeline")
     p_.add_argument("--dot", metavar="DIR", help="write one Graphviz file per step (and SVG/PNG if `dot` exists)")
     p_.add_argument("--debug", action="store_true", help="check every pass against the reference interpreter")
+    p_.add_argument("--compare", metavar="P1,P2", help="show the graphs two or more pipelines make side by side "
+                                                       "(e.g. default,blocked: NCHW vs NCHWc)")
     p_.set_defaults(fn=cmd_passes)
     t = sub.add_parser("tune", help="measure how to compute each conv of a model on this machine and save the "
                                     "winners to the tuning database that compile uses")

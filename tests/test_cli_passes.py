@@ -210,3 +210,26 @@ def test_broken_model_file_is_reported(tmp_path):
     path.write_text("def build(:\n")
     r = convc_cli(tmp_path, path)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "SyntaxError" in r.stderr
+
+
+def test_compare_shows_nchw_and_nchwc_side_by_side(tmp_path):
+    from convc.models import mobilenet_tiny
+    from convc.passes import run
+
+    r = convc_cli(tmp_path, "mobilenet_tiny", "--compare", "default,blocked")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["pipeline", "default", "blocked"]
+    blocked = run(mobilenet_tiny(), "blocked")
+    n_nchwc = sum(blocked.node(n)["op"] == "conv_nchwc" for n in blocked.topological_order())
+    row = next(x for x in lines if x.strip().startswith("conv_nchwc"))
+    assert row.split()[1:] == ["0", str(n_nchwc)] and n_nchwc > 0
+    reorders = next(x for x in lines if x.startswith("layout reorders")).split()[2:]
+    assert reorders[0] == "0" and int(reorders[1]) >= 1
+    header = next(i for i, x in enumerate(lines) if x.split()[:2] == ["default", "blocked"])
+    assert "conv_nchwc -> float32[1,1,16,16,16]" in lines[header + 1]
+
+
+def test_compare_with_an_unknown_pipeline_is_a_clear_error(tmp_path):
+    r = convc_cli(tmp_path, "lenet5", "--compare", "default,nonesuch")
+    assert r.returncode == 2 and "unknown pipeline or pass 'nonesuch'" in r.stderr and "Traceback" not in r.stderr
