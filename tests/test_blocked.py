@@ -180,6 +180,68 @@ def test_blocked_pools_match_torch(dtype):
             assert_close(got[key], w, rtol=TOL[dtype], atol=TOL[dtype], what=f"{key} {dtype} [{t}]")
 
 
+# name: ((H, W), kernel, stride, padding ((top, bottom), (left, right)), dilation, ceil_mode); 20 channels
+# (a block of padding lanes), batch 2
+MAX_POOLS = {
+    "resnet_3x3_s2": ((15, 17), 3, 2, ((1, 1), (1, 1)), 1, False),     # border column on both sides, odd sizes
+    "ceil_overhang": ((13, 14), 3, 2, ((0, 0), (0, 0)), 1, True),      # the last window runs past the input
+    "ceil_padded": ((12, 11), 3, 2, ((1, 1), (1, 1)), 1, True),
+    "k2_s2": ((10, 12), 2, 2, ((0, 0), (0, 0)), 1, False),            # interior only: no border column
+    "stride_gaps": ((11, 13), 2, 3, ((1, 1), (1, 1)), 1, False),       # stride > kernel
+    "dilated": ((9, 16), 3, 1, ((1, 1), (1, 1)), 2, False),
+    "asym_pad": ((8, 9), 5, 1, ((0, 2), (2, 1)), 1, False),
+    "no_interior": ((3, 4), 5, 1, ((2, 2), (2, 2)), 1, False),         # every window reaches into padding
+    "rect_1x5": ((6, 15), (1, 5), (1, 2), ((0, 0), (2, 2)), 1, False),
+}
+
+
+def torch_max_pool(xa, k, s, pads, d, ceil):
+    (t, b), (le, r) = pads
+    if t == b and le == r:
+        return F.max_pool2d(torch.tensor(xa), k, s, (t, le), d, ceil_mode=ceil).numpy()
+    assert not ceil
+    return F.max_pool2d(F.pad(torch.tensor(xa), (le, r, t, b), value=-np.inf), k, s, 0, d).numpy()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_blocked_max_pool_windows_match_torch(dtype):
+    """max_pool_nchwc against torch over interior and border windows, with
+    NaN (it wins, as in torch) and -inf in interior, first- and last-column
+    pixels, and whole channels of -inf."""
+    c = nb.block_size(dtype)
+    rng = np.random.default_rng(11)
+    g, feeds, want = cc.Graph(f"max_pools_{dtype[-2:]}"), {}, {}
+    for name, (size, k, s, pads, d, ceil) in MAX_POOLS.items():
+        xa = rng.standard_normal((2, 20) + size).astype(dtype)
+        h, w = size
+        xa[0, 3, h // 2, w // 2] = np.nan                   # interior
+        xa[1, 17, 0, 0] = np.nan                            # first column (a border window when padded)
+        xa[1, 5, h - 1, w - 1] = np.nan                     # last column
+        xa[0, 19, :, w - 1] = -np.inf                       # the last lane of the last block
+        xa[1, 8] = -np.inf                                  # every tap -inf
+        x = g.input(f"x_{name}", xa.shape, dtype)
+        feeds[x.name] = xa
+        g.output(nb.from_blocked(nb.max_pool_nchwc(nb.to_blocked(x, c), k, s, pads, d, ceil), 20), name)
+        want[name] = torch_max_pool(xa, k, s, pads, d, ceil)
+    for t in TARGETS:
+        got = cc.compile(g, target=t, passes="none").run(feeds)
+        for name in MAX_POOLS:
+            # a max is exact; NaN and -inf must sit where torch has them
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"max_pool_nchwc {name} {dtype} [{t}]")
+
+
+def test_blocked_max_pool_kernel_is_vector_and_split():
+    """The C max pool is the vector one: interior columns without tap checks
+    (a constant tap count), border columns over a clipped tap range."""
+    g = cc.Graph("mp_src")
+    x = g.input("x", (1, 2, 15, 17, nb.block_size("float32")))
+    g.output(nb.max_pool_nchwc(x, 3, 2, 1), "y")
+    from convc.codegen.c import generate
+    src = generate(g).text
+    assert "vector_size(" in src and "enum { X_FIRST = 1, X_END = 8 };" in src
+    assert "_window(xc, iy0, ky_lo, ky_hi, ox * S_X - P_X, 0, K_X)" in src
+
+
 # -- gradients -----------------------------------------------------------------------
 def test_reorder_gradients_and_inference_only_ops():
     c = nb.block_size("float32")

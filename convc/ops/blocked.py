@@ -468,8 +468,11 @@ class MaxPoolNCHWc(MaxPool):
         n, cb, h, w, c = types[0].shape
         axes = axes_context((h, w), out.shape[2:4], attrs["kernel_size"], attrs["stride"], attrs["dilation"],
                             attrs["padding"])
-        return dict(kind="max", N=n, CB=cb, C_BLK=c, axes=axes, par=[("n", "N", n), ("cb", "CB", cb),
-                                                                      ("oy", "OUT_Y", out.shape[2])])
+        ax = axes[1]
+        first, end = shapes.interior(ax["i"], ax["o"], ax["k"], ax["s"], ax["d"], ax["p"])
+        size = np.dtype(out.dtype).itemsize
+        return dict(kind="max", N=n, CB=cb, C_BLK=c, axes=axes, X_FIRST=first, X_END=end, VBYTES=c * size,
+                    MASK_T=f"int{8 * size}_t", par=[("n", "N", n), ("cb", "CB", cb), ("oy", "OUT_Y", out.shape[2])])
 
 
 @register
