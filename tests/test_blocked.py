@@ -407,6 +407,10 @@ def test_bad_attributes_raise_rule_errors():
         with pytest.raises(cc.ValidationError, match=rule) as e:
             build()
         assert "node '" in str(e.value) and "[inputs:" in str(e.value)
+    # geometry left out takes conv's defaults (stride 1, no padding, dilation 1), not a KeyError
+    y = g.add("conv_nchwc", [xb, wb], {})
+    assert y.shape == (1, 2, 6, 6, 16)
+    assert g.node(y.name)["attrs"]["dilation"] == (1, 1) and g.node(y.name)["attrs"]["stride"] == (1, 1)
 
 
 def test_tuning_database_overrides_the_rule():

@@ -332,7 +332,8 @@ def _nchwc_geometry(attrs, x: TensorType, w: TensorType):
         raise RuleError(f"weight must be (OB, IB, KH, KW, ci, co) or depthwise (CB, KH, KW, c), got rank "
                         f"{len(w.shape)}")
     plain_x = TensorType((x.shape[0], cin) + tuple(x.shape[2:4]), x.dtype)
-    geo = dict(stride=attrs["stride"], padding=attrs["padding"], dilation=attrs["dilation"], groups=groups)
+    geo = dict(stride=attrs.get("stride", 1), padding=attrs.get("padding", 0), dilation=attrs.get("dilation", 1),
+               groups=groups)
     geo, out = conv_geometry(geo, plain_x, TensorType(plain_w, w.dtype))
     return depthwise, geo, (out[0], shapes.ceil_div(out[1], co), out[2], out[3], co)
 
