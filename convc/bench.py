@@ -65,6 +65,7 @@ import numpy as np
 from .errors import ConvcError
 from .host import FmaPeak, cpu_mhz, cpu_model, isa_flags
 
+UNTUNED_TARGET = 1.3       # with --tune: the untuned defaults' time over the tuned time
 RTOL = 1e-3                  # max |convc - reference| / max |reference| a case may show
 FORWARD_BATCH, GRAD_BATCH = 1, 8
 QUICK_BATCH = 2              # --quick runs gradients and larger-batch layer cases at this batch
@@ -289,13 +290,16 @@ class Env:
     """What the cases build with: settings, a seeded RNG, torch and
     onnxruntime if present, and where to say what a slow step is doing."""
 
-    def __init__(self, settings: Settings, torch_mod, ort_mod=None, progress: Callable[[str], None] | None = None):
+    def __init__(self, settings: Settings, torch_mod, ort_mod=None, progress: Callable[[str], None] | None = None,
+                 tune: float | None = None):
         self.settings = settings
         self.quick = settings.quick
         self.torch = torch_mod
         self.ort = ort_mod
         self.F = torch_mod.nn.functional if torch_mod is not None else None
         self.progress = progress or (lambda msg: None)
+        self.tune = tune                # --tune: seconds of cc.tune per graph, and untuned builds beside
+        self.untuned = False            # which build a Variants module runs
 
     def rng(self, name: str):
         return np.random.default_rng(sum(map(ord, name)))
@@ -304,8 +308,38 @@ class Env:
         return self.torch.from_numpy(np.ascontiguousarray(a))
 
     def compile(self, graph):
+        """``graph`` compiled to C; with ``--tune``, first tuned on this host
+        (``tune`` seconds, at the current thread count) and returned as
+        :class:`Variants` of the tuned and the untuned build."""
         from .api import compile
-        return compile(graph, target="c")
+        if not self.tune:
+            return compile(graph, target="c")
+        from . import tuning
+        from .tuner import tune
+        self.progress(f"  cc.tune({graph.name}, budget={self.tune:g})")
+        report = tune(graph, budget=self.tune, progress=False)
+        with tuning.using(None):
+            untuned = compile(graph, target="c")
+        return Variants(compile(graph, target="c"), untuned, self, report)
+
+
+class Variants:
+    """A case compiled twice, with this host's tuning database and with the
+    untuned defaults; ``run`` runs the build the runner selects
+    (``Env.untuned``), so one case closure times both, interleaved with the
+    peers in one process."""
+
+    def __init__(self, tuned, untuned, env: Env, report):
+        self.tuned, self.untuned, self.env, self.report = tuned, untuned, env, report
+
+    def run(self, feeds, out=None):
+        return (self.untuned if self.env.untuned else self.tuned).run(feeds, out=out)
+
+    def __call__(self, **feeds):
+        return (self.untuned if self.env.untuned else self.tuned)(**feeds)
+
+    def __getattr__(self, name):                # outputs, inputs, graph, ...: the tuned build's
+        return getattr(self.tuned, name)
 
 
 def _torch_conv(env: Env, layer: Layer, groups: int):
@@ -938,6 +972,7 @@ class Row:
     x_torch: float | None = None
     ort_ms: float | None = None
     x_ort: float | None = None
+    untuned_ms: float | None = None     # --tune: the same case built without the tuning database
     error: float | None = None          # relative error against the reference
     status: str = "ok"                  # ok | FAILED | unsupported | n/a (see CaseFailure)
     targets: list = field(default_factory=list)     # [{"target", "value", "pass"}]
@@ -993,17 +1028,21 @@ class Report:
                  f"settings: {h['settings']}" if h.get("settings") else "",
                  f"models: {h['models']}" if h.get("models") else "",
                  f"OpenMP: {h['openmp']}" if h.get("openmp") else "",
-                 f"under load: {h['under_load']}" if h.get("under_load") else ""]
+                 f"under load: {h['under_load']}" if h.get("under_load") else "",
+                 f"tuning: {h['tuned']}" if h.get("tuned") else ""]
         lines = [ln for ln in lines if ln]
         if markdown:
             lines = [f"- {ln}" for ln in lines]
         cases = [r for r in self.rows if r.group != "model"]
         if cases:
-            cols = ["case", "threads", "MFLOP", "convc ms", "GFLOP/s", "% peak", "torch ms", "x torch", "ORT ms",
-                    "x ORT", "target"]
-            body = [[r.case, "-" if r.threads is None else str(r.threads), _num(r.mflop), _ms(r.convc_ms, r.status),
-                     _num(r.gflops), _num(r.pct_peak), _ms(r.torch_ms), _ratio(r.x_torch), _ms(r.ort_ms),
-                     _ratio(r.x_ort), _targets(r)] for r in cases]
+            tuned = bool(h.get("tuned"))
+            cols = ["case", "threads", "MFLOP", "convc ms"] + (["untuned ms", "untuned/tuned"] if tuned else []) + \
+                ["GFLOP/s", "% peak", "torch ms", "x torch", "ORT ms", "x ORT", "target"]
+            body = [[r.case, "-" if r.threads is None else str(r.threads), _num(r.mflop), _ms(r.convc_ms, r.status)]
+                    + ([_ms(r.untuned_ms), _ratio(r.untuned_ms / r.convc_ms if r.untuned_ms and r.convc_ms else None)]
+                       if tuned else [])
+                    + [_num(r.gflops), _num(r.pct_peak), _ms(r.torch_ms), _ratio(r.x_torch), _ms(r.ort_ms),
+                       _ratio(r.x_ort), _targets(r)] for r in cases]
             lines += [""] + _grid(cols, body, markdown)
         models = [r for r in self.rows if r.group == "model"]
         if models:
@@ -1217,6 +1256,12 @@ class Runner:
                     break
                 continue
             row.convc_ms = t * 1e3
+            if self.env.tune and case.group != "train":
+                self.env.untuned = True
+                try:
+                    row.untuned_ms = 1e3 * median_time(prep.convc, self.settings)
+                finally:
+                    self.env.untuned = False
             row.gflops = 2 * prep.macs / t / 1e9 if prep.macs else None
             if row.gflops is not None and threads in self.peak:
                 row.pct_peak = 100 * row.gflops / self.peak[threads]
@@ -1313,7 +1358,7 @@ class Runner:
             if row.x_torch is not None:
                 add(">=1x torch", f"{row.x_torch:.2f}x", row.x_torch >= 1.0)
             if case.kernel3x3 and row.pct_peak is not None:
-                add(">=50% peak", f"{row.pct_peak:.0f}%", row.pct_peak >= 50)
+                add(">=70% peak", f"{row.pct_peak:.0f}%", row.pct_peak >= 70)
         elif case.group == "net" and case.latency:
             for peer, x in (("torch", row.x_torch), ("ORT", row.x_ort)):
                 if x is not None:
@@ -1323,6 +1368,9 @@ class Runner:
         elif case.group == "model" and row.vs_ort is not None:
             add(f"<={MODEL_WORST:g}x ORT", f"{row.vs_ort:.2f}x", row.vs_ort <= MODEL_WORST)
             add(f"goal <={MODEL_GOAL:g}x ORT", f"{row.vs_ort:.2f}x", row.vs_ort <= MODEL_GOAL)
+        if row.untuned_ms is not None and row.convc_ms:
+            slower = row.untuned_ms / row.convc_ms
+            add(f"untuned <={UNTUNED_TARGET:g}x tuned", f"{slower:.2f}x", slower <= UNTUNED_TARGET)
 
     def run_compile(self, case: Case) -> list[Row]:
         """Cold compile: each into a fresh temporary CONVC_CACHE_DIR, with the
@@ -1398,7 +1446,7 @@ def choose(cases: str | None = None, models: str | None = None, quick: bool = Fa
 
 def run(cases: str | None = None, threads=None, quick: bool = False, repeat_seconds: float | None = None,
         min_runs: int | None = None, progress: Callable[[str], None] | None = None, models: str | None = None,
-        profile: int = 0, under_load: bool = False) -> Report:
+        profile: int = 0, under_load: bool = False, tune: float | None = None) -> Report:
     """Run the suite (or the cases matching ``cases``) and the models matching
     ``models`` (see :func:`choose`) at each thread count of ``threads`` (a
     list, or text like "1,4"; default 1 and all cores) and return a
@@ -1406,7 +1454,10 @@ def run(cases: str | None = None, threads=None, quick: bool = False, repeat_seco
     ``under_load``: time everything beside :func:`busy_load` processes (one
     per core; the FMA peak is measured before they start) and judge each
     case's time at N threads against its time at 1 thread (1 is added to
-    ``threads`` if missing; ``LOAD_TARGET``).
+    ``threads`` if missing; ``LOAD_TARGET``). ``tune``: seconds of
+    :func:`convc.tune` per case graph (at the first thread count) before it is
+    timed; each row then also times the untuned build (``untuned_ms``,
+    target ``UNTUNED_TARGET``).
 
     >>> print(cc.bench.run(cases="lenet5_b1", quick=True).table())   # doctest: +SKIP
     >>> print(cc.bench.run(models="resnet18", threads=[1]).table())  # doctest: +SKIP
@@ -1425,7 +1476,10 @@ def run(cases: str | None = None, threads=None, quick: bool = False, repeat_seco
                              "is asked for (this machine has one core, or --threads 1): try --threads 1,2")
     chosen = choose(cases, models, quick)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    if tune is not None and not tune > 0:
+        raise ConvcError(f"bench: --tune takes a positive number of seconds, got {tune}")
     runner = Runner(settings, thread_list, progress, profile)
+    runner.env.tune = tune
     progress = runner.progress
     progress("measuring the FMA peak")
     runner.measure_peak()
@@ -1470,11 +1524,20 @@ def run(cases: str | None = None, threads=None, quick: bool = False, repeat_seco
     header = dict(cpu=cpu_model(), isa=isa_flags(), cores=os.cpu_count(), load=f"{load:.2f} at start",
                   compiler=compiler_version(compiler()).splitlines()[0], versions=versions,
                   fma_peak={str(t): v for t, v in runner.peak.items()}, fma_detail=runner.fma_detail, settings=how,
-                  models=models_how, quick=quick, openmp=wait_policy().detail, under_load=under)
+                  models=models_how, quick=quick, openmp=wait_policy().detail, under_load=under,
+                  tuned=(f"each case graph tuned by cc.tune (budget {tune:g} s, at {thread_list[0]} thread"
+                         f"{'s' * (thread_list[0] > 1)}) into {tuning_db_path()}; convc ms is the tuned build, "
+                         f"untuned ms the same graph compiled without the tuning database, timed in turn")
+                  if tune else None)
     return Report(header, rows, runner.notes, {c.name: c.description for c in chosen})
 
 
 # -- command line -----------------------------------------------------------------------------------
+
+def tuning_db_path() -> str:
+    from .tuning import db_path
+    return str(db_path())
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="shrink every case and repeat count (a few seconds)")
@@ -1490,6 +1553,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--under-load", action="store_true",
                    help=f"time beside one busy process per core and report each case's time at N threads over its "
                         f"time at 1 thread (target <= {LOAD_TARGET:g}x); the processes stop when the bench ends")
+    p.add_argument("--tune", type=float, metavar="SECONDS",
+                   help="tune each case's graph on this host first (cc.tune with this budget; the winners go to the "
+                        "tuning database) and time the untuned build beside the tuned one "
+                        f"(target: untuned <= {UNTUNED_TARGET:g}x tuned)")
     p.add_argument("--repeat-seconds", type=float, metavar="S", help="time each case for at least S seconds "
                                                                      "(default 0.2; quick 0.01)")
     p.add_argument("--min-runs", type=int, metavar="N", help="at least N timed runs per case (default 5)")
@@ -1509,7 +1576,7 @@ def cmd_bench(args) -> int:
         return 0
     report = run(args.cases, args.threads, args.quick, args.repeat_seconds, args.min_runs,
                  progress=lambda msg: print(msg, file=sys.stderr, flush=True), models=args.models,
-                 profile=args.profile, under_load=args.under_load)
+                 profile=args.profile, under_load=args.under_load, tune=args.tune)
     print(report.table(markdown=args.markdown))
     if args.json:
         with open(args.json, "w") as f:

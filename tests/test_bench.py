@@ -432,3 +432,23 @@ def test_real_models():
     assert resnet.profile and resnet.profile["nodes"]
     assert v3.status == "ok" or (v3.status == "unsupported" and "Hard" in v3.reason), v3
     print(rep.table())
+
+
+def test_tune_times_the_tuned_and_the_untuned_build(tmp_path, monkeypatch):
+    """--tune: each case graph is tuned into the host's database first, and
+    every row times the untuned build beside the tuned one and judges it."""
+    from convc import tuning
+
+    monkeypatch.setenv("CONVC_CACHE_DIR", str(tmp_path))
+    tuning._loaded.clear()
+    rep = bench.run(cases="resnet3x3_s2,resnet3x3_s2:dx", threads=[1], quick=True, tune=5)
+    for r in rep.rows:
+        assert r.status == "ok" and r.untuned_ms > 0 and r.convc_ms > 0
+        assert any(t["target"] == f"untuned <={bench.UNTUNED_TARGET:g}x tuned" for t in r.targets)
+    text = rep.table()
+    assert "untuned ms" in text and "untuned/tuned" in text and "tuned by cc.tune" in text
+    saved = json.loads(tuning.db_path().read_text())["entries"]
+    assert any(k.startswith("conv ") for k in saved) and any(k.startswith("conv_grad_input ") for k in saved)
+    tuning._loaded.clear()
+    with pytest.raises(ConvcError, match="--tune"):
+        bench.run(cases="resnet3x3_s2", threads=[1], quick=True, tune=0)
