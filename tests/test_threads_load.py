@@ -29,7 +29,7 @@ if sys.argv[1] == "gomp-first":
     ctypes.CDLL("libgomp.so.1")
 from convc.runtime import threads
 p = threads.wait_policy()
-print(json.dumps(dict(source=p.source, spincount=p.spincount, spin_ns=p.spin_ns, wake_ns=p.wake_ns,
+print(json.dumps(dict(source=p.source, spincount=p.spincount, spin_ns=p.spin_ns, round_trip_ns=p.round_trip_ns,
                       detail=p.detail, env={k: os.environ.get(k) for k in threads.WAIT_VARIABLES},
                       threads=threads.get_num_threads())), flush=True)
 threads._gomp().omp_display_env(1)
@@ -56,8 +56,8 @@ def _child(mode: str = "convc-first", **env) -> tuple[dict, dict]:
 def test_convc_bounds_the_spin_before_libgomp_loads():
     info, shown = _child()
     assert info["source"] == "convc", info
-    assert info["spin_ns"] > 0 and info["wake_ns"] > 0
-    assert info["spincount"] == max(1, -(-info["wake_ns"] // info["spin_ns"]))     # ceil(wake / spin)
+    assert info["spin_ns"] > 0 and info["round_trip_ns"] > 0
+    assert info["spincount"] == max(1, -(-info["round_trip_ns"] // info["spin_ns"]))    # ceil(trip / spin)
     assert shown["GOMP_SPINCOUNT"] == str(info["spincount"]), shown                  # libgomp took it
     assert info["env"] == {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}          # and children do not inherit it
     assert f"GOMP_SPINCOUNT={info['spincount']}" in info["detail"]
@@ -104,8 +104,8 @@ def test_set_num_threads_changes_get_num_threads():
 
 def test_loaded_libgomp_and_the_probe():
     assert threads.loaded_libgomp() is not None          # this process: convc or torch loaded it
-    spin, wake = threads.measure(rounds=8)
-    assert 0 < spin < 1e5 and 0 < wake < 1e9
+    spin, trip = threads.measure(rounds=8)
+    assert 0 < spin < 1e5 and 0 < trip < 1e9
 
 
 # -- the busy processes -------------------------------------------------------------------------
