@@ -37,7 +37,8 @@ from .errors import ConvcError
 from .host import Host, fma_peak, probe
 from .ir import Graph
 
-CHOICE_PASSES = ("conv_to_winograd", "conv_to_gemm", "transposed_to_matmul", "to_blocked_layout")
+CHOICE_PASSES = ("conv_to_winograd", "conv_to_gemm", "transposed_to_matmul", "to_blocked_layout",
+                 "choose_blocked_layout")
 """The passes that choose algorithms: the tuner looks at the graph as it is
 just before the first of them."""
 
@@ -141,7 +142,7 @@ def _blocked_ok(g: Graph, n: str) -> bool:
 
 
 NEEDS_PASS = {"gemm": ("conv_to_gemm", "transposed_to_matmul"), "winograd": ("conv_to_winograd",),
-              "winograd4": ("conv_to_winograd",), "blocked": ("to_blocked_layout",)}
+              "winograd4": ("conv_to_winograd",), "blocked": ("to_blocked_layout", "choose_blocked_layout")}
 """The passes that carry out each algorithm: a pipeline without them cannot."""
 
 

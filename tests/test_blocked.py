@@ -438,3 +438,33 @@ def test_tuning_database_overrides_the_rule():
     assert "conv_nchwc" in made["blocked"]
     assert "conv_nchwc" not in made["direct"] and "conv" in made["direct"]
     assert "conv_nchwc" not in made["gemm"] and "matmul" in made["gemm"]
+
+
+def test_default_pipeline_blocks_stems_only_and_matches_the_reference():
+    """choose_blocked_layout (default pipeline): a stem (fewer input channels
+    than a block) runs as conv_nchwc with its epilogue, through the max pool
+    in NCHWc, and the layout goes back to NCHW before the next conv, which
+    the default rules keep (Winograd here); the output is the reference's."""
+    import convc as cc
+    from convc.passes import run
+    from convc.passes.blocked import block_size
+    from convc.reference import evaluate
+
+    rng = np.random.default_rng(7)
+    g = cc.Graph("stemnet")
+    x = g.input("x", (1, 3, 30, 30))
+    w1 = g.param("w1", (rng.standard_normal((32, 3, 7, 7)) * 0.1).astype(np.float32))
+    b1 = g.param("b1", rng.standard_normal(32).astype(np.float32))
+    w2 = g.param("w2", (rng.standard_normal((32, 32, 3, 3)) * 0.1).astype(np.float32))
+    h = cc.max_pool(cc.relu(cc.conv(x, w1, b1, stride=2, padding=3)), 3, stride=2, padding=1)
+    g.output(cc.conv(h, w2, None, padding=1), "y")
+    out = run(g, "default")
+    ops = [out.node(n)["op"] for n in out.topological_order() if out.node(n)["op"] not in ("input", "param")]
+    assert ops.index("conv_nchwc") < ops.index("max_pool_nchwc") < ops.index("from_blocked") < ops.index("winograd_conv")
+    assert ops.count("conv_nchwc") == 1 and "to_blocked" not in ops
+    (stem,) = [n for n in out.topological_order() if out.node(n)["op"] == "conv_nchwc"]
+    assert out.node(stem)["attrs"]["activation"] == "relu" and block_size("float32") > 3
+    feeds = {"x": rng.standard_normal((1, 3, 30, 30)).astype(np.float32)}
+    want = evaluate(g, feeds)["y"]
+    got = cc.compile(g).run(feeds)["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(want))))

@@ -97,8 +97,9 @@ def test_default_pipeline_is_the_default(tmp_path):
     got = steps(r.stdout)
     assert [h.split(" after ")[-1].rstrip(" =") for h, _ in got[1:]] == PIPELINES["default"]
     final = ir_of(got[-1][1])
-    assert "matmul(" in final and "im2col(" in final, "the stem and the pointwise convs are GEMMs"
-    assert "conv(" in final, "the depthwise convs stay direct"
+    assert "conv_nchwc(%x," in final, "the stem reads the image in the NCHWc kernel"
+    assert "matmul(" in final and "im2col(" not in final, "the pointwise convs are GEMMs, with no im2col"
+    assert " conv(" in final, "the depthwise convs stay direct"
 
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz `dot` is not installed")
@@ -220,14 +221,16 @@ def test_compare_shows_nchw_and_nchwc_side_by_side(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["pipeline", "default", "blocked"]
-    blocked = run(mobilenet_tiny(), "blocked")
-    n_nchwc = sum(blocked.node(n)["op"] == "conv_nchwc" for n in blocked.topological_order())
+    def count(pipeline, *names):
+        out = run(mobilenet_tiny(), pipeline)
+        return sum(out.node(n)["op"] in names for n in out.topological_order())
     row = next(x for x in lines if x.strip().startswith("conv_nchwc"))
-    assert row.split()[1:] == ["0", str(n_nchwc)] and n_nchwc > 0
+    want = [count("default", "conv_nchwc"), count("blocked", "conv_nchwc")]
+    assert row.split()[1:] == [str(v) for v in want] and want[1] > want[0] >= 1    # the stem, then every conv
     reorders = next(x for x in lines if x.startswith("layout reorders")).split()[2:]
-    assert reorders[0] == "0" and int(reorders[1]) >= 1
+    assert reorders == [str(count(p, "to_blocked", "from_blocked")) for p in ("default", "blocked")]
     header = next(i for i, x in enumerate(lines) if x.split()[:2] == ["default", "blocked"])
-    assert "conv_nchwc -> float32[1,1,16,16,16]" in lines[header + 1]
+    assert lines[header + 1].count("conv_nchwc -> float32[1,1,16,16,16]") == 2       # the stem, in both
 
 
 def test_compare_with_an_unknown_pipeline_is_a_clear_error(tmp_path):

@@ -29,7 +29,7 @@ ALL_PASSES = ("strided_to_downsampled", "fuse_downsample", "transposed_to_conv",
               "conv_to_im2col", "local_to_matmul", "grouped_to_split", "dilated_to_dense", "tiled_to_convs",
               "fuse_separable", "factor_spatial_separable", "conv_to_fft", "fold_batch_norm",
               "fuse_epilogues", "fold_constants", "eliminate_dead_code", "eliminate_common_subexpressions",
-              "conv_to_gemm", "conv_to_winograd", "fold_params", "to_blocked_layout")
+              "conv_to_gemm", "conv_to_winograd", "fold_params", "to_blocked_layout", "choose_blocked_layout")
 
 
 # ---------------------------------------------------------------------------
@@ -1097,6 +1097,7 @@ def noop_blocked():
 
 NOOP_GRAPHS = {
     "to_blocked_layout": noop_blocked,
+    "choose_blocked_layout": noop_blocked,
     "conv_to_gemm": noop_gemm,
     "conv_to_winograd": noop_winograd,
     "strided_to_downsampled": noop_strided_to_downsampled,
@@ -1401,8 +1402,10 @@ def test_default_pipeline_mobilenet_block():
     fs = nodes_of(mod.graph, "fused_separable")[0]
     assert mod.graph.node(fs)["attrs"]["dw_activation"] == "relu"
     assert mod.graph.node(fs)["attrs"]["pw_activation"] == "relu"
-    (stem,) = nodes_of(mod.graph, "conv")
+    # the stem reads the 3-channel image as it is, in the NCHWc kernel (choose_blocked_layout), its relu fused
+    (stem,) = nodes_of(mod.graph, "conv_nchwc")
     assert mod.graph.node(stem)["attrs"]["activation"] == "relu" and mod.graph.node(stem)["attrs"]["stride"] == (2, 2)
+    assert lowered["conv"] == 0 and lowered["from_blocked"] == 1 and lowered["to_blocked"] == 0
     assert lowered["relu"] == 0
     feeds = {"x": np.random.default_rng(4).standard_normal((2, 3, 16, 16)).astype(np.float32)}
     compare(mod.run(feeds), evaluate(g, feeds), "mobilenet block default", 1e-4, 1e-5)
@@ -1429,9 +1432,9 @@ def test_default_pipeline_mobilenet_tiny():
     g = mobilenet_tiny(batch=2)
     mod = cc.compile(g, "c")
     lowered = ops(mod.graph)
-    # at batch 2 the stem and every pointwise conv pass MIN_MACS: GEMMs, chosen before
-    # fuse_separable; the four depthwise convs stay direct
-    assert lowered["fused_separable"] == 0 and lowered["matmul"] == 5
+    # at batch 2 every pointwise conv passes MIN_MACS: GEMMs, chosen before fuse_separable; the
+    # stem reads the image in the NCHWc kernel (choose_blocked_layout); the four depthwise convs stay direct
+    assert lowered["fused_separable"] == 0 and lowered["matmul"] == 4 and lowered["conv_nchwc"] == 1
     assert sum(1 for n in nodes_of(g, "conv") if g.node(n)["attrs"]["groups"] > 1) == 4
     assert len(nodes_of(mod.graph, "conv")) == 4
     assert all(mod.graph.node(n)["attrs"]["groups"] > 1 for n in nodes_of(mod.graph, "conv"))

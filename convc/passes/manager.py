@@ -19,8 +19,9 @@ PASSES: dict[str, Callable[[Graph], Graph]] = {}
 
 PIPELINES: dict[str, dict[str, list[str]]] = {
     # What cc.compile runs unless told otherwise (inference): cleanups, then
-    # the choice of algorithm per conv (Winograd for 3x3 unit-stride, GEMM
-    # where it pays; each pass's docstring gives its rule), then the fusions
+    # the choice of algorithm per conv (the NCHWc direct kernel for stems,
+    # Winograd for 3x3 unit-stride, GEMM where it pays; each pass's docstring
+    # gives its rule; a tuning database entry overrides it), then the fusions
     # on what the lowerings made (bias, residual and activation into each
     # producer's epilogue; depthwise + pointwise pairs too small for a GEMM
     # into one kernel), then the weight-only work done once, at compile time.
@@ -29,6 +30,8 @@ PIPELINES: dict[str, dict[str, list[str]]] = {
         "eliminate_common_subexpressions",
         "fold_constants",
         "fold_batch_norm",
+        "fuse_epilogues",                      # so a conv that goes blocked keeps its bias and activation
+        "choose_blocked_layout",               # NCHWc where it pays (stems, and what the tuner chose)
         "conv_to_winograd",
         "conv_to_gemm",
         "transposed_to_matmul",
