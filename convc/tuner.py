@@ -42,6 +42,12 @@ CHOICE_PASSES = ("conv_to_winograd", "conv_to_gemm", "transposed_to_matmul", "to
 """The passes that choose algorithms: the tuner looks at the graph as it is
 just before the first of them."""
 
+KEEP_DEFAULT = 0.97
+"""A winner must take less than this fraction of the untuned defaults' time
+(measured in turn, at the end) to be stored as a choice; otherwise the entry
+says ``default``: the passes' own rules stay, and timing noise never makes a
+tuned build slower than an untuned one."""
+
 RTOL = {"float32": 2e-3, "float64": 1e-9}
 """Max |candidate − reference| / max |reference| a candidate may show
 (float32 Winograd F(4×4,3×3) on unit-scale data stays near 1e-4)."""
@@ -462,13 +468,17 @@ def tune(graph: Graph, budget: float = 120.0, passes=None, progress: bool = True
             faster = [r for r in more if r.seconds is not None and r.seconds < 0.97 * best.seconds]
             if faster:
                 best = min(faster, key=lambda r: r.seconds)
-        t.best = best
-        # what the untuned defaults pick, timed beside the winner (a cache hit: no compile)
+        # the final say: the winner against what the untuned defaults compile to, timed in turn
+        # (a cache hit: no compile); unless the winner is clearly faster, the defaults stay
         dmod = _compile(m, pipeline, None)
         winner = _compile(m, pipeline, _forcing(host, sig, best.candidate))
         d_s, w_s = _time_interleaved([dmod, winner], feeds, per)
         t.default = Measured(Candidate("default"), d_s)
-        best.seconds = min(best.seconds, w_s)
+        if not w_s < KEEP_DEFAULT * d_s and best.candidate.algorithm != "default":
+            best = Measured(Candidate("default"), d_s)
+        else:
+            best.seconds = w_s
+        t.best = best
         entry = dict(best.candidate.entry(), seconds=best.seconds, threads=threads,
                      candidates={r.candidate.label: r.seconds for r in t.measured if r.seconds is not None})
         db.put(tuning.entry_key(sig, threads), entry)

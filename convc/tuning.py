@@ -37,10 +37,11 @@ import numpy as np
 from .host import Host, probe
 
 SCHEMA = 1
-ALGORITHMS = ("direct", "gemm", "winograd", "winograd4", "blocked")
-"""What an entry may choose for a conv-like node: the direct loops, im2col
-(or col2im) + the blocked GEMM, Winograd F(2×2,3×3) or F(4×4,3×3), the direct
-kernel over the NCHWc layout."""
+ALGORITHMS = ("default", "direct", "gemm", "winograd", "winograd4", "blocked")
+"""What an entry may choose for a conv-like node: the passes' own rules (the
+tuner measured nothing faster), the direct loops, im2col (or col2im) + the
+blocked GEMM, Winograd F(2×2,3×3) or F(4×4,3×3), the direct kernel over the
+NCHWc layout."""
 
 TUNED_OPS = ("conv", "conv_grad_kernel", "conv_grad_input", "conv_transpose")
 """The ops whose implementation the tuner chooses."""
@@ -270,6 +271,8 @@ def choice(g, n: str, mine=ALGORITHMS) -> dict | None:
     if db is None:
         return None
     e = db.lookup(signature(g, n))
+    if e is not None and e["algorithm"] == "default":
+        return None                                 # measured: the rules' own choice is the fastest
     if e is not None and e["algorithm"] in mine:
         sink = _NOTES.get()
         if sink is not None:
