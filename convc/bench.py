@@ -126,25 +126,10 @@ def median_time(fn: Callable[[], object], settings: Settings) -> float:
 
 
 def median_times_in_turn(fns: list[Callable[[], object]], settings: Settings) -> list[float]:
-    """Median seconds of each of ``fns``, run in turn (one call of each per
-    round, after a warm-up round) for at least ``min_runs`` rounds and
-    ``repeat_seconds`` (three rounds once ``max_seconds`` have passed): a
-    change in the machine's speed during the runs moves all of them alike."""
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    start = time.perf_counter()
-    while True:
-        for k, fn in enumerate(fns):
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-        elapsed, rounds = time.perf_counter() - start, len(times[0])
-        if rounds >= settings.min_runs and elapsed >= settings.repeat_seconds:
-            break
-        if rounds >= min(3, settings.min_runs) and elapsed >= settings.max_seconds:
-            break
-    return [statistics.median(t) for t in times]
+    """Median seconds of each of ``fns``, run in turn round by round
+    (:func:`convc.tuner.median_times_in_turn`) for the settings' runs and time."""
+    from .tuner import median_times_in_turn as in_turn
+    return in_turn(fns, settings.min_runs, settings.repeat_seconds, settings.max_seconds)
 
 
 # -- the suite ------------------------------------------------------------------------------------

@@ -36,17 +36,19 @@ from . import tuning
 from .errors import ConvcError
 from .host import Host, fma_peak, probe
 from .ir import Graph
+from .passes.blocked import blocked_eligible
 
 CHOICE_PASSES = ("conv_to_winograd", "conv_to_gemm", "transposed_to_matmul", "to_blocked_layout",
                  "choose_blocked_layout")
 """The passes that choose algorithms: the tuner looks at the graph as it is
 just before the first of them."""
 
-KEEP_DEFAULT = 0.97
-"""A winner must take less than this fraction of the untuned defaults' time
-(measured in turn, at the end) to be stored as a choice; otherwise the entry
-says ``default``: the passes' own rules stay, and timing noise never makes a
-tuned build slower than an untuned one."""
+CLEAR_WIN = 0.97
+"""A candidate replaces the one it is timed against only when it takes less
+than this fraction of its time: in the schedule refinements, and at the end,
+where the winner must beat what the untuned defaults compile to or the entry
+says ``default`` (the passes' own rules stay, so timing noise never makes a
+tuned build slower than an untuned one)."""
 
 RTOL = {"float32": 2e-3, "float64": 1e-9}
 """Max |candidate − reference| / max |reference| a candidate may show
@@ -132,19 +134,7 @@ class TuneReport:
 def _winograd_tiles(x, w, attrs) -> list[int]:
     from .ops import winograd
 
-    if winograd.winograd_rule(x, w, attrs):
-        return []
-    return list(getattr(winograd, "TILES", (2,)))
-
-
-def _blocked_ok(g: Graph, n: str) -> bool:
-    """Whether the NCHWc layout pass can take node ``n`` (its structural rule)."""
-    try:
-        from .passes.blocked import blocked_eligible
-    except ImportError:                 # a build without the blocked layout
-        return False
-    with tuning.using(None):
-        return bool(blocked_eligible(g, n))
+    return [] if winograd.winograd_rule(x, w, attrs) else list(winograd.TILES)
 
 
 NEEDS_PASS = {"gemm": ("conv_to_gemm", "transposed_to_matmul"), "winograd": ("conv_to_winograd",),
@@ -165,7 +155,7 @@ def candidates(g: Graph, n: str, passes=None) -> list[Candidate]:
         if not depthwise:
             out.append(Candidate("gemm"))
         out += [Candidate("winograd" if t == 2 else f"winograd{t}") for t in _winograd_tiles(x, w, a)]
-        if _blocked_ok(g, n):
+        if blocked_eligible(g, n):
             out.append(Candidate("blocked"))
     elif op == "conv_grad_kernel":
         out.append(Candidate("gemm"))
@@ -248,23 +238,33 @@ class _Clock:
         return self.budget - self.elapsed
 
 
-def _time_interleaved(mods: list, feeds: dict, seconds: float, min_rounds: int = 5) -> list[float]:
-    """Median seconds of each module, timed in rounds (one run of each per
-    round) for about ``seconds`` in all, at least ``min_rounds`` rounds."""
-    for mod in mods:                                    # warm-up: caches, pages, threads
-        mod.run(feeds)
-    times: list[list[float]] = [[] for _ in mods]
+def median_times_in_turn(fns: list, min_rounds: int, seconds: float, max_seconds: float | None = None,
+                         at_least: int = 3) -> list[float]:
+    """Median seconds of each of ``fns``, run in turn (one call of each per
+    round, after a warm-up round) for at least ``min_rounds`` rounds and
+    ``seconds``, or ``at_least`` rounds once ``max_seconds`` have passed: a
+    change in the machine's speed during the runs moves all of them alike.
+    The tuner and ``convc bench --tune`` time with it."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
-    rounds = 0
-    while rounds < min_rounds or time.perf_counter() - start < seconds:
-        for k, mod in enumerate(mods):
+    while True:
+        for k, fn in enumerate(fns):
             t = time.perf_counter()
-            mod.run(feeds)
+            fn()
             times[k].append(time.perf_counter() - t)
-        rounds += 1
-        if rounds >= min_rounds and time.perf_counter() - start > 4 * seconds:
+        elapsed, rounds = time.perf_counter() - start, len(times[0])
+        if rounds >= min_rounds and elapsed >= seconds:
+            break
+        if max_seconds is not None and rounds >= min(at_least, min_rounds) and elapsed >= max_seconds:
             break
     return [statistics.median(t) for t in times]
+
+
+def _time_modules(mods: list, feeds: dict, seconds: float) -> list[float]:
+    """Median seconds of each module's run on ``feeds``, in turn."""
+    return median_times_in_turn([lambda mod=mod: mod.run(feeds) for mod in mods], 5, seconds)
 
 
 def _measure(m: Graph, sig: str, cands: list[Candidate], pipeline, host: Host, want: np.ndarray,
@@ -294,7 +294,7 @@ def _measure(m: Graph, sig: str, cands: list[Candidate], pipeline, host: Host, w
             results.append((r, mod))
     good = [(r, mod) for r, mod in results if mod is not None]
     if good:
-        for (r, _), s in zip(good, _time_interleaved([mod for _, mod in good], feeds, seconds)):
+        for (r, _), s in zip(good, _time_modules([mod for _, mod in good], feeds, seconds)):
             r.seconds = s
     return results
 
@@ -331,7 +331,7 @@ def _refine_blocks(m: Graph, sig: str, best: Measured, mod, pipeline, host, want
             ref = got[0][0].seconds or cur_s
             for r, _ in got[1:]:
                 tried.append(r)
-                if r.seconds is not None and r.seconds < 0.97 * ref:
+                if r.seconds is not None and r.seconds < CLEAR_WIN * ref:
                     cur, ref, improved = dict(r.candidate.gemm), r.seconds, True
             cur_s = min(cur_s, ref)
         if not improved:
@@ -345,21 +345,20 @@ def _blocked_tiles(g: Graph, n: str, host: Host) -> list[dict]:
     """Register tiles of ``conv_nchwc`` worth measuring for node ``n``: for
     each number of output-channel blocks the widest row of columns that fits
     the vector registers, and half of it (depthwise: columns only)."""
-    from .ops.blocked import block_size
+    from .ops.blocked import MAX_OC_BLOCKS, block_size, depthwise_ur, widest_tile
 
     d = g.node(n)
     x, w = [g.node(i)["type"] for i in g.inputs_of(n)][:2]
     out_x = d["type"].shape[-1]
     regs = host.vector_registers
     if d["attrs"]["groups"] > 1:
-        return [{"ur_w": u} for u in sorted({min(out_x, regs - 2), max(1, min(out_x, (regs - 2) // 2)), min(out_x, 8)})]
+        widest = depthwise_ur(out_x, regs)
+        return [{"ur_w": u} for u in sorted({widest, max(1, widest // 2), min(out_x, 8)})]
     blocks = -(-w.shape[0] // block_size(x.dtype))
     tiles = []
-    for nb in range(1, min(4, blocks) + 1):
-        widest = min(out_x, (regs - nb - 1) // nb)
-        for ur in sorted({widest, max(1, widest // 2)}):
-            if ur >= 1:
-                tiles.append({"ur_w": ur, "oc_blocks": nb})
+    for nb in range(1, min(MAX_OC_BLOCKS, blocks) + 1):
+        widest = widest_tile(out_x, nb, regs)
+        tiles += [{"ur_w": ur, "oc_blocks": nb} for ur in sorted({widest, max(1, widest // 2)}) if ur >= 1]
     return tiles
 
 
@@ -465,16 +464,16 @@ def tune(graph: Graph, budget: float = 120.0, passes=None, progress: bool = True
                                    _Clock(share - (time.perf_counter() - began)))
         if more:
             t.measured += more
-            faster = [r for r in more if r.seconds is not None and r.seconds < 0.97 * best.seconds]
+            faster = [r for r in more if r.seconds is not None and r.seconds < CLEAR_WIN * best.seconds]
             if faster:
                 best = min(faster, key=lambda r: r.seconds)
         # the final say: the winner against what the untuned defaults compile to, timed in turn
         # (a cache hit: no compile); unless the winner is clearly faster, the defaults stay
         dmod = _compile(m, pipeline, None)
         winner = _compile(m, pipeline, _forcing(host, sig, best.candidate))
-        d_s, w_s = _time_interleaved([dmod, winner], feeds, per)
+        d_s, w_s = _time_modules([dmod, winner], feeds, per)
         t.default = Measured(Candidate("default"), d_s)
-        if not w_s < KEEP_DEFAULT * d_s and best.candidate.algorithm != "default":
+        if not w_s < CLEAR_WIN * d_s and best.candidate.algorithm != "default":
             best = Measured(Candidate("default"), d_s)
         else:
             best.seconds = w_s

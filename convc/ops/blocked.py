@@ -69,6 +69,13 @@ MAX_OC_BLOCKS = 4
 """At most this many output-channel blocks per register tile."""
 
 
+def widest_tile(out_x: int, oc_blocks: int, registers: int | None = None) -> int:
+    """The most output columns a ``conv_nchwc`` register tile of
+    ``oc_blocks`` channel blocks can hold: columns × blocks accumulators,
+    one weight vector per block and one broadcast input in the registers."""
+    return min(out_x, ((registers or vector_registers()) - oc_blocks - 1) // oc_blocks)
+
+
 def default_blocking(out_x: int, oc_blocks: int, registers: int | None = None) -> dict:
     """The register tile of ``conv_nchwc`` (groups 1): ``ur_w`` output columns ×
     ``oc_blocks`` output-channel blocks of accumulators, plus one register per
@@ -77,10 +84,9 @@ def default_blocking(out_x: int, oc_blocks: int, registers: int | None = None) -
     time for a row: per tile max(FMAs, loads, MIN_CHAINS), summed over the
     tiles that cover ``out_x`` columns × ``oc_blocks`` blocks (edges
     included)."""
-    regs = registers or vector_registers()
     best = None
     for nb in range(1, min(MAX_OC_BLOCKS, oc_blocks) + 1):
-        ur = min(out_x, (regs - nb - 1) // nb)
+        ur = widest_tile(out_x, nb, registers)
         if ur < 1:
             continue
         cost = 0

@@ -71,12 +71,11 @@ def _rule_conv(everywhere: bool):
     conv (to_blocked_layout), else those :func:`blocked_pays` picks
     (choose_blocked_layout); a tuning entry decides either way."""
     def rule(g: Graph, n: str):
+        if not blocked_eligible(g, n):
+            return None
         tuned = tuning.choice(g, n, mine=("blocked",))
-        if tuned is not None:
-            take = tuned["algorithm"] == "blocked"
-        else:
-            take = everywhere or (blocked_eligible(g, n) and blocked_pays(g, n))
-        return _conv(g, n, tuned) if take and blocked_eligible(g, n) else None
+        take = tuned["algorithm"] == "blocked" if tuned is not None else everywhere or blocked_pays(g, n)
+        return _conv(g, n, tuned) if take else None
     return rule
 
 
