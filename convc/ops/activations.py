@@ -103,11 +103,24 @@ def _np_sigmoid(x):
     return one / (one + np.exp(-x))
 
 
+def _np_clip(x, min, max):  # noqa: A002
+    """numpy.clip as comparisons (np.maximum would turn -0.0 into 0.0; PyTorch keeps it)."""
+    x = np.where(x < min, min, x)
+    return np.where(x > max, max, x)
+
+
+def _np_gelu_tanh(x):
+    u = x.dtype.type(-2 * _SQRT_2_PI) * (x + x.dtype.type(0.044715) * x * x * x)
+    return x / (1 + np.exp(u))
+
+
 TABLE: dict[str, Activation] = {a.name: a for a in [
     Activation(
-        "relu", "max(x, 0).",
-        lambda x: np.maximum(x, 0), "({x} > 0 ? {x} : 0)",
-        lambda y, gy: np.where(y > 0, gy, 0), "({t} > 0 ? {gy} : 0)", grad_from="y",
+        "relu", "max(x, 0); NaN and -0.0 pass through, as in PyTorch.",
+        # `x < 0 ? 0 : x`, not `x > 0 ? x : 0`: the same compare and blend, but NaN stays NaN
+        lambda x: np.where(x < 0, 0, x), "({x} < 0 ? 0 : {x})",
+        # PyTorch's threshold_backward: 0 where y <= 0, else gy (so NaN passes gy)
+        lambda y, gy: np.where(y <= 0, 0, gy), "({t} <= 0 ? 0 : {gy})", grad_from="y",
         onnx="Relu"),
     Activation(
         "leaky_relu", "x if x > 0 else negative_slope * x (PyTorch's default slope 0.01).",
@@ -120,10 +133,14 @@ TABLE: dict[str, Activation] = {a.name: a for a in [
         params={"negative_slope": 0.01}, onnx="LeakyRelu", onnx_attrs={"negative_slope": "alpha"}),
     Activation(
         "clip", "Clamp to [min, max] as numpy.clip (ReLU6 is clip(x, 0, 6)); NaN stays NaN; min > max gives max.",
-        lambda x, min, max: np.minimum(np.maximum(x, min), max),  # noqa: A006
+        _np_clip,
         "((({x}) < {min} ? {min} : ({x})) > {max} ? {max} : (({x}) < {min} ? {min} : ({x})))",
-        lambda y, gy, min, max: np.where((y > min) & (y < max), gy, 0),  # noqa: A006
-        "({t} > {min} && {t} < {max} ? {gy} : 0)",
+        # from y, so 0 where y sits on a finite bound (PyTorch, from x, gives gy at x == bound
+        # exactly); an infinite bound clips nothing: every y but NaN passes there, as in PyTorch
+        lambda y, gy, min, max: np.where(  # noqa: A006
+            ((y > min) | ((min == -np.inf) & (y == y))) & ((y < max) | ((max == np.inf) & (y == y))), gy, 0),
+        "(({t} > {min} || ({min} == -INFINITY && {t} == {t})) && ({t} < {max} || ({max} == INFINITY && {t} == {t}))"
+        " ? {gy} : 0)",
         grad_from="y", params={"min": -np.inf, "max": np.inf}, onnx="Clip"),
     Activation(
         "sigmoid", "1 / (1 + exp(-x)).",
@@ -142,11 +159,12 @@ TABLE: dict[str, Activation] = {a.name: a for a in [
         "({gy} * (1 / (1 + {exp}(-{t}))) * (1 + {t} * (1 - 1 / (1 + {exp}(-{t})))))"),
     Activation(
         "hardswish", "x * relu6(x + 3) / 6 (MobileNetV3).",
-        lambda x: x * np.minimum(np.maximum(x + 3, 0), 6) / 6,
+        lambda x: x * np.where(x + 3 < 0, 0, np.where(x + 3 > 6, 6, x + 3)) / 6,   # NaN stays NaN
         "({x} * ({x} + 3 < 0 ? 0 : ({x} + 3 > 6 ? 6 : {x} + 3)) / 6)",
-        # PyTorch's derivative: 0 below -3, x/3 + 1/2 up to 3 (inclusive), 1 above
-        lambda x, gy: np.where(x < -3, 0, np.where(x <= 3, gy * (x / 3 + x.dtype.type(0.5)), gy)),
-        "({t} < -3 ? 0 : ({t} <= 3 ? {gy} * ({t} / 3 + ({T})0.5) : {gy}))",
+        # PyTorch's derivative (its vectorised kernel): 0 up to -3 (inclusive), gy from 3 on
+        # (inclusive), x/3 + 1/2 between and for NaN (which stays NaN)
+        lambda x, gy: np.where(x <= -3, 0, np.where(x >= 3, gy, gy * (x / 3 + x.dtype.type(0.5)))),
+        "({t} <= -3 ? 0 : ({t} >= 3 ? {gy} : {gy} * ({t} / 3 + ({T})0.5)))",
         onnx="HardSwish", onnx_since=14),
     Activation(
         "hardsigmoid", "clip(alpha * x + beta, 0, 1) (PyTorch's alpha 1/6; ONNX's default is 0.2).",
@@ -157,16 +175,21 @@ TABLE: dict[str, Activation] = {a.name: a for a in [
         params={"alpha": 1 / 6, "beta": 0.5}, onnx="HardSigmoid", onnx_defaults={"alpha": 0.2}, onnx_since=6),
     Activation(
         "gelu", "x * Phi(x), Phi the standard normal CDF (PyTorch's approximate='none').",
-        lambda x: x * (1 + _erf(x * x.dtype.type(_INV_SQRT_2))) / 2,
-        f"({{x}} * (1 + erf{{f}}({{x}} * ({{T}}){_INV_SQRT_2!r})) / 2)",
+        # PyTorch's order, x * 0.5 * (1 + erf): x near the largest float does not overflow
+        lambda x: x * x.dtype.type(0.5) * (1 + _erf(x * x.dtype.type(_INV_SQRT_2))),
+        f"({{x}} * ({{T}})0.5 * (1 + erf{{f}}({{x}} * ({{T}}){_INV_SQRT_2!r})))",
         lambda x, gy: gy * ((1 + _erf(x * x.dtype.type(_INV_SQRT_2))) / 2
                             + x * np.exp(-x * x / 2) * x.dtype.type(_INV_SQRT_2PI)),
         f"({{gy}} * ((1 + erf{{f}}({{t}} * ({{T}}){_INV_SQRT_2!r})) / 2 + {{t}} * {{exp}}(-{{t}} * {{t}} / 2) * ({{T}}){_INV_SQRT_2PI!r}))",
         onnx="Gelu", onnx_since=20),
     Activation(
         "gelu_tanh", "GELU's tanh form, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (approximate='tanh').",
-        lambda x: x * (1 + np.tanh(x.dtype.type(_SQRT_2_PI) * (x + x.dtype.type(0.044715) * x * x * x))) / 2,
-        f"({{x}} * (1 + tanh{{f}}(({{T}}){_SQRT_2_PI!r} * ({{x}} + ({{T}})0.044715 * {{x}} * {{x}} * {{x}}))) / 2)",
+        # as x * sigmoid(2u) = x / (1 + exp(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3): equal, but
+        # no 1 + tanh(u) that cancels for u << 0 (or, where tanh is not exactly -1 at -inf, as in
+        # some OpenCL libraries, turns -inf into -inf instead of NaN) and no overflow near the
+        # largest float
+        _np_gelu_tanh,
+        f"({{x}} / (1 + {{exp}}(({{T}}){-2 * _SQRT_2_PI!r} * ({{x}} + ({{T}})0.044715 * {{x}} * {{x}} * {{x}}))))",
         lambda x, gy: gy * _gelu_tanh_grad(x),
         f"({{gy}} * ((1 + tanh{{f}}(({{T}}){_SQRT_2_PI!r} * ({{t}} + ({{T}})0.044715 * {{t}} * {{t}} * {{t}}))) / 2"
         # 1 - tanh(u)^2 as 1 / cosh(u)^2: exactly 0 where u saturates, whatever tanh's last ulp
