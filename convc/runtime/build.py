@@ -47,21 +47,26 @@ def build(source: str, native: bool = True, libs: tuple[str, ...] = (), extra_fi
     cc = compiler()
     cmd = [cc, *flags(native)]
     key = hashlib.sha256("\0".join([source, compiler_version(cc), " ".join(cmd), *libs]).encode()).hexdigest()
-    hit = cache.lookup(key)
+    d = cache.entry_dir(key)                    # checked private to this user (see runtime/cache.py)
+    hit = cache.lookup(d)
     if hit:
         cache.STATS["hits"] += 1
         return hit
-    with cache.locked(key) as d:
-        hit = cache.lookup(key, count=False)      # someone else may have built it while we waited
+    with cache.locked(d):
+        hit = cache.lookup(d, count=False)      # someone else may have built it while we waited
         if hit:
             cache.STATS["hits"] += 1
             return hit
-        src = d / "module.c"
-        src.write_text(source)
-        for fname, text in (extra_files or {}).items():
-            (d / fname).write_text(text)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=d)
-        os.close(fd)
+        try:
+            cache.clean_entry(d)                # what a build killed before publishing left behind
+            src = d / "module.c"
+            cache.write_private(src, source.encode())
+            for fname, text in (extra_files or {}).items():
+                cache.write_private(d / fname, text.encode())
+            fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=d)
+            os.close(fd)
+        except OSError as e:
+            raise CompileError(f"cannot write the cache entry {d}: {e}") from None
         full = cmd + ["-o", tmp, str(src), "-lm", *libs]
         cache.STATS["compiles"] += 1
         try:
@@ -76,4 +81,7 @@ def build(source: str, native: bool = True, libs: tuple[str, ...] = (), extra_fi
             shown = "\n".join(lines[:40]) + (f"\n... ({len(lines) - 40} more lines)" if len(lines) > 40 else "")
             raise CompileError(f"the C compiler rejected the {what} (exit {proc.returncode})\n"
                                f"command: {' '.join(full)}\ngenerated source: {src}\n{shown}")
-        return cache.publish(key, Path(tmp), {"command": full, "compiler": compiler_version(cc)})
+        try:
+            return cache.publish(d, Path(tmp), {"command": full, "compiler": compiler_version(cc)})
+        except OSError as e:
+            raise CompileError(f"cannot publish the built library into the cache entry {d}: {e}") from None
