@@ -243,14 +243,13 @@ def _probe_library() -> Path:
     the compile cache's entries and counters), keyed by its source; built
     without OpenMP so that loading it does not load libgomp."""
     from .build import compiler
-    from .cache import cache_dir
+    from .cache import subdir
 
     cc = compiler()
     key = hashlib.sha256("\0".join([PROBE_SOURCE, cc]).encode()).hexdigest()[:16]
-    path = cache_dir() / "probes" / f"threads-{key}.so"
+    path = subdir("probes") / f"threads-{key}.so"     # 0700, private to the user (runtime/cache.py)
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     src = path.with_name(f"threads-{key}.{os.getpid()}.c")
     tmp = path.with_name(f"threads-{key}.{os.getpid()}.tmp")
     src.write_text(PROBE_SOURCE)
@@ -259,6 +258,7 @@ def _probe_library() -> Path:
                               capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise ConvcError(f"the thread probe did not compile with {cc!r}: {proc.stderr.strip()[:300]}")
+        os.chmod(tmp, 0o700)                    # whatever the umask: private_copy loads only private files
         os.replace(tmp, path)                   # atomic: a concurrent import sees all of it or nothing
     finally:
         src.unlink(missing_ok=True)
