@@ -730,14 +730,14 @@ def exported_onnx(spec: TorchModel, net, shape: tuple, torch, progress: Callable
 
     import onnx
 
-    from .runtime.cache import cache_dir
+    from .runtime.cache import file_problem, subdir, write_private
 
     tv = getattr(sys.modules.get("torchvision"), "__version__", "none")
     arch = hashlib.sha256(repr(net).encode()).hexdigest()[:12]
     key = re.sub(r"[^A-Za-z0-9._-]", "_", f"{spec.name}-{'x'.join(map(str, shape))}-opset{MODEL_OPSET}-"
                                          f"torch{torch.__version__}-torchvision{tv}-{arch}")
-    path = cache_dir() / "bench-onnx" / f"{key}.onnx"
-    if path.exists():
+    path = subdir("bench-onnx") / f"{key}.onnx"     # private to the user (runtime/cache.py)
+    if path.exists() and file_problem(path) is None:
         try:
             return onnx.load_from_string(path.read_bytes())
         except Exception:                   # noqa: BLE001  (a damaged entry: export again)
@@ -751,9 +751,8 @@ def exported_onnx(spec: TorchModel, net, shape: tuple, torch, progress: Callable
         model = program.model_proto
     except Exception as e:                  # noqa: BLE001  (the exporter's failure is not convc's)
         raise CaseFailure("n/a", f"torch.onnx.export: {_describe(e)}") from e
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(model.SerializeToString())
+    write_private(tmp, model.SerializeToString())
     os.replace(tmp, path)                   # atomic: a concurrent run sees all of it or nothing
     return model
 

@@ -79,9 +79,9 @@ def signature(g, n: str) -> str:
 
 # -- the database ---------------------------------------------------------------------------------
 def db_path(host: Host | None = None) -> Path:
-    from .runtime.cache import cache_dir
+    from .runtime.cache import subdir
 
-    return cache_dir() / "tuning" / f"{(host or probe()).key}.json"
+    return subdir("tuning") / f"{(host or probe()).key}.json"     # private to the user (runtime/cache.py)
 
 
 def _valid_entry(e) -> str | None:
@@ -119,9 +119,15 @@ class Database:
         (default: :func:`db_path`); empty if absent. A file written on another
         host or compiler, or not readable as a database, is ignored with a
         :class:`TuningWarning`; so is each malformed entry."""
+        from .runtime.cache import file_problem
+
         host = host or probe()
         path = Path(path) if path is not None else db_path(host)
         db = cls(host, path)
+        why = file_problem(path)            # a file someone else could have written steers compile: not read
+        if why:
+            warnings.warn(f"tuning database {path} is ignored: {why}", TuningWarning)
+            return db
         try:
             text = path.read_text()
         except FileNotFoundError:
@@ -184,6 +190,8 @@ class Database:
         meanwhile; ours win), atomically, under a file lock."""
         if self.path is None:
             raise ValueError("this tuning database has no file")
+        from .runtime.cache import write_private
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -194,7 +202,7 @@ class Database:
                                                  compiler=self.host.compiler, vector_bytes=self.host.vector_bytes),
                         entries=merged)
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            write_private(tmp, json.dumps(data, indent=1, sort_keys=True).encode())     # 0600 whatever the umask
             os.replace(tmp, self.path)
         self.entries = merged
         _loaded.clear()
