@@ -89,17 +89,40 @@ def cmd_devices(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    import shutil
+    """``convc cache [--clear]``: the configured cache root, its modules and
+    size; ``--clear`` deletes only convc's own entries (cache.clear) and
+    lists what it left."""
+    import stat
 
-    from convc.runtime.cache import cache_dir
+    from convc.errors import ConvcError
+    from convc.runtime import cache
 
-    d = cache_dir()
-    entries = [p for p in d.glob("*/*") if (p / "module.so").exists()]
-    size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+    d = cache.configured_dir()
+    if not os.path.lexists(d):
+        print(f"cache: {d}  (does not exist yet)")
+        return 0
+    why = cache.root_problem(d)
+    if why:
+        raise ConvcError(f"compile cache {d}: {why}; convc does not use it (it compiles into a private temporary "
+                         f"directory instead) and does not touch it (if the directory is yours and only you "
+                         f"wrote to it: `chmod 700 {d}`, then run this again)")
+    entries = [p for p in d.glob("[0-9a-f][0-9a-f]/*") if cache.file_problem(p / "module.so") is None
+               and (p / "module.so").exists()]
+    size = 0
+    for top, dirs, files in os.walk(d):             # never follows symbolic links
+        for f in files:
+            st = os.lstat(os.path.join(top, f))
+            size += st.st_size if stat.S_ISREG(st.st_mode) else 0
     print(f"cache: {d}  ({len(entries)} modules, {size / 1e6:.1f} MB)")
     if args.clear:
-        shutil.rmtree(d)
-        print("cleared")
+        removed, left = cache.clear(d)
+        print(f"cleared: {len(removed)} convc entries and files removed")
+        if left:
+            print(f"left {len(left)} items that convc did not make (or that a build is using):")
+            for p in left[:20]:
+                print(f"  {p}")
+            if len(left) > 20:
+                print(f"  ... and {len(left) - 20} more")
     return 0
 
 
@@ -237,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     dv = sub.add_parser("devices", help="list the OpenCL devices and the one the opencl target picks")
     dv.set_defaults(fn=cmd_devices)
     c = sub.add_parser("cache", help="show (or --clear) the compile cache")
-    c.add_argument("--clear", action="store_true", help="delete every cached module")
+    c.add_argument("--clear", action="store_true",
+                   help="delete every cached module (only what convc made there; the tuning database stays)")
     c.set_defaults(fn=cmd_cache)
     return p
 
