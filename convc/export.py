@@ -50,9 +50,14 @@ SIZE_FLAGS = ["-std=c99", "-Os", "-fno-inline-functions-called-once", "-fno-inli
 # -- loading a model ----------------------------------------------------------
 def load_model(spec: str) -> Graph:
     """The graph named by ``spec``: a builder in :mod:`convc.models`
-    (``lenet5``, ``mobilenet_tiny``), an ONNX file (``.onnx``), or a Python
-    file that defines ``build()`` returning a :class:`Graph`, or a
-    module-level ``graph``."""
+    (``lenet5``, ``mobilenet_tiny``), an ONNX file (``.onnx``, to the ONNX
+    importer), or a Python source file (``.py``, a regular file, not a zip
+    archive) that defines ``build()`` returning a :class:`Graph`, or a
+    module-level ``graph``. Nothing else is run: any other file (``.pb``,
+    ``.npy``, ``model.onnx.bak``, a zip or a directory with ``__main__.py``)
+    is a :class:`ConvcError` that lists what is accepted."""
+    import zipfile
+
     if str(spec).lower().endswith(".onnx"):
         from .onnx import from_onnx
         return from_onnx(spec)
@@ -62,11 +67,21 @@ def load_model(spec: str) -> Graph:
                if callable(f) and not n.startswith("_") and getattr(f, "__module__", "") == models.__name__}
     if spec in bundled:
         return _checked(bundled[spec](), f"convc.models.{spec}()")
-    if not spec.endswith(".py") and not Path(spec).exists():
-        raise ConvcError(f"model {spec!r}: not a bundled model ({', '.join(sorted(bundled))}) and not a file")
+    accepted = (f"a bundled model name ({', '.join(sorted(bundled))}), an ONNX file (*.onnx) or a Python file "
+                f"(*.py) defining build() -> Graph or a module-level `graph`")
     path = Path(spec)
+    if path.suffix.lower() != ".py":
+        if not path.exists():
+            raise ConvcError(f"model {spec!r}: not a bundled model name and no such file; give {accepted}")
+        raise ConvcError(f"model {spec!r}: {'a directory' if path.is_dir() else 'a file'} convc does not load "
+                         f"(only *.py files are run as Python, only *.onnx files imported); give {accepted}")
+    if not path.exists():
+        raise ConvcError(f"model {spec!r}: no such file; give {accepted}")
     if not path.is_file():
-        raise ConvcError(f"model {spec!r}: no such file")
+        raise ConvcError(f"model {spec!r}: not a regular file (a directory?); give {accepted}")
+    if zipfile.is_zipfile(path):
+        raise ConvcError(f"model {spec!r}: a zip archive, not Python source; convc does not run archives; "
+                         f"give {accepted}")
     try:
         ns = runpy.run_path(str(path), run_name="__convc_model__")
     except ConvcError:
