@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 
+from . import shapes
 from .errors import GraphError, RuleError, ValidationError, format_node_error
 
 DTYPES = ("float32", "float64", "int64")
@@ -83,7 +84,18 @@ class Value:
         return hash((id(self.graph), self.name))
 
 
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")     # node names (used with fullmatch: no trailing newline)
+_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")        # graph and output names: C identifiers
+
+
+def _check_name(name, what: str, pattern=_IDENT_RE, rule="must be a C identifier (letters, digits, _)") -> str:
+    """``name`` if it is a str matching ``pattern`` in full; a GraphError
+    naming ``what`` and the rule otherwise."""
+    if not isinstance(name, str):
+        raise GraphError(f"{what} must be a str, got {type(name).__name__} {name!r}")
+    if not pattern.fullmatch(name):
+        raise GraphError(f"{what} {name!r} {rule}")
+    return name
 
 
 class Graph:
@@ -99,9 +111,7 @@ class Graph:
     """
 
     def __init__(self, name: str = "graph"):
-        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
-            raise GraphError(f"graph name {name!r} must be a C identifier (letters, digits, _)")
-        self.name = name
+        self.name = _check_name(name, "graph name")
         self.nx = nx.MultiDiGraph()
         self.outputs: dict[str, str] = {}   # output name -> node name
         self.assigns: dict[str, str] = {}   # param node -> node whose value it takes after a run
@@ -119,8 +129,7 @@ class Graph:
     def _claim(self, name: str | None, base: str) -> str:
         if name is None:
             return self._fresh(base)
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise GraphError(f"node name {name!r} must start with a letter or _ and use letters, digits, _ . -")
+        _check_name(name, "node name", _NAME_RE, "must start with a letter or _ and use letters, digits, _ . -")
         if name in self.nx:
             raise GraphError(f"node name {name!r} is already used in graph '{self.name}'")
         return name
@@ -129,16 +138,17 @@ class Graph:
         """Declare a graph input of a static ``shape`` (N, C, spatial...)."""
         name = self._claim(name, "input")
         shape = _check_shape(shape, name)
-        self.nx.add_node(name, op="input", attrs={}, type=TensorType(shape, str(dtype)))
+        self.nx.add_node(name, op="input", attrs={}, type=TensorType(shape, _dtype_name(dtype, f"input '{name}'")))
         return Value(self, name)
 
     def param(self, name: str, value, dtype: str | None = None) -> Value:
         """A named constant (trainable) tensor; ``value`` is copied."""
         name = self._claim(name, "param")
-        arr = np.asarray(value)
-        if dtype is None:
-            dtype = "int64" if arr.dtype.kind in "iu" else ("float64" if arr.dtype == np.float64 else "float32")
-        arr = np.array(arr, dtype=dtype, order="C", copy=True)  # (ascontiguousarray would make 0-d 1-d)
+        if isinstance(value, np.ndarray):       # before any copy: a broadcast view may claim 2**40 elements
+            _check_size(value.shape, f"param '{name}'")
+        arr = param_array(value, dtype, f"param '{name}'")
+        dtype = arr.dtype.name
+        _check_size(arr.shape, f"param '{name}'")
         self.nx.add_node(name, op="param", attrs={}, type=TensorType(tuple(arr.shape), dtype), value=arr)
         return Value(self, name)
 
@@ -177,9 +187,7 @@ class Graph:
     def output(self, value: Value, name: str | None = None) -> Value:
         """Mark ``value`` as a graph output called ``name`` (default: its node name)."""
         self._own(value, "output")
-        name = name or value.name
-        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
-            raise GraphError(f"output name {name!r} must be a C identifier")
+        name = _check_name(value.name if name is None else name, "output name")
         if name in self.outputs or name in self.input_names:
             raise GraphError(f"output name {name!r} is already used in graph '{self.name}'")
         self.outputs[name] = value.name
@@ -190,6 +198,12 @@ class Graph:
         output type, wrapping any broken rule in a :class:`ValidationError`."""
         from .ops import get_op
 
+        if not isinstance(op, str):
+            raise GraphError(f"add: op must be an op name (str), got {type(op).__name__} {op!r}")
+        if not isinstance(inputs, (list, tuple)):
+            raise GraphError(f"{op}: inputs must be a list of convc Values, got {type(inputs).__name__}")
+        if attrs is not None and not isinstance(attrs, dict):
+            raise GraphError(f"{op}: attrs must be a dict of attribute name -> value, got {type(attrs).__name__}")
         for v in inputs:
             self._own(v, op)
         opdef = get_op(op)
@@ -312,23 +326,100 @@ class Graph:
 
 
 def _infer(opdef, name, attrs, types, input_names):
+    """Normalise ``attrs`` and infer the output type of node ``name``. Every
+    broken rule, and any attribute value an op's normalisation cannot read
+    (a missing key, a value of the wrong type), becomes a ValidationError
+    naming the node, the op and the input shapes: this is the one place
+    attributes enter the IR, for the builders, ``g.add`` and importers alike."""
     try:
         opdef.check_arity(len(types))
         attrs = opdef.normalize(dict(attrs), types)
-        return attrs, opdef.infer(attrs, types)
+        out = opdef.infer(attrs, types)
+        if out.size > shapes.INDEX_MAX:
+            raise RuleError(f"output {out} has {out.size} elements, beyond {shapes.INDEX_MAX} (2**31 - 1), "
+                            f"the largest count the generated C and OpenCL code index with an int")
+        return attrs, out
     except RuleError as e:
-        shapes = {nm: t.shape for nm, t in zip(input_names, types)}
-        raise ValidationError(format_node_error(name, opdef.name, shapes, str(e))) from None
+        rule = str(e)
+    except KeyError as e:
+        rule = f"missing attribute {e}; given {sorted(attrs)}"
+    except (TypeError, ValueError, IndexError, AttributeError, OverflowError, ZeroDivisionError) as e:
+        rule = f"attributes {attrs!r} cannot be read ({type(e).__name__}: {e})"
+    shown = {nm: t.shape for nm, t in zip(input_names, types)}
+    raise ValidationError(format_node_error(name, opdef.name, shown, rule)) from None
+
+
+def _check_size(shape, what: str) -> None:
+    """Every dimension and the element count must fit the generated code's
+    ``int`` indices (``shapes.INDEX_MAX``)."""
+    size = shapes.prod(shape)
+    if size > shapes.INDEX_MAX:
+        raise ValidationError(f"{what}: shape {tuple(shape)} has {size} elements, beyond {shapes.INDEX_MAX} "
+                              f"(2**31 - 1), the largest count the generated C and OpenCL code index with an int")
 
 
 def _check_shape(shape, name):
+    """A shape of true integers (Python or numpy ints; no floats, strings or
+    bools, which would be silently truncated), each >= 1, within the index
+    limit."""
     try:
-        shape = tuple(int(s) for s in shape)
+        dims = tuple(shape)
     except TypeError:
         raise GraphError(f"input '{name}': shape must be a tuple of ints, got {shape!r}") from None
-    if any(s < 1 for s in shape):
-        raise GraphError(f"input '{name}': every dimension must be >= 1, got {shape}")
-    return shape
+    if not all(shapes.is_int(s) for s in dims):
+        raise GraphError(f"input '{name}': shape must be a tuple of ints, got {shape!r} "
+                         f"(floats, strings and bools are not dimensions)")
+    dims = tuple(int(s) for s in dims)
+    if any(s < 1 for s in dims):
+        raise GraphError(f"input '{name}': every dimension must be >= 1, got {dims}")
+    _check_size(dims, f"input '{name}'")
+    return dims
+
+
+def _dtype_name(dtype, what: str) -> str:
+    """One of DTYPES from its name or a numpy dtype (``np.float32``); no
+    other spelling (``"float"``, ``None``), which numpy would read as float64."""
+    try:
+        name = dtype if isinstance(dtype, str) else None if dtype is None else np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise GraphError(f"{what}: dtype {dtype!r} is not supported; use one of {DTYPES}")
+    return name
+
+
+def param_array(value, dtype, what: str) -> np.ndarray:
+    """A C-contiguous copy of ``value`` as one of DTYPES (default: int64 for
+    integers, float64 for float64, float32 otherwise). Values the dtype cannot
+    hold are refused, not wrapped or truncated: complex numbers, strings and
+    objects, integers beyond int64, non-integral or non-finite floats for
+    int64, finite floats beyond the float type's range."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise GraphError(f"{what}: value is not a numeric array ({e})") from None
+    kind = arr.dtype.kind
+    if kind not in "biuf":
+        raise GraphError(f"{what}: values of numpy dtype {arr.dtype} are not supported: give real numbers "
+                         f"(bool, int or float; integers within int64)")
+    if dtype is None:
+        dtype = "int64" if kind in "iu" else ("float64" if arr.dtype == np.float64 else "float32")
+    dtype = _dtype_name(dtype, what)
+    if arr.size and kind in "iuf":
+        lo, hi = arr.min(), arr.max()
+        if dtype == "int64":
+            if kind == "f" and not (np.isfinite(arr).all() and (arr == np.round(arr)).all()):
+                raise GraphError(f"{what}: int64 param has non-integral or non-finite float values "
+                                 f"(e.g. {arr.reshape(-1)[(arr != np.round(arr)) | ~np.isfinite(arr)][0]!r})")
+            if not (-2.0**63 <= float(lo) and (int(hi) if kind in "iu" else float(hi)) < 2**63):
+                raise GraphError(f"{what}: values from {lo} to {hi} do not fit int64")
+        else:
+            finite = arr[np.isfinite(arr)] if kind == "f" else arr
+            big = float(np.finfo(dtype).max)
+            if finite.size and max(abs(float(finite.min())), abs(float(finite.max()))) > big:
+                raise GraphError(f"{what}: finite values from {finite.min()} to {finite.max()} do not fit "
+                                 f"{dtype} (largest {big}); they would become infinite")
+    return np.array(arr, dtype=dtype, order="C", copy=True)  # (ascontiguousarray would make 0-d 1-d)
 
 
 def _fmt(v):

@@ -8,12 +8,32 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
+
 from .errors import RuleError
 
 
 def is_int(v) -> bool:
     """A true integer (Python or numpy), not a bool and not a float."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+INDEX_MAX = 2**31 - 1
+"""The largest extent, element count, stride, padding, dilation or offset the
+generated code can index. C templates index with ``int`` loop variables and
+``enum`` constants, OpenCL kernels with ``int`` work-item ids: 32 bits on every
+target convc builds for (LP64 and ILP32 C, OpenCL C), so every quantity they
+compute must fit. Checked at graph-build time (``bounded``)."""
+
+
+def bounded(value: int, what: str) -> int:
+    """``value`` if the generated code's ``int`` indices hold it (``|value| <=
+    INDEX_MAX``); a RuleError naming ``what``, the value and the limit
+    otherwise."""
+    if not -INDEX_MAX <= value <= INDEX_MAX:
+        raise RuleError(f"{what} = {value} is beyond {INDEX_MAX} (2**31 - 1), the largest index the "
+                        f"generated C and OpenCL code hold in an int")
+    return value
 
 PADDING_WORDS = ("valid", "same", "full")
 
@@ -21,14 +41,14 @@ PADDING_WORDS = ("valid", "same", "full")
 def per_axis(value, rank: int, what: str) -> tuple[int, ...]:
     """An int or a sequence of ``rank`` ints -> tuple of ``rank`` ints."""
     if is_int(value):
-        return (int(value),) * rank
+        return (bounded(int(value), what),) * rank
     try:
         items = list(value)
     except TypeError:
         items = None
     if items is None or len(items) != rank or not all(is_int(v) for v in items):
         raise RuleError(f"{what} must be an int or a tuple of {rank} ints, got {value!r}")
-    return tuple(int(v) for v in items)
+    return tuple(bounded(int(v), what) for v in items)
 
 
 def positive(values: tuple[int, ...], what: str) -> tuple[int, ...]:
@@ -55,19 +75,19 @@ def normalize_padding(padding, in_sizes, kernel, stride, dilation):
     if isinstance(padding, str):
         word = padding.lower()
         if word == "valid":
-            return ((0, 0),) * rank
-        if word == "full":
-            return tuple((d * (k - 1), d * (k - 1)) for k, d in zip(kernel, dilation))
-        if word == "same":
+            pairs = ((0, 0),) * rank
+        elif word == "full":
+            pairs = tuple((d * (k - 1), d * (k - 1)) for k, d in zip(kernel, dilation))
+        elif word == "same":
             pairs = []
             for n, k, s, d in zip(in_sizes, kernel, stride, dilation):
                 want = -(-n // s)
                 total = max(0, (want - 1) * s + d * (k - 1) + 1 - n)
                 pairs.append((total // 2, total - total // 2))
-            return tuple(pairs)
-        raise RuleError(f"unknown padding word {padding!r}; use an int, a tuple, (lo, hi) pairs "
-                        f"or one of {', '.join(map(repr, PADDING_WORDS))}")
-    if is_int(padding):
+        else:
+            raise RuleError(f"unknown padding word {padding!r}; use an int, a tuple, (lo, hi) pairs "
+                            f"or one of {', '.join(map(repr, PADDING_WORDS))}")
+    elif is_int(padding):
         pairs = ((int(padding), int(padding)),) * rank
     else:
         try:
@@ -91,6 +111,8 @@ def normalize_padding(padding, in_sizes, kernel, stride, dilation):
         pairs = tuple(pairs)
     if any(lo < 0 or hi < 0 for lo, hi in pairs):
         raise RuleError(f"padding must be >= 0, got {pairs}")
+    for n, (lo, hi) in zip(in_sizes, pairs):        # the padded extent is an index of the generated code
+        bounded(n + lo + hi, f"padding ({lo}, {hi}) of an axis of {n}: the padded extent {n} + {lo} + {hi}")
     return tuple(tuple(p) for p in pairs)
 
 
@@ -99,6 +121,8 @@ def window_out_sizes(in_sizes, kernel, stride, dilation, pads, ceil_mode=False):
     round up, but the last window must start inside the input or left padding."""
     sizes = []
     for n, k, s, d, (lo, hi) in zip(in_sizes, kernel, stride, dilation, pads):
+        bounded(n + lo + hi, f"padded extent {n} + {lo} + {hi}")
+        bounded(d * (k - 1) + 1, f"kernel extent d*(k-1)+1 = {d}*({k}-1)+1")
         span = n + lo + hi - d * (k - 1) - 1
         if span < 0:
             raise RuleError(

@@ -13,7 +13,7 @@ from .. import shapes
 from ..errors import RuleError
 from ..ir import TensorType, Value
 from . import epilogue
-from .registry import Op, register
+from .registry import Op, flag, register
 from .window import axes_context, padded, windows
 
 
@@ -49,7 +49,7 @@ class Im2col(Op):
         k = shapes.positive(shapes.per_axis(attrs["kernel_size"], rank, "kernel_size"), "kernel_size")
         s, d, pads = _geometry(attrs, x.shape[2:], k, rank)
         shapes.window_out_sizes(x.shape[2:], k, s, d, pads)
-        return dict(kernel_size=k, stride=s, padding=pads, dilation=d, flip=bool(attrs["flip"]))
+        return dict(kernel_size=k, stride=s, padding=pads, dilation=d, flip=flag(attrs["flip"], "flip"))
 
     def infer(self, attrs, types):
         x = types[0]

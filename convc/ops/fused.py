@@ -11,7 +11,7 @@ from ..ir import TensorType
 from . import activations
 from .conv import Conv, conv_geometry
 from .epilogue import Epilogue
-from .registry import Op, register, same_dtype
+from .registry import Op, flag, register, same_dtype
 from .window import axes_context
 
 
@@ -50,7 +50,7 @@ class FusedSeparable(Op):
         out = dict(attrs)
         for k in ("stride", "padding", "dilation"):
             out["dw_" + k] = dw_attrs[k]
-        out["dw_flip"] = bool(attrs.get("dw_flip", False))
+        out["dw_flip"] = flag(attrs.get("dw_flip", False), "dw_flip")
         names = {"activation"} | {p for a in activations.TABLE.values() for p in a.params}
         for prefix in ("dw_", "pw_"):         # each half's activation: a record of the table
             half = {k[len(prefix):]: out.pop(k) for k in list(out) if k[len(prefix):] in names and k.startswith(prefix)}

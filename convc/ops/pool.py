@@ -8,7 +8,7 @@ from .. import shapes
 from ..shapes import interior
 from ..errors import RuleError
 from ..ir import TensorType, Value
-from .registry import Op, float_dtype, register
+from .registry import Op, flag, float_dtype, register
 from .window import axes_context, padded, windows
 
 
@@ -55,7 +55,8 @@ class _Pool(Op):
             if max(lo, hi) > kk // 2:
                 raise RuleError(f"padding {pads} must be at most half the kernel size {k} on every axis "
                                 f"(PyTorch's rule; more would let a window see only padding)")
-        return dict(attrs, kernel_size=k, stride=s, padding=pads, dilation=d, ceil_mode=bool(attrs["ceil_mode"]))
+        return dict(attrs, kernel_size=k, stride=s, padding=pads, dilation=d,
+                    ceil_mode=flag(attrs["ceil_mode"], "ceil_mode"))
 
     def infer(self, attrs, types):
         x = types[0]
@@ -112,7 +113,7 @@ def _avg_normalize(op, attrs, types):
     attrs = _Pool.normalize(op, attrs, types)
     if attrs["dilation"] != (1,) * len(attrs["dilation"]):
         raise RuleError(f"avg_pool has no dilation, got {attrs['dilation']}")
-    return dict(attrs, count_include_pad=bool(attrs["count_include_pad"]))
+    return dict(attrs, count_include_pad=flag(attrs["count_include_pad"], "count_include_pad"))
 
 
 @register

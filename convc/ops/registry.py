@@ -110,6 +110,17 @@ def float_dtype(t: TensorType, what="input"):
     return t.dtype
 
 
+def flag(value, what: str, none=None) -> bool:
+    """A boolean attribute: True or False (numpy's too, and the integers 0
+    and 1 that ONNX uses). Anything merely truthy (a string, a list, 2**40)
+    is a broken rule, not True. ``none`` is what None means (None: refused)."""
+    if value is None and none is not None:
+        return none
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise RuleError(f"{what} must be True or False, got {value!r}")
+
+
 def as_value(like: Value, v, what: str) -> Value:
     """Accept a Value, or turn a numpy array / Python number into a constant."""
     if isinstance(v, Value):

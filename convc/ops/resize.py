@@ -38,7 +38,7 @@ import numpy as np
 from .. import shapes
 from ..errors import RuleError
 from ..ir import TensorType, Value
-from .registry import Op, float_dtype, register
+from .registry import Op, flag, float_dtype, register
 from .window import AXIS_LETTERS
 
 COORDINATE_MODES = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric")
@@ -246,6 +246,7 @@ def _normalize(attrs: dict, x: TensorType) -> dict:
     _check_modes(mode, ctm, nm)
 
     size, factor = attrs["size"], attrs["scale_factor"]
+    recompute = flag(attrs["recompute_scale_factor"], "recompute_scale_factor", none=False)
     if (size is None) == (factor is None):
         raise RuleError(f"give exactly one of size and scale_factor, got size={size!r}, scale_factor={factor!r}")
     n = x.shape[2:]
@@ -257,7 +258,7 @@ def _normalize(attrs: dict, x: TensorType) -> dict:
         size = tuple(math.floor(i * f) for i, f in zip(n, factor))
         if min(size) < 1:
             raise RuleError(f"scale_factor {factor} turns spatial sizes {n} into {size}; every size must be >= 1")
-        scale = tuple(o / i for o, i in zip(size, n)) if attrs["recompute_scale_factor"] else factor
+        scale = tuple(o / i for o, i in zip(size, n)) if recompute else factor
     return dict(size=size, scale=scale, mode=mode, coordinate_transformation_mode=ctm, nearest_mode=nm)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 from .. import shapes
 from ..errors import RuleError
 from ..ir import TensorType, Value
-from .registry import Op, par_outer, register, same_dtype
+from .registry import Op, flag, par_outer, register, same_dtype
 
 
 def concat(values, axis: int = 1, name=None) -> Value:
@@ -278,7 +278,7 @@ class ReduceSum(Op):
         axes = attrs["axes"]
         axes = tuple(range(rank)) if axes is None else tuple(sorted({_axis(a, rank) for a in
                                                                      ([axes] if isinstance(axes, int) else axes)}))
-        return {"axes": axes, "keepdims": bool(attrs["keepdims"])}
+        return {"axes": axes, "keepdims": flag(attrs["keepdims"], "keepdims")}
 
     def infer(self, attrs, types):
         sh = types[0].shape

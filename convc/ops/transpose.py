@@ -15,7 +15,7 @@ from .. import shapes
 from ..errors import RuleError
 from ..ir import TensorType, Value
 from .conv import conv_geometry
-from .registry import Op, as_value, float_dtype, register, same_dtype
+from .registry import Op, as_value, flag, float_dtype, register, same_dtype
 from .window import axes_context, padded, windows
 
 
@@ -234,7 +234,8 @@ class ConvGradInput(Op):
         size = _spatial(attrs["input_size"], len(grad.shape) - 2, "input_size")
         conv_attrs, _ = _forward_types(attrs, k, grad, size)
         return dict(input_size=size, stride=conv_attrs["stride"], padding=conv_attrs["padding"],
-                    dilation=conv_attrs["dilation"], groups=conv_attrs["groups"], flip=bool(attrs.get("flip")))
+                    dilation=conv_attrs["dilation"], groups=conv_attrs["groups"],
+                    flip=flag(attrs.get("flip"), "flip", none=False))
 
     def infer(self, attrs, types):
         k, grad = types
@@ -288,7 +289,7 @@ class ConvGradKernel(Op):
         if _forward_types(conv_attrs, k, grad, v.shape[2:])[1].shape != v.shape:
             raise RuleError(f"input {v.shape} does not match output gradient {grad.shape}")
         return dict(kernel_size=ks, stride=conv_attrs["stride"], padding=conv_attrs["padding"],
-                    dilation=conv_attrs["dilation"], groups=groups, flip=bool(attrs.get("flip")))
+                    dilation=conv_attrs["dilation"], groups=groups, flip=flag(attrs.get("flip"), "flip", none=False))
 
     def infer(self, attrs, types):
         grad, v = types
