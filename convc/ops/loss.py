@@ -64,8 +64,9 @@ def _check_ce(logits: TensorType, labels: TensorType):
 
 
 def _log_softmax(z):
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    with np.errstate(over="ignore", invalid="ignore"):       # inf - inf is NaN, as in PyTorch
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 @register
@@ -84,7 +85,7 @@ class CrossEntropy(Op):
     def reference(self, attrs, z, labels):
         if labels.min(initial=0) < 0 or labels.max(initial=0) >= z.shape[1]:
             raise ValueError(f"labels must lie in [0, {z.shape[1]})")
-        return -np.mean(_log_softmax(z)[np.arange(z.shape[0]), labels])
+        return 0 - np.mean(_log_softmax(z)[np.arange(z.shape[0]), labels])      # 0 -: a zero loss is +0.0
 
     def context(self, attrs, types, out):
         return dict(N=types[0].shape[0], C=types[0].shape[1], par=[("n", "N", types[0].shape[0])])

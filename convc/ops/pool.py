@@ -168,7 +168,8 @@ class GlobalAvgPool(Op):
 # -- pool gradients ----------------------------------------------------------------
 def max_pool_grad(x: Value, gy: Value, attrs: dict, name=None) -> Value:
     """dL/dx of ``max_pool(x, **attrs)``: each window's gradient goes to its
-    arg-max (the first maximum in scan order, NaN winning, as PyTorch)."""
+    arg-max as PyTorch picks it: the first maximum in scan order, but the last
+    NaN, and the first tap inside the input when every tap is -inf."""
     return x.graph.add("max_pool_grad", [x, gy], dict(attrs), name)
 
 
@@ -205,12 +206,18 @@ class MaxPoolGrad(_PoolGrad):
 
     def reference(self, attrs, x, gy):
         k, s, d, pads, out, extra = self._geometry(attrs, x.shape)
-        xp = padded(x, [(lo, hi + e) for (lo, hi), e in zip(pads, extra)], -np.inf)
+        full = [(lo, hi + e) for (lo, hi), e in zip(pads, extra)]
+        xp = padded(x, full, -np.inf)
+        inside = padded(np.ones((1, 1) + x.shape[2:], bool), full, False)
         best = np.full(gy.shape, -np.inf, x.dtype)
+        found = np.zeros(gy.shape, bool)
         arg = np.zeros(gy.shape + (len(k),), np.int64)
-        for offs, view in windows(xp, k, s, d, out):
-            take = (view > best) | (np.isnan(view) & ~np.isnan(best))
+        for (offs, view), (_, ok) in zip(windows(xp, k, s, d, out), windows(inside, k, s, d, out)):
+            # PyTorch's rule: the first tap inside the input, then any greater one or any NaN
+            # (so an all -inf window sends its gradient to its first tap, the last NaN wins)
+            take = ok & (~found | (view > best) | np.isnan(view))
             best = np.where(take, view, best)
+            found |= take
             arg[take] = offs
         dxp = np.zeros(xp.shape, x.dtype)
         idx = np.indices(gy.shape)
