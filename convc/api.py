@@ -21,7 +21,7 @@ def debug_level() -> int:
 
 
 def compile(graph: Graph, target: str = "c", passes="default", native: bool = True,  # noqa: A001
-            profile: bool | None = None, debug: bool | None = None):
+            profile: bool | None = None, debug: bool | None = None, max_memory=None):
     """Compile ``graph`` for ``target`` ("c", "opencl" or "numpy") and return a Module.
 
     ``passes``: a pipeline name ("default", "train", "study", "none"; see
@@ -30,16 +30,22 @@ def compile(graph: Graph, target: str = "c", passes="default", native: bool = Tr
     every pass against the reference interpreter (``CONVC_DEBUG_PASSES=1``).
     ``native``: tune for this machine (``-march=native``). ``profile``: time
     every node (``Module.profile()``); default from ``CONVC_PROFILE=1``.
+    ``max_memory``: the most bytes the module may allocate (arena, params,
+    inputs, outputs; an int or a string like ``"8G"``); default
+    ``$CONVC_MAX_MEMORY``, else the memory available on this machine. A graph
+    that needs more is a ValidationError before any code is generated.
 
     >>> mod = cc.compile(g, target="c")          # doctest: +SKIP
     >>> y = mod(x=np.zeros((1, 1, 28, 28), np.float32))   # doctest: +SKIP
     """
     from .runtime.module import CModule, NumpyModule
+    from .schedule import check_memory, plan as make_plan
 
     if not isinstance(graph, Graph):
         raise ConvcError(f"compile() takes a convc.Graph, got {type(graph).__name__}")
     graph.verify()
     if target == "numpy":
+        check_memory(graph, make_plan(graph), "numpy", max_memory)     # the interpreter's arrays, roughly
         return NumpyModule(graph)
     if target not in TARGETS:
         raise ConvcError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
@@ -65,12 +71,16 @@ def compile(graph: Graph, target: str = "c", passes="default", native: bool = Tr
         if profile:
             raise ConvcError("profile=True is not available on the opencl target")
         _check_toolchain()
-        src = generate_opencl(graph)
+        plan = make_plan(graph, target="opencl")
+        check_memory(graph, plan, "opencl", max_memory)
+        src = generate_opencl(graph, plan)
         t2 = time.perf_counter()
         mod = OpenCLModule(graph, src, build(src.host, native=native, libs=("-lOpenCL",),
                                              extra_files={"kernels.cl": src.kernels}, what="OpenCL host program"))
     else:
-        csrc = generate(graph, profile=profile)
+        plan = make_plan(graph)
+        check_memory(graph, plan, "c", max_memory)
+        csrc = generate(graph, plan, profile=profile)
         t2 = time.perf_counter()
         mod = CModule(graph, csrc, build(csrc.text, native=native))
     if level >= 2:

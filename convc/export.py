@@ -138,6 +138,24 @@ def c_literals(a: np.ndarray, per_line: int = 8) -> list[str]:
     return [", ".join(vals[i:i + per_line]) for i in range(0, len(vals), per_line)]
 
 
+def literal_bytes(elements: int) -> int:
+    """Host memory ``c_literals`` takes for ``elements`` values at its peak: a
+    Python str per value (the longest, a float64 ``repr``), its slot in the
+    list and its characters (and separator) in the joined lines."""
+    longest = "-1.2345678901234567e-308"
+    return elements * (sys.getsizeof(longest) + 8 + len(longest) + 2)
+
+
+def _check_host_memory(subject: str, items: list[tuple[str, int]]) -> None:
+    """The export renders on this host: refuse (ValidationError naming the
+    parts) what would need more memory than the host cap
+    (``schedule.memory_cap``: $CONVC_MAX_MEMORY or the available memory).
+    The device's own arena and flash are not capped here: they are figures
+    in the generated code, whatever this host has."""
+    from .schedule import refuse_over_cap
+    refuse_over_cap(subject, items)
+
+
 def _float32_literal(v: np.float32) -> str:
     if not np.isfinite(v):
         return cfloat(float(v), "float")
@@ -174,6 +192,9 @@ def render(graph: Graph, name: str = "model", weights_file: bool = False, passes
                          f"step; export the inference graph (weights are const in the library)")
     g = run_passes(graph, passes)
     plan = make_plan(g)
+    _check_host_memory(f"rendering the export of graph '{g.name}' on this host",
+                       [(f"param '{n}' {g.node(n)['type']} as C literals", literal_bytes(g.node(n)["type"].size))
+                        for n in plan.params])
     P = name.upper()
     ident = Namer(reserved=("arena", "base", "i", "convc_first", "convc_last", "CONVC_SIMD_SUM",
                             f"{name}_run", f"{name}_run_with_arena", f"{name}_arena"))
@@ -241,6 +262,13 @@ def render_harness(graph: Graph, lib: Library, test_inputs=None, tests: int = 2,
     from .reference import evaluate
     from .runtime.module import NumpyModule
 
+    io = [graph.node(n)["type"] for n in graph.input_names] + [graph.node(n)["type"] for n in graph.outputs.values()]
+    vectors = tests if test_inputs is None else len(test_inputs)
+    _check_host_memory(
+        f"the test harness of graph '{graph.name}' (export with harness=False to skip it)",
+        [("the test vectors as C literals", vectors * literal_bytes(sum(t.size for t in io))),
+         ("the test vectors as arrays (float64 while drawn)", vectors * sum(8 * t.size for t in io)),
+         ("the reference interpreter's results", make_plan(graph).intermediate_bytes)])
     if test_inputs is None:
         rng = np.random.default_rng(seed)
         test_inputs = [{n: (rng.standard_normal(t.shape) if t.dtype != "int64" else np.zeros(t.shape)

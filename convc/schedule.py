@@ -14,11 +14,15 @@ there (``Plan.views``).
 """
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 
 import networkx as nx
 import numpy as np
 
+from . import shapes
+from .errors import ConvcError, ValidationError
 from .ir import Graph
 
 ALIGN = 64
@@ -184,6 +188,10 @@ def plan(g: Graph, target: str = "c") -> Plan:
         d = g.node(n)
         t = d["type"]
         elems = get_op(d["op"]).workspace(d["attrs"], [g.node(i)["type"] for i in g.inputs_of(n)], t, target)
+        if elems > shapes.INDEX_MAX:          # the template indexes its scratch with int, like a tensor
+            raise ValidationError(f"node '{n}' ({d['op']}): its scratch of {elems} elements is beyond "
+                                  f"{shapes.INDEX_MAX} (2**31 - 1), the largest count the generated code "
+                                  f"indexes with an int [output {t}]")
         if elems:
             b = Buffer(f"{n} workspace", elems * np.dtype(t.dtype).itemsize, step[n], step[n])
             scratch[id(b)] = n
@@ -216,3 +224,108 @@ def plan(g: Graph, target: str = "c") -> Plan:
         if src in views:
             views[a] = views[src]
     return Plan(order, storage, arena, params, pbytes, buffers, workspace, aliases, views, joins)
+
+
+# -- the memory cap -------------------------------------------------------------
+MEMORY_ENV = "CONVC_MAX_MEMORY"
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(text) -> int:
+    """Bytes from an int or a string such as ``"512M"``, ``"8G"``, ``"1.5G"``
+    or ``"4096"`` (K, M, G, T are powers of 1024; a trailing ``B``/``iB`` is
+    allowed). A ValueError names what cannot be read."""
+    if isinstance(text, (int, np.integer)) and not isinstance(text, bool):
+        value = int(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+        if not m:
+            raise ValueError(f"{text!r} is not a size in bytes (an integer, optionally with K, M, G or T)")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if value < 1:
+        raise ValueError(f"{text!r}: a memory cap must be at least 1 byte")
+    return value
+
+
+def available_memory() -> int | None:
+    """Bytes the system can give a new allocation without swapping:
+    ``MemAvailable`` from /proc/meminfo (Linux), else free physical pages
+    times the page size (``sysconf``), else total physical memory; None
+    where none of these can be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+        try:
+            n, size = os.sysconf(pages), os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            continue
+        if n > 0 and size > 0:
+            return n * size
+    return None
+
+
+def memory_cap(max_memory=None) -> tuple[int | None, str]:
+    """The cap on what one compiled module may allocate, and where it comes
+    from: ``max_memory`` (an int or a string like ``"8G"``) if given, else
+    ``$CONVC_MAX_MEMORY``, else the memory available on this machine (None
+    if unknown: no cap)."""
+    for value, source in ((max_memory, "max_memory"), (os.environ.get(MEMORY_ENV), f"${MEMORY_ENV}")):
+        if value is None or value == "":
+            continue
+        try:
+            return parse_bytes(value), f"{source}={value}"
+        except ValueError as e:
+            raise ConvcError(f"{source}: {e}") from None
+    avail = available_memory()
+    return avail, "the memory available on this machine (MemAvailable)"
+
+
+def memory_needed(g: Graph, p: Plan, target: str = "c") -> list[tuple[str, int]]:
+    """What a module of ``g`` compiled with plan ``p`` allocates, as (what,
+    bytes) pairs: the arena, the param blob, each graph input's and output's
+    array. The numpy target keeps every node's result (no arena reuse); the
+    OpenCL target holds the arena on the device and a device copy of the
+    params, inputs and outputs beside the host's (on a CPU device such as
+    PoCL, the same memory: counted twice)."""
+    twice = 2 if target == "opencl" else 1
+    both = ", host and device copies" if twice == 2 else ""
+    arena = ("every node's result (the interpreter keeps them all)", p.intermediate_bytes) if target == "numpy" \
+        else ("the arena (intermediate results)", p.arena_bytes)
+    items = [arena, (f"the params blob (weights){both}", twice * p.params_bytes)]
+    items += [(f"input '{n}' {g.node(n)['type']}{both}", twice * g.node(n)["type"].nbytes)
+              for n in g.input_names if n in p.storage]
+    items += [(f"output '{o}' {g.node(n)['type']}{both}", twice * g.node(n)["type"].nbytes)
+              for o, n in g.outputs.items()]
+    return items
+
+
+def check_memory(g: Graph, p: Plan, target: str = "c", max_memory=None) -> None:
+    """Refuse, before any code is generated or memory allocated, a module
+    that needs more than the cap (``memory_cap``): a ValidationError naming
+    the total, its largest parts (the biggest arena buffer by node) and the
+    cap, and how to raise it."""
+    big = max(p.buffers, key=lambda b: b.nbytes, default=None)
+    biggest = (f"; the biggest arena buffer is node '{big.node.split(' ')[0]}' "
+               f"({g.node(big.node.split(' ')[0])['op']}{', its scratch' if ' ' in big.node else ''}), "
+               f"{big.nbytes:,} bytes" if big is not None else "")
+    refuse_over_cap(f"graph '{g.name}' on the {target} target", memory_needed(g, p, target), max_memory, biggest)
+
+
+def refuse_over_cap(subject: str, items: list[tuple[str, int]], max_memory=None, detail: str = "") -> None:
+    """A ValidationError if the (what, bytes) ``items`` add up to more than
+    the memory cap: it names ``subject``, the total, the four largest items,
+    ``detail``, the cap and where it comes from, and how to raise it."""
+    cap, source = memory_cap(max_memory)
+    total = sum(b for _, b in items)
+    if cap is None or total <= cap:
+        return
+    parts = "; ".join(f"{what}: {b:,} bytes" for what, b in sorted(items, key=lambda i: -i[1])[:4] if b)
+    raise ValidationError(
+        f"{subject} needs {total:,} bytes ({total / 2**30:.2f} GiB), more than the cap of {cap:,} bytes "
+        f"({cap / 2**30:.2f} GiB) from {source}: {parts}{detail}. Shrink the shapes, or raise the cap with "
+        f"{MEMORY_ENV}=BYTES (K/M/G suffixes allowed) or, for cc.compile, max_memory=BYTES")
