@@ -199,7 +199,7 @@ def render(graph: Graph, name: str = "model", weights_file: bool = False, passes
     ident = Namer(reserved=("arena", "base", "i", "convc_first", "convc_last", "CONVC_SIMD_SUM",
                             f"{name}_run", f"{name}_run_with_arena", f"{name}_arena"))
     macro = Namer(reserved=[f"{P}_{s}" for s in ("H", "ARENA_BYTES", "ARENA_ALIGN", "WEIGHT_BYTES", "INPUT_SIZE",
-                                                 "OUTPUT_SIZE", "NO_STATIC_ARENA", "TEST_TOLERANCE")])
+                                                 "OUTPUT_SIZE", "NO_STATIC_ARENA", "TEST_TOLERANCE")], mangle=False)
     var: dict[str, str] = {}
     out_var: dict[str, str] = {}
     tensors = {"inputs": [], "outputs": []}
@@ -207,7 +207,10 @@ def render(graph: Graph, name: str = "model", weights_file: bool = False, passes
     for role, items in (("inputs", [(n, n) for n in g.input_names]), ("outputs", list(g.outputs.items()))):
         for label, node in items:       # label: the input's or output's name
             t = g.node(node)["type"]
-            v = ident(label)
+            # the C parameter keeps the graph's name unless C or the generated code reserves it
+            # (NULL, _Bool, uintptr_t, CONVC_MR...): then it is in_NAME / out_NAME; the size macro
+            # is always NAME_<LABEL>_SIZE, prefixed by the library's name
+            v = ident(label, fallback="in_" if role == "inputs" else "out_")
             if role == "inputs":
                 var[node] = v
             else:
@@ -217,7 +220,7 @@ def render(graph: Graph, name: str = "model", weights_file: bool = False, passes
             private.append(f"{const}{T} *restrict {v}")
             public.append(f"{const}{T} *{v}")
             tensors[role].append(dict(var=v, label=label, type=t, dtype=t.dtype, shape=str(t.shape), size=t.size,
-                                      T=T, macro=macro(f"{P}_{v.upper()}_SIZE")))
+                                      T=T, macro=macro(f"{P}_{re.sub(r'[^A-Za-z0-9_]', '_', label).upper()}_SIZE")))
     params = []
     for n in plan.params:
         t = g.node(n)["type"]
