@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
-from ..ir import Graph, TensorType
+from ..errors import GraphError, InputError
+from ..ir import Graph, TensorType, param_array
 
 
 # ndarray.flags.num bits (numpy's C API: NPY_ARRAY_C_CONTIGUOUS, NPY_ARRAY_ALIGNED,
@@ -73,7 +73,11 @@ class Module(abc.ABC):
         for name, t in self.inputs.items():
             a = feeds[name]
             if not isinstance(a, np.ndarray):
-                a = np.asarray(a)
+                try:
+                    a = np.asarray(a)
+                except (ValueError, TypeError, OverflowError) as e:       # a ragged list, an odd object
+                    raise InputError(f"graph '{self.graph.name}': input '{name}' is not an array of "
+                                     f"{t.dtype} {t.shape} ({type(e).__name__}: {e})") from None
             if a.dtype != np.dtype(t.dtype):
                 raise InputError(f"graph '{self.graph.name}': input '{name}' has dtype {a.dtype}, expected "
                                  f"{t.dtype} (convert with .astype(np.{t.dtype}))")
@@ -170,7 +174,13 @@ class Module(abc.ABC):
         """
         return self._fast_run(self, feeds, out)
 
-    def __call__(self, **feeds):
+    def __call__(self, *args, **feeds):
+        """``mod(x=a)``: run on keyword arrays; one output -> its array,
+        several -> a tuple in output order."""
+        if args:
+            raise InputError(f"graph '{self.graph.name}': call the module with keyword arrays, "
+                             f"mod({', '.join(f'{n}=...' for n in self.inputs)}), or mod.run(dict); "
+                             f"got {len(args)} positional argument(s)")
         return self._fast_call(self, feeds)
 
     # The fast path of a target, or these: every call takes the checked path.
@@ -213,7 +223,14 @@ class Module(abc.ABC):
         """Overwrite param values (same shape; cast to the param's dtype).
         Constants that ``fold_params`` computed from a changed param at
         compile time (default pipeline: Winograd kernels, ...) are computed
-        again, on the host."""
+        again, on the host. Values must be numbers the param's dtype holds
+        (``InputError`` otherwise, and for an unknown name or a wrong shape)."""
+        if not isinstance(values, dict):
+            raise InputError(f"graph '{self.graph.name}': set_params() takes a dict of param name -> array, "
+                             f"got {type(values).__name__}")
+        for n in values:
+            if not isinstance(n, str):
+                raise InputError(f"graph '{self.graph.name}': param names are str, got {type(n).__name__} {n!r}")
         folded = {c: self.graph.node(c)["folded"] for c in self.graph.param_names if "folded" in self.graph.node(c)}
         detached = self._detached        # a param only folded constants read is no longer in the graph
         for n, v in values.items():
@@ -231,10 +248,16 @@ class Module(abc.ABC):
                 self._set_param(c, np.ascontiguousarray(value, dtype=self.graph.node(c)["type"].dtype))
 
     def _checked(self, n, t, v) -> np.ndarray:
-        a = np.asarray(v)
+        """``v`` as param ``n`` of type ``t``: the graph's rules for param
+        values (``ir.param_array``: real numbers the dtype holds), and the
+        param's shape."""
+        try:
+            a = param_array(v, t.dtype, f"graph '{self.graph.name}': param '{n}'")
+        except GraphError as e:
+            raise InputError(str(e)) from None
         if a.shape != t.shape:
             raise InputError(f"graph '{self.graph.name}': param '{n}' has shape {t.shape}, got {a.shape}")
-        return np.ascontiguousarray(a, dtype=t.dtype)
+        return a
 
     def _param_name(self, n):
         if n not in self.graph.nx or self.graph.node(n)["op"] != "param":
