@@ -47,6 +47,24 @@ def __getattr__(name):
     return globals()[name]
 
 
+def forcing_database(g, algorithm: str | None):
+    """A tuning database whose entry for every tuned node of ``g`` (conv,
+    g, h, conv_transpose) is ``algorithm`` ("direct", "gemm", "winograd",
+    "winograd4", "blocked"): the tuner's own way to make the passes take a
+    lowering whatever their size rules say. None for ``algorithm`` None
+    (compile under ``tuning.using(None)``: the rules alone, never this
+    host's database)."""
+    from convc import tuning
+    from convc.host import probe
+    from convc.runtime.threads import get_num_threads
+
+    if algorithm is None:
+        return None
+    entries = {tuning.entry_key(tuning.signature(g, n), get_num_threads()): {"algorithm": algorithm}
+               for n in g.nx.nodes if g.node(n)["op"] in tuning.TUNED_OPS}
+    return tuning.Database(probe(), None, entries)
+
+
 def run_both(graph, feeds, native: bool = True):
     """Compile ``graph`` for target "numpy" and "c", run both on ``feeds``;
     returns ``(numpy_results, c_results)`` (dicts output name -> array)."""

@@ -1,0 +1,624 @@
+"""One op-info record per convolution op, and the lowerings that can take it.
+
+An :class:`OpInfo` says, for one op (``conv``, its kernel gradient ``g``
+(``conv_grad_kernel``), its input gradient ``h`` (``conv_grad_input``), the
+transposed conv, and a depthwise + pointwise pair for the fused separable
+kernel):
+
+- how to build the op in a graph from a :class:`Config` (``build``), with the
+  arrays it takes (``arrays``: deterministic per config and seed);
+- its torch twin (``torch``: ``torch.nn.functional`` conv / conv_transpose,
+  autograd for g and h), evaluated in float64 on the same values;
+- which lowerings (:data:`LOWERINGS`) can take each config (``lowerings``);
+- its config grid (``grid(long)``).
+
+The numpy reference is convc's own interpreter (``cc.compile(g,
+target="numpy")``); tests/test_lowerings.py compares it, and every lowering's
+generated C, with the torch twin.
+
+A :class:`Lowering` is a pass list plus, where a pass applies a size rule
+(``conv_to_gemm``'s MIN_MACS, ``conv_to_winograd``'s channel minimum and tile
+choice), a one-entry-per-node tuning database that makes the pass take every
+node; ``taken`` says whether a compiled graph really computes a node that way,
+so a test cannot pass by silently running the direct loops.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import convc as cc
+from convc.ir import Graph
+from helpers import forcing_database
+
+TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+TORCH_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+# -- configurations -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    """One convolution geometry, every attribute per axis and explicit.
+
+    For ``conv``, ``g`` and ``h`` it describes the forward conv ``x (n, c_in,
+    *sizes) * w (c_out, c_in/groups, *kernel)``; for the transposed conv,
+    ``x (n, c_in, *sizes)`` and ``w (c_in, c_out/groups, *kernel)``; for the
+    separable pair, the depthwise conv (``groups == c_in``, ``c_out`` a
+    multiple of it) followed by a 1x1 conv to ``c_pw`` channels."""
+    rank: int
+    n: int
+    c_in: int
+    c_out: int
+    groups: int
+    sizes: tuple
+    kernel: tuple
+    stride: tuple
+    padding: tuple                  # ((lo, hi), ...) per axis
+    dilation: tuple
+    flip: bool = False
+    bias: str = "none"              # "none" | "tied" | "untied"
+    output_padding: tuple = ()      # transposed conv only
+    c_pw: int = 0                   # separable only: pointwise output channels
+    tag: str = ""
+
+    @property
+    def id(self) -> str:
+        j = lambda v: "x".join(map(str, v))  # noqa: E731
+        pads = "_".join(f"{lo}{hi}" for lo, hi in self.padding)
+        parts = [f"{self.rank}d", f"n{self.n}", f"ci{self.c_in}", f"co{self.c_out}", f"g{self.groups}",
+                 "in" + j(self.sizes), "k" + j(self.kernel), "s" + j(self.stride), "d" + j(self.dilation),
+                 "p" + pads]
+        if self.output_padding and any(self.output_padding):
+            parts.append("op" + j(self.output_padding))
+        if self.c_pw:
+            parts.append(f"pw{self.c_pw}")
+        if self.flip:
+            parts.append("flip")
+        if self.bias != "none":
+            parts.append(self.bias)
+        return "-".join(([self.tag] if self.tag else []) + parts)
+
+    @property
+    def conv_out(self) -> tuple:
+        """Spatial output sizes of the forward conv (DESIGN.md's formula)."""
+        return tuple((n + lo + hi - d * (k - 1) - 1) // s + 1 for n, k, s, d, (lo, hi) in
+                     zip(self.sizes, self.kernel, self.stride, self.dilation, self.padding))
+
+    @property
+    def transposed_out(self) -> tuple:
+        """Spatial output sizes of the transposed conv (PyTorch's formula)."""
+        return tuple((n - 1) * s - lo - hi + d * (k - 1) + 1 + op for n, s, (lo, hi), d, k, op in
+                     zip(self.sizes, self.stride, self.padding, self.dilation, self.kernel, self.output_padding))
+
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1 unit-stride unpadded conv: its input is already the GEMM's matrix."""
+        return (all(k == 1 for k in self.kernel) and all(s == 1 for s in self.stride)
+                and all(p == (0, 0) for p in self.padding))
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups == self.c_in > 1
+
+
+def C(rank, n, c_in, c_out, groups, sizes, kernel, stride=1, padding=0, dilation=1, **kw) -> Config:
+    """A Config from ints or per-axis values (padding: an int, per-axis ints or (lo, hi) pairs)."""
+    axes = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * rank  # noqa: E731
+    pads = tuple(p if isinstance(p, tuple) else (p, p) for p in axes(padding))
+    if "output_padding" in kw:
+        kw["output_padding"] = axes(kw["output_padding"])
+    return Config(rank, n, c_in, c_out, groups, axes(sizes), axes(kernel), axes(stride), pads, axes(dilation), **kw)
+
+
+def _fits(cfg: Config) -> bool:
+    return all(o >= 1 for o in cfg.conv_out)
+
+
+def random_conv_cfg(rng: random.Random) -> Config:
+    """A random valid forward-conv geometry (the long grid)."""
+    rank = rng.choice([1, 2, 2, 2, 3])
+    kind = rng.choice(["plain", "plain", "grouped", "depthwise", "winograd", "pointwise"])
+    if kind == "depthwise":
+        c_in = rng.randint(2, 5)
+        groups, c_out = c_in, c_in * rng.randint(1, 2)
+    elif kind == "grouped":
+        groups = rng.randint(2, 3)
+        c_in, c_out = groups * rng.randint(1, 3), groups * rng.randint(1, 3)
+    else:
+        groups, c_in, c_out = 1, rng.randint(1, 9), rng.randint(1, 12)
+    nmax = {1: 17, 2: 10, 3: 6}[rank]
+    while True:
+        if kind == "winograd":
+            rank, kernel, stride, dil = 2, (3, 3), (1, 1), (1, 1)
+        elif kind == "pointwise":
+            kernel, stride, dil = (1,) * rank, (1,) * rank, tuple(rng.choice([1, 2]) for _ in range(rank))
+        else:
+            kernel = tuple(rng.randint(1, 4 if rank < 3 else 3) for _ in range(rank))
+            stride = tuple(rng.choice([1, 1, 2, 3]) for _ in range(rank))
+            dil = tuple(rng.choice([1, 1, 2]) for _ in range(rank))
+        pads = ((0, 0),) * rank if kind == "pointwise" else \
+            tuple((rng.randint(0, 2), rng.randint(0, 2)) for _ in range(rank))
+        sizes = tuple(rng.randint(1, nmax) for _ in range(rank))
+        cfg = Config(rank, rng.choice([1, 1, 2]), c_in, c_out, groups, sizes, kernel, stride, pads, dil,
+                     flip=rng.random() < 0.25, bias=rng.choice(["none", "tied", "untied"]), tag="rnd")
+        if _fits(cfg):
+            return cfg
+
+
+# -- arrays ---------------------------------------------------------------------------------------
+def _rng(cfg: Config, seed: int):
+    return np.random.default_rng([seed, *map(ord, cfg.id)])
+
+
+def _normal(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def _conv_weight(rng, cfg: Config, dtype):
+    fan_in = cfg.c_in // cfg.groups * math.prod(cfg.kernel)
+    return _normal(rng, (cfg.c_out, cfg.c_in // cfg.groups) + cfg.kernel, dtype, 1 / math.sqrt(fan_in))
+
+
+def _bias(rng, cfg: Config, out_sizes, channels, dtype):
+    if cfg.bias == "tied":
+        return _normal(rng, (channels,), dtype)
+    if cfg.bias == "untied":
+        return _normal(rng, (channels,) + tuple(out_sizes), dtype)
+    return None
+
+
+def conv_arrays(cfg: Config, dtype: str, seed: int = 0) -> dict:
+    rng = _rng(cfg, seed)
+    return dict(x=_normal(rng, (cfg.n, cfg.c_in) + cfg.sizes, dtype), w=_conv_weight(rng, cfg, dtype),
+                b=_bias(rng, cfg, cfg.conv_out, cfg.c_out, dtype))
+
+
+def grad_kernel_arrays(cfg: Config, dtype: str, seed: int = 0) -> dict:
+    rng = _rng(cfg, seed)
+    return dict(gy=_normal(rng, (cfg.n, cfg.c_out) + cfg.conv_out, dtype),
+                v=_normal(rng, (cfg.n, cfg.c_in) + cfg.sizes, dtype))
+
+
+def grad_input_arrays(cfg: Config, dtype: str, seed: int = 0) -> dict:
+    rng = _rng(cfg, seed)
+    return dict(k=_conv_weight(rng, cfg, dtype), gy=_normal(rng, (cfg.n, cfg.c_out) + cfg.conv_out, dtype))
+
+
+def transpose_arrays(cfg: Config, dtype: str, seed: int = 0) -> dict:
+    rng = _rng(cfg, seed)
+    fan_in = cfg.c_in // cfg.groups * math.prod(cfg.kernel)
+    return dict(x=_normal(rng, (cfg.n, cfg.c_in) + cfg.sizes, dtype),
+                w=_normal(rng, (cfg.c_in, cfg.c_out // cfg.groups) + cfg.kernel, dtype, 1 / math.sqrt(fan_in)),
+                b=_bias(rng, cfg, cfg.transposed_out, cfg.c_out, dtype))
+
+
+def separable_arrays(cfg: Config, dtype: str, seed: int = 0) -> dict:
+    rng = _rng(cfg, seed)
+    tied = cfg.bias == "tied"
+    return dict(x=_normal(rng, (cfg.n, cfg.c_in) + cfg.sizes, dtype), w_dw=_conv_weight(rng, cfg, dtype),
+                b_dw=_normal(rng, (cfg.c_out,), dtype) if tied else None,
+                w_pw=_normal(rng, (cfg.c_pw, cfg.c_out) + (1,) * cfg.rank, dtype, 1 / math.sqrt(cfg.c_out)),
+                b_pw=_normal(rng, (cfg.c_pw,), dtype) if tied else None)
+
+
+# -- building the op in a graph -------------------------------------------------------------------
+def _geo(cfg: Config) -> dict:
+    return dict(stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, groups=cfg.groups)
+
+
+def _inp(g: Graph, name: str, a: np.ndarray, feeds: dict):
+    feeds[name] = a
+    return g.input(name, a.shape, str(a.dtype))
+
+
+def build_conv(g: Graph, cfg: Config, tag: str, a: dict, feeds: dict):
+    x = _inp(g, f"{tag}_x", a["x"], feeds)
+    b = g.param(f"{tag}_b", a["b"]) if a["b"] is not None else None
+    return cc.conv(x, g.param(f"{tag}_w", a["w"]), bias=b, flip=cfg.flip, name=tag, **_geo(cfg))
+
+
+def build_grad_kernel(g: Graph, cfg: Config, tag: str, a: dict, feeds: dict):
+    gy, v = _inp(g, f"{tag}_gy", a["gy"], feeds), _inp(g, f"{tag}_v", a["v"], feeds)
+    return cc.conv_grad_kernel(gy, v, cfg.kernel, flip=cfg.flip, name=tag, **_geo(cfg))
+
+
+def build_grad_input(g: Graph, cfg: Config, tag: str, a: dict, feeds: dict):
+    gy = _inp(g, f"{tag}_gy", a["gy"], feeds)
+    return cc.conv_grad_input(g.param(f"{tag}_k", a["k"]), gy, cfg.sizes, flip=cfg.flip, name=tag, **_geo(cfg))
+
+
+def build_transpose(g: Graph, cfg: Config, tag: str, a: dict, feeds: dict):
+    x = _inp(g, f"{tag}_x", a["x"], feeds)
+    b = g.param(f"{tag}_b", a["b"]) if a["b"] is not None else None
+    return cc.conv_transpose(x, g.param(f"{tag}_w", a["w"]), bias=b, output_padding=cfg.output_padding,
+                             name=tag, **_geo(cfg))
+
+
+def build_separable(g: Graph, cfg: Config, tag: str, a: dict, feeds: dict):
+    """Depthwise conv, relu, pointwise 1x1 conv (the pair fuse_separable takes);
+    the pointwise node is named ``tag``."""
+    x = _inp(g, f"{tag}_x", a["x"], feeds)
+    bd = g.param(f"{tag}_bdw", a["b_dw"]) if a["b_dw"] is not None else None
+    bp = g.param(f"{tag}_bpw", a["b_pw"]) if a["b_pw"] is not None else None
+    h = cc.conv(x, g.param(f"{tag}_wdw", a["w_dw"]), bias=bd, flip=cfg.flip, name=f"{tag}_dw", **_geo(cfg))
+    h = cc.relu(h, name=f"{tag}_relu")
+    return cc.conv(h, g.param(f"{tag}_wpw", a["w_pw"]), bias=bp, name=tag)
+
+
+# -- torch twins (float64) ------------------------------------------------------------------------
+def _t(a):
+    return None if a is None else torch.from_numpy(np.asarray(a, np.float64))
+
+
+def _padded(cfg: Config, x):
+    """x zero-padded by the explicit (lo, hi) pairs (torch pads symmetrically only)."""
+    pads = [p for lo_hi in reversed(cfg.padding) for p in lo_hi]
+    return F.pad(x, pads)
+
+
+def _flipped(cfg: Config, w):
+    return w.flip(list(range(2, 2 + cfg.rank))) if cfg.flip else w
+
+
+def torch_conv(cfg: Config, a: dict) -> np.ndarray:
+    x, w, b = _t(a["x"]), _t(a["w"]), _t(a["b"])
+    y = TORCH_CONV[cfg.rank](_padded(cfg, x), _flipped(cfg, w), None, stride=cfg.stride, dilation=cfg.dilation,
+                             groups=cfg.groups)
+    return (y if b is None else y + (b.reshape((-1,) + (1,) * cfg.rank) if cfg.bias == "tied" else b)).numpy()
+
+
+def _conv_vjp(cfg: Config, x, w, gy):
+    """Autograd through torch's conv: (dL/dx, dL/dw) for L = <conv(x, w), gy>."""
+    x, w = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    y = TORCH_CONV[cfg.rank](_padded(cfg, x), _flipped(cfg, w), None, stride=cfg.stride, dilation=cfg.dilation,
+                             groups=cfg.groups)
+    y.backward(gy)
+    return x.grad, w.grad
+
+
+def torch_grad_kernel(cfg: Config, a: dict) -> np.ndarray:
+    w = torch.zeros((cfg.c_out, cfg.c_in // cfg.groups) + cfg.kernel, dtype=torch.float64)
+    return _conv_vjp(cfg, _t(a["v"]), w, _t(a["gy"]))[1].numpy()
+
+
+def torch_grad_input(cfg: Config, a: dict) -> np.ndarray:
+    x = torch.zeros((cfg.n, cfg.c_in) + cfg.sizes, dtype=torch.float64)
+    return _conv_vjp(cfg, x, _t(a["k"]), _t(a["gy"]))[0].numpy()
+
+
+def torch_transpose(cfg: Config, a: dict) -> np.ndarray:
+    """torch's conv_transpose without padding, then the (lo, hi) crop and the
+    output_padding zeros at the high end, so asymmetric padding works too."""
+    x, w, b = _t(a["x"]), _t(a["w"]), _t(a["b"])
+    full = TORCH_CONV_T[cfg.rank](x, w, None, stride=cfg.stride, dilation=cfg.dilation, groups=cfg.groups)
+    full = F.pad(full, [p for op in reversed(cfg.output_padding) for p in (0, op)])
+    y = full[(slice(None), slice(None)) + tuple(slice(lo, lo + o) for (lo, _), o in
+                                                 zip(cfg.padding, cfg.transposed_out))]
+    return (y if b is None else y + (b.reshape((-1,) + (1,) * cfg.rank) if cfg.bias == "tied" else b)).numpy()
+
+
+def torch_separable(cfg: Config, a: dict) -> np.ndarray:
+    h = torch_conv(replace(cfg, bias="tied" if a["b_dw"] is not None else "none"),
+                   dict(x=a["x"], w=a["w_dw"], b=a["b_dw"]))
+    h = np.maximum(h, 0)
+    pw = replace(cfg, c_in=cfg.c_out, c_out=cfg.c_pw, groups=1, sizes=h.shape[2:], kernel=(1,) * cfg.rank,
+                 stride=(1,) * cfg.rank, padding=((0, 0),) * cfg.rank, dilation=(1,) * cfg.rank, flip=False,
+                 bias="tied" if a["b_pw"] is not None else "none")
+    return torch_conv(pw, dict(x=h, w=a["w_pw"], b=a["b_pw"]))
+
+
+# -- lowerings --------------------------------------------------------------------------------------
+def _lowered(lg: Graph, tag: str) -> dict[str, str]:
+    """name -> op of the compiled graph's nodes that came from node ``tag``
+    (the passes name what they make ``tag.<part>``), and ``tag`` itself."""
+    return {n: lg.node(n)["op"] for n in lg.nx.nodes if n == tag or n.startswith(tag + ".")}
+
+
+def _has(*ops, absent=(), attrs=None):
+    """A ``taken`` check: the node's replacement contains every op of ``ops``,
+    none of ``absent``, the original node is gone, and (``attrs``) the node
+    of ops[0] has those attribute values."""
+    def taken(lg: Graph, tag: str, op: str) -> str | None:
+        made = _lowered(lg, tag)
+        if made.get(tag) == op:
+            return f"node {tag!r} is still a {op} (the direct loops)"
+        have = set(made.values())
+        missing = [o for o in ops if o not in have]
+        if missing:
+            return f"node {tag!r} became {sorted(have)}, without {missing}"
+        extra = [o for o in absent if o in have]
+        if extra:
+            return f"node {tag!r} became {sorted(have)}, which should not contain {extra}"
+        if attrs:
+            node = next(n for n, o in made.items() if o == ops[0])
+            got = {k: lg.node(node)["attrs"].get(k) for k in attrs}
+            if got != attrs:
+                return f"node {node!r} has {got}, expected {attrs}"
+        return None
+    return taken
+
+
+def _direct(lg: Graph, tag: str, op: str) -> str | None:
+    got = _lowered(lg, tag).get(tag)
+    return None if got == op else f"node {tag!r} is {got!r}, expected the direct {op}"
+
+
+def _study(lg: Graph, tag: str, op: str) -> str | None:
+    """The study pipeline ends in conv_to_im2col: no conv may remain anywhere."""
+    convs = [n for n in lg.nx.nodes if lg.node(n)["op"] == "conv"]
+    if convs:
+        return f"the study pipeline left conv nodes {convs[:5]}"
+    return None if "im2col" in set(_lowered(lg, tag).values()) else f"node {tag!r} has no im2col"
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """A way a conv-like node is computed: the passes to run, the tuning
+    algorithm forced on every node (None: no database at all), how to tell
+    that the compiled graph took it (``taken(graph, node, op)`` -> why not,
+    or None), and its float32 error model (see :func:`tolerance`)."""
+    name: str
+    passes: tuple
+    algorithm: str | None
+    taken: Callable | dict          # one check, or one per op
+    error: str = "sum"              # "sum" | "winograd2" | "winograd4" | "fft"
+
+    def check(self, lg: Graph, tag: str, op: str) -> str | None:
+        fn = self.taken[op] if isinstance(self.taken, dict) else self.taken
+        return fn(lg, tag, op)
+
+
+LOWERINGS = {lw.name: lw for lw in [
+    Lowering("direct", (), None, _direct),
+    Lowering("im2col", ("conv_to_im2col",), None, _has("im2col", "matmul")),
+    Lowering("gemm", ("conv_to_gemm",), "gemm", {
+        "conv": _has("im2col", "matmul"),
+        "conv_grad_kernel": _has("im2col"),                 # then matmul, or dense for few channels
+        "conv_grad_input": _has("matmul", "col2im")}),
+    Lowering("gemm_1x1", ("conv_to_gemm",), "gemm", _has("matmul", absent=("im2col",))),
+    Lowering("winograd2", ("conv_to_winograd",), "winograd", _has("winograd_conv", "winograd_kernel",
+                                                                 attrs=dict(tile=2)), "winograd2"),
+    Lowering("winograd4", ("conv_to_winograd",), "winograd4", _has("winograd_conv", "winograd_kernel",
+                                                                  attrs=dict(tile=4)), "winograd4"),
+    Lowering("fft", ("conv_to_fft",), None, _has("fft_conv"), "fft"),
+    Lowering("blocked", ("to_blocked_layout",), None, _has("conv_nchwc")),
+    Lowering("study", tuple(cc.passes.PIPELINES["study"]), None, _study),
+    Lowering("transposed_matmul", ("transposed_to_matmul",), None, _has("matmul", "col2im")),
+    Lowering("transposed_conv", ("transposed_to_conv",), None, _has("conv")),
+    Lowering("fused_separable", ("fuse_separable",), None, _has("fused_separable")),
+]}
+
+
+def compile_lowered(g: Graph, lowering: Lowering, target: str = "c"):
+    """Compile ``g`` with only ``lowering``'s passes, under its forcing
+    database (never the host's tuning database)."""
+    from convc import tuning
+
+    with tuning.using(forcing_database(g, lowering.algorithm)):
+        return cc.compile(g, target=target, passes=list(lowering.passes))
+
+
+# -- tolerances -------------------------------------------------------------------------------------
+def _winograd_growth(tile: int) -> float:
+    """How much bigger the Winograd F(tile x tile, 3x3) output is when every
+    transform matrix, kernel and input entry is replaced by its absolute
+    value than the direct conv's sum of |w|·|x| (9 for all-ones): the factor
+    by which its rounding errors outgrow the direct conv's, from the
+    transform matrices themselves (Aᵀ, G, Bᵀ of convc.ops.winograd)."""
+    from convc.ops.winograd import TRANSFORMS
+
+    t = TRANSFORMS[tile]
+    at, gm, bt = (np.abs(np.asarray(m, np.float64)) for m in (t.at, t.g, t.bt))
+    u = gm @ np.ones((3, 3)) @ gm.T
+    v = bt @ np.ones((bt.shape[1],) * 2) @ bt.T
+    return float(np.max(at @ (u * v) @ at.T)) / 9.0
+
+
+def tolerance(lowering: Lowering, dtype: str, reduction: int, magnitude: np.ndarray, plane: int = 1):
+    """The per-element error bound for a result whose exact value sums
+    ``reduction`` products, with ``magnitude`` the same op on |operands|
+    (float64, by torch). Rounding error of a sum of K products in any order
+    is at most K·eps·Σ|a·b| (Higham's γ_K), which bounds the direct loops,
+    im2col/GEMM, the NCHWc kernel and the fused separable kernel alike (their
+    only difference is the order of the sum). Winograd adds the transforms'
+    rounding, grown by :func:`_winograd_growth` (7.1 for F(2x2), 256 for
+    F(4x4), whose points ±2 and Aᵀ's 8 amplify it) and spread
+    over a tile: bounded with the tensor's largest magnitude instead of each
+    element's. FFT spreads every product's error over the whole plane, by
+    log2(plane) butterfly stages: also bounded with the largest magnitude.
+    float64 gets the same bound, never looser than 1e-10 relative."""
+    eps = float(np.finfo(dtype).eps)
+    k = max(reduction, 1)
+    if lowering.error == "sum":
+        bound = k * eps * magnitude
+    elif lowering.error.startswith("winograd"):
+        bound = np.full_like(magnitude, (k + 4 * _winograd_growth(int(lowering.error[-1]))) * eps
+                             * float(magnitude.max(initial=0)))
+    else:
+        bound = np.full_like(magnitude, (k + 8 * math.log2(max(plane, 2))) * eps * float(magnitude.max(initial=0)))
+    if dtype == "float64":
+        bound = np.minimum(bound, 1e-10 * np.maximum(magnitude, float(magnitude.max(initial=0)) * 1e-3))
+    return bound + float(np.finfo(dtype).tiny)
+
+
+# -- the op-info records ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OpInfo:
+    """Everything the lowering tests need to know about one op (module docstring)."""
+    name: str                       # the test's name for it (conv, g, h, transposed, separable)
+    op: str                         # the IR op of the node named after the config
+    build: Callable                 # (graph, cfg, tag, arrays, feeds) -> Value
+    arrays: Callable                # (cfg, dtype, seed) -> dict of arrays
+    torch: Callable                 # (cfg, arrays) -> float64 ndarray
+    lowerings: Callable             # cfg -> set of Lowering names that can take it
+    reduction: Callable             # cfg -> products summed per output element
+    plane: Callable = field(default=lambda cfg: 1)      # the FFT plane size (fft only)
+    configs: tuple = ()
+    long_configs: tuple = ()
+
+    def takes(self, cfg: Config, dtype: str) -> set:
+        """The lowerings that can take ``cfg`` in ``dtype`` on this host."""
+        out = set(self.lowerings(cfg))
+        if "blocked" in out and not blocked_takes(cfg, dtype):
+            out.discard("blocked")
+        return out
+
+    def grid(self, long: bool = False) -> list[Config]:
+        return list(self.configs) + (list(self.long_configs) if long else [])
+
+    def magnitude(self, cfg: Config, a: dict) -> np.ndarray:
+        """The twin on |arrays|: the sum of |products| per output element."""
+        return np.abs(self.torch(cfg, {k: None if v is None else np.abs(v) for k, v in a.items()}))
+
+
+def _conv_lowerings(cfg: Config) -> set:
+    from convc.ops.blocked import block_size
+
+    out = {"direct", "im2col", "study"}
+    out.add("gemm_1x1" if cfg.pointwise else "gemm")
+    if cfg.rank == 2 and cfg.kernel == (3, 3) and cfg.stride == (1, 1) and cfg.dilation == (1, 1) \
+            and cfg.groups == 1:
+        out |= {"winograd2", "winograd4"}
+    if cfg.rank in (1, 2) and all(s == 1 for s in cfg.stride):
+        out.add("fft")
+    # NCHWc: 2D, groups 1 or depthwise without multiplier, tied or no bias, and at most half of
+    # the output lanes padding (the smallest vector-width block is the float64 one)
+    c = block_size("float64")
+    if cfg.rank == 2 and (cfg.groups == 1 or cfg.groups == cfg.c_in == cfg.c_out) and cfg.bias != "untied" \
+            and -(-cfg.c_out // c) * c <= 2 * cfg.c_out:
+        out.add("blocked")
+    return out
+
+
+def blocked_takes(cfg: Config, dtype: str) -> bool:
+    """The NCHWc block is the host's vector width: float32's is twice float64's."""
+    from convc.ops.blocked import block_size
+
+    c = block_size(dtype)
+    return -(-cfg.c_out // c) * c <= 2 * cfg.c_out
+
+
+CONV_CONFIGS = (
+    # ordered so that the first five a lowering takes cover its axes (test_lowerings' default cap):
+    # 1D/2D/3D, stride, asymmetric padding, dilation, flip, biases, batch, groups, depthwise
+    C(1, 2, 3, 4, 1, 11, 3, 2, ((1, 2),), 1, bias="tied", tag="s2"),
+    C(2, 2, 3, 5, 1, (7, 6), (3, 2), (2, 1), ((0, 2), (1, 0)), (1, 2), bias="untied", tag="mixed"),
+    C(3, 1, 2, 3, 1, (5, 4, 6), (2, 3, 2), (1, 2, 1), ((1, 0), (0, 1), (1, 1)), (2, 1, 1), flip=True,
+      bias="tied", tag="3d"),
+    C(2, 2, 4, 6, 2, (6, 7), (3, 3), 1, 1, 1, bias="tied", tag="grouped"),
+    C(2, 2, 3, 6, 3, (6, 5), (3, 3), 1, ((1, 2), (0, 1)), 2, flip=True, tag="dw_mult2"),
+    C(1, 1, 2, 5, 1, 13, 4, 1, 2, 2, flip=True, tag="d2"),
+    C(2, 1, 4, 6, 1, (9, 8), (5, 5), 1, 2, 1, flip=True, bias="tied", tag="k5"),
+    C(2, 1, 2, 3, 1, (5, 5), (2, 2), 3, 3, 1, tag="pad_gt_k"),
+    C(1, 1, 6, 3, 3, 12, 3, 2, ((2, 0),), 2, flip=True, tag="grouped1d"),
+    C(2, 1, 5, 5, 5, (7, 7), (3, 3), 2, 1, 1, bias="tied", tag="dw"),
+    C(3, 1, 3, 3, 3, (4, 5, 4), 3, 1, 1, 1, bias="untied", tag="dw3d"),
+    # Winograd's shapes: 3x3, stride 1, dilation 1, groups 1 (tile edges, outputs smaller than a tile)
+    C(2, 2, 3, 5, 1, (7, 9), (3, 3), 1, ((1, 1), (0, 2)), 1, bias="tied", tag="w3x3"),
+    C(2, 1, 9, 8, 1, (6, 6), (3, 3), 1, 1, 1, flip=True, bias="untied", tag="w3x3_flip"),
+    C(2, 1, 2, 3, 1, (3, 4), (3, 3), 1, 0, 1, tag="w_tiny"),
+    C(2, 1, 4, 16, 1, (10, 11), (3, 3), 1, 2, 1, bias="tied", tag="w_wide"),
+    # NCHWc-sized output channels (stem: few input channels; blocked input: more than a block)
+    C(2, 1, 3, 12, 1, (9, 10), (3, 3), 2, ((1, 2), (1, 0)), 1, bias="tied", tag="stem"),
+    C(2, 1, 20, 16, 1, (6, 5), (3, 3), 1, 1, (2, 1), flip=True, tag="wide_in"),
+    C(2, 1, 10, 10, 10, (7, 8), (3, 3), (1, 2), 1, 1, bias="tied", tag="dw_blocked"),
+    # 1x1 (pointwise, the GEMM without im2col) and 1x1 with stride/padding (through im2col)
+    C(2, 2, 5, 7, 1, (4, 5), 1, 1, 0, 1, bias="tied", tag="pw"),
+    C(1, 1, 6, 4, 2, 9, 1, 1, 0, 1, tag="pw_grouped"),
+    C(3, 1, 3, 4, 1, (3, 2, 4), 1, 1, 0, 1, bias="untied", tag="pw3d"),
+    C(2, 1, 4, 5, 1, (5, 6), 1, 2, 1, 1, tag="1x1_s2"),
+)
+
+GRAD_CONFIGS = (
+    C(1, 2, 3, 4, 1, 11, 3, 2, ((1, 2),), 1, tag="s2"),
+    C(2, 2, 3, 5, 1, (7, 6), (3, 2), (2, 1), ((0, 2), (1, 0)), (1, 2), tag="mixed"),
+    C(2, 1, 4, 20, 1, (6, 7), (3, 3), 1, 1, 1, flip=True, tag="wide_out"),
+    C(2, 2, 4, 6, 2, (6, 7), (3, 3), 1, 1, 1, tag="grouped"),
+    C(2, 1, 4, 4, 4, (7, 7), (3, 3), 2, ((1, 0), (0, 1)), 1, flip=True, tag="dw"),
+    C(3, 1, 2, 3, 1, (5, 4, 5), (2, 3, 2), (1, 2, 1), ((1, 0), (0, 1), (1, 1)), (2, 1, 1), tag="3d"),
+    C(1, 3, 2, 3, 1, 14, 4, 3, 0, 2, flip=True, tag="s3_d2"),
+    C(2, 1, 3, 5, 1, (5, 5), 1, 1, 0, 1, tag="pw"),
+)
+
+TRANSPOSED_CONFIGS = (
+    C(1, 2, 3, 4, 1, 6, 3, 2, 1, 1, output_padding=1, bias="tied", tag="s2_op1"),
+    C(2, 1, 4, 6, 2, (4, 5), (3, 2), (2, 3), ((1, 0), (0, 2)), 1, output_padding=(1, 2), tag="grouped_asym"),
+    C(2, 2, 3, 5, 1, (5, 4), (3, 3), 1, 1, (2, 1), output_padding=(1, 0), bias="untied", tag="op_lt_d"),
+    C(2, 1, 4, 4, 4, (5, 5), (3, 3), 2, 0, 1, output_padding=0, tag="dw"),
+    C(3, 1, 2, 3, 1, (3, 4, 3), (2, 3, 2), (2, 1, 2), 0, 1, output_padding=(1, 0, 0), bias="tied", tag="3d"),
+    C(1, 1, 2, 2, 1, 7, 4, 3, ((2, 1),), 2, output_padding=0, tag="s3_d2"),
+    C(2, 1, 3, 4, 1, (4, 4), 1, 1, 0, 1, output_padding=0, tag="1x1"),
+)
+
+SEPARABLE_CONFIGS = (
+    C(2, 1, 4, 4, 4, (8, 9), (3, 3), 1, 1, 1, c_pw=6, bias="tied", tag="sep"),
+    C(2, 2, 3, 6, 3, (7, 6), (3, 3), 2, ((0, 1), (1, 2)), 1, c_pw=5, flip=True, tag="sep_mult2_s2"),
+    C(2, 1, 5, 5, 5, (9, 8), (5, 3), 1, 2, (2, 1), c_pw=3, tag="sep_dil"),
+)
+
+
+def _long(n: int, seed: int, ok=lambda c: True) -> tuple:
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        c = random_conv_cfg(rng)
+        if ok(c):
+            out.append(c)
+    return tuple(out)
+
+
+def _transposed_long(n: int, seed: int) -> tuple:
+    rng = random.Random(seed)
+    out = []
+    for c in _long(3 * n, seed):
+        op = tuple(rng.randrange(max(s, d)) for s, d in zip(c.stride, c.dilation))
+        t = replace(c, output_padding=op, bias="none" if c.bias == "untied" else c.bias)
+        if all(o >= 1 for o in t.transposed_out):
+            out.append(t)
+        if len(out) == n:
+            break
+    return tuple(out)
+
+
+def _prod(v):
+    return math.prod(v)
+
+
+CONV = OpInfo(
+    "conv", "conv", build_conv, conv_arrays, torch_conv, _conv_lowerings,
+    reduction=lambda c: c.c_in // c.groups * _prod(c.kernel),
+    plane=lambda c: _prod(n + lo + hi for n, (lo, hi) in zip(c.sizes, c.padding)),
+    configs=CONV_CONFIGS, long_configs=_long(60, 1601))
+
+G = OpInfo(
+    "g", "conv_grad_kernel", build_grad_kernel, grad_kernel_arrays, torch_grad_kernel,
+    lambda c: {"direct", "gemm"},
+    reduction=lambda c: c.n * _prod(c.conv_out),
+    configs=GRAD_CONFIGS, long_configs=tuple(replace(c, bias="none") for c in _long(30, 1602)))
+
+H = OpInfo(
+    "h", "conv_grad_input", build_grad_input, grad_input_arrays, torch_grad_input,
+    lambda c: {"direct"} | (set() if c.flip else {"gemm"}),
+    reduction=lambda c: c.c_out // c.groups * _prod(c.kernel),
+    configs=GRAD_CONFIGS, long_configs=tuple(replace(c, bias="none") for c in _long(30, 1603)))
+
+TRANSPOSED = OpInfo(
+    "transposed", "conv_transpose", build_transpose, transpose_arrays, torch_transpose,
+    lambda c: {"direct", "transposed_conv"} | ({"transposed_matmul"} if all(
+        o < s for o, s in zip(c.output_padding, c.stride)) else set()),
+    reduction=lambda c: c.c_in // c.groups * _prod(c.kernel),
+    configs=TRANSPOSED_CONFIGS, long_configs=_transposed_long(30, 1604))
+
+SEPARABLE = OpInfo(
+    "separable", "conv", build_separable, separable_arrays, torch_separable,
+    lambda c: {"direct", "fused_separable"} if c.rank == 2 else {"direct"},
+    reduction=lambda c: c.c_out * _prod(c.kernel),      # the two sums in a row
+    configs=SEPARABLE_CONFIGS)
+
+OPINFOS = {o.name: o for o in (CONV, G, H, TRANSPOSED, SEPARABLE)}
