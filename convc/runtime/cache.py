@@ -204,15 +204,17 @@ def private_root(why: str, where: Path) -> Path:
     if "" not in _private_roots:
         tmp = Path(tempfile.mkdtemp(prefix="convc-cache-"))      # 0700, ours
         write_private(tmp / MARKER, MARKER_TEXT.encode())
-        atexit.register(shutil.rmtree, tmp, True)
+        owner = os.getpid()
+        atexit.register(lambda: os.getpid() == owner and shutil.rmtree(tmp, True))    # not from a forked child
         _private_roots[""] = tmp
     tmp = _private_roots[""]
     if str(where) not in _private_roots:
         _private_roots[str(where)] = tmp
+        fix = (f"remove {where} (and check who wrote it)" if where != configured_dir() else
+               "point CONVC_CACHE_DIR at a directory only you can write (mode 0700), or fix this one")
         warnings.warn(f"convc compile cache: {where} is not used: {why}. Compiling into the private temporary "
-                      f"directory {tmp} instead (removed at exit; nothing is cached across processes). Point "
-                      f"CONVC_CACHE_DIR at a directory only you can write (mode 0700), or remove the offending "
-                      f"files with `convc cache --clear`.", CacheWarning, stacklevel=3)
+                      f"directory {tmp} instead (removed at exit; nothing is cached across processes); to cache "
+                      f"again, {fix}.", CacheWarning, stacklevel=3)
     return tmp
 
 
