@@ -292,8 +292,30 @@ def render_harness(graph: Graph, lib: Library, test_inputs=None, tests: int = 2,
     ctx = dict(version=__version__, graph=graph.name, hash=graph.structure_hash(), name=lib.name,
                P=lib.name.upper(), tests=len(feeds), inputs=rows["inputs"], outputs=rows["outputs"],
                inputs_outputs=[r["var"] for r in rows["inputs"] + rows["outputs"]],
-               arena_bytes=lib.plan.arena_bytes, arena_align=lib.arena_align, weights_file=weights_file)
+               arena_bytes=lib.plan.arena_bytes, arena_align=lib.arena_align, weights_file=weights_file,
+               rejects=value_checks(lib, rows["inputs"]))
     return environment().get_template("c/export_test.c.j2").render(ctx)
+
+
+def value_checks(lib: Library, inputs: list[dict]) -> list[dict]:
+    """The graph inputs whose values a node checks (class labels in [lo, hi)):
+    the harness feeds each one value below and one at or above its range and
+    expects that node's status (1 + its schedule position; the first such node)."""
+    from .ops import get_op
+
+    rows = {r["label"]: r for r in inputs}
+    found: dict[str, dict] = {}
+    for k, n in enumerate(lib.plan.order):
+        d = lib.graph.node(n)
+        op = get_op(d["op"])
+        if not hasattr(op, "value_ranges"):
+            continue
+        ins = lib.graph.inputs_of(n)
+        for j, (lo, hi) in op.value_ranges(d["attrs"], [lib.graph.node(i)["type"] for i in ins]).items():
+            src = lib.plan.aliases.get(ins[j], ins[j])
+            if src in rows and src not in found:
+                found[src] = dict(rows[src], lo=lo, hi=hi, status=k + 1, node=n)
+    return list(found.values())
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import networkx as nx
 import numpy as np
 
+from .errors import InputError
 from .ir import Graph
 from .ops import get_op
 from .schedule import live_nodes
@@ -26,9 +27,39 @@ def values(g: Graph, feeds: dict[str, np.ndarray], params: dict[str, np.ndarray]
             vals[n] = d["value"] if params is None or n not in params else params[n]
         else:
             args = [vals[i] for i in g.inputs_of(n)]
-            out = get_op(d["op"]).reference(d["attrs"], *args)
+            try:
+                out = get_op(d["op"]).reference(d["attrs"], *args)
+            except InputError as e:         # invalid input values (a label out of range): name the node
+                raise node_input_error(g, n, str(e)) from None
             vals[n] = np.array(out, dtype=d["type"].dtype, order="C").reshape(d["type"].shape)
     return vals
+
+
+def node_input_error(g: Graph, n: str, what: str) -> InputError:
+    """The InputError for invalid input values that node ``n`` found."""
+    d = g.node(n)
+    shapes = ", ".join(f"{i} {g.node(i)['type']}" for i in g.inputs_of(n))
+    return InputError(f"graph '{g.name}': node '{n}' ({d['op']}, inputs {shapes}): {what}")
+
+
+def invalid_input(g: Graph, n: str, feeds: dict[str, np.ndarray], params: dict[str, np.ndarray] | None = None
+                  ) -> InputError:
+    """Why node ``n`` (an op with ``value_ranges``) rejected its input values
+    in a compiled module's run on ``feeds``: the values its checked inputs
+    had, computed here (only those inputs and what they need), and the op's
+    rule. Called after generated code returned that node's status."""
+    d = g.node(n)
+    op = get_op(d["op"])
+    ins = g.inputs_of(n)
+    types = [g.node(i)["type"] for i in ins]
+    checked = op.value_ranges(d["attrs"], types)
+    vals = values(g, feeds, params, nodes=[ins[k] for k in checked])
+    try:
+        op.check_values(d["attrs"], types, {k: vals[ins[k]] for k in checked})
+    except InputError as e:
+        return node_input_error(g, n, str(e))
+    ranges = ", ".join(f"{ins[k]} in [{lo}, {hi})" for k, (lo, hi) in checked.items())
+    return node_input_error(g, n, f"the generated code found input values out of range ({ranges})")
 
 
 def evaluate(g: Graph, feeds: dict[str, np.ndarray], params: dict[str, np.ndarray] | None = None

@@ -151,9 +151,19 @@ def node_functions(g: Graph, plan: Plan, name: Namer, var: dict[str, str] | None
         functions.append(env.get_template(f"c/{op.template_of(d['attrs'], types)}.c.j2").render(ctx))
         args = None if var is None else \
             [var[i] for i in ins] + [var[n]] + ([var[f"{n} workspace"]] if n in plan.workspace else [])
+        # an op that checks input values (labels in range, ...): its function returns nonzero on bad
+        # input and the caller returns `check`, the node's status (see module_status)
+        check = len(calls) + 1 if hasattr(op, "value_ranges") else None
         calls.append(dict(fn=fn, node=n, args=args, launch=[e for _, _, e in par],
-                          ws=plan.workspace.get(n), T=T))
+                          ws=plan.workspace.get(n), T=T, check=check))
     return functions, calls
+
+
+def module_status(plan: Plan, rc: int) -> str | None:
+    """The node a positive status of an entry point names: rc = 1 + its
+    position in the schedule (it found invalid input values and the entry
+    point returned before any later node ran or any param was assigned)."""
+    return plan.order[rc - 1] if 0 < rc <= len(plan.order) else None
 
 
 def output_copies(g: Graph, var: dict[str, str], out_var: dict[str, str]) -> list[dict]:

@@ -12,6 +12,7 @@ import numpy as np
 
 from .. import __version__
 from ..ir import Graph, TensorType
+from ..ops import get_op
 from ..schedule import Plan, plan as make_plan
 from .c import node_functions
 from .env import CL_TYPES, CTYPES, Namer, environment
@@ -45,6 +46,39 @@ class OpenCLSource:
 
 def _c_string_lines(text: str) -> list[str]:
     return [line.replace("\\", "\\\\").replace('"', '\\"') for line in text.splitlines()]
+
+
+def value_checks(g: Graph, plan: Plan, calls: list[dict], kernels: list[dict], var: dict, out_var: dict
+                 ) -> list[dict]:
+    """The host's checks of input values (labels in [0, C), ...) for the
+    nodes whose op has ``value_ranges``: a graph input is checked before
+    anything is written to the device (``host``: its argument), a value
+    computed on the device is read back before the node's kernel runs
+    (``mem``, ``offset``: where it lives; ``kernel``: that kernel's index).
+    Either way the run returns the node's status (``codegen.c``) before any
+    later kernel runs, so no param is updated."""
+    at_kernel = {k["node"]: i for i, k in enumerate(kernels) if k["node"] is not None}
+    checks = []
+    for c in calls:
+        n = c["node"]
+        if not c["check"] or n not in at_kernel:
+            continue
+        d = g.node(n)
+        ins = g.inputs_of(n)
+        types = [g.node(i)["type"] for i in ins]
+        for k, (lo, hi) in get_op(d["op"]).value_ranges(d["attrs"], types).items():
+            i, t = ins[k], types[k]
+            check = dict(node=n, input=i, status=c["check"], T=CTYPES[t.dtype], size=t.size, lo=lo, hi=hi)
+            kind, where = plan.storage[plan.aliases.get(i, i)]
+            if kind == "input":
+                check["host"] = var[where]
+            elif kind == "output":
+                view = plan.views.get(i, (None, 0))[1]
+                check.update(mem=f"S.{out_var[where]}", offset=view, kernel=at_kernel[n])
+            else:
+                check.update(mem="S.params" if kind == "param" else "S.arena", offset=where, kernel=at_kernel[n])
+            checks.append(check)
+    return checks
 
 
 def generate(g: Graph, plan: Plan | None = None) -> OpenCLSource:
@@ -109,6 +143,7 @@ def generate(g: Graph, plan: Plan | None = None) -> OpenCLSource:
             kernels.append(dict(name=name(c["what"].replace(" ", "_"), "k_"), node=None, gsize=[size], call=None,
                                 what=c["what"], dst=f"({c['dst']})", src=f"({where(c['src'], const=True)})"))
 
+    checks = value_checks(g, plan, calls, kernels, var, out_var)
     env = environment()
     common = dict(version=__version__, graph=g.name, hash=g.structure_hash(), fp64=fp64)
     kernel_text = env.get_template("opencl/kernels.cl.j2").render(
@@ -117,5 +152,6 @@ def generate(g: Graph, plan: Plan | None = None) -> OpenCLSource:
         P=prefix, signature=signature, kernel_lines=_c_string_lines(kernel_text), kernels=kernels,
         params_bytes=plan.params_bytes, arena_bytes=plan.arena_bytes, state=bool(g.assigns),
         inputs=[(var[n], t) for n, t in inputs], outputs=[(out_var[o], t) for o, t in outputs],
+        host_checks=[c for c in checks if "host" in c], device_checks=[c for c in checks if "mem" in c],
         build_options="", **common)
     return OpenCLSource(host, kernel_text, prefix, entry, signature, inputs, outputs, plan, fp64)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import RuleError
+from ..errors import InputError, RuleError
 from ..ir import TensorType, Value
 from .registry import Op, as_value, float_dtype, register, same_dtype
 
@@ -63,6 +63,30 @@ def _check_ce(logits: TensorType, labels: TensorType):
         raise RuleError(f"labels must be int64 of shape ({logits.shape[0]},), got {labels.dtype}{list(labels.shape)}")
 
 
+def check_labels(labels: np.ndarray, classes: int) -> None:
+    """Raise InputError naming the first label outside [0, classes), its
+    position and the valid range (the caller adds the node and op)."""
+    bad = np.flatnonzero((labels < 0) | (labels >= classes))
+    if bad.size:
+        i = int(bad[0])
+        raise InputError(f"label {int(labels[i])} at position {i} is outside the valid range [0, {classes}) "
+                         f"of the logits' {classes} classes ({bad.size} of {labels.size} labels out of range)")
+
+
+class _Labelled(Op):
+    """An op reading int64 class labels (its input 1), which must lie in
+    [0, C). The generated C checks them before computing anything: the node
+    function returns nonzero, the entry point returns the node's status
+    (``codegen.c``), and ``reference.invalid_input`` explains it."""
+
+    def value_ranges(self, attrs, types) -> dict[int, tuple[int, int]]:
+        """{input index: (lo, hi)}: the values of that input must lie in [lo, hi)."""
+        return {1: (0, types[0].shape[1])}
+
+    def check_values(self, attrs, types, values: dict[int, np.ndarray]) -> None:
+        check_labels(values[1], types[0].shape[1])
+
+
 def _log_softmax(z):
     with np.errstate(over="ignore", invalid="ignore"):       # inf - inf is NaN, as in PyTorch
         z = z - z.max(axis=1, keepdims=True)
@@ -70,7 +94,7 @@ def _log_softmax(z):
 
 
 @register
-class CrossEntropy(Op):
+class CrossEntropy(_Labelled):
     name = "cross_entropy"
     arity = (2, 2)
     inputs = ("z", "labels")
@@ -83,8 +107,7 @@ class CrossEntropy(Op):
         return [cross_entropy_grad(xs[0], xs[1], gy), None]                        # labels: not differentiable
 
     def reference(self, attrs, z, labels):
-        if labels.min(initial=0) < 0 or labels.max(initial=0) >= z.shape[1]:
-            raise ValueError(f"labels must lie in [0, {z.shape[1]})")
+        check_labels(labels, z.shape[1])
         return 0 - np.mean(_log_softmax(z)[np.arange(z.shape[0]), labels])      # 0 -: a zero loss is +0.0
 
     def context(self, attrs, types, out):
@@ -92,7 +115,7 @@ class CrossEntropy(Op):
 
 
 @register
-class CrossEntropyGrad(Op):
+class CrossEntropyGrad(_Labelled):
     name = "cross_entropy_grad"
     arity = (3, 3)
     inputs = ("z", "labels", "gy")
@@ -105,6 +128,7 @@ class CrossEntropyGrad(Op):
         return types[0]
 
     def reference(self, attrs, z, labels, gy):
+        check_labels(labels, z.shape[1])
         p = np.exp(_log_softmax(z))
         p[np.arange(z.shape[0]), labels] -= 1
         return p * (gy / z.shape[0])

@@ -207,6 +207,23 @@ class Module(abc.ABC):
         """Run the target on checked inputs (in ``_in_spec`` order), writing
         the outputs into ``outs`` (in output order); return the outputs."""
 
+    def _status_error(self, rc: int, args) -> InputError:
+        """The InputError for a positive status ``rc`` of the generated code:
+        the node it names (``codegen.c.module_status``) rejected input values,
+        computed again here from ``args`` (the inputs in ``_in_spec`` order)
+        to say which value, where, and the rule."""
+        import networkx as nx
+
+        from ..codegen.c import module_status
+        from ..reference import invalid_input
+
+        n = module_status(self.plan, rc)
+        if n is None:
+            return InputError(f"graph '{self.graph.name}': generated code returned error {rc}")
+        up = nx.ancestors(self.graph.nx, n)
+        params = {p: self._get_param(p) for p in self.param_names if p in up and p in self.plan.params}
+        return invalid_input(self.graph, n, {name: a for (name, _, _), a in zip(self._in_spec, args)}, params)
+
     @abc.abstractmethod
     def _get_param(self, n): ...
 
@@ -376,7 +393,7 @@ def fast_path(mod: Module, fixed: tuple, lock) -> str:
                 "            finally:",
                 "                lock.release()",
                 "            if rc:",
-                "                mod._failed(rc)",
+                f"                mod._failed(rc, [{', '.join(ins)}])      # invalid input values, or a device error",
                 f"            return {result}",
                 "    # anything else: check, convert or explain",
                 f"    return {otherwise}",
@@ -464,8 +481,8 @@ class CModule(Module):
         with self._lock:
             rc = self._call_entry(*ptrs, *self._fixed)
         if rc:
-            self._failed(rc)
+            self._failed(rc, args)
         return outs
 
-    def _failed(self, rc: int):
-        raise InputError(f"graph '{self.graph.name}': generated code returned error {rc}")
+    def _failed(self, rc: int, args=()):
+        raise self._status_error(rc, args)

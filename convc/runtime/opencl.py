@@ -129,10 +129,12 @@ class OpenCLModule(Module):
         with self._lock:
             rc = self._call_entry(*ptrs)
         if rc:
-            self._failed(rc)
+            self._failed(rc, args)
         return outs
 
-    def _failed(self, rc: int):
+    def _failed(self, rc: int, args=()):
+        if rc > 0:          # a node's status: invalid input values (the host checks them before any launch)
+            raise self._status_error(rc, args)
         self._check(rc, "run")
 
     def _param_view(self, n) -> np.ndarray:
