@@ -13,6 +13,8 @@ dtypes and every activation on every producer."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -20,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 import convc as cc
-from convc.ops import blocked as nb
 from convc.ops.activations import ACTIVATIONS, TABLE
 from convc.passes import run as run_passes
 from helpers import TARGETS
@@ -371,7 +372,6 @@ def add_fused_case(g, tag, producer, kind, params, dtype, feeds, want):
     xa = np.zeros(x.shape, dtype)
     ra = rng.permutation(np.resize(special_values(dtype), pre.shape).ravel()).reshape(pre.shape)
     feeds.update({f"{tag}_x": xa, f"{tag}_r": ra})
-    tx = torch.tensor(xa)
     want[tag] = torch_answer(lambda t: torch_act(kind, params)(tfn(t) + torch.tensor(ra)), xa,
                              np.zeros(()), kind, grad=False)
 
@@ -401,3 +401,29 @@ def test_item5_fused_epilogue_nan_inf_as_torch(fused_runs, i):
     +-inf and huge values as torch does, on every target."""
     dtype, got, want = fused_runs
     check_all([(got[t][f"f{i}"], want[f"f{i}"], f"{FUSED_IDS[i]} {dtype} [{t}]") for t in TARGETS])
+
+
+def test_item5_embedded_export_keeps_nan(tmp_path):
+    """Issue 16 item 5: the embedded export (its own entry point and arena,
+    the same node templates) keeps NaN and +-inf through a conv with fused
+    relu, a max pool and softmax: its harness compares with the reference,
+    for which NaN must meet NaN (a 0 where NaN is expected fails it)."""
+    if not shutil.which("gcc"):
+        pytest.skip("gcc is not installed")
+    g = cc.Graph("nan_export")
+    x = g.input("x", (1, 2, 6, 6))
+    w = g.param("w", np.random.default_rng(4).standard_normal((3, 2, 1, 1)).astype(np.float32))
+    y = cc.relu(cc.conv(x, w, name="conv"))
+    g.output(cc.max_pool(y, 2), "pool")
+    g.output(cc.softmax(cc.flatten(cc.clip(y, 0.0, 6.0)), axis=1), "p")
+    xa = np.random.default_rng(5).standard_normal(x.shape).astype(np.float32)
+    xa[0, 0, 1, 1], xa[0, 1, 4, 4], xa[0, 0, 5, 0] = np.nan, np.inf, -np.inf
+    exp = cc.export_c(g, tmp_path, name="nanx", test_inputs=[{"x": xa}])
+    assert np.isnan(cc.compile(g, target="numpy").run({"x": xa})["pool"]).any()
+    src = (tmp_path / "nanx.c").read_text()
+    assert "< 0 ? 0 :" in src, "relu fused into the conv as x < 0 ? 0 : x"
+    subprocess.run(["gcc", "-std=c99", "-O2", "-o", "harness", "nanx_test.c", "nanx.c", "-lm"], cwd=tmp_path,
+                   check=True, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(["./harness"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "OK" in run.stdout, run.stdout
+    assert exp.name == "nanx"
