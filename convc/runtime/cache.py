@@ -234,9 +234,12 @@ def subdir(name: str) -> Path:
     directory, or not private to this user."""
     root = cache_dir()
     d = root / name
-    if not os.path.lexists(d):
-        _mkdir_private(d)
-    why = entry_problem(d, levels=1)
+    try:
+        if not os.path.lexists(d):
+            _mkdir_private(d)
+        why = entry_problem(d, levels=1)
+    except OSError as e:                        # e.g. the disk filled up since the root was checked
+        why = f"{d} cannot be created ({e.strerror or e})"
     if why is None:
         return d
     d = private_root(why, d) / name
@@ -527,15 +530,18 @@ def _own_entry(d: Path, shard: str) -> bool:
 
 
 def _remove_entry(d: Path) -> bool:
-    """Delete entry ``d`` unless a build holds its lock (then False)."""
-    fd = _open_lock(d)
+    """Delete entry ``d`` unless a build holds its lock or it cannot be
+    deleted (then False)."""
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
+        fd = _open_lock(d)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         shutil.rmtree(d)
         return True
+    except OSError:                             # BlockingIOError: a build holds it
+        return False
     finally:
         os.close(fd)
 
@@ -548,8 +554,8 @@ def clear(root: Path | None = None) -> tuple[list[Path], list[Path]]:
     """Delete convc's own compiled entries (and probe libraries and cached
     ONNX exports) under ``root`` (default: :func:`configured_dir`); leave
     everything else, the tuning database included. Symbolic links are never
-    followed. Returns (removed, left): the paths deleted and the paths under
-    the root that were not convc's and stay."""
+    followed. Returns (removed, left): the paths deleted, and the paths
+    under the root that stay (not convc's, or an entry a build is using)."""
     root = configured_dir() if root is None else Path(root)
     removed: list[Path] = []
     left: list[Path] = []
@@ -561,22 +567,30 @@ def clear(root: Path | None = None) -> tuple[list[Path], list[Path]]:
         if not stat.S_ISDIR(st.st_mode):           # a file or a symbolic link: not ours
             left.append(p)
             continue
-        if re.fullmatch(r"[0-9a-f]{2}", name):
-            for e in sorted(p.iterdir()):
+        own = re.fullmatch(r"[0-9a-f]{2}", name) or name in _OWN_FILES
+        try:
+            inside = sorted(p.iterdir()) if own else []
+        except OSError:                              # not readable by us: not ours
+            own = False
+        if not own:
+            left.append(p)
+            continue
+        if name not in _OWN_FILES:
+            for e in inside:
                 if _own_entry(e, name) and _remove_entry(e):
                     removed.append(e)
                 else:
                     left.append(e)
-        elif name in _OWN_FILES:
-            for f in sorted(p.iterdir()):
-                if _OWN_FILES[name].fullmatch(f.name) and stat.S_ISREG(os.lstat(f).st_mode):
-                    f.unlink()
-                    removed.append(f)
-                else:
-                    left.append(f)
         else:
-            left.append(p)
-            continue
+            for f in inside:
+                try:
+                    if _OWN_FILES[name].fullmatch(f.name) and stat.S_ISREG(os.lstat(f).st_mode):
+                        f.unlink()
+                        removed.append(f)
+                        continue
+                except OSError:
+                    pass
+                left.append(f)
         with contextlib.suppress(OSError):
             p.rmdir()                                # only if now empty
     return removed, left
