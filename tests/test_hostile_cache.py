@@ -277,6 +277,18 @@ def test_item4_clear_deletes_only_convc_entries(root, tmp_path, capsys):
     compile_checked("clear_me", seed=7, what="after clear")
 
 
+def test_item4_clear_skips_an_entry_a_build_holds(root):
+    """Issue 16 item 4: --clear does not pull an entry from under a build in
+    progress (it holds the entry's lock): that entry is left and reported,
+    the others go."""
+    busy = Path(compile_checked("clear_busy", seed=13).library_path).parent
+    idle = Path(compile_checked("clear_idle", seed=14).library_path).parent
+    with cache.locked(busy):
+        removed, left = cache.clear(root)
+    assert busy in left and (busy / "module.so").exists()
+    assert idle in removed and not idle.exists()
+
+
 def test_item4_clear_on_home_like_dir_deletes_nothing(tmp_path, monkeypatch, capsys):
     """Issue 16 item 4: CONVC_CACHE_DIR mis-set to a directory that was never
     a convc cache: --clear deletes nothing there."""
