@@ -24,6 +24,7 @@ IR and cost table, compile).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -44,20 +45,29 @@ from .ops.pool import avg_pool, global_avg_pool, max_pool
 from .ops.resize import COORDINATE_MODES, axis_matrix, is_ratio, resize
 from .ops.tensor import concat, expand, reduce_sum, reshape, slice_axis, transpose
 from .ops.transpose import conv_transpose
+from .onnx_validate import FoldBudget, check_model, read_model, tensor_array
+from . import onnx_validate
+
+OnnxOpsetWarning = onnx_validate.OnnxOpsetWarning       # the warning of a model newer than convc knows
 from .shapes import ceil_div, prod
 
 
 class OnnxImportError(ConvcError):
     """A model convc cannot import; ``problems`` lists every unsupported node
-    (and input) as ``(op_type, name, reason)``."""
+    (and input) as ``(op_type, name, reason)``. ``invalid``: the model breaks
+    ONNX's own rules (names, order, versions), so nothing was imported."""
 
-    def __init__(self, model: str, problems: list[tuple[str, str, str]]):
-        self.problems = problems
+    def __init__(self, model: str, problems: list[tuple[str, str, str]], invalid: bool = False):
+        self.problems, self.invalid = problems, invalid
         lines = [f"  {op} {name if name.startswith('(') else repr(name)}: {why}" for op, name, why in problems]
-        n_values = sum(op in ("input", "output", "initializer") for op, _, _ in problems)
-        counts = [f"{n} unsupported {what}{'s' if n != 1 else ''}" for n, what in
-                  ((len(problems) - n_values, "node"), (n_values, "input or output")) if n]
-        super().__init__(f"ONNX model {model!r} cannot be imported; {' and '.join(counts)}:\n" + "\n".join(lines))
+        if invalid:
+            head = f"is not a valid ONNX model; {len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        else:
+            n_values = sum(op in ("input", "output", "initializer") for op, _, _ in problems)
+            counts = [f"{n} unsupported {what}{'s' if n != 1 else ''}" for n, what in
+                      ((len(problems) - n_values, "node"), (n_values, "input or output")) if n]
+            head = f"cannot be imported; {' and '.join(counts)}"
+        super().__init__(f"ONNX model {model!r} {head}:\n" + "\n".join(lines))
 
 
 class _Unsupported(Exception):
@@ -141,34 +151,33 @@ def from_onnx(model, input_shapes: dict | None = None, constants: dict | None = 
     ``STATIC_INPUTS`` need: a reshape target, pads, clip bounds). Inputs and
     params keep their ONNX names where convc allows them (see
     :func:`node_name`), outputs become C identifiers (:func:`c_name`).
-    Raises :class:`OnnxImportError` listing every unsupported node.
+    Raises :class:`OnnxImportError` listing every unsupported node, or every
+    way the model breaks ONNX's rules (see :mod:`convc.onnx_validate`: names,
+    topological order, versions, tensor sizes); constants folded at import
+    are capped (``CONVC_MAX_MEMORY``). External data needs the model's path.
     """
     onnx = _onnx()
-    if isinstance(model, (str, os.PathLike)):
-        try:
-            model = onnx.load(os.fspath(model))
-        except FileNotFoundError:
-            raise ConvcError(f"ONNX model {os.fspath(model)!r}: no such file") from None
-        except Exception as e:      # a damaged file: protobuf's DecodeError and friends
-            raise ConvcError(f"ONNX model {os.fspath(model)!r} cannot be read: {type(e).__name__}: {e}") from None
-    elif isinstance(model, bytes):
-        model = onnx.load_from_string(model)
-    if not isinstance(model, onnx.ModelProto):
-        raise ConvcError(f"from_onnx() takes a path, bytes or an onnx.ModelProto, got {type(model).__name__}")
+    model = read_model(model)
+    opset = check_model(model, lambda problems: OnnxImportError(model.graph.name or "?", problems, invalid=True))
     if model.functions:
         try:
             from onnx import inliner
         except ImportError:
             raise ConvcError(f"the model defines functions; inlining them needs onnx >= 1.16 "
                              f"(this is {onnx.__version__})") from None
-        model = inliner.inline_local_functions(model)
-    return _Importer(model, dict(input_shapes or {}), dict(constants or {}), name).run()
+        try:
+            model = inliner.inline_local_functions(model)
+        except Exception as e:      # noqa: BLE001 -- onnx's inliner on a malformed function
+            raise ConvcError(f"ONNX model {model.graph.name!r}: its functions cannot be inlined: "
+                             f"{type(e).__name__}: {e}") from None
+    return _Importer(model, dict(input_shapes or {}), dict(constants or {}), name, opset).run()
 
 
 class _Importer:
-    def __init__(self, model, input_shapes, constants, name):
+    def __init__(self, model, input_shapes, constants, name, opset):
         self.model = model
-        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        self.opset = opset
+        self.budget = FoldBudget(sum(t.ByteSize() for t in model.graph.initializer), opset)
         self.g = Graph(c_name(name or model.graph.name or "onnx_model", "onnx_model"))
         self.env: dict[str, Value | np.ndarray] = {}   # ONNX tensor -> Value (run time) or array (constant)
         self.params: dict[str, Value] = {}             # constant -> the param it became
@@ -184,6 +193,8 @@ class _Importer:
     # -- values ------------------------------------------------------------------
     def value(self, name: str) -> Value:
         """The run-time Value of an ONNX tensor; constants become params."""
+        if not name:
+            raise _Unsupported("a required input is missing (its name is empty)")
         v = self.env[name]
         if isinstance(v, Value):
             return v
@@ -200,12 +211,38 @@ class _Importer:
 
     def const(self, name: str, what: str) -> np.ndarray:
         """A compile-time constant input, or _Unsupported."""
+        if not name:
+            raise _Unsupported(f"input {what} is required, and missing (its name is empty)")
         v = self.env[name]
         if isinstance(v, np.ndarray):
             return v
         raise _Unsupported(f"{what} (input {name!r}) must be a constant (an initializer, a Constant or "
                            f"something convc folds); bind a graph input with from_onnx(constants=...)",
                            consequence=name in self.placeholders)
+
+    def ints(self, name: str, what: str) -> np.ndarray:
+        """A compile-time constant input of integers, flattened (ONNX's
+        shapes, axes, pads, starts, ... are int64 tensors)."""
+        v = self.const(name, what)
+        if v.dtype.kind not in "iu":
+            raise _Unsupported(f"{what} (input {name!r}) must be integers (ONNX: int64), got {v.dtype}")
+        if v.dtype.kind == "u" and v.size and int(v.max()) >= 2**63:
+            raise _Unsupported(f"{what} (input {name!r}) holds {int(v.max())}, beyond int64")
+        return v.reshape(-1).astype(np.int64)
+
+    def floats(self, name: str, what: str) -> np.ndarray:
+        """A compile-time constant input of real numbers, flattened."""
+        v = self.const(name, what)
+        if v.dtype.kind not in "f":
+            raise _Unsupported(f"{what} (input {name!r}) must be floating point (ONNX: float), got {v.dtype}")
+        return v.reshape(-1)
+
+    def scalar(self, name: str, what: str) -> float:
+        """A compile-time constant input holding one number."""
+        v = self.const(name, what)
+        if v.size != 1 or v.dtype.kind not in "biuf":
+            raise _Unsupported(f"{what} (input {name!r}) must be one number, got {v.dtype} of shape {v.shape}")
+        return float(v.reshape(-1)[0])
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(np.shape(self.env[name])) if isinstance(self.env[name], np.ndarray) else self.env[name].shape
@@ -223,8 +260,6 @@ class _Importer:
 
     # -- walking the model -------------------------------------------------------
     def run(self) -> Graph:
-        from onnx import numpy_helper
-
         graph = self.model.graph
         names = {i.name for i in graph.input}
         for what, given in (("input_shapes", self.input_shapes), ("constants", self.constants)):
@@ -233,7 +268,12 @@ class _Importer:
                 raise ConvcError(f"from_onnx({what}=...): the model has no input {', '.join(map(repr, unknown))}; "
                                  f"its inputs are {sorted(names)}")
         for init in graph.initializer:
-            self.env[init.name] = numpy_helper.to_array(init)
+            try:
+                self.env[init.name] = tensor_array(init, self.budget.cap)
+            except ValueError as e:
+                self.problems.append(("initializer", init.name, f"{e}"))
+                self.unknown_constants.add(init.name)
+                continue
             self.initializers.add(init.name)
         for sp in graph.sparse_initializer:
             self.problems.append(("initializer", sp.values.name, "sparse initializers are not supported"))
@@ -321,6 +361,11 @@ class _Importer:
                 self.problems.append((node.op_type, label, f"convc rejects it: {e}"))
             self.unresolved(node)
             return
+        except Exception as e:      # noqa: BLE001 -- a converter missed a check: still one line of the report
+            self.problems.append((node.op_type, label, f"the importer failed on it (a bug in convc, please report "
+                                                       f"it): {type(e).__name__}: {e}"))
+            self.unresolved(node)
+            return
         for o, v in zip(node.output, outs):
             if o and v is not None:
                 self.env[o] = v
@@ -339,11 +384,17 @@ class _Importer:
         if entry is None:
             raise _Unsupported(f"op {node.op_type} is not supported")
         fn, dropped, defaults = entry
+        _check_schema(node, args, self.opset)
         attrs = dict(defaults)
         for a in node.attribute:
             if a.name not in defaults:
                 raise _Unsupported(f"attribute {a.name!r} is not supported")
             attrs[a.name] = _attr_value(a)
+            if a.name in _INT32_ATTRS:
+                _check_int32(a.name, attrs[a.name])
+            if a.name in _FLAG_ATTRS and attrs[a.name] not in (0, 1):
+                raise _Unsupported(f"attribute {a.name} is {attrs[a.name]}; ONNX's flags are 0 or 1 (runtimes "
+                                   f"read other values differently)")
         ins = list(node.input)
         outs = fn(self, node, ins + [""] * (6 - len(ins)), attrs)
         for o in node.output[len(outs):]:
@@ -370,6 +421,10 @@ class _Importer:
     def fold(self, node, args):
         from onnx.reference import ReferenceEvaluator
 
+        try:
+            self.budget.check(node, args)
+        except ValueError as e:
+            raise _Unsupported(f"{e}") from None
         feeds = {i: a for i, a in zip(node.input, args) if i}
         try:
             outs = ReferenceEvaluator(node, opsets={"": self.opset}).run(None, feeds)
@@ -388,7 +443,10 @@ class _Importer:
         info = self._inferred.get(name)
         if info is None:
             return False
-        self.env[name] = self.g.input(self.unique("unsupported"), *info)
+        try:
+            self.env[name] = self.g.input(self.unique("unsupported"), *info)
+        except ConvcError:          # a shape convc cannot hold: nothing to stand in with
+            return False
         self.placeholders.add(name)
         return True
 
@@ -436,14 +494,83 @@ def _show_dims(tt) -> str:
     return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
 
 
+@functools.lru_cache(maxsize=None)
+def _schema(op_type: str, opset: int):
+    """ONNX's definition of the op at ``opset`` (None if onnx has none)."""
+    onnx = _onnx()
+    try:
+        return onnx.defs.get_schema(op_type, opset)
+    except Exception:       # noqa: BLE001 -- SchemaError: an op the opset does not have
+        return None
+
+
+def _type_str(arg) -> str:
+    """ONNX's name of a tensor's type: ``tensor(float)``."""
+    onnx = _onnx()
+    from onnx import helper
+
+    dtype = np.dtype(arg.dtype) if isinstance(arg, np.ndarray) else np.dtype(_NP_OF_DTYPE[arg.dtype])
+    try:
+        return f"tensor({onnx.TensorProto.DataType.Name(helper.np_dtype_to_tensor_dtype(dtype)).lower()})"
+    except (KeyError, ValueError, TypeError):
+        return f"tensor({dtype.name})"
+
+
+def _check_schema(node, args, opset: int) -> None:
+    """What ONNX's definition of the op at ``opset`` says of the node: its
+    attributes and their types, its number of inputs and outputs, and the
+    types of its inputs (one type per type parameter, an allowed one)."""
+    schema = _schema(node.op_type, opset)
+    if schema is None:
+        return
+    op = f"{node.op_type}-{opset}"
+    for a in node.attribute:
+        declared = schema.attributes.get(a.name)
+        if declared is None:
+            raise _Unsupported(f"attribute {a.name!r} is not an attribute of {op}")
+        if a.type != int(declared.type.value):
+            raise _Unsupported(f"attribute {a.name!r} is {_attr_type_name(a.type)}; {op} takes "
+                               f"{_attr_type_name(int(declared.type.value))}")
+    for what, n, lo, hi in (("inputs", len(node.input), schema.min_input, schema.max_input),
+                            ("outputs", len(node.output), schema.min_output, schema.max_output)):
+        if not lo <= n <= hi:
+            raise _Unsupported(f"it has {n} {what}; {op} takes {lo}" + (f" to {hi}" if hi != lo else ""))
+    formals = list(schema.inputs)
+    allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+    bound: dict[str, tuple[str, str]] = {}
+    for i, (name, arg) in enumerate(zip(node.input, args)):
+        if not name or arg is None or not formals:
+            continue
+        param = formals[min(i, len(formals) - 1)].type_str
+        t = _type_str(arg)
+        ok = allowed.get(param, {param})
+        if t not in ok:
+            raise _Unsupported(f"input {name!r} is {t}; {op} takes {', '.join(sorted(ok))} there")
+        if param in bound and bound[param][1] != t:
+            raise _Unsupported(f"inputs {bound[param][0]!r} ({bound[param][1]}) and {name!r} ({t}) must have one "
+                               f"type ({param}), as {op} defines them")
+        bound.setdefault(param, (name, t))
+
+
+def _attr_type_name(t: int) -> str:
+    onnx = _onnx()
+    try:
+        return onnx.AttributeProto.AttributeType.Name(t).lower()
+    except ValueError:
+        return f"of unknown type {t}"
+
+
 def _attr_value(a):
     from onnx import helper
 
     v = helper.get_attribute_value(a)
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, list):
-        return [x.decode() if isinstance(x, bytes) else x for x in v]
+    try:
+        if isinstance(v, bytes):
+            return v.decode()
+        if isinstance(v, list):
+            return [x.decode() if isinstance(x, bytes) else x for x in v]
+    except UnicodeDecodeError:
+        raise _Unsupported(f"attribute {a.name!r} is not UTF-8 text") from None
     return v
 
 
@@ -455,6 +582,23 @@ def _shape_op(node, shape):
     start, end = attrs.get("start", 0), attrs.get("end", rank)
     start, end = (max(0, min(rank, v + rank if v < 0 else v)) for v in (start, end))
     return np.array(shape[start:end], np.int64)
+
+
+_INT32_ATTRS = {"strides", "pads", "dilations", "group", "kernel_shape", "output_padding", "output_shape"}
+"""Window attributes: ONNX stores them as int64; convc's generated code
+indexes with int, so beyond int32 they can only be a mistake."""
+
+
+_FLAG_ATTRS = {"keepdims", "ceil_mode", "count_include_pad", "transA", "transB", "allowzero", "noop_with_empty_axes",
+               "training_mode", "spatial", "is_test", "broadcast", "exclude_outside", "antialias", "storage_order"}
+
+
+def _check_int32(name: str, value) -> None:
+    values = value if isinstance(value, list) else [value]
+    bad = [v for v in values if not isinstance(v, int) or not -2**31 <= v < 2**31]
+    if bad:
+        raise _Unsupported(f"attribute {name} {value} has {bad[0]}, beyond the int32 range convc's generated code "
+                           f"indexes with")
 
 
 def _spatial(values, rank, default, what):
@@ -498,6 +642,7 @@ def _window(node, at, x_shape, w_spatial=None):
         raise _Unsupported(f"kernel_shape {list(at['kernel_shape'])} differs from the weight's {list(k)}")
     s = _spatial(at["strides"], rank, 1, "strides")
     d = _spatial(at.get("dilations"), rank, 1, "dilations")
+    _positive(k=k, strides=s, dilations=d)
     auto = at["auto_pad"] or "NOTSET"
     if auto == "NOTSET":
         pads = _pad_pairs(at["pads"], rank)
@@ -512,6 +657,16 @@ def _window(node, at, x_shape, w_spatial=None):
     return tuple(k), s, d, pads
 
 
+def _positive(**given) -> None:
+    """Window sizes, strides, dilations (and group): each at least 1."""
+    for what, values in given.items():
+        values = values if isinstance(values, (tuple, list)) else [values]
+        if any(v < 1 for v in values):
+            what = "kernel_shape" if what == "k" else what
+            raise _Unsupported(f"{what} {list(values) if len(values) > 1 else values[0]} must be at least 1 "
+                               f"(each entry)")
+
+
 _WINDOW = dict(auto_pad="NOTSET", kernel_shape=None, pads=None, strides=None)
 
 
@@ -522,8 +677,8 @@ def _identity(im, node, ins, at):
 
 @converts("Dropout", dropped="the mask, a bool tensor", ratio=0.5, is_test=0, seed=None)
 def _dropout(im, node, ins, at):
-    ratio = float(im.const(ins[1], "ratio")) if ins[1] else at["ratio"]
-    training = bool(im.const(ins[2], "training_mode")) if ins[2] else (im.opset < 7 and not at["is_test"])
+    ratio = im.scalar(ins[1], "ratio") if ins[1] else at["ratio"]
+    training = bool(im.scalar(ins[2], "training_mode")) if ins[2] else (im.opset < 7 and not at["is_test"])
     if training and ratio != 0:
         raise _Unsupported(f"training-mode Dropout (ratio {ratio}) is random; export the model in eval mode")
     return [im.env[ins[0]]]
@@ -532,6 +687,24 @@ def _dropout(im, node, ins, at):
 def _onnx_attr_names(act) -> dict:
     """Our param name -> the ONNX attribute's name, for an activation record."""
     return {p: act.onnx_attrs.get(p, p) for p in act.params}
+
+
+def _axis(a, rank: int, what: str = "axis", end: bool = False) -> int:
+    """An ONNX axis in [-rank, rank) (or [-rank, rank] for ``end``), counted
+    from 0; out of range is an error, not a wrap-around."""
+    a = int(a)
+    if not -rank <= a < rank + end:
+        raise _Unsupported(f"{what} {a} is out of range for an input of rank {rank} "
+                           f"([{-rank}, {rank + end - 1}])")
+    return a + rank if a < 0 else a
+
+
+def _required(at: dict, name: str, *also: str):
+    """An attribute the op's opset requires (older opsets give as attributes
+    what newer ones take as inputs)."""
+    if at[name] is None:
+        raise _Unsupported(f"attribute {' or '.join((*also, name))} is required")
+    return at[name]
 
 
 _SPECIAL_ACTIVATIONS = ("Clip", "Gelu")
@@ -566,8 +739,8 @@ def _gelu(im, node, ins, at):
 def _clip(im, node, ins, at):
     lo, hi = at["min"], at["max"]
     if im.opset >= 11:
-        lo = float(im.const(ins[1], "min")) if ins[1] else None
-        hi = float(im.const(ins[2], "max")) if ins[2] else None
+        lo = im.scalar(ins[1], "min") if ins[1] else None
+        hi = im.scalar(ins[2], "max") if ins[2] else None
     return [clip(im.value(ins[0]), lo, hi, name=im.name(node))]
 
 
@@ -575,7 +748,7 @@ def _legacy_broadcast(im, node, b: Value, a_rank: int, at) -> Value:
     """Opset < 7 broadcasting of B from ``axis`` of A (numpy aligns suffixes)."""
     if not at.get("broadcast") or at.get("axis") is None:
         return b
-    axis = at["axis"] % a_rank
+    axis = _axis(at["axis"], a_rank)
     trail = a_rank - axis - len(b.shape)
     return reshape(b, b.shape + (1,) * trail, name=im.name(node, "b")) if trail > 0 else b
 
@@ -607,13 +780,13 @@ def _concat(im, node, ins, at):
 @converts("Flatten", axis=1)
 def _flatten(im, node, ins, at):
     shape = im.shape(ins[0])
-    axis = at["axis"] + len(shape) if at["axis"] < 0 else at["axis"]
+    axis = _axis(at["axis"], len(shape), end=True)
     return [reshape(im.value(ins[0]), (prod(shape[:axis]), prod(shape[axis:])), name=im.name(node))]
 
 
 @converts("Reshape", shape=None, allowzero=0)
 def _reshape(im, node, ins, at):
-    target = [int(s) for s in (at["shape"] if im.opset < 5 else im.const(ins[1], "shape").reshape(-1))]
+    target = [int(s) for s in (_required(at, "shape") if im.opset < 5 else im.ints(ins[1], "shape"))]
     x = im.shape(ins[0])
     if 0 in target:
         if at["allowzero"]:
@@ -625,17 +798,17 @@ def _reshape(im, node, ins, at):
 @converts("Squeeze", axes=None)
 def _squeeze(im, node, ins, at):
     shape = im.shape(ins[0])
-    axes = at["axes"] if im.opset < 13 else (im.const(ins[1], "axes").reshape(-1) if ins[1] else None)
-    axes = {int(a) % len(shape) for a in axes} if axes is not None else {i for i, n in enumerate(shape) if n == 1}
+    axes = at["axes"] if im.opset < 13 else (im.ints(ins[1], "axes") if ins[1] else None)
+    axes = {_axis(a, len(shape), "axes entry") for a in axes} if axes is not None else {i for i, n in enumerate(shape) if n == 1}
     return [reshape(im.value(ins[0]), tuple(n for i, n in enumerate(shape) if i not in axes), name=im.name(node))]
 
 
 @converts("Unsqueeze", axes=None)
 def _unsqueeze(im, node, ins, at):
     shape = list(im.shape(ins[0]))
-    axes = at["axes"] if im.opset < 13 else im.const(ins[1], "axes").reshape(-1)
+    axes = _required(at, "axes") if im.opset < 13 else im.ints(ins[1], "axes")
     rank = len(shape) + len(axes)
-    for a in sorted(int(a) % rank for a in axes):
+    for a in sorted(_axis(a, rank, "axes entry") for a in axes):
         shape.insert(a, 1)
     return [reshape(im.value(ins[0]), tuple(shape), name=im.name(node))]
 
@@ -645,15 +818,16 @@ def _slice(im, node, ins, at):
     x = im.value(ins[0])
     rank = len(x.shape)
     if im.opset < 10:
-        starts, ends, axes, steps = at["starts"], at["ends"], at["axes"], None
+        starts, ends, axes, steps = _required(at, "starts"), _required(at, "ends"), at["axes"], None
     else:
-        starts, ends = (im.const(i, w).reshape(-1) for i, w in ((ins[1], "starts"), (ins[2], "ends")))
-        axes = im.const(ins[3], "axes").reshape(-1) if ins[3] else None
-        steps = im.const(ins[4], "steps").reshape(-1) if ins[4] else None
+        starts, ends = (im.ints(i, w) for i, w in ((ins[1], "starts"), (ins[2], "ends")))
+        axes = im.ints(ins[3], "axes") if ins[3] else None
+        steps = im.ints(ins[4], "steps") if ins[4] else None
     axes = range(len(starts)) if axes is None else axes
     steps = [1] * len(starts) if steps is None else steps
     for k, (a, st, en, sp) in enumerate(zip(axes, starts, ends, steps)):
-        a, n, st, en, sp = int(a) % rank, x.shape[int(a) % rank], int(st), int(en), int(sp)
+        a = _axis(a, rank, "axes entry")
+        n, st, en, sp = x.shape[a], int(st), int(en), int(sp)
         if sp != 1 and not (sp > 1 and a >= 2 and 3 <= rank <= 5):
             raise _Unsupported(f"step {sp} on axis {a} (only 1, or a positive step on a spatial axis)")
         st, en = (min(max(v + n if v < 0 else v, 0), n) for v in (st, en))
@@ -677,7 +851,7 @@ def _split(im, node, ins, at):
         raise _Unsupported(f"axis {at['axis']} is not an axis of the input {x.shape}")
     axis = at["axis"] % rank
     n = x.shape[axis]
-    sizes = im.const(ins[1], "split").reshape(-1).tolist() if ins[1] else at["split"]
+    sizes = im.ints(ins[1], "split").tolist() if ins[1] else at["split"]
     if at["num_outputs"] is not None:
         if sizes is not None:
             raise _Unsupported("both split and num_outputs are given; ONNX allows one of them")
@@ -708,14 +882,18 @@ def _split(im, node, ins, at):
 @converts("Expand")
 def _expand(im, node, ins, at):
     x = im.value(ins[0])
-    shape = tuple(np.broadcast_shapes(x.shape, tuple(int(v) for v in im.const(ins[1], "shape").reshape(-1))))
+    target = tuple(int(v) for v in im.ints(ins[1], "shape"))
+    try:
+        shape = tuple(np.broadcast_shapes(x.shape, target))
+    except ValueError:
+        raise _Unsupported(f"shape {list(target)} does not broadcast with the input's {x.shape}") from None
     return [expand(x, shape, name=im.name(node)) if shape != x.shape else x]
 
 
 @converts("ReduceSum", keepdims=1, axes=None, noop_with_empty_axes=0)
 def _reduce_sum(im, node, ins, at):
     x = im.value(ins[0])
-    axes = at["axes"] if im.opset < 13 else (im.const(ins[1], "axes").reshape(-1).tolist() if ins[1] else None)
+    axes = at["axes"] if im.opset < 13 else (im.ints(ins[1], "axes").tolist() if ins[1] else None)
     if not axes and at["noop_with_empty_axes"]:
         return [x]
     return [reduce_sum(x, None if not axes else tuple(int(a) for a in axes), bool(at["keepdims"]),
@@ -726,10 +904,10 @@ def _reduce_sum(im, node, ins, at):
 def _reduce_mean(im, node, ins, at):
     x = im.value(ins[0])
     rank = len(x.shape)
-    axes = at["axes"] if im.opset < 18 else (im.const(ins[1], "axes").reshape(-1).tolist() if ins[1] else None)
+    axes = at["axes"] if im.opset < 18 else (im.ints(ins[1], "axes").tolist() if ins[1] else None)
     if not axes and at["noop_with_empty_axes"]:
         return [x]
-    axes = sorted({int(a) % rank for a in axes} if axes else range(rank))
+    axes = sorted({_axis(a, rank, "axes entry") for a in axes} if axes else range(rank))
     if axes == list(range(2, rank)) and 3 <= rank <= 5:       # x.mean((2, 3)): a global average pool
         y = global_avg_pool(x, name=im.name(node) if at["keepdims"] else im.name(node, "pool"))
         return [y if at["keepdims"] else reshape(y, x.shape[:2], name=im.name(node))]
@@ -805,7 +983,7 @@ def _softmax(im, node, ins, at):
     rank = len(x.shape)
     if im.opset >= 13:
         return [softmax(x, -1 if at["axis"] is None else at["axis"], name=im.name(node))]
-    axis = (1 if at["axis"] is None else at["axis"]) % max(rank, 1)
+    axis = _axis(1 if at["axis"] is None else at["axis"], max(rank, 1))
     if axis == rank - 1:             # coercing to 2D changes nothing then
         return [softmax(x, -1, name=im.name(node))]
     flat = reshape(x, (prod(x.shape[:axis]), prod(x.shape[axis:])), name=im.name(node, "2d"))
@@ -819,12 +997,15 @@ def _pad(im, node, ins, at):
     x = im.value(ins[0])
     rank = len(x.shape)
     if im.opset < 11:
-        pads, value, axes = at["pads"] if at["pads"] is not None else at["paddings"], at["value"], None
+        pads = at["pads"] if at["pads"] is not None else _required(at, "paddings", "pads")
+        value, axes = at["value"], None
     else:
-        pads = im.const(ins[1], "pads").reshape(-1)
-        value = float(im.const(ins[2], "constant_value").reshape(-1)[0]) if ins[2] else 0.0
-        axes = im.const(ins[3], "axes").reshape(-1) if ins[3] else None
-    axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
+        pads = im.ints(ins[1], "pads")
+        value = im.scalar(ins[2], "constant_value") if ins[2] else 0.0
+        axes = im.ints(ins[3], "axes") if ins[3] else None
+    if x.dtype == "int64" and not float(value).is_integer():
+        raise _Unsupported(f"constant_value {value} is not an integer, and the input is int64 (ONNX: one type T)")
+    axes = list(range(rank)) if axes is None else [_axis(a, rank, "axes entry") for a in axes]
     pads = [int(p) for p in pads]
     if len(pads) != 2 * len(axes):
         raise _Unsupported(f"pads {pads} must have 2 x {len(axes)} entries")
@@ -857,6 +1038,7 @@ def _conv(im, node, ins, at):
     x, w = im.value(ins[0]), im.value(ins[1])
     if len(w.shape) != len(x.shape):
         raise _Unsupported(f"weight {w.shape} must have the rank of the input {x.shape}")
+    _positive(group=at["group"])
     _, s, d, pads = _window(node, at, x.shape, w.shape[2:])
     b = im.value(ins[2]) if ins[2] else None
     return [conv(x, w, b, stride=s, padding=pads, dilation=d, groups=at["group"], name=im.name(node))]
@@ -874,6 +1056,7 @@ def _conv_transpose(im, node, ins, at):
         raise _Unsupported(f"kernel_shape {list(at['kernel_shape'])} differs from the weight's {list(k)}")
     s = _spatial(at["strides"], rank, 1, "strides")
     d = _spatial(at["dilations"], rank, 1, "dilations")
+    _positive(strides=s, dilations=d, group=at["group"])
     opad = _spatial(at["output_padding"], rank, 0, "output_padding")
     full = [(nn - 1) * ss + dd * (kk - 1) + 1 + op for nn, ss, dd, kk, op in zip(n, s, d, k, opad)]
     want = None if at["output_shape"] is None else [int(v) for v in at["output_shape"]][-rank:]
@@ -1030,7 +1213,7 @@ def _resize_legacy(im, node, x: Value, scales, mode: str) -> Value:
 def _resize(im, node, ins, at):
     x = im.value(ins[0])
     if im.opset < 11:                   # Resize-10: (X, scales) and the mode only
-        return [_resize_legacy(im, node, x, im.const(ins[1], "scales"), at["mode"])]
+        return [_resize_legacy(im, node, x, im.floats(ins[1], "scales"), at["mode"])]
     mode = _resize_mode(at["mode"])
     ctm = at["coordinate_transformation_mode"]
     if ctm == "tf_crop_and_resize":
@@ -1045,9 +1228,9 @@ def _resize(im, node, ins, at):
         # (linear reads at most one element past an edge, where excluding it
         # and renormalising gives the edge element, as clamping does)
         raise _Unsupported(f"exclude_outside={at['exclude_outside']} is supported with mode 'linear' only")
-    scales = im.const(ins[2], "scales").reshape(-1) if ins[2] else None
+    scales = im.floats(ins[2], "scales") if ins[2] else None
     scales = scales if scales is not None and scales.size else None
-    sizes = im.const(ins[3], "sizes").reshape(-1) if ins[3] else None
+    sizes = im.ints(ins[3], "sizes") if ins[3] else None
     if (scales is None) == (sizes is None):
         raise _Unsupported("exactly one of scales and sizes must be given")
     if sizes is not None and at["keep_aspect_ratio_policy"] != "stretch":
@@ -1055,7 +1238,7 @@ def _resize(im, node, ins, at):
                            "(only 'stretch')")
     if at["axes"] is not None:          # opset 18: scales / sizes of the listed axes only
         rank = len(x.shape)
-        axes = [int(a) % rank for a in at["axes"]]
+        axes = [_axis(a, rank, "axes entry") for a in at["axes"]]
         given = scales if scales is not None else sizes
         if len(set(axes)) != len(axes) or len(axes) != len(given):
             raise _Unsupported(f"axes {list(at['axes'])} must be distinct, one per entry of "
@@ -1070,7 +1253,7 @@ def _resize(im, node, ins, at):
 
 @converts("Upsample", mode="nearest", scales=None)
 def _upsample(im, node, ins, at):
-    scales = at["scales"] if im.opset < 9 else im.const(ins[1], "scales")
+    scales = at["scales"] if im.opset < 9 else im.floats(ins[1], "scales")
     if scales is None:
         raise _Unsupported("attribute scales is required")
     return [_resize_legacy(im, node, im.value(ins[0]), scales, at["mode"])]
