@@ -45,7 +45,7 @@ from .ops.pool import avg_pool, global_avg_pool, max_pool
 from .ops.resize import COORDINATE_MODES, axis_matrix, is_ratio, resize
 from .ops.tensor import concat, expand, reduce_sum, reshape, slice_axis, transpose
 from .ops.transpose import conv_transpose
-from .onnx_validate import FoldBudget, check_model, read_model, tensor_array
+from .onnx_validate import FoldBudget, Refusal, check_model, read_model, tensor_array
 from . import onnx_validate
 
 OnnxOpsetWarning = onnx_validate.OnnxOpsetWarning       # the warning of a model newer than convc knows
@@ -270,7 +270,7 @@ class _Importer:
         for init in graph.initializer:
             try:
                 self.env[init.name] = tensor_array(init, self.budget.cap)
-            except ValueError as e:
+            except Refusal as e:
                 self.problems.append(("initializer", init.name, f"{e}"))
                 self.unknown_constants.add(init.name)
                 continue
@@ -423,7 +423,7 @@ class _Importer:
 
         try:
             self.budget.check(node, args)
-        except ValueError as e:
+        except Refusal as e:
             raise _Unsupported(f"{e}") from None
         feeds = {i: a for i, a in zip(node.input, args) if i}
         try:

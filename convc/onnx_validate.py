@@ -43,10 +43,31 @@ FOLD_MAX_MACS = 1 << 30
 """The most multiply-adds one folded node (a Conv or MatMul of constants)
 may take in ``onnx.reference``: seconds, not hours."""
 
+FOLD_MAX_LOOPED = 1 << 20
+"""The most elements a folded node outside :data:`_VECTORIZED` may produce:
+``onnx.reference`` computes some ops (pools, GridSample, Col2Im, ...)
+element by element in Python."""
+
+_VECTORIZED = {
+    "Abs", "Add", "And", "Cast", "CastLike", "Ceil", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv",
+    "ConvTranspose", "CumSum", "DequantizeLinear", "Div", "Dropout", "Einsum", "Equal", "Erf", "Exp", "Expand",
+    "EyeLike", "Flatten", "Floor", "Gather", "GatherElements", "Gemm", "Greater", "GreaterOrEqual", "Identity",
+    "IsInf", "IsNaN", "LeakyRelu", "Less", "LessOrEqual", "Log", "MatMul", "Max", "Mean", "Min", "Mod", "Mul",
+    "Neg", "NonZero", "Not", "Or", "Pad", "Pow", "QuantizeLinear", "Range", "Reciprocal", "ReduceL1", "ReduceL2",
+    "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare", "Relu", "Reshape",
+    "Round", "Shape", "Sigmoid", "Sign", "Size", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Sum",
+    "Tanh", "Tile", "Transpose", "Trilu", "Unsqueeze", "Where", "Xor"}
+"""Ops ``onnx.reference`` computes with whole-array numpy operations."""
+
 _GROWING_DATA_DEPENDENT = {"NonZero": lambda sizes, ranks: ranks[0] * sizes[0]}
 """Ops whose output shape depends on input values that shape inference does
 not see: an upper bound of their output's element count."""
 _SHRINKING_DATA_DEPENDENT = {"Unique", "Compress", "TopK", "StringSplit"}   # at most the first input's size
+
+
+class Refusal(Exception):
+    """Why a tensor or a fold is refused; the importer reports it as a
+    problem of the node or initializer (never escapes to users)."""
 
 
 class OnnxOpsetWarning(UserWarning):
@@ -62,29 +83,14 @@ def _onnx():
     return onnx
 
 
-def memory_cap() -> int:
-    """Bytes an import may allocate for folded constants and initializers:
-    ``CONVC_MAX_MEMORY`` (bytes) when set, else the memory available now."""
-    env = os.environ.get("CONVC_MAX_MEMORY")
-    if env:
-        try:
-            value = int(env)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise ConvcError(f"CONVC_MAX_MEMORY={env!r}: give a positive number of bytes")
-        return value
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 34
+def memory_cap() -> tuple[int, str]:
+    """Bytes an import may allocate for folded constants and initializers,
+    and where the number comes from: :func:`convc.schedule.memory_cap`
+    (``CONVC_MAX_MEMORY``, else the memory available now)."""
+    from .schedule import memory_cap as module_cap
+
+    cap, source = module_cap()
+    return (cap, source) if cap is not None else (1 << 62, "no cap: the available memory is unknown")
 
 
 def show_bytes(n: int) -> str:
@@ -299,7 +305,7 @@ def _warn_newer(graph, opset: int) -> None:
 
 # -- tensors -----------------------------------------------------------------------
 def tensor_array(t, cap: int) -> np.ndarray:
-    """A TensorProto as an array; raises ValueError with the reason when its
+    """A TensorProto as an array; raises Refusal with the reason when its
     data does not fill its dims, its dtype is unknown or it is beyond ``cap``
     bytes -- all checked before anything is allocated."""
     onnx = _onnx()
@@ -307,14 +313,14 @@ def tensor_array(t, cap: int) -> np.ndarray:
 
     dims = tuple(int(d) for d in t.dims)
     if any(d < 0 for d in dims):
-        raise ValueError(f"dims {dims} has a negative entry")
+        raise Refusal(f"dims {dims} has a negative entry")
     try:
         np_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
         field = helper.tensor_dtype_to_field(t.data_type)
     except (KeyError, ValueError, TypeError):
-        raise ValueError(f"data_type {t.data_type} is not an ONNX tensor type") from None
+        raise Refusal(f"data_type {t.data_type} is not an ONNX tensor type") from None
     if t.data_location == onnx.TensorProto.EXTERNAL:
-        raise ValueError("its data is in an external file that was not loaded")
+        raise Refusal("its data is in an external file that was not loaded")
     n = int(np.prod(dims, dtype=object)) if dims else 1
     name = onnx.TensorProto.DataType.Name(t.data_type).lower()
     bits = {"int4": 4, "uint4": 4, "float4e2m1": 4, "int2": 2, "uint2": 2}.get(name, 8 * np_dtype.itemsize)
@@ -326,16 +332,16 @@ def tensor_array(t, cap: int) -> np.ndarray:
             per_int32 = 32 // bits if bits < 8 and field == "int32_data" else 1      # packed sub-byte types
             have, want, unit = len(getattr(t, field)), -(-n * per_value // per_int32), f"values in {field}"
         if have != want:
-            raise ValueError(f"it holds {have} {unit}, where its dims {dims} of {name} need {want}")
+            raise Refusal(f"it holds {have} {unit}, where its dims {dims} of {name} need {want}")
     if n * np_dtype.itemsize > cap:
-        raise ValueError(f"dims {dims} of {name} make {show_bytes(n * np_dtype.itemsize)}, beyond the cap of "
-                         f"{show_bytes(cap)} (CONVC_MAX_MEMORY or the available memory)")
+        raise Refusal(f"dims {dims} of {name} make {show_bytes(n * np_dtype.itemsize)}, beyond the memory cap of "
+                      f"{show_bytes(cap)} (CONVC_MAX_MEMORY, else the available memory)")
     try:
         arr = numpy_helper.to_array(t)
     except Exception as e:      # noqa: BLE001 -- whatever else onnx finds wrong with it
-        raise ValueError(f"onnx cannot read it: {type(e).__name__}: {e}") from None
+        raise Refusal(f"onnx cannot read it: {type(e).__name__}: {e}") from None
     if tuple(arr.shape) != dims:
-        raise ValueError(f"its data has shape {tuple(arr.shape)}, its dims say {dims}")
+        raise Refusal(f"its data has shape {tuple(arr.shape)}, its dims say {dims}")
     return arr
 
 
@@ -347,42 +353,47 @@ class FoldBudget:
     initializers, at most :func:`memory_cap`)."""
 
     def __init__(self, weight_bytes: int, opset: int):
-        self.cap = memory_cap()
+        self.cap, self.cap_source = memory_cap()
         self.total = min(self.cap, max(FOLD_FLOOR, FOLD_PER_WEIGHT * weight_bytes))
         self.used = 0
         self.opset = opset
 
     def rule(self) -> str:
         return (f"the cap on constants computed at import, {show_bytes(self.total)}: the larger of "
-                f"{FOLD_FLOOR >> 20} MiB and {FOLD_PER_WEIGHT}x the model's initializers, at most CONVC_MAX_MEMORY "
-                f"or else the available memory ({self.cap} bytes)")
+                f"{FOLD_FLOOR >> 20} MiB and {FOLD_PER_WEIGHT}x the model's initializers, at most {self.cap} bytes "
+                f"({self.cap_source}; CONVC_MAX_MEMORY sets it)")
 
     def check(self, node, args) -> None:
-        """Raise ValueError (the reason) unless folding ``node`` on the
+        """Raise Refusal (the reason) unless folding ``node`` on the
         arrays ``args`` (None: an omitted input) stays within the budget."""
         onnx = _onnx()
         for a in node.attribute:
             if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                raise ValueError(f"it is control flow (attribute {a.name!r} is a subgraph); convc does not run "
-                                 f"subgraphs at import, whose trip counts are unbounded")
+                raise Refusal(f"it is control flow (attribute {a.name!r} is a subgraph); convc does not run "
+                              f"subgraphs at import, whose trip counts are unbounded")
             for t in ([a.t] if a.HasField("t") else []) + list(a.tensors):
                 tensor_array_size(t, self)
             if a.HasField("sparse_tensor"):
                 tensor_array_size(a.sparse_tensor, self, sparse=True)
         sizes = self.output_sizes(node, args)
-        new = sum(b for b, _ in sizes)
+        new = sum(b for b, _, _ in sizes)
         if self.used + new > self.total:
-            what = ", ".join(t for _, t in sizes) + f": {show_bytes(new)}" + (
+            what = ", ".join(t for _, t, _ in sizes) + f": {show_bytes(new)}" + (
                 f", with the {show_bytes(self.used)} folded before it" if self.used else "")
-            raise ValueError(f"folding it makes {what}, beyond {self.rule()}")
+            raise Refusal(f"folding it makes {what}, beyond {self.rule()}")
+        elements = max((n for _, _, n in sizes), default=0)
+        if node.op_type not in _VECTORIZED and elements > FOLD_MAX_LOOPED:
+            raise Refusal(f"folding it makes {', '.join(t for _, t, _ in sizes)}: {elements} elements, beyond "
+                          f"the {FOLD_MAX_LOOPED} convc lets onnx.reference compute one by one (in Python) for "
+                          f"{node.op_type}")
         macs = _macs(node, args)
         if macs > FOLD_MAX_MACS:
-            raise ValueError(f"folding it takes {macs:.3g} multiply-adds, beyond the {FOLD_MAX_MACS:.3g} convc "
-                             f"spends on one node at import")
+            raise Refusal(f"folding it takes {macs:.3g} multiply-adds, beyond the {FOLD_MAX_MACS:.3g} convc "
+                          f"spends on one node at import")
         self.used += new
 
-    def output_sizes(self, node, args) -> list[tuple[int, str]]:
-        """(bytes, what) of each output, from ONNX shape inference (values
+    def output_sizes(self, node, args) -> list[tuple[int, str, int]]:
+        """(bytes, what, elements) of each output, from ONNX shape inference (values
         of the constant inputs included), before anything is computed."""
         onnx = _onnx()
         from onnx import helper, numpy_helper, shape_inference
@@ -390,7 +401,7 @@ class FoldBudget:
         try:
             schema = onnx.defs.get_schema(node.op_type, self.opset, node.domain or "")
         except Exception:       # noqa: BLE001 -- SchemaError
-            raise ValueError(f"onnx has no op {node.op_type} in opset {self.opset}") from None
+            raise Refusal(f"onnx has no op {node.op_type!r} in opset {self.opset}") from None
         types, data = {}, {}
         for name, a in zip(node.input, args):
             if not name or a is None:
@@ -418,10 +429,10 @@ class FoldBudget:
             item, dtype = (dtype.itemsize, dtype.name) if dtype is not None else (8, "a tensor")
             if dims is not None and all(d is not None for d in dims):
                 n = int(np.prod(dims, dtype=object)) if dims else 1
-                sizes.append((n * item, f"{dtype} of shape {tuple(dims)}"))
+                sizes.append((n * item, f"{dtype} of shape {tuple(dims)}", n))
             else:
                 n = self._data_dependent(node, args)
-                sizes.append((n * item, f"{dtype} of up to {n} elements"))
+                sizes.append((n * item, f"{dtype} of up to {n} elements", n))
         return sizes
 
     @staticmethod
@@ -431,19 +442,19 @@ class FoldBudget:
             return _GROWING_DATA_DEPENDENT[node.op_type]([a.size for a in present], [a.ndim for a in present])
         if node.op_type in _SHRINKING_DATA_DEPENDENT and present:
             return int(present[0].size)
-        raise ValueError("ONNX shape inference cannot tell the size of its result beforehand, so convc does not "
-                         "fold it")
+        raise Refusal("ONNX shape inference cannot tell the size of its result beforehand, so convc does not "
+                      "fold it")
 
 
 def tensor_array_size(t, budget: FoldBudget, sparse: bool = False) -> None:
-    """Raise ValueError when a Constant's tensor would not fit the budget."""
+    """Raise Refusal when a Constant's tensor would not fit the budget."""
     dims = tuple(int(d) for d in t.dims)
     if any(d < 0 for d in dims):
-        raise ValueError(f"its {'sparse ' if sparse else ''}value has dims {dims} with a negative entry")
+        raise Refusal(f"its {'sparse ' if sparse else ''}value has dims {dims} with a negative entry")
     n = int(np.prod(dims, dtype=object)) if dims else 1
     if budget.used + 8 * n > budget.total:
-        raise ValueError(f"its {'sparse ' if sparse else ''}value of dims {dims} makes up to {show_bytes(8 * n)}, "
-                         f"beyond {budget.rule()}")
+        raise Refusal(f"its {'sparse ' if sparse else ''}value of dims {dims} makes up to {show_bytes(8 * n)}, "
+                      f"beyond {budget.rule()}")
     if not sparse:
         tensor_array(t, budget.total)
 

@@ -168,6 +168,20 @@ def _mutate(m, kind: str, data) -> None:
         elif attr.type == onnx.AttributeProto.TENSOR:
             attr.t.dims.append(data.draw(INTS.filter(lambda v: -2**63 <= v < 2**63)))
         attr.type = data.draw(st.sampled_from([attr.type] * 4 + [onnx.AttributeProto.INTS, onnx.AttributeProto.FLOAT]))
+    elif kind == "small":          # a plausible value: more mutants stay valid and are compared with ORT
+        node = pick(g.node)
+        attr = pick([a for a in node.attribute if a.type in (onnx.AttributeProto.INT, onnx.AttributeProto.INTS)]) \
+            if node is not None and data.draw(st.booleans()) else None
+        value = data.draw(st.integers(-2, 4))
+        if attr is not None and attr.type == onnx.AttributeProto.INT:
+            attr.i = value
+        elif attr is not None and len(attr.ints):
+            attr.ints[data.draw(st.integers(0, len(attr.ints) - 1))] = value
+        else:
+            vi = pick(g.input)
+            dims = vi.type.tensor_type.shape.dim if vi is not None else []
+            if len(dims):
+                dims[data.draw(st.integers(0, len(dims) - 1))].dim_value = data.draw(st.integers(1, 9))
     elif kind == "drop_ints":
         node = pick(g.node)
         attr = pick([a for a in node.attribute if a.type == onnx.AttributeProto.INTS]) if node is not None else None
@@ -229,7 +243,7 @@ def _mutate(m, kind: str, data) -> None:
         g.node.add().CopyFrom(g.node[data.draw(st.integers(0, len(g.node) - 1))])
 
 
-MUTATIONS = ["attribute", "attribute", "attribute", "drop_ints", "dims", "dtype", "raw_data", "order", "rename",
+MUTATIONS = ["attribute", "attribute", "attribute", "small", "small", "small", "small", "drop_ints", "dims", "dtype", "raw_data", "order", "rename",
              "graph_names", "opset", "ir_version", "drop_node", "duplicate_node", "bytes"]
 
 
@@ -313,6 +327,9 @@ def worker() -> None:
     """Serve check_one over stdin/stdout: a 4-byte length, then the model."""
     resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY, WORKER_MEMORY))
     import warnings
+
+    import onnxruntime
+    onnxruntime.set_default_logger_severity(4)
     warnings.simplefilter("ignore")
     check_one(seeds()[0])                       # warm up the imports
     out = sys.stdout.buffer
@@ -383,6 +400,63 @@ def _check(worker_, blob: bytes, tmp_dir: Path) -> None:
         path = tmp_dir / f"fuzz_{abs(hash(blob)):x}.onnx"
         path.write_bytes(blob)
         raise AssertionError(f"from_onnx on a mutated model ({path}): {result['outcome']}\n{result['detail']}")
+
+
+def _with(m, edit):
+    edit(m)
+    return m
+
+
+def _attr(m, name):
+    return next(a for a in m.graph.node[0].attribute if a.name == name)
+
+
+def _set_ints_type(a):
+    a.type = onnx.AttributeProto.INTS
+
+
+def _graph_name_bytes(m):
+    return m.SerializeToString().replace(b"\x12\x05split", b"\x12\x05spl\xect")
+
+
+FOUND = {   # what the fuzz found (each was a bare exception, a wrong result or an accepted invalid model)
+    "attribute_of_another_type": (lambda: _with(_one("Split", (2, 7), [("sp", _i64(3, 4))], outputs=("y", "z"), axis=1),
+                                                lambda m: _set_ints_type(_attr(m, "axis"))),
+                                  r"attribute 'axis' is ints; Split-17 takes int"),
+    "keepdims_2_changed_the_shape": (lambda: _one("ReduceMean", (1, 2, 6, 7), [("ax", _i64(2, 3))], keepdims=2, opset=18),
+                                     r"keepdims is 2; ONNX's flags are 0 or 1"),
+    "axis_2_32_wrapped_around": (lambda: _one("Softmax", (2, 3, 4), axis=2**32, opset=11),
+                                 r"axis 4294967296 is out of range for an input of rank 3"),
+    "opset_1_reshape_without_shape": (lambda: _one("Reshape", (2, 3, 4), opset=1), r"attribute shape is required"),
+    "reshape_without_its_shape_input": (lambda: _one("Reshape", (2, 3, 4)), r"it has 1 inputs; Reshape-17 takes 2"),
+    "clip_bound_not_a_scalar": (lambda: _one("Clip", (3, 4), [("lo", _rand(2)), ("hi", np.array(0.5, np.float32))]),
+                                r"min \(input 'lo'\) must be one number"),
+    "clip_bound_of_another_type": (lambda: _one("Clip", (3, 4), [("lo", np.array(1, np.uint32))]),
+                                   r"inputs 'x' \(tensor\(float\)\) and 'lo' \(tensor\(uint32\)\) must have one type"),
+    "attribute_of_an_older_opset": (lambda: _one("Pad", (1, 2, 6, 7), [("pads", _i64(0, 0, 1, 1, 0, 0, 1, 1))],
+                                                 pads=[0]), r"attribute 'pads' is not an attribute of Pad-17"),
+    "pads_not_integers": (lambda: _one("Pad", (1, 2, 6, 7), [("pads", np.zeros(8, np.complex64))]),
+                          r"tensor\(complex64\)"),
+    "expand_to_an_incompatible_shape": (lambda: _one("Expand", (2, 3), [("s", _i64(4, 5))]),
+                                        r"shape \[4, 5\] does not broadcast with the input's \(2, 3\)"),
+    "string_attribute_not_utf8": (lambda: _one("Resize", (1, 1, 3, 4), [("roi", np.zeros(0, np.float32)),
+                                                                        ("sc", np.array([1, 1, 2, 2], np.float32))],
+                                               mode=b"\xff"), r"attribute 'mode' is not UTF-8 text"),
+    "graph_name_not_utf8": (lambda: _graph_name_bytes(_one("Split", (2, 7), [("sp", _i64(3, 4))], outputs=("y", "z"))),
+                            r"model.graph.name is b'spl\\xect', not UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize("case", FOUND)
+def test_fuzz_found(case):
+    """Models the fuzz found, kept as regressions: each a clear ConvcError."""
+    import convc as cc
+    from convc.onnx import from_onnx
+
+    make, pattern = FOUND[case]
+    with pytest.raises(cc.ConvcError, match=pattern) as e:
+        from_onnx(make())
+    assert "a bug in convc" not in str(e.value)
 
 
 def test_fuzz_seeds_import(fuzz_worker, tmp_path):

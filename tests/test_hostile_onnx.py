@@ -89,11 +89,21 @@ FOLDS = {   # name: (nodes, initializers); each folds to a tensor of >= 2**32 by
 }
 
 
-@pytest.mark.parametrize("case", ["loop", "loop_in_chain", *FOLDS, "sparse_constant"])
+SLOW_FOLDS = {  # name: (nodes, initializers, what the error says); each would run for minutes
+    "python_loop": ([helper.make_node("MaxPool", ["c"], ["k"], kernel_shape=[1, 1], name="big")],
+                    [("c", np.ones((1, 1, 2048, 2048), np.float32))], "one by one"),
+    "conv_work": ([helper.make_node("Conv", ["c", "w"], ["k"], pads=[4, 4, 4, 4], name="big")],
+                  [("c", np.ones((1, 64, 64, 64), np.float32)), ("w", np.ones((64, 64, 9, 9), np.float32))],
+                  "multiply-adds"),
+}
+
+
+@pytest.mark.parametrize("case", ["loop", "loop_in_chain", *FOLDS, "sparse_constant", *SLOW_FOLDS])
 def test_item2_folding_is_bounded(case):
     """Issue 16 item 2: a Loop of 10**12 iterations is not folded (it ran
     forever); folds whose result exceeds the cap are refused before any
-    allocation, naming the node, op, size and cap."""
+    allocation, naming the node, op, size and cap; so are folds that would
+    compute for minutes (onnx.reference's element-by-element ops, huge convs)."""
     if case == "loop":
         found = problems(_loop_model(10**12))
         assert [(op, name) for op, name, _ in found] == [("Loop", "forever")]
@@ -110,6 +120,11 @@ def test_item2_folding_is_bounded(case):
         values = numpy_helper.from_array(np.ones(1, np.float32), "v")
         sparse = helper.make_sparse_tensor(values, numpy_helper.from_array(i64(0), "i"), [10**6, 10**6])
         nodes, inits = [helper.make_node("Constant", [], ["k"], sparse_value=sparse, name="big")], []
+    elif case in SLOW_FOLDS:
+        nodes, inits, says = SLOW_FOLDS[case]
+        ((op, name, why),) = problems(model(nodes + [helper.make_node("Relu", ["k"], ["y"])], inits=inits))
+        assert (op, name) == (nodes[0].op_type, "big") and says in why, why
+        return
     else:
         nodes, inits = FOLDS[case]
     nodes = nodes + [helper.make_node("Add", ["x", "k"], ["y"])]
