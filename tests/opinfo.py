@@ -266,10 +266,19 @@ def _flipped(cfg: Config, w):
     return w.flip(list(range(2, 2 + cfg.rank))) if cfg.flip else w
 
 
+def _symmetric(cfg: Config) -> bool:
+    return all(lo == hi for lo, hi in cfg.padding)
+
+
 def torch_conv(cfg: Config, a: dict) -> np.ndarray:
+    """torch's conv with its own padding where symmetric, else on the explicitly padded input."""
     x, w, b = _t(a["x"]), _t(a["w"]), _t(a["b"])
-    y = TORCH_CONV[cfg.rank](_padded(cfg, x), _flipped(cfg, w), None, stride=cfg.stride, dilation=cfg.dilation,
-                             groups=cfg.groups)
+    if _symmetric(cfg):
+        y = TORCH_CONV[cfg.rank](x, _flipped(cfg, w), None, stride=cfg.stride, dilation=cfg.dilation,
+                                 groups=cfg.groups, padding=tuple(lo for lo, _ in cfg.padding))
+    else:
+        y = TORCH_CONV[cfg.rank](_padded(cfg, x), _flipped(cfg, w), None, stride=cfg.stride,
+                                 dilation=cfg.dilation, groups=cfg.groups)
     return (y if b is None else y + (b.reshape((-1,) + (1,) * cfg.rank) if cfg.bias == "tied" else b)).numpy()
 
 
@@ -293,13 +302,18 @@ def torch_grad_input(cfg: Config, a: dict) -> np.ndarray:
 
 
 def torch_transpose(cfg: Config, a: dict) -> np.ndarray:
-    """torch's conv_transpose without padding, then the (lo, hi) crop and the
-    output_padding zeros at the high end, so asymmetric padding works too."""
+    """torch's conv_transpose with its own padding where symmetric; else
+    without padding, then the (lo, hi) crop and the output_padding zeros at
+    the high end (torch has no asymmetric padding)."""
     x, w, b = _t(a["x"]), _t(a["w"]), _t(a["b"])
-    full = TORCH_CONV_T[cfg.rank](x, w, None, stride=cfg.stride, dilation=cfg.dilation, groups=cfg.groups)
-    full = F.pad(full, [p for op in reversed(cfg.output_padding) for p in (0, op)])
-    y = full[(slice(None), slice(None)) + tuple(slice(lo, lo + o) for (lo, _), o in
-                                                 zip(cfg.padding, cfg.transposed_out))]
+    if _symmetric(cfg):
+        y = TORCH_CONV_T[cfg.rank](x, w, None, stride=cfg.stride, dilation=cfg.dilation, groups=cfg.groups,
+                                   padding=tuple(lo for lo, _ in cfg.padding), output_padding=cfg.output_padding)
+    else:
+        full = TORCH_CONV_T[cfg.rank](x, w, None, stride=cfg.stride, dilation=cfg.dilation, groups=cfg.groups)
+        full = F.pad(full, [p for op in reversed(cfg.output_padding) for p in (0, op)])
+        y = full[(slice(None), slice(None)) + tuple(slice(lo, lo + o) for (lo, _), o in
+                                                     zip(cfg.padding, cfg.transposed_out))]
     return (y if b is None else y + (b.reshape((-1,) + (1,) * cfg.rank) if cfg.bias == "tied" else b)).numpy()
 
 

@@ -25,12 +25,11 @@ import torch
 import torch.nn.functional as F
 
 import convc as cc
+import opinfo
 from helpers import assert_close as close, expected_out, expected_pads, per_axis
 
 SEED = 7351
 from helpers import TARGETS
-TORCH_CT = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 # -- small local helpers ---------------------------------------------------------------
@@ -195,30 +194,20 @@ def tarrays(cfg: TCfg, index: int):
     return x, w, b
 
 
-def torch_transpose(cfg: TCfg, x, w, b):
-    """Oracle in float64. Symmetric padding goes to torch as is; (lo, hi) pairs
-    crop torch's padding=0 result (zero-extended at the high end when
-    output_padding asks for more than torch computed)."""
+def as_config(cfg) -> opinfo.Config:
+    """This file's TCfg / GCfg as an op-info Config (explicit per-axis values)."""
     r = cfg.rank
-    tx = torch.from_numpy(x.astype(np.float64))
-    tw = torch.from_numpy(w.astype(np.float64))
-    s, d, op = per_axis(cfg.stride, r), per_axis(cfg.dilation, r), per_axis(cfg.output_padding, r)
-    pairs = cfg.pads()
-    if all(lo == hi for lo, hi in pairs):
-        y = TORCH_CT[r](tx, tw, None, stride=s, padding=tuple(lo for lo, _ in pairs), output_padding=op,
-                        groups=cfg.groups, dilation=d).numpy()
-    else:
-        full = TORCH_CT[r](tx, tw, None, stride=s, padding=0, output_padding=0, groups=cfg.groups,
-                           dilation=d).numpy()
-        out = cfg.out()
-        extra = [max(0, lo + o - f) for (lo, _), o, f in zip(pairs, out, full.shape[2:])]
-        full = np.pad(full, [(0, 0), (0, 0)] + [(0, e) for e in extra])
-        y = full[(slice(None), slice(None)) + tuple(slice(lo, lo + o) for (lo, _), o in zip(pairs, out))]
-    if cfg.bias == "tied":
-        y = y + b.astype(np.float64).reshape((-1,) + (1,) * r)
-    elif cfg.bias == "untied":
-        y = y + b.astype(np.float64)[None]
-    return y
+    extra = dict(output_padding=per_axis(cfg.output_padding, r), bias=cfg.bias) if isinstance(cfg, TCfg) \
+        else dict(flip=cfg.flip)
+    return opinfo.C(r, cfg.n, cfg.c_in, cfg.c_out, cfg.groups, cfg.sizes, cfg.kernel, per_axis(cfg.stride, r),
+                    cfg.pads(), per_axis(cfg.dilation, r), **extra)
+
+
+def torch_transpose(cfg: TCfg, x, w, b):
+    """Oracle in float64: the transposed conv's op-info twin (tests/opinfo.py;
+    torch's own padding where symmetric, (lo, hi) pairs by cropping torch's
+    padding=0 result, zero-extended where output_padding asks for more)."""
+    return opinfo.TRANSPOSED.torch(as_config(cfg), dict(x=x, w=w, b=b))
 
 
 def test_transpose_grid_covers_the_space():
@@ -480,20 +469,12 @@ def garrays(cfg: GCfg, index: int):
 
 
 def torch_grads(cfg: GCfg, v, k, gy):
-    """(dV, dK) of sum(conv(V, K) * G) by torch autograd, float64; padding is
-    applied explicitly with F.pad so every padding form is covered."""
-    r = cfg.rank
-    tv = torch.from_numpy(v.copy()).requires_grad_(True)
-    tk = torch.from_numpy(k.copy()).requires_grad_(True)
-    kk = tk.flip(list(range(2, 2 + r))) if cfg.flip else tk
-    flat = []
-    for lo, hi in reversed(cfg.pads()):
-        flat += [lo, hi]
-    y = TORCH_CONV[r](F.pad(tv, flat), kk, stride=per_axis(cfg.stride, r), dilation=per_axis(cfg.dilation, r),
-                      groups=cfg.groups)
-    assert tuple(y.shape) == gy.shape, f"{cfg.id}: torch conv gives {tuple(y.shape)}, G is {gy.shape}"
-    y.backward(torch.from_numpy(gy))
-    return tv.grad.numpy(), tk.grad.numpy()
+    """(dV, dK) of sum(conv(V, K) * G) by torch autograd, float64: the op-info
+    twins of h and g (tests/opinfo.py; padding applied explicitly with F.pad
+    where asymmetric, so every padding form is covered)."""
+    c = as_config(cfg)
+    assert c.conv_out == gy.shape[2:], f"{cfg.id}: the conv gives {c.conv_out}, G is {gy.shape}"
+    return opinfo.H.torch(c, dict(k=k, gy=gy)), opinfo.G.torch(c, dict(gy=gy, v=v))
 
 
 def test_grad_grid_covers_the_space():
