@@ -51,6 +51,18 @@ def per_axis(value, rank: int, what: str) -> tuple[int, ...]:
     return tuple(bounded(int(v), what) for v in items)
 
 
+def int_tuple(value, what: str) -> tuple[int, ...]:
+    """A sequence of true ints (no floats, strings or bools, which int()
+    would coerce), each within the index limit, as a tuple."""
+    try:
+        items = list(value)
+    except TypeError:
+        items = None
+    if items is None or isinstance(value, str) or not all(is_int(v) for v in items):
+        raise RuleError(f"{what} must be a tuple of ints, got {value!r}")
+    return tuple(bounded(int(v), what) for v in items)
+
+
 def positive(values: tuple[int, ...], what: str) -> tuple[int, ...]:
     if any(v < 1 for v in values):
         raise RuleError(f"{what} must be >= 1 on every axis, got {values}")

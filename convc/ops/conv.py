@@ -9,10 +9,11 @@ from .. import shapes
 from ..errors import RuleError
 from ..ir import TensorType, Value
 from . import epilogue
-from .registry import Op, as_value, float_dtype, register, rules, same_dtype
+from .registry import Op, as_value, builder, float_dtype, register, rules, same_dtype
 from .window import axes_context, padded, windows
 
 
+@builder("x")
 def conv(x: Value, w, bias=None, stride=1, padding=0, dilation=1, groups=1, flip=False, name=None) -> Value:
     """Convolve ``x`` (N, C_in, *spatial) with ``w`` (C_out, C_in/groups, *k).
 
@@ -162,12 +163,14 @@ def _sub(name, part):
     return None if name is None else f"{name}.{part}"
 
 
+@builder("x")
 def depthwise_conv(x: Value, w, bias=None, stride=1, padding=0, dilation=1, name=None) -> Value:
     """Depthwise convolution: ``conv`` with groups = C_in; w is
     (C_in * multiplier, 1, *k)."""
     return conv(x, w, bias, stride, padding, dilation, groups=x.shape[1] if len(x.shape) > 1 else 1, name=name)
 
 
+@builder("x")
 def separable_conv(x: Value, w_depthwise, w_pointwise, bias=None, stride=1, padding=0, dilation=1,
                    name=None) -> Value:
     """Depthwise separable convolution: depthwise ``w_depthwise`` (C_in*m, 1, *k)
@@ -182,6 +185,7 @@ def _pair(value, what):
     return shapes.per_axis(value, 2, what)
 
 
+@builder("x")
 def spatial_separable_conv(x: Value, w_col, w_row, bias=None, stride=1, padding=0, dilation=1, groups=1,
                            name=None) -> Value:
     """A k×k convolution factored into a k×1 then a 1×k one (2D only).
@@ -206,6 +210,7 @@ def spatial_separable_conv(x: Value, w_col, w_row, bias=None, stride=1, padding=
     return conv(h, w_row, bias, (1, s[1]), ((0, 0), pads[1]), (1, d[1]), groups, name=_sub(name, "row"))
 
 
+@builder("x")
 def flattened_conv(x: Value, w_channel, w_vertical, w_horizontal, bias=None, stride=1, padding=0, dilation=1,
                    name=None) -> Value:
     """Flattened convolution (2D): a 1×1 conv across channels ``w_channel``

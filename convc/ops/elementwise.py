@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import RuleError
 from ..ir import TensorType, Value
 from .activations import TABLE, Activation, get as get_activation
-from .registry import Op, as_value, float_dtype, graph_of, par_outer, register, register_op, same_dtype
+from .registry import Op, as_value, builder, float_dtype, graph_of, par_outer, register, register_op, same_dtype
 
 
 # -- activations: one op per record of the table (ops/activations.py) ------
@@ -18,53 +18,63 @@ def _activation(kind: str, x: Value, name, **params) -> Value:
     return x.graph.add(kind, [x], params, name)
 
 
+@builder("x")
 def relu(x: Value, name=None) -> Value:
     """max(x, 0)."""
     return _activation("relu", x, name)
 
 
+@builder("x")
 def leaky_relu(x: Value, negative_slope: float = 0.01, name=None) -> Value:
     """x if x > 0 else negative_slope * x (PyTorch's default slope 0.01)."""
     return _activation("leaky_relu", x, name, negative_slope=negative_slope)
 
 
+@builder("x")
 def sigmoid(x: Value, name=None) -> Value:
     """1 / (1 + exp(-x))."""
     return _activation("sigmoid", x, name)
 
 
+@builder("x")
 def tanh(x: Value, name=None) -> Value:
     """Hyperbolic tangent."""
     return _activation("tanh", x, name)
 
 
+@builder("x")
 def clip(x: Value, min: float | None = None, max: float | None = None, name=None) -> Value:  # noqa: A002
     """Clamp to [min, max] as ``numpy.clip`` (``None``: open on that side);
     ReLU6 is ``clip(x, 0, 6)``. NaN stays NaN; min > max gives max."""
     return _activation("clip", x, name, min=-np.inf if min is None else min, max=np.inf if max is None else max)
 
 
+@builder("x")
 def relu6(x: Value, name=None) -> Value:
     """min(max(x, 0), 6): ``clip(x, 0, 6)``."""
     return clip(x, 0.0, 6.0, name=name)
 
 
+@builder("x")
 def silu(x: Value, name=None) -> Value:
     """x * sigmoid(x) (SiLU, also called swish)."""
     return _activation("silu", x, name)
 
 
+@builder("x")
 def hardswish(x: Value, name=None) -> Value:
     """x * relu6(x + 3) / 6, as torch.nn.functional.hardswish."""
     return _activation("hardswish", x, name)
 
 
+@builder("x")
 def hardsigmoid(x: Value, alpha: float = 1 / 6, beta: float = 0.5, name=None) -> Value:
     """clip(alpha * x + beta, 0, 1); the defaults are PyTorch's (ONNX's
     HardSigmoid defaults to alpha 0.2)."""
     return _activation("hardsigmoid", x, name, alpha=alpha, beta=beta)
 
 
+@builder("x")
 def gelu(x: Value, approximate: str = "none", name=None) -> Value:
     """x * Phi(x) as torch.nn.functional.gelu: ``approximate="none"`` (erf)
     or ``"tanh"``."""

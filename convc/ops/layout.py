@@ -19,26 +19,30 @@ import numpy as np
 from .. import shapes
 from ..errors import RuleError
 from ..ir import TensorType, Value
-from .registry import Op, register
+from .registry import Op, builder, register
 from .window import AXIS_LETTERS
 
 
+@builder("x")
 def downsample(x: Value, stride, name=None) -> Value:
     """Keep every ``stride``-th element along each spatial axis (from index 0)."""
     return x.graph.add("downsample", [x], {"stride": stride}, name)
 
 
+@builder("x")
 def dilate(x: Value, stride, name=None) -> Value:
     """Insert ``stride - 1`` zeros between neighbouring spatial elements."""
     return x.graph.add("dilate", [x], {"stride": stride}, name)
 
 
+@builder("x")
 def pad(x: Value, pads, value: float = 0.0, name=None) -> Value:
     """Pad the spatial axes: ``pads`` is an int, a per-axis tuple or per-axis
     ``(lo, hi)`` pairs; negative entries crop."""
     return x.graph.add("pad", [x], {"pads": pads, "value": value}, name)
 
 
+@builder("x")
 def channel_shuffle(x: Value, groups: int, name=None) -> Value:
     """ShuffleNet's channel shuffle: view C as (groups, C/groups), transpose."""
     return x.graph.add("channel_shuffle", [x], {"groups": groups}, name)

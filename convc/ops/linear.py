@@ -9,10 +9,11 @@ from ..errors import RuleError
 from ..ir import TensorType, Value
 from .elementwise import broadcast_strides
 from . import epilogue
-from .registry import Op, as_value, float_dtype, register, same_dtype
+from .registry import Op, as_value, builder, float_dtype, register, same_dtype
 from .tensor import _axis
 
 
+@builder("x")
 def dense(x: Value, w, bias=None, name=None) -> Value:
     """``x @ w.T + bias``: x (..., in), w (out, in), bias (out,)."""
     w = as_value(x, w, "dense weight")
@@ -20,6 +21,7 @@ def dense(x: Value, w, bias=None, name=None) -> Value:
     return x.graph.add("dense", ins, {}, name)
 
 
+@builder("a")
 def matmul(a: Value, b: Value, name=None, transpose_a: bool = False, bias=None, blocks=None) -> Value:
     """Matrix product of (..., M, K) and (..., K, N); batch dims broadcast.
     ``transpose_a``: a is stored as (..., K, M) and used transposed (no copy).
@@ -35,6 +37,7 @@ def matmul(a: Value, b: Value, name=None, transpose_a: bool = False, bias=None, 
     return a.graph.add("matmul", ins, attrs, name)
 
 
+@builder("x")
 def softmax(x: Value, axis: int = -1, name=None) -> Value:
     """exp(x) / sum(exp(x)) along ``axis`` (computed stably)."""
     return x.graph.add("softmax", [x], {"axis": axis}, name)

@@ -6,14 +6,16 @@ import numpy as np
 
 from ..errors import InputError, RuleError
 from ..ir import TensorType, Value
-from .registry import Op, as_value, float_dtype, register, same_dtype
+from .registry import Op, as_value, builder, float_dtype, register, same_dtype
 
 
+@builder("pred")
 def mse_loss(pred: Value, target, name=None) -> Value:
     """mean((pred - target)^2) over every element; a scalar, shape ()."""
     return pred.graph.add("mse_loss", [pred, as_value(pred, target, "mse_loss target")], {}, name)
 
 
+@builder("logits")
 def cross_entropy(logits: Value, labels: Value, name=None) -> Value:
     """mean over the batch of -log softmax(logits)[label]; logits (N, C),
     labels (N,) int64 class indices. A scalar, shape ()."""

@@ -6,9 +6,10 @@ import numpy as np
 
 from ..errors import RuleError
 from ..ir import Value
-from .registry import Op, as_value, float_dtype, register, same_dtype
+from .registry import Op, as_value, builder, float_dtype, register, same_dtype
 
 
+@builder("x")
 def batch_norm(x: Value, running_mean, running_var, weight=None, bias=None, eps: float = 1e-5, name=None) -> Value:
     """Per-channel normalisation of x (N, C, ...) with fixed statistics."""
     c = x.shape[1] if len(x.shape) > 1 else 1

@@ -8,10 +8,11 @@ from .. import shapes
 from ..shapes import interior
 from ..errors import RuleError
 from ..ir import TensorType, Value
-from .registry import Op, flag, float_dtype, register
+from .registry import Op, builder, flag, float_dtype, register
 from .window import axes_context, padded, windows
 
 
+@builder("x")
 def max_pool(x: Value, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, name=None) -> Value:
     """Max over windows of ``kernel_size`` (stride defaults to the kernel size).
     Padding is implicit -inf, as in PyTorch."""
@@ -20,6 +21,7 @@ def max_pool(x: Value, kernel_size, stride=None, padding=0, dilation=1, ceil_mod
     return x.graph.add("max_pool", [x], attrs, name)
 
 
+@builder("x")
 def avg_pool(x: Value, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
              name=None) -> Value:
     """Mean over windows; ``count_include_pad`` counts zero padding in the
@@ -29,6 +31,7 @@ def avg_pool(x: Value, kernel_size, stride=None, padding=0, ceil_mode=False, cou
     return x.graph.add("avg_pool", [x], attrs, name)
 
 
+@builder("x")
 def global_avg_pool(x: Value, name=None) -> Value:
     """Mean over all spatial axes, keeping them as size 1: (N, C, 1, ...)."""
     return x.graph.add("global_avg_pool", [x], {}, name)

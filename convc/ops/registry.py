@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
+import inspect
 
 import numpy as np
 
@@ -119,6 +121,32 @@ def flag(value, what: str, none=None) -> bool:
     if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
         return bool(value)
     raise RuleError(f"{what} must be True or False, got {value!r}")
+
+
+def builder(*tensors: str):
+    """Decorator of a public op builder: its parameters named in ``tensors``
+    must be convc Values (what it works on; other parameters may be arrays
+    or numbers that become constants). None, a numpy array or a string there,
+    or arguments that do not fit the signature, are a GraphError naming the
+    builder and the parameter, not an AttributeError or TypeError from
+    inside it."""
+    def wrap(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            try:
+                given = sig.bind_partial(*args, **kwargs).arguments
+                for t in tensors:
+                    if not isinstance(given.get(t), Value):
+                        raise GraphError(f"{fn.__name__}: {t} must be a convc Value (from g.input, g.param or "
+                                         f"an op), got {type(given.get(t)).__name__}")
+                sig.bind(*args, **kwargs)
+            except TypeError as e:
+                raise GraphError(f"{fn.__name__}: {e}; it takes {fn.__name__}{sig}") from None
+            return fn(*args, **kwargs)
+        return checked
+    return wrap
 
 
 def as_value(like: Value, v, what: str) -> Value:

@@ -38,7 +38,7 @@ import numpy as np
 from .. import shapes
 from ..errors import RuleError
 from ..ir import TensorType, Value
-from .registry import Op, flag, float_dtype, register
+from .registry import Op, builder, flag, float_dtype, register
 from .window import AXIS_LETTERS
 
 COORDINATE_MODES = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric")
@@ -54,6 +54,7 @@ _TORCH_MODES = {"nearest": ("nearest", None), "nearest-exact": ("nearest", None)
                 "bilinear": ("linear", 2), "trilinear": ("linear", 3)}
 
 
+@builder("x")
 def resize(x: Value, size=None, scale_factor=None, mode: str = "nearest", align_corners=None,
            coordinate_transformation_mode: str | None = None, nearest_mode: str | None = None,
            recompute_scale_factor=None, name=None) -> Value:

@@ -8,23 +8,32 @@ import numpy as np
 from .. import shapes
 from ..errors import RuleError
 from ..ir import TensorType, Value
-from .registry import Op, flag, par_outer, register, same_dtype
+from .registry import Op, builder, flag, par_outer, register, same_dtype
 
 
 def concat(values, axis: int = 1, name=None) -> Value:
     """Join tensors along ``axis`` (default: channels); other dims must match."""
-    values = list(values)
+    from ..errors import GraphError
+
+    given = values
+    try:
+        values = None if isinstance(given, Value) else list(given)
+    except TypeError:
+        values = None
+    if values is None or (values and not isinstance(values[0], Value)):
+        raise GraphError(f"concat takes a list of convc Values, got {type(given).__name__} {given!r:.80}")
     if not values:
-        from ..errors import GraphError
         raise GraphError("concat needs at least one value")
     return values[0].graph.add("concat", values, {"axis": axis}, name)
 
 
+@builder("x")
 def reshape(x: Value, shape, name=None) -> Value:
     """Same elements, new ``shape`` (one entry may be -1)."""
     return x.graph.add("reshape", [x], {"shape": shape}, name)
 
 
+@builder("x")
 def flatten(x: Value, start_dim: int = 1, end_dim: int = -1, name=None) -> Value:
     """Merge dims ``start_dim..end_dim`` into one (PyTorch's flatten)."""
     return x.graph.add("flatten", [x], {"start_dim": start_dim, "end_dim": end_dim}, name)
@@ -89,10 +98,7 @@ class Reshape(_Copy):
     name = "reshape"
 
     def normalize(self, attrs, types):
-        try:
-            shape = tuple(int(s) for s in attrs["shape"])
-        except TypeError:
-            raise RuleError(f"shape must be a tuple of ints, got {attrs['shape']!r}") from None
+        shape = shapes.int_tuple(attrs["shape"], "shape")
         size = types[0].size
         if shape.count(-1) > 1 or any(s < -1 or s == 0 for s in shape):
             raise RuleError(f"shape {shape} may hold one -1 and otherwise positive sizes")
@@ -126,21 +132,25 @@ class Flatten(_Copy):
 
 
 # -- gathers: expand, transpose, slice (y[i...] = x[offset + Σ i_k·s_k]) -------
+@builder("x")
 def expand(x: Value, shape, name=None) -> Value:
     """Broadcast ``x`` to ``shape`` (numpy rules), materialised."""
     return x.graph.add("expand", [x], {"shape": shape}, name)
 
 
+@builder("x")
 def transpose(x: Value, perm=None, name=None) -> Value:
     """Permute the axes (default: reverse them), as numpy.transpose."""
     return x.graph.add("transpose", [x], {"perm": perm}, name)
 
 
+@builder("x")
 def slice_axis(x: Value, axis: int, start: int, stop: int, name=None) -> Value:
     """``x`` restricted to ``start:stop`` along ``axis`` (step 1)."""
     return x.graph.add("slice", [x], {"axis": axis, "start": start, "stop": stop}, name)
 
 
+@builder("x")
 def reduce_sum(x: Value, axes=None, keepdims: bool = False, name=None) -> Value:
     """Sum over ``axes`` (default: all)."""
     return x.graph.add("reduce_sum", [x], {"axes": axes, "keepdims": keepdims}, name)
@@ -183,8 +193,8 @@ class Expand(_Gather):
     name = "expand"
 
     def normalize(self, attrs, types):
+        shape = shapes.int_tuple(attrs["shape"], "shape")
         try:
-            shape = tuple(int(s) for s in attrs["shape"])
             if tuple(np.broadcast_shapes(types[0].shape, shape)) != shape:
                 raise ValueError
         except (TypeError, ValueError):

@@ -15,10 +15,11 @@ from .. import shapes
 from ..errors import RuleError
 from ..ir import TensorType, Value
 from .conv import conv_geometry
-from .registry import Op, as_value, flag, float_dtype, register, same_dtype
+from .registry import Op, as_value, builder, flag, float_dtype, register, same_dtype
 from .window import axes_context, padded, windows
 
 
+@builder("x")
 def conv_transpose(x: Value, w, bias=None, stride=1, padding=0, output_padding=0, dilation=1, groups=1,
                    output_size=None, name=None) -> Value:
     """Transposed convolution: x (N, C_in, *n), w (C_in, C_out/groups, *k).
@@ -34,6 +35,7 @@ def conv_transpose(x: Value, w, bias=None, stride=1, padding=0, output_padding=0
     return x.graph.add("conv_transpose", ins, attrs, name)
 
 
+@builder("grad")
 def conv_grad_input(k: Value, grad: Value, input_size, stride=1, padding=0, dilation=1, groups=1, flip=False,
                     name=None) -> Value:
     """Eq 6, h(K, G, s): gradient of ``conv(V, K, ...)`` w.r.t. V, given the
@@ -44,6 +46,7 @@ def conv_grad_input(k: Value, grad: Value, input_size, stride=1, padding=0, dila
     return grad.graph.add("conv_grad_input", [as_value(grad, k, "kernel"), grad], attrs, name)
 
 
+@builder("grad")
 def conv_grad_kernel(grad: Value, v: Value, kernel_size, stride=1, padding=0, dilation=1, groups=1, flip=False,
                      name=None) -> Value:
     """Eq 5, g(G, V, s): gradient of ``conv(V, K, ...)`` w.r.t. K, given the

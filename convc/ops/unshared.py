@@ -17,10 +17,11 @@ from .. import shapes
 from ..errors import RuleError
 from ..ir import TensorType, Value
 from .conv import conv_geometry
-from .registry import Op, as_value, float_dtype, register, same_dtype
+from .registry import Op, as_value, builder, float_dtype, register, same_dtype
 from .window import axes_context, padded, windows
 
 
+@builder("x")
 def local_conv(x: Value, w, bias=None, stride=1, padding=0, dilation=1, name=None) -> Value:
     """Unshared convolution (Eq 3); w is (C_out, *out_spatial, C_in, *k);
     bias is tied (C_out,) or untied (C_out, *out_spatial)."""
@@ -29,6 +30,7 @@ def local_conv(x: Value, w, bias=None, stride=1, padding=0, dilation=1, name=Non
     return x.graph.add("local_conv", ins, dict(stride=stride, padding=padding, dilation=dilation), name)
 
 
+@builder("x")
 def tiled_conv(x: Value, w, bias=None, stride=1, padding=0, dilation=1, name=None) -> Value:
     """Tiled convolution (Eq 4); w is (C_out, C_in, *k, *t): output position
     o uses kernel o mod t. t = 1 is ``conv``; t = output size is ``local_conv``."""
