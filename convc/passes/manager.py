@@ -127,8 +127,11 @@ def resolve(pipeline) -> list[str]:
             return [pipeline]
         raise ConvcError(f"unknown pipeline or pass {pipeline!r}; pipelines: {', '.join(PIPELINES)}; "
                          f"passes: {', '.join(sorted(PASSES))}")
-    names = list(pipeline)
-    unknown = [n for n in names if n not in PASSES]
+    try:
+        names = list(pipeline)
+    except TypeError:
+        raise ConvcError(f"passes must be a pipeline name or a list of pass names, got {pipeline!r}") from None
+    unknown = [n for n in names if not isinstance(n, str) or n not in PASSES]
     if unknown:
         raise ConvcError(f"unknown pass(es) {unknown}; known: {', '.join(sorted(PASSES))}")
     return names
