@@ -528,3 +528,46 @@ def test_item1_index_limit_is_the_generated_int():
     """Issue 16 item 1: one limit, the range of the C and OpenCL ``int`` the
     templates index with, is what every check uses."""
     assert shapes.INDEX_MAX == np.iinfo(np.int32).max == LIMIT
+
+
+BUILDERS = ["conv", "depthwise_conv", "separable_conv", "spatial_separable_conv", "flattened_conv", "conv_transpose",
+            "conv_grad_input", "conv_grad_kernel", "local_conv", "tiled_conv", "downsample", "dilate", "pad",
+            "channel_shuffle", "max_pool", "avg_pool", "global_avg_pool", "resize", "relu", "leaky_relu", "sigmoid",
+            "tanh", "clip", "relu6", "silu", "hardswish", "hardsigmoid", "gelu", "reshape", "flatten", "expand",
+            "transpose", "slice_axis", "reduce_sum", "dense", "matmul", "softmax", "batch_norm", "mse_loss",
+            "cross_entropy"]
+
+
+@pytest.mark.parametrize("fn", BUILDERS)
+def test_item11_builders_refuse_what_is_not_a_value(fn):
+    """Issue 16 item 11 (no bare exception for bad input): every public
+    builder given None, a numpy array or a string where its tensor goes, or
+    arguments its signature does not take, raised a bare AttributeError or
+    TypeError; now a GraphError naming the builder."""
+    builder = getattr(cc, fn)
+    for bad in (None, np.ones((1, 1, 4, 4), np.float32), "x"):
+        with pytest.raises(GraphError, match=f"^{fn}: "):
+            builder(bad, *([] if fn in ("conv_grad_input", "conv_grad_kernel") else [np.ones((1, 1, 1, 1))]),
+                    **({"grad": bad} if fn in ("conv_grad_input", "conv_grad_kernel") else {}))
+    g, x = image()
+    with pytest.raises(GraphError, match=f"^{fn}"):
+        builder(x, bogus_argument=1)
+
+
+def test_item11_concat_reshape_and_passes_arguments():
+    """Issue 16 item 11: concat(x) (a Value, not a list) and concat([3, x])
+    raised bare TypeError/AttributeError, reshape/expand coerced float sizes
+    (2.0 -> 2), and compile(passes=3) raised a bare TypeError."""
+    g, x = image((1, 2, 4, 4))
+    for bad in (x, [3, x], 7):
+        with pytest.raises(GraphError, match="concat takes a list of convc Values"):
+            cc.concat(bad)
+    with pytest.raises(ValidationError, match=r"\(reshape\): shape must be a tuple of ints, got \(2\.0, 16\)"):
+        cc.reshape(x, (2.0, 16))
+    with pytest.raises(ValidationError, match=r"\(expand\): shape must be a tuple of ints"):
+        cc.expand(x, (1, 2, 4, "4"))
+    assert cc.reshape(x, (np.int64(2), 16)).shape == (2, 16)
+    g.output(cc.relu(x), "y")
+    for bad in (3, [["relu"]]):
+        with pytest.raises(ConvcError, match="pass"):
+            cc.compile(g, passes=bad)
