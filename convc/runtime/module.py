@@ -154,7 +154,10 @@ class Module(abc.ABC):
         {output name: array}.
 
         Inputs are checked before any generated code runs (``InputError``
-        names the graph, the input and the rule). Numpy arrays of the
+        names the graph, the input and the rule). Values a node checks (class
+        labels in [0, C)) raise ``InputError`` naming the node, its op, the
+        value and its position; the run stops at that node and the params
+        (weights, optimizer state) are left as they were. Numpy arrays of the
         declared dtype and shape in C order are used without a copy; other
         array-likes (lists, strided or reversed views) are converted; the
         caller's arrays are never written.
