@@ -58,7 +58,7 @@ def int_tuple(value, what: str) -> tuple[int, ...]:
         items = list(value)
     except TypeError:
         items = None
-    if items is None or isinstance(value, str) or not all(is_int(v) for v in items):
+    if items is None or isinstance(value, (str, bytes, dict, set, frozenset)) or not all(is_int(v) for v in items):
         raise RuleError(f"{what} must be a tuple of ints, got {value!r}")
     return tuple(bounded(int(v), what) for v in items)
 

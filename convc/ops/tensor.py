@@ -286,8 +286,9 @@ class ReduceSum(Op):
     def normalize(self, attrs, types):
         rank = len(types[0].shape)
         axes = attrs["axes"]
-        axes = tuple(range(rank)) if axes is None else tuple(sorted({_axis(a, rank) for a in
-                                                                     ([axes] if isinstance(axes, int) else axes)}))
+        if axes is not None:            # one axis, or a tuple of them (not a string or a dict)
+            axes = (axes,) if shapes.is_int(axes) else shapes.int_tuple(axes, "axes")
+        axes = tuple(range(rank)) if axes is None else tuple(sorted({_axis(a, rank) for a in axes}))
         return {"axes": axes, "keepdims": flag(attrs["keepdims"], "keepdims")}
 
     def infer(self, attrs, types):
