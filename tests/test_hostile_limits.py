@@ -106,6 +106,20 @@ def test_item1_element_counts_beyond_int_are_refused():
     assert cc.Graph("g").input("x", (LIMIT,)).shape == (LIMIT,)     # the limit itself is fine
 
 
+def test_item1_scratch_beyond_int_is_refused_before_codegen():
+    """Issue 16 item 1 (derived quantities): an op's scratch (here the FFT
+    spectra of a 64x2048x2048 conv, 1.4e11 elements) is indexed with int in
+    its template; the memory plan refuses it, naming the node, before any
+    code is generated."""
+    g, x = image((1, 64, 2048, 2048), "fft")
+    w = g.param("w", ones(64, 64, 3, 3))
+    g.output(g.add("fft_conv", [x, w], dict(stride=1, padding=1, dilation=1, groups=1, flip=False),
+                   name="big_fft"), "y")
+    with pytest.raises(ValidationError, match=r"node 'big_fft' \(fft_conv\): its scratch of 139619991552 "
+                                              r"elements is beyond 2147483647"):
+        cc.compile(g, passes="none")
+
+
 def test_item1_stride_at_the_limit_compiles_and_runs():
     """Issue 16 item 1: the largest legal stride (2**31-1) compiles without
     overflow in the generated C and gives the reference's answer (one window
@@ -557,7 +571,8 @@ def test_item11_builders_refuse_what_is_not_a_value(fn):
 def test_item11_concat_reshape_and_passes_arguments():
     """Issue 16 item 11: concat(x) (a Value, not a list) and concat([3, x])
     raised bare TypeError/AttributeError, reshape/expand coerced float sizes
-    (2.0 -> 2), and compile(passes=3) raised a bare TypeError."""
+    (2.0 -> 2), reduce_sum took "" or {} as axes, and compile(passes=3)
+    raised a bare TypeError."""
     g, x = image((1, 2, 4, 4))
     for bad in (x, [3, x], 7):
         with pytest.raises(GraphError, match="concat takes a list of convc Values"):
@@ -567,6 +582,10 @@ def test_item11_concat_reshape_and_passes_arguments():
     with pytest.raises(ValidationError, match=r"\(expand\): shape must be a tuple of ints"):
         cc.expand(x, (1, 2, 4, "4"))
     assert cc.reshape(x, (np.int64(2), 16)).shape == (2, 16)
+    for bad in ("", "1", {}, 1.0, [1.5]):                       # axes of reduce_sum: "" was no axis at all
+        with pytest.raises(ValidationError, match=r"\(reduce_sum\): axes must be a tuple of ints"):
+            cc.reduce_sum(x, bad)
+    assert cc.reduce_sum(x, np.int64(1)).shape == (1, 4, 4)
     g.output(cc.relu(x), "y")
     for bad in (3, [["relu"]]):
         with pytest.raises(ConvcError, match="pass"):
