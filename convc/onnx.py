@@ -237,6 +237,14 @@ class _Importer:
             raise _Unsupported(f"{what} (input {name!r}) must be floating point (ONNX: float), got {v.dtype}")
         return v.reshape(-1)
 
+    def allocate(self, shape, what: str) -> None:
+        """Claim room for a constant a converter makes (``shape``, 8 bytes an
+        element at most) from the import's budget, before making it."""
+        try:
+            self.budget.claim(8 * prod(int(n) for n in shape), f"{what} of shape {tuple(shape)}")
+        except Refusal as e:
+            raise _Unsupported(str(e)) from None
+
     def scalar(self, name: str, what: str) -> float:
         """A compile-time constant input holding one number."""
         v = self.const(name, what)
@@ -1027,6 +1035,8 @@ def _pad_axis(im, node, x: Value, axis: int, lo: int, hi: int, value: float) -> 
     for k in (lo, hi):
         shape = list(x.shape)
         shape[axis] = k
+        if k > 0:
+            im.allocate(shape, f"the padding of axis {axis}")
         parts.append(x.graph.const(np.full(shape, value), x.dtype) if k > 0 else None)
     if parts[0] is None and parts[1] is None:
         return x
@@ -1093,6 +1103,11 @@ def _conv_transpose(im, node, ins, at):
 def _pool_geometry(node, at, x_shape):
     """kernel, stride, dilation, (lo, hi) pads and output sizes as ONNX defines them."""
     k, s, d, pads = _window(node, at, x_shape)
+    for kk, dd, (lo, hi) in zip(k, d, pads):
+        if max(lo, hi) >= dd * (kk - 1) + 1:
+            raise _Unsupported(f"pads {[lo for lo, _ in pads] + [hi for _, hi in pads]} reach a whole window "
+                               f"({kk} wide, dilation {dd}) past the input: a window of padding only has no value "
+                               f"(ONNX Runtime and PyTorch refuse such pads too)")
     ceil_mode = bool(at["ceil_mode"]) and (at["auto_pad"] or "NOTSET") == "NOTSET"
     out = []
     for nn, kk, ss, dd, (lo, hi) in zip(x_shape[2:], k, s, d, pads):
@@ -1134,6 +1149,9 @@ def _avg_pool(im, node, ins, at):
         # how many elements each window counts (a constant of the geometry).
         c, n = x.shape[1], x.shape[2:]
         need = [(o - 1) * ss + dd * (kk - 1) + 1 for o, ss, dd, kk in zip(out, s, d, k)]
+        im.allocate((c, 1) + k, "the window of ones")
+        im.allocate(out, "the count of each window")
+        im.allocate([sum(o * kk for o, kk in zip(out, k))], "the count of each window (steps)")
         ones = x.graph.const(np.ones((c, 1) + k), x.dtype)
         total = conv(x, ones, None, s, [(lo, max(0, t - nn - lo)) for (lo, _), t, nn in zip(pads, need, n)], d,
                      groups=c, name=im.name(node, "sum"))

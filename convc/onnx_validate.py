@@ -392,6 +392,13 @@ class FoldBudget:
                           f"spends on one node at import")
         self.used += new
 
+    def claim(self, nbytes: int, what: str) -> None:
+        """Count ``nbytes`` of a constant made at import against the budget
+        (Refusal if they do not fit)."""
+        if self.used + nbytes > self.total:
+            raise Refusal(f"{what} would take {show_bytes(nbytes)}, beyond {self.rule()}")
+        self.used += nbytes
+
     def output_sizes(self, node, args) -> list[tuple[int, str, int]]:
         """(bytes, what, elements) of each output, from ONNX shape inference (values
         of the constant inputs included), before anything is computed."""
