@@ -269,10 +269,12 @@ def test_item10_reserved_names_export_and_compile(role, tmp_path):
         assert f"#define NET_{n.upper()}_SIZE 6" in header, n
     feeds = ({n: np.full((1, 2, 3), k, np.float32) for k, n in enumerate(RESERVED)} if role == "inputs"
              else {"x": np.arange(6, dtype=np.float32).reshape(1, 2, 3)})
-    got, want = cc.compile(g).run(feeds), cc.compile(g, target="numpy").run(feeds)
-    assert got.keys() == want.keys()
-    for k in want:
-        np.testing.assert_allclose(got[k], want[k], rtol=1e-6)
+    want = cc.compile(g, target="numpy").run(feeds)
+    for target in targets():                                     # C and OpenCL at run time, too
+        got = cc.compile(g, target=target).run(feeds)
+        assert got.keys() == want.keys()
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-6, err_msg=f"{target} {k}")
     assert exp.name == "net"
 
 
@@ -441,18 +443,36 @@ def test_item11_every_op_attribute_garbage_is_a_validation_error(monkeypatch):
         g.add("conv", [x, g.param("w", ones(1, 1, 3, 3))], {})
 
 
+class SmallModules(dict):
+    """One module of a small graph (a conv, an int64 param) per target,
+    compiled on first use."""
+
+    def __init__(self):
+        super().__init__()
+        self.graph = g = cc.Graph("r")
+        x = g.input("x", (1, 1, 4, 4))
+        w = g.param("w", np.ones((1, 1, 3, 3), np.float32))
+        k = g.param("k", np.array([2], np.int64))
+        g.output(cc.conv(x, w), "y")
+        g.output(cc.mul(k, 3), "z")
+
+    def __missing__(self, target):
+        self[target] = cc.compile(self.graph, target=target)
+        return self[target]
+
+
 @pytest.fixture(scope="module")
 def small_modules():
-    g = cc.Graph("r")
-    x = g.input("x", (1, 1, 4, 4))
-    w = g.param("w", np.ones((1, 1, 3, 3), np.float32))
-    k = g.param("k", np.array([2], np.int64))
-    g.output(cc.conv(x, w), "y")
-    g.output(cc.mul(k, 3), "z")
-    return g, {t: cc.compile(g, target=t) for t in ("c", "numpy")}
+    mods = SmallModules()
+    return mods.graph, mods
 
 
-@pytest.mark.parametrize("target", ["c", "numpy"])
+def targets():
+    from helpers import TARGETS
+    return TARGETS
+
+
+@pytest.mark.parametrize("target", targets())
 def test_item11_set_params_hostile_values(small_modules, target):
     """Issue 16 item 11: ``Module.set_params`` with strings, string arrays,
     ragged lists, complex or object values, out-of-range floats, a list
@@ -487,7 +507,7 @@ def test_item11_set_params_hostile_values(small_modules, target):
     m.set_params({"w": np.ones((1, 1, 3, 3), np.float32), "k": np.array([2])})
 
 
-@pytest.mark.parametrize("target", ["c", "numpy"])
+@pytest.mark.parametrize("target", targets())
 def test_item11_run_with_hostile_arrays(small_modules, target):
     """Issue 16 item 11: ``Module.run``/``__call__`` with a ragged list raised
     a bare ValueError and positional arrays a bare TypeError; every hostile
