@@ -6,7 +6,7 @@ import sys
 import time
 
 from .errors import ConvcError
-from .ir import Graph
+from .ir import Graph, require_graph
 
 TARGETS = ("c", "opencl", "numpy")
 
@@ -41,9 +41,7 @@ def compile(graph: Graph, target: str = "c", passes="default", native: bool = Tr
     from .runtime.module import CModule, NumpyModule
     from .schedule import check_memory, plan as make_plan
 
-    if not isinstance(graph, Graph):
-        raise ConvcError(f"compile() takes a convc.Graph, got {type(graph).__name__}")
-    graph.verify()
+    require_graph(graph, "compile()").verify()
     if target == "numpy":
         check_memory(graph, make_plan(graph), "numpy", max_memory)     # the interpreter's arrays, roughly
         return NumpyModule(graph)

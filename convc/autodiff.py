@@ -27,10 +27,12 @@ def grad(y: Value, wrt, grad_output: Value | None = None):
 
     >>> dw, dx = cc.grad(loss, [w, x])            # doctest: +SKIP
     """
-    single = isinstance(wrt, Value)
-    wrt = [wrt] if single else list(wrt)
     if not isinstance(y, Value):
         raise GraphError(f"grad: y must be a convc Value, got {type(y).__name__}")
+    single = isinstance(wrt, Value)
+    if not single and not isinstance(wrt, (list, tuple)):
+        raise GraphError(f"grad: wrt must be a Value or a list of Values, got {type(wrt).__name__}")
+    wrt = [wrt] if single else list(wrt)
     g = y.graph
     for w in wrt:
         if not isinstance(w, Value) or w.graph is not g or w.name not in g.nx:

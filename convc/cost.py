@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .ir import Graph
+from .ir import Graph, require_graph
 from .ops import get_op
 from .schedule import live_nodes, plan
 
@@ -53,7 +53,7 @@ def cost(g: Graph) -> CostReport:
 
     >>> cc.cost(g).macs          # doctest: +SKIP
     """
-    g.verify()
+    require_graph(g, "cost()").verify()
     live = live_nodes(g)
     rep = CostReport(g.name, params=sum(g.node(n)["type"].size for n in g.param_names if n in live),
                      arena_bytes=plan(g).arena_bytes)

@@ -35,7 +35,7 @@ from . import __version__
 from .codegen.c import bind_buffers, node_functions, output_copies
 from .codegen.env import CTYPES, Namer, cfloat, environment
 from .errors import CompileError, ConvcError
-from .ir import Graph
+from .ir import Graph, require_graph
 from .schedule import Plan, _align, plan as make_plan
 
 # The Cortex-M4F of the CI check (Debian package gcc-arm-none-eabi).
@@ -497,6 +497,7 @@ def size_report(graph: Graph, name: str = "model", tools: Toolchain | None = Non
     of the node functions in a second build that keeps every node out of line
     (``SIZE_FLAGS``); const data is the node's weights (each counted at its
     first reader), exactly."""
+    require_graph(graph, "size_report()")
     tools = tools or toolchain()
     lib = render(graph, name, passes=passes)
     graph = lib.graph

@@ -325,6 +325,15 @@ class Graph:
         return self
 
 
+def require_graph(obj, what: str) -> Graph:
+    """``obj`` if it is a :class:`Graph`, else a GraphError naming the entry
+    point ``what`` (public functions take graphs from users: no bare
+    AttributeError on ``3.verify()``)."""
+    if not isinstance(obj, Graph):
+        raise GraphError(f"{what} takes a convc.Graph, got {type(obj).__name__}")
+    return obj
+
+
 def _infer(opdef, name, attrs, types, input_names):
     """Normalise ``attrs`` and infer the output type of node ``name``. Every
     broken rule, and any attribute value an op's normalisation cannot read

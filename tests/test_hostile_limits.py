@@ -610,3 +610,21 @@ def test_item11_concat_reshape_and_passes_arguments():
     for bad in (3, [["relu"]]):
         with pytest.raises(ConvcError, match="pass"):
             cc.compile(g, passes=bad)
+
+
+@pytest.mark.parametrize("bad", [3, None, "g", np.zeros(3)])
+def test_item11_entry_points_refuse_what_is_not_a_graph(bad):
+    """Issue 16 item 11: public functions that take a graph (cost, passes.run,
+    size_report) raised a bare AttributeError on ``3.verify()``; grad on a
+    non-list ``wrt`` a bare TypeError."""
+    from convc.export import size_report
+
+    for fn in (cc.cost, lambda b: cc.passes.run(b, "default"), size_report, cc.compile):
+        with pytest.raises(GraphError, match="takes a convc.Graph"):
+            fn(bad)
+    g = cc.Graph("t")
+    x = g.input("x", (1, 2))
+    with pytest.raises(GraphError, match="grad: y must be a convc Value"):
+        cc.grad(bad, x)
+    with pytest.raises(GraphError, match="wrt must be a Value or a list"):
+        cc.grad(x, 3)

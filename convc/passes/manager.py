@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ConvcError
-from ..ir import Graph
+from ..ir import Graph, require_graph
 
 PASSES: dict[str, Callable[[Graph], Graph]] = {}
 
@@ -222,7 +222,7 @@ def run(g: Graph, names, debug: bool | None = None, reports: list | None = None)
         debug = os.environ.get("CONVC_DEBUG_PASSES", "") not in ("", "0")
     from .. import tuning
 
-    g.verify()
+    require_graph(g, "passes.run()").verify()
     for name in resolve(names):
         with tuning.notes() as notes:
             new = PASSES[name](g)
