@@ -248,7 +248,7 @@ import numpy as np
 import convc as cc
 from convc import tuning
 from helpers import forcing_database
-from test_fuzz_graphs import FUZZ_PIPELINES, build_batch, differences
+from test_fuzz_graphs import FUZZ_PIPELINES, build_batch, differences, not_lowered
 
 job = json.load(sys.stdin)
 g, feeds = build_batch(job["chains"])
@@ -259,8 +259,21 @@ for name in job["pipelines"]:
     with tuning.using(forcing_database(g, algorithm)):
         mod = cc.compile(g, passes=passes)
     found += [f"[{name}] {d}" for d in differences(mod.run(feeds), want)]
+    found += [f"[{name}] {d}" for d in not_lowered(mod.graph, name)]
 print(json.dumps(found))
 """
+
+
+def not_lowered(lg, pipeline: str) -> list[str]:
+    """Under the GEMM-forcing pipeline every conv, g, h and transposed conv
+    must have become a GEMM (all but h of a flipped conv, which
+    conv_to_gemm leaves direct): otherwise the batch silently ran the direct
+    loops there."""
+    if pipeline != "gemm":
+        return []
+    left = [n for n in lg.nx.nodes if lg.node(n)["op"] in ("conv", "conv_grad_kernel", "conv_transpose")
+            or (lg.node(n)["op"] == "conv_grad_input" and not lg.node(n)["attrs"]["flip"])]
+    return [f"still direct after the GEMM pipeline: {left}"] if left else []
 
 
 def differences(got: dict, want: dict) -> list[str]:
