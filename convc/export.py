@@ -308,8 +308,6 @@ def value_checks(lib: Library, inputs: list[dict]) -> list[dict]:
     for k, n in enumerate(lib.plan.order):
         d = lib.graph.node(n)
         op = get_op(d["op"])
-        if not hasattr(op, "value_ranges"):
-            continue
         ins = lib.graph.inputs_of(n)
         for j, (lo, hi) in op.value_ranges(d["attrs"], [lib.graph.node(i)["type"] for i in ins]).items():
             src = lib.plan.aliases.get(ins[j], ins[j])

@@ -153,7 +153,7 @@ def node_functions(g: Graph, plan: Plan, name: Namer, var: dict[str, str] | None
             [var[i] for i in ins] + [var[n]] + ([var[f"{n} workspace"]] if n in plan.workspace else [])
         # an op that checks input values (labels in range, ...): its function returns nonzero on bad
         # input and the caller returns `check`, the node's status (see module_status)
-        check = len(calls) + 1 if hasattr(op, "value_ranges") else None
+        check = len(calls) + 1 if op.value_ranges(d["attrs"], types) else None
         calls.append(dict(fn=fn, node=n, args=args, launch=[e for _, _, e in par],
                           ws=plan.workspace.get(n), T=T, check=check))
     return functions, calls

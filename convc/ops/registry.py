@@ -77,6 +77,18 @@ class Op(abc.ABC):
         """Multiplications (multiply-accumulates) performed by this node."""
         return 0
 
+    def value_ranges(self, attrs: dict, types: list[TensorType]) -> dict[int, tuple[int, int]]:
+        """Integer inputs whose values must lie in a range: {input index: (lo,
+        hi)}, each value in [lo, hi) (class labels in [0, C)). An op with
+        ranges has its template check them before it writes anything and
+        return nonzero; the module's entry point then returns the node's
+        status (``codegen.c.module_status``). Empty: nothing checked."""
+        return {}
+
+    def check_values(self, attrs: dict, types: list[TensorType], values: dict) -> None:
+        """Raise an InputError explaining which of ``values`` (input index ->
+        array, the inputs of ``value_ranges``) is out of range."""
+
 
 def register_op(op: "Op") -> "Op":
     """Register an op instance under its name."""
