@@ -170,6 +170,8 @@ def from_onnx(model, input_shapes: dict | None = None, constants: dict | None = 
         except Exception as e:      # noqa: BLE001 -- onnx's inliner on a malformed function
             raise ConvcError(f"ONNX model {model.graph.name!r}: its functions cannot be inlined: "
                              f"{type(e).__name__}: {e}") from None
+        # the functions' bodies are now nodes of the graph: check them as such
+        check_model(model, lambda problems: OnnxImportError(model.graph.name or "?", problems, invalid=True))
     return _Importer(model, dict(input_shapes or {}), dict(constants or {}), name, opset).run()
 
 

@@ -143,8 +143,10 @@ def _check_text(msg, where: str) -> None:
     from google.protobuf.descriptor import FieldDescriptor
 
     for field, value in msg.ListFields():
+        if field.type not in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE):
+            continue            # (numbers and bytes: raw data, float_data, ... need no look)
         repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
-        values = list(value) if repeated else [value]
+        values = value if repeated else [value]
         if field.type == FieldDescriptor.TYPE_STRING:
             for v in values:
                 if not isinstance(v, str):

@@ -184,6 +184,14 @@ def test_item8_invalid_models_are_refused():
             from_onnx(m)
         with pytest.raises(cc.ConvcError, match=pattern):       # and the same for its bytes
             from_onnx(m.SerializeToString())
+    # a cycle inside a local function shows once the function is inlined
+    body = helper.make_function("custom", "Loopy", ["a"], ["b"], [helper.make_node("Add", ["a", "b"], ["b"])],
+                                [helper.make_opsetid("", 17)])
+    m = model([helper.make_node("Loopy", ["x"], ["y"], domain="custom", name="fn")])
+    m.opset_import.append(helper.make_opsetid("custom", 1))
+    m.functions.append(body)
+    with pytest.raises(cc.ConvcError, match=r"reads 'y', its own output \(a cycle\)"):
+        from_onnx(m)
     no_opset = model([_relu("x", "y", "r")])
     del no_opset.opset_import[:]
     with pytest.raises(cc.ConvcError, match="opset"):
