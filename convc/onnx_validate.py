@@ -331,7 +331,7 @@ def tensor_array(t, cap: int) -> np.ndarray:
             have, want, unit = len(t.raw_data), -(-n * bits // 8), "bytes of raw_data"
         else:
             per_value = 2 if name.startswith("complex") else 1          # (real, imaginary) pairs
-            per_int32 = 32 // bits if bits < 8 and field == "int32_data" else 1      # packed sub-byte types
+            per_int32 = 8 // bits if bits < 8 and field == "int32_data" else 1   # sub-byte types: a byte per entry
             have, want, unit = len(getattr(t, field)), -(-n * per_value // per_int32), f"values in {field}"
         if have != want:
             raise Refusal(f"it holds {have} {unit}, where its dims {dims} of {name} need {want}")

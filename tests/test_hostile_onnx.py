@@ -265,6 +265,16 @@ def test_item11_initializer_size_mismatch():
         found = problems(m)
         assert found[0][:2] == ("initializer", "w"), (what, found)
         assert ("(2, 3)" in found[0][2] or what in ("negative_dim", "huge_dims", "unknown_dtype")), (what, found)
+    # what stays valid: every dtype, in raw_data and in its typed field (sub-byte types packed)
+    for code in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.INT8,
+                 TensorProto.UINT16, TensorProto.INT64, TensorProto.UINT64, TensorProto.BOOL, TensorProto.COMPLEX64,
+                 TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT8E4M3FN):
+        values = [1, 0, 1, 1, 0, 1, 1]
+        for t in (helper.make_tensor("t", code, [7], values),
+                  numpy_helper.from_array(np.array(values).astype(helper.tensor_dtype_to_np_dtype(code)), "t")):
+            raw = bool(t.raw_data)
+            got = onnx_validate.tensor_array(t, 1 << 20)
+            assert got.shape == (7,) and got.astype(np.complex128).real.tolist() == values, (code, raw)
     # a Constant node's tensor is checked the same way
     m = model([helper.make_node("Constant", [], ["k"], value=_tensor("k", [4], raw=b"\0" * 3), name="konst"),
                helper.make_node("Add", ["x", "k"], ["y"])], inputs=[("x", (4,))])
