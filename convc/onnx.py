@@ -158,7 +158,8 @@ def from_onnx(model, input_shapes: dict | None = None, constants: dict | None = 
     """
     onnx = _onnx()
     model = read_model(model)
-    opset = check_model(model, lambda problems: OnnxImportError(model.graph.name or "?", problems, invalid=True))
+    opset = check_model(model, lambda problems: OnnxImportError(model.graph.name or "?", problems, invalid=True),
+                        warn=not model.functions)       # (with functions: once they are inlined)
     if model.functions:
         try:
             from onnx import inliner

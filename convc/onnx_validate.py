@@ -181,10 +181,11 @@ def _refuse_external(model, given: str) -> None:
 
 
 # -- structure ---------------------------------------------------------------------
-def check_model(model, invalid) -> int:
+def check_model(model, invalid, warn: bool = True) -> int:
     """Check what ONNX requires of a model's structure; returns its
     default-domain opset. ``invalid(problems)`` makes the error to raise
-    from a list of ``(what, name, reason)``."""
+    from a list of ``(what, name, reason)``; ``warn``: give the
+    OnnxOpsetWarning of a newer opset."""
     onnx = _onnx()
     newest_ir = onnx.IR_VERSION
     if not 1 <= model.ir_version <= newest_ir:
@@ -216,7 +217,7 @@ def check_model(model, invalid) -> int:
     problems += _check_names(graph, model.ir_version)
     if problems:
         raise invalid(problems)
-    if opset > NEWEST_OPSET:
+    if opset > NEWEST_OPSET and warn:
         _warn_newer(graph, opset)
     return opset
 
