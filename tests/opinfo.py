@@ -2,8 +2,9 @@
 
 An :class:`OpInfo` says, for one op (``conv``, its kernel gradient ``g``
 (``conv_grad_kernel``), its input gradient ``h`` (``conv_grad_input``), the
-transposed conv, and a depthwise + pointwise pair for the fused separable
-kernel):
+transposed conv, a depthwise + pointwise pair for the fused separable
+kernel, and conv + residual + activation for the epilogue each lowering's
+producer fuses):
 
 - how to build the op in a graph from a :class:`Config` (``build``), with the
   arrays it takes (``arrays``: deterministic per config and seed);
@@ -251,6 +252,20 @@ def build_separable(g: Graph, cfg: Config, tag: str, a: dict, feeds: dict):
     return cc.conv(h, g.param(f"{tag}_wpw", a["w_pw"]), bias=bp, name=tag)
 
 
+def epilogue_arrays(cfg: Config, dtype: str, seed: int = 0) -> dict:
+    a = conv_arrays(cfg, dtype, seed)
+    a["r"] = _normal(_rng(cfg, seed + 1), (cfg.n, cfg.c_out) + cfg.conv_out, dtype)
+    return a
+
+
+def build_epilogue(g: Graph, cfg: Config, tag: str, a: dict, feeds: dict):
+    """conv (node ``tag``) + a residual input + silu: what fuse_epilogues folds
+    into the producer, whichever lowering made it (``tag_res`` and
+    ``tag_act`` must be gone from a compiled graph that fused them)."""
+    y = cc.add(build_conv(g, cfg, tag, a, feeds), _inp(g, f"{tag}_r", a["r"], feeds), name=f"{tag}_res")
+    return cc.silu(y, name=f"{tag}_act")
+
+
 # -- torch twins (float64) ------------------------------------------------------------------------
 def _t(a):
     return None if a is None else torch.from_numpy(np.asarray(a, np.float64))
@@ -317,6 +332,18 @@ def torch_transpose(cfg: Config, a: dict) -> np.ndarray:
     return (y if b is None else y + (b.reshape((-1,) + (1,) * cfg.rank) if cfg.bias == "tied" else b)).numpy()
 
 
+def torch_epilogue(cfg: Config, a: dict) -> np.ndarray:
+    return F.silu(torch.from_numpy(torch_conv(cfg, a) + np.asarray(a["r"], np.float64))).numpy()
+
+
+def epilogue_magnitude(cfg: Config, a: dict) -> np.ndarray:
+    """Sum of |products| before the activation (|conv| + |residual|), times
+    silu's largest slope (1.1): silu(|z|) itself would be too small a scale
+    where z < 0."""
+    absd = {k: None if v is None else np.abs(v) for k, v in a.items()}
+    return 1.1 * (np.abs(torch_conv(cfg, absd)) + absd["r"])
+
+
 def torch_separable(cfg: Config, a: dict) -> np.ndarray:
     h = torch_conv(replace(cfg, bias="tied" if a["b_dw"] is not None else "none"),
                    dict(x=a["x"], w=a["w_dw"], b=a["b_dw"]))
@@ -371,6 +398,15 @@ def _study(lg: Graph, tag: str, op: str) -> str | None:
     return None if "im2col" in set(_lowered(lg, tag).values()) else f"node {tag!r} has no im2col"
 
 
+def _fused(taken):
+    """``taken`` plus: the residual add and the activation after node ``tag``
+    were fused into what computes it (no ``tag_res`` / ``tag_act`` left)."""
+    def check(lg: Graph, tag: str, op: str) -> str | None:
+        left = [n for n in (f"{tag}_res", f"{tag}_act") if n in lg.nx]
+        return f"not fused into {tag!r}: {left}" if left else taken(lg, tag, op)
+    return check
+
+
 @dataclass(frozen=True)
 class Lowering:
     """A way a conv-like node is computed: the passes to run, the tuning
@@ -406,6 +442,17 @@ LOWERINGS = {lw.name: lw for lw in [
     Lowering("transposed_matmul", ("transposed_to_matmul",), None, _has("matmul", "col2im")),
     Lowering("transposed_conv", ("transposed_to_conv",), None, _has("conv")),
     Lowering("fused_separable", ("fuse_separable",), None, _has("fused_separable")),
+    # with the epilogue (bias, residual, activation) fused into what each lowering makes
+    Lowering("direct_epilogue", ("fuse_epilogues",), None,
+             _fused(_has("conv", attrs=dict(activation="silu", residual=True)))),
+    Lowering("gemm_epilogue", ("fuse_epilogues", "conv_to_gemm", "fuse_epilogues"), "gemm",
+             _fused(_has("im2col", "matmul"))),
+    Lowering("winograd2_epilogue", ("fuse_epilogues", "conv_to_winograd", "fuse_epilogues"), "winograd",
+             _fused(_has("winograd_conv", attrs=dict(tile=2))), "winograd2"),
+    Lowering("winograd4_epilogue", ("fuse_epilogues", "conv_to_winograd", "fuse_epilogues"), "winograd4",
+             _fused(_has("winograd_conv", attrs=dict(tile=4))), "winograd4"),
+    Lowering("blocked_epilogue", ("fuse_epilogues", "to_blocked_layout", "fuse_epilogues"), None,
+             _fused(_has("conv_nchwc"))),
 ]}
 
 
@@ -473,14 +520,16 @@ class OpInfo:
     lowerings: Callable             # cfg -> set of Lowering names that can take it
     reduction: Callable             # cfg -> products summed per output element
     plane: Callable = field(default=lambda cfg: 1)      # the FFT plane size (fft only)
+    magnitude_of: Callable | None = None                # (cfg, arrays) -> scale; default: the twin on |arrays|
     configs: tuple = ()
     long_configs: tuple = ()
 
     def takes(self, cfg: Config, dtype: str) -> set:
         """The lowerings that can take ``cfg`` in ``dtype`` on this host."""
         out = set(self.lowerings(cfg))
-        if "blocked" in out and not blocked_takes(cfg, dtype):
-            out.discard("blocked")
+        for lw in ("blocked", "blocked_epilogue"):
+            if lw in out and not blocked_takes(cfg, dtype):
+                out.discard(lw)
         return out
 
     def grid(self, long: bool = False) -> list[Config]:
@@ -488,6 +537,8 @@ class OpInfo:
 
     def magnitude(self, cfg: Config, a: dict) -> np.ndarray:
         """The twin on |arrays|: the sum of |products| per output element."""
+        if self.magnitude_of is not None:
+            return self.magnitude_of(cfg, a)
         return np.abs(self.torch(cfg, {k: None if v is None else np.abs(v) for k, v in a.items()}))
 
 
@@ -635,4 +686,23 @@ SEPARABLE = OpInfo(
     reduction=lambda c: c.c_out * _prod(c.kernel),      # the two sums in a row
     configs=SEPARABLE_CONFIGS)
 
-OPINFOS = {o.name: o for o in (CONV, G, H, TRANSPOSED, SEPARABLE)}
+EPILOGUE_CONFIGS = (
+    C(2, 2, 9, 12, 1, (9, 8), (3, 3), 1, ((1, 1), (0, 2)), 1, bias="tied", tag="e_w"),
+    C(2, 1, 4, 10, 1, (7, 6), (3, 3), 1, 1, 1, flip=True, bias="untied", tag="e_flip_untied"),
+    C(2, 1, 3, 16, 1, (6, 7), (3, 3), 1, 0, 1, tag="e_nobias"),
+    C(1, 2, 3, 5, 1, 11, 3, 2, ((1, 0),), 1, bias="tied", tag="e_1d"),
+    C(2, 1, 5, 12, 1, (9, 9), (3, 3), 2, 1, 2, bias="tied", tag="e_s2_d2"),
+)
+
+
+def _epilogue_lowerings(cfg: Config) -> set:
+    conv = _conv_lowerings(cfg)
+    return {f"{lw}_epilogue" for lw in ("direct", "gemm", "winograd2", "winograd4", "blocked") if lw in conv}
+
+
+EPILOGUE = OpInfo(
+    "epilogue", "conv", build_epilogue, epilogue_arrays, torch_epilogue, _epilogue_lowerings,
+    reduction=lambda c: c.c_in // c.groups * _prod(c.kernel) + 1, magnitude_of=epilogue_magnitude,
+    configs=EPILOGUE_CONFIGS)
+
+OPINFOS = {o.name: o for o in (CONV, G, H, TRANSPOSED, SEPARABLE, EPILOGUE)}

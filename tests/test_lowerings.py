@@ -2,7 +2,8 @@
 
 For each lowering (direct, im2col, GEMM with im2col and 1x1, Winograd
 F(2x2) and F(4x4), FFT, NCHWc, the study pipeline, transposed-to-matmul,
-transposed-to-conv, fused separable) and each dtype, every config of every
+transposed-to-conv, fused separable; and direct, GEMM, Winograd and NCHWc
+with a fused residual + activation epilogue) and each dtype, every config of every
 op-info record that the lowering can take is one node of ONE graph, compiled
 once with only that lowering's passes (and a tuning database that forces it,
 never the host's). Each config is its own test item: it checks that the
