@@ -16,9 +16,10 @@ output with ``cc.compile(g, target="numpy")``. Any sanitizer report kills the
 child with a non-zero status.
 
 The default run is bounded (``DEFAULT_EXAMPLES`` batches, derandomized so CI
-is deterministic); ``CONVC_FUZZ_EXAMPLES=N`` runs N batches, each under every
-pipeline, with fresh random draws on every run (a failure prints the
-batch, which ``build_batch`` rebuilds, and hypothesis's reproduction blob).
+is deterministic); ``CONVC_FUZZ_EXAMPLES=N`` runs N random chains (in
+batches of CHAINS_PER_GRAPH), each batch under every pipeline, with fresh
+random draws on every run (a failure prints the batch, which
+``build_batch`` rebuilds, and hypothesis's reproduction blob).
 ``test_sanitizer_catches_a_bad_graph`` checks the harness is not vacuous.
 """
 from __future__ import annotations
@@ -40,11 +41,13 @@ import helpers  # noqa: E402
 
 DEFAULT_EXAMPLES = 2
 CHAINS_PER_GRAPH = 6
-EXAMPLES = int(os.environ.get("CONVC_FUZZ_EXAMPLES", "0") or 0) or DEFAULT_EXAMPLES
 ALL_PIPELINES = "CONVC_FUZZ_EXAMPLES" in os.environ
-"""A sanitized compile of one batch takes gcc ~5-25 s here: the default run
-compiles each batch under two of the four pipelines, in turn (every pipeline
-once over the two batches); CONVC_FUZZ_EXAMPLES=N runs every batch under all."""
+EXAMPLES = -(-int(os.environ["CONVC_FUZZ_EXAMPLES"]) // CHAINS_PER_GRAPH) if ALL_PIPELINES else DEFAULT_EXAMPLES
+"""Batches to draw. A sanitized compile of one batch takes gcc ~5-25 s here:
+the default run compiles each batch under two of the four pipelines, in turn
+(every pipeline once over the two batches). CONVC_FUZZ_EXAMPLES=N (shared
+with the ONNX fuzz) asks for N random graphs: ceil(N / CHAINS_PER_GRAPH)
+batches, each under every pipeline."""
 SANITIZE = "-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
 
 FUZZ_PIPELINES = {
