@@ -419,7 +419,7 @@ def param_array(value, dtype, what: str) -> np.ndarray:
         if dtype == "int64":
             if kind == "f" and not (np.isfinite(arr).all() and (arr == np.round(arr)).all()):
                 raise GraphError(f"{what}: int64 param has non-integral or non-finite float values "
-                                 f"(e.g. {arr.reshape(-1)[(arr != np.round(arr)) | ~np.isfinite(arr)][0]!r})")
+                                 f"(e.g. {arr[(arr != np.round(arr)) | ~np.isfinite(arr)][0].item()})")
             if not (-2.0**63 <= float(lo) and (int(hi) if kind in "iu" else float(hi)) < 2**63):
                 raise GraphError(f"{what}: values from {lo} to {hi} do not fit int64")
         else:
