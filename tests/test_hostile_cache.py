@@ -459,27 +459,46 @@ print("finished", flush=True)
 """
 
 
-def test_item11_kill_9_during_compile_leaves_no_temp_file(root):
+def test_item11_kill_9_during_compile_leaves_no_temp_file(root, tmp_path, monkeypatch):
     """Issue 16 item 11: a build killed by SIGKILL while gcc runs leaves its
     temporary .so in the entry; the next build of that entry removes it
-    (under the entry's lock, so a live concurrent build is never touched)."""
+    (under the entry's lock, so a live concurrent build is never touched).
+
+    The compiler is a wrapper around gcc that, while a flag file exists,
+    stalls instead of compiling an entry's module.c: the kill lands while "gcc runs" however fast
+    the machine is (a real gcc could finish first), and with the flag gone the
+    same wrapper (same command line, same version banner, so the same cache
+    entry) builds for real."""
+    flag, started = tmp_path / "stall", tmp_path / "started"
+    wrapper = tmp_path / "cc-wrapper"
+    wrapper.write_text(f"""#!/bin/sh
+case " $* " in *" --version "*) exec gcc "$@";; esac
+case " $* " in *" {root}/"??/*/module.c" "*)     # a cache entry's build (not the thread probe's)
+    if [ -e "{flag}" ]; then touch "{started}"; exec sleep 300; fi;;
+esac
+exec gcc "$@"
+""")
+    wrapper.chmod(0o755)
+    flag.touch()
+    monkeypatch.setenv("CONVC_CC", str(wrapper))
     proc = subprocess.Popen([sys.executable, "-c", KILLED_CHILD], env=subprocess_env(CONVC_CACHE_DIR=root),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline, temps = time.time() + 120, []
         while time.time() < deadline and proc.poll() is None:
             temps = [p for p in root.glob("*/*/*.so") if p.name != "module.so" and not p.name.startswith(".load")]
-            if temps:
+            if temps and started.exists():
                 break
             time.sleep(0.01)
-        assert temps, f"no temporary library appeared (child: {proc.poll()}, {proc.stderr.read() if proc.poll() is not None else ''})"
-        time.sleep(0.3)                                     # gcc is running on it
-        os.killpg(proc.pid, signal.SIGKILL)                 # the child and its gcc
+        assert temps and started.exists(), \
+            f"the compile did not start (child: {proc.poll()}, {proc.stderr.read() if proc.poll() is not None else ''})"
+        os.killpg(proc.pid, signal.SIGKILL)                 # the child and its "gcc"
     finally:
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     (temp,) = temps
-    assert temp.exists() and not (temp.parent / "module.so").exists(), "the kill came too late to test anything"
+    assert temp.exists() and not (temp.parent / "module.so").exists()
+    flag.unlink()
     compile_checked("killed_build", seed=10, depth=14, what="after the killed build")
     left = sorted(p.name for p in temp.parent.iterdir())
     assert left == [".lock", "manifest.json", "module.c", "module.so"], left
