@@ -13,6 +13,11 @@ producer fuses):
 - which lowerings (:data:`LOWERINGS`) can take each config (``lowerings``);
 - its config grid (``grid(long)``).
 
+The conv grid writes some paddings as cc.conv accepts them ("same",
+"valid", "full", ints; ``Config.written``): tests/test_conv.py checks their
+normalisation to ``Config.padding``. Its long grid holds the random configs
+tests/test_conv.py used to draw (:func:`random_written_cfg`).
+
 The numpy reference is convc's own interpreter (``cc.compile(g,
 target="numpy")``); tests/test_lowerings.py compares it, and every lowering's
 generated C, with the torch twin.
@@ -36,7 +41,7 @@ import torch.nn.functional as F
 
 import convc as cc
 from convc.ir import Graph
-from helpers import forcing_database
+from helpers import expected_pads, forcing_database
 
 TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 TORCH_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -67,6 +72,9 @@ class Config:
     output_padding: tuple = ()      # transposed conv only
     c_pw: int = 0                   # separable only: pointwise output channels
     tag: str = ""
+    written: object = None          # conv only: the padding as passed to cc.conv when not the pairs
+                                    # ("same", "valid", "full", an int, per-axis ints); ``padding`` holds
+                                    # the pairs helpers.expected_pads derives from it (DESIGN.md's rules)
 
     @property
     def id(self) -> str:
@@ -77,6 +85,8 @@ class Config:
                  "p" + pads]
         if self.output_padding and any(self.output_padding):
             parts.append("op" + j(self.output_padding))
+        if isinstance(self.written, str):
+            parts.append(self.written)
         if self.c_pw:
             parts.append(f"pw{self.c_pw}")
         if self.flip:
@@ -108,13 +118,19 @@ class Config:
         return self.groups == self.c_in > 1
 
 
-def C(rank, n, c_in, c_out, groups, sizes, kernel, stride=1, padding=0, dilation=1, **kw) -> Config:
-    """A Config from ints or per-axis values (padding: an int, per-axis ints or (lo, hi) pairs)."""
+def C(rank, n, c_in, c_out, groups, sizes, kernel, stride=1, padding=0, dilation=1, written=False,
+      **kw) -> Config:
+    """A Config from ints or per-axis values (padding: an int, per-axis ints,
+    (lo, hi) pairs, or a word "valid" / "same" / "full"). A word, or
+    ``written=True``, keeps the padding as written (``Config.written``: conv
+    builds its node with it, and test_conv checks that convc normalises it to
+    ``Config.padding``, the pairs from helpers.expected_pads)."""
     axes = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * rank  # noqa: E731
-    pads = tuple(p if isinstance(p, tuple) else (p, p) for p in axes(padding))
+    pads = expected_pads(padding, axes(sizes), axes(kernel), axes(stride), axes(dilation))
     if "output_padding" in kw:
         kw["output_padding"] = axes(kw["output_padding"])
-    return Config(rank, n, c_in, c_out, groups, axes(sizes), axes(kernel), axes(stride), pads, axes(dilation), **kw)
+    return Config(rank, n, c_in, c_out, groups, axes(sizes), axes(kernel), axes(stride), pads, axes(dilation),
+                  written=padding if written or isinstance(padding, str) else None, **kw)
 
 
 def _fits(cfg: Config) -> bool:
@@ -148,6 +164,57 @@ def random_conv_cfg(rng: random.Random) -> Config:
         sizes = tuple(rng.randint(1, nmax) for _ in range(rank))
         cfg = Config(rank, rng.choice([1, 1, 2]), c_in, c_out, groups, sizes, kernel, stride, pads, dil,
                      flip=rng.random() < 0.25, bias=rng.choice(["none", "tied", "untied"]), tag="rnd")
+        if _fits(cfg):
+            return cfg
+
+
+def _axis_tuple_or_int(rng: random.Random, rank: int, choices: list):
+    vals = tuple(rng.choice(choices) for _ in range(rank))
+    if len(set(vals)) == 1 and rng.random() < 0.5:
+        return vals[0]
+    return vals
+
+
+def random_written_cfg(rng: random.Random) -> Config:
+    """A random valid forward-conv geometry with its padding in any form
+    cc.conv accepts (an int, per-axis ints, asymmetric pairs, "valid",
+    "same", "full"), kernels up to 5 and dilation up to 3: the long grid
+    tests/test_conv.py drew its 240 random configs from (same seed, same
+    draws, so the same geometries)."""
+    rank = rng.choices([1, 2, 3], weights=[3, 5, 2])[0]
+    n = rng.choice([1, 1, 2, 3])
+    kind = rng.choice(["plain", "plain", "plain", "grouped", "grouped", "depthwise"])
+    if kind == "depthwise":
+        c_in = rng.randint(1, 4)
+        groups, c_out = c_in, c_in * rng.randint(1, 2)
+    elif kind == "grouped":
+        groups = rng.randint(2, 4)
+        c_in, c_out = groups * rng.randint(1, 2), groups * rng.randint(1, 2)
+    else:
+        groups, c_in, c_out = 1, rng.randint(1, 4), rng.randint(1, 4)
+    kmax, dil, nmax = {1: (5, [1, 1, 2, 3], 20), 2: (4, [1, 1, 2, 3], 11), 3: (3, [1, 1, 2], 7)}[rank]
+    kernel = tuple(rng.randint(1, kmax) for _ in range(rank))
+    stride = _axis_tuple_or_int(rng, rank, [1, 1, 2, 3])
+    dilation = _axis_tuple_or_int(rng, rank, dil)
+    form = rng.choice(["int", "tuple", "pairs", "pairs", "valid", "same", "same", "full"])
+    if form == "int":
+        padding = rng.randint(0, 3)
+    elif form == "tuple":
+        padding = tuple(rng.randint(0, 3) for _ in range(rank))
+    elif form == "pairs":
+        padding = tuple((rng.randint(0, 3), rng.randint(0, 3)) for _ in range(rank))
+        if all(lo == hi for lo, hi in padding):           # make at least one axis asymmetric
+            lo, hi = padding[0]
+            padding = ((lo, hi + 1),) + padding[1:]
+    else:
+        padding = form
+    flip = rng.random() < 0.25
+    bias = rng.choices(["none", "tied", "untied"], weights=[4, 3, 3])[0]
+    rng.random()        # test_conv's float64 draw, kept for the same sequence: every config runs in both dtypes
+    while True:
+        sizes = tuple(rng.randint(1, nmax) for _ in range(rank))
+        cfg = C(rank, n, c_in, c_out, groups, sizes, kernel, stride, padding, dilation, written=True,
+                flip=flip, bias=bias, tag="rndw")
         if _fits(cfg):
             return cfg
 
@@ -219,9 +286,13 @@ def _inp(g: Graph, name: str, a: np.ndarray, feeds: dict):
 
 
 def build_conv(g: Graph, cfg: Config, tag: str, a: dict, feeds: dict):
+    """cc.conv with the padding as the config writes it (a word, an int, the pairs)."""
     x = _inp(g, f"{tag}_x", a["x"], feeds)
     b = g.param(f"{tag}_b", a["b"]) if a["b"] is not None else None
-    return cc.conv(x, g.param(f"{tag}_w", a["w"]), bias=b, flip=cfg.flip, name=tag, **_geo(cfg))
+    geo = _geo(cfg)
+    if cfg.written is not None:
+        geo["padding"] = cfg.written
+    return cc.conv(x, g.param(f"{tag}_w", a["w"]), bias=b, flip=cfg.flip, name=tag, **geo)
 
 
 def build_grad_kernel(g: Graph, cfg: Config, tag: str, a: dict, feeds: dict):
@@ -398,6 +469,16 @@ def _study(lg: Graph, tag: str, op: str) -> str | None:
     return None if "im2col" in set(_lowered(lg, tag).values()) else f"node {tag!r} has no im2col"
 
 
+def _default(lg: Graph, tag: str, op: str) -> str | None:
+    """The default pipeline picks per node by its size rules (direct, GEMM,
+    Winograd ...): the node must still be computed, as itself or as what a
+    pass made of it (the comparison with torch is the test)."""
+    made = _lowered(lg, tag)
+    if not made:
+        return f"node {tag!r} is gone from the compiled graph (nothing named {tag!r} or {tag + '.*'!r})"
+    return None
+
+
 def _fused(taken):
     """``taken`` plus: the residual add and the activation after node ``tag``
     were fused into what computes it (no ``tag_res`` / ``tag_act`` left)."""
@@ -439,6 +520,7 @@ LOWERINGS = {lw.name: lw for lw in [
     Lowering("fft", ("conv_to_fft",), None, _has("fft_conv"), "fft"),
     Lowering("blocked", ("to_blocked_layout",), None, _has("conv_nchwc")),
     Lowering("study", tuple(cc.passes.PIPELINES["study"]), None, _study),
+    Lowering("default", tuple(cc.passes.PIPELINES["default"]), None, _default),
     Lowering("transposed_matmul", ("transposed_to_matmul",), None, _has("matmul", "col2im")),
     Lowering("transposed_conv", ("transposed_to_conv",), None, _has("conv")),
     Lowering("fused_separable", ("fuse_separable",), None, _has("fused_separable")),
@@ -545,7 +627,7 @@ class OpInfo:
 def _conv_lowerings(cfg: Config) -> set:
     from convc.ops.blocked import block_size
 
-    out = {"direct", "im2col", "study"}
+    out = {"direct", "im2col", "study", "default"}
     out.add("gemm_1x1" if cfg.pointwise else "gemm")
     if cfg.rank == 2 and cfg.kernel == (3, 3) and cfg.stride == (1, 1) and cfg.dilation == (1, 1) \
             and cfg.groups == 1:
@@ -598,6 +680,42 @@ CONV_CONFIGS = (
     C(1, 1, 6, 4, 2, 9, 1, 1, 0, 1, tag="pw_grouped"),
     C(3, 1, 3, 4, 1, (3, 2, 4), 1, 1, 0, 1, bias="untied", tag="pw3d"),
     C(2, 1, 4, 5, 1, (5, 6), 1, 2, 1, 1, tag="1x1_s2"),
+    # -- from tests/test_conv.py (padding as written: checked there against DESIGN.md's rules); after
+    # the configs above, so the other lowerings' first DEFAULT_CAP are unchanged
+    # "same" at stride 2 and 3 with odd total padding (extra on the high side)
+    C(1, 2, 3, 4, 1, 7, 4, 2, "same", 1, tag="same_s2"),
+    C(1, 1, 2, 2, 1, 10, 3, 3, "same", 1, tag="same_s3"),
+    C(1, 1, 1, 1, 1, 11, 2, 3, "same", 2, tag="same_s3_d2"),
+    C(2, 2, 2, 3, 1, (7, 9), (4, 2), (2, 3), "same", 1, bias="tied", tag="same_s23"),
+    C(2, 1, 4, 4, 4, (8, 5), (3, 3), 2, "same", (2, 1), bias="untied", tag="same_dw"),
+    C(3, 1, 2, 2, 1, (5, 6, 7), (2, 3, 2), (2, 3, 1), "same", 1, tag="same_3d"),
+    C(2, 1, 2, 2, 1, (6, 6), (2, 2), 1, "same", 1, tag="same_s1_even"),
+    C(2, 2, 3, 4, 1, (7, 6), (3, 3), 2, "same", 1, bias="tied", tag="same_s2_2d"),
+    # "full" with dilation: output n + d*(k-1) at stride 1
+    C(1, 1, 2, 3, 1, 6, 3, 1, "full", 2, tag="full_d2"),
+    C(2, 2, 2, 2, 2, (5, 4), (3, 2), 1, "full", (2, 3), bias="untied", tag="full_d23"),
+    C(3, 1, 1, 2, 1, (4, 3, 5), (2, 2, 3), 1, "full", (1, 2, 2), tag="full_3d"),
+    C(2, 1, 1, 1, 1, (5, 5), (3, 3), 2, "full", 1, flip=True, tag="full_s2"),
+    C(1, 1, 2, 2, 2, 10, 4, 1, "full", 3, flip=True, tag="full_g2_d3"),
+    # explicit asymmetric (lo, hi) pairs
+    C(2, 2, 3, 2, 1, (6, 5), (3, 2), 1, ((0, 2), (3, 0)), 1, tag="pairs"),
+    C(1, 1, 2, 2, 2, 9, 3, 2, ((4, 1),), 2, bias="tied", tag="pairs_big_lo"),
+    C(3, 1, 2, 1, 1, (4, 5, 3), (2, 2, 2), (1, 2, 1), ((1, 0), (0, 2), (2, 1)), 1, tag="pairs_3d"),
+    # padding wider than the kernel: border outputs are pure padding (+ bias)
+    C(2, 1, 1, 2, 1, (3, 3), (2, 2), 1, 3, 1, written=True, bias="tied", tag="pad_gt_k_tied"),
+    # kernel as large as the input: one output per axis; a size-1 input
+    C(2, 1, 3, 2, 1, (4, 5), (4, 5), 1, 0, 1, written=True, bias="untied", tag="k_eq_in"),
+    C(1, 2, 1, 1, 1, 1, 1, 1, "valid", 1, tag="size1"),
+    # depthwise with a channel multiplier, and groups == C_in == C_out
+    C(2, 3, 3, 6, 3, (7, 6), (3, 3), 1, 1, 1, written=True, bias="tied", tag="dw_mult2_n3"),
+    C(2, 1, 5, 5, 5, (6, 6), (3, 3), 2, "same", 1, flip=True, tag="dw_same"),
+    C(1, 2, 4, 4, 4, 12, 5, 1, "full", 2, tag="dw_1d"),
+    C(3, 2, 3, 3, 3, (4, 4, 4), (3, 3, 3), 1, 1, 1, written=True, bias="untied", tag="dw_3d"),
+    # flip with an asymmetric kernel, per-axis stride/dilation/padding
+    C(2, 1, 2, 3, 1, (9, 8), (3, 2), (2, 1), (1, 2), (1, 3), written=True, flip=True, tag="flip"),
+    C(1, 4, 3, 2, 1, 15, 4, 3, "valid", 2, flip=True, bias="untied", tag="batch4"),
+    C(3, 2, 2, 4, 2, (5, 6, 4), (2, 3, 2), (1, 2, 2), ((1, 1), (0, 1), (1, 0)), (2, 1, 1),
+      flip=True, bias="tied", tag="grp3d"),
 )
 
 GRAD_CONFIGS = (
@@ -638,6 +756,11 @@ def _long(n: int, seed: int, ok=lambda c: True) -> tuple:
     return tuple(out)
 
 
+def _written_long(n: int, seed: int) -> tuple:
+    rng = random.Random(seed)
+    return tuple(random_written_cfg(rng) for _ in range(n))
+
+
 def _transposed_long(n: int, seed: int) -> tuple:
     rng = random.Random(seed)
     out = []
@@ -659,7 +782,7 @@ CONV = OpInfo(
     "conv", "conv", build_conv, conv_arrays, torch_conv, _conv_lowerings,
     reduction=lambda c: c.c_in // c.groups * _prod(c.kernel),
     plane=lambda c: _prod(n + lo + hi for n, (lo, hi) in zip(c.sizes, c.padding)),
-    configs=CONV_CONFIGS, long_configs=_long(60, 1601))
+    configs=CONV_CONFIGS, long_configs=_long(60, 1601) + _written_long(240, 20240917))
 
 G = OpInfo(
     "g", "conv_grad_kernel", build_grad_kernel, grad_kernel_arrays, torch_grad_kernel,

@@ -1,7 +1,8 @@
 """Every lowering of the conv family against torch, driven by tests/opinfo.py.
 
 For each lowering (direct, im2col, GEMM with im2col and 1x1, Winograd
-F(2x2) and F(4x4), FFT, NCHWc, the study pipeline, transposed-to-matmul,
+F(2x2) and F(4x4), FFT, NCHWc, the study pipeline, the default pipeline
+under its own size rules (cc.compile's default), transposed-to-matmul,
 transposed-to-conv, fused separable; and direct, GEMM, Winograd and NCHWc
 with a fused residual + activation epilogue) and each dtype, every config of every
 op-info record that the lowering can take is one node of ONE graph, compiled
@@ -10,8 +11,11 @@ never the host's). Each config is its own test item: it checks that the
 compiled graph really computes the node that way (the node became the
 im2col + matmul / winograd_conv / fft_conv ... ops), then compares the result
 with the op's torch twin within the error bound of opinfo.tolerance. The
-direct lowering also checks convc's numpy reference and, where an OpenCL
-device exists, the OpenCL target.
+direct lowering also checks convc's numpy reference; it and the default
+pipeline also run, where an OpenCL device exists, on the OpenCL target.
+Conv configs whose padding is written as a word ("same", "full", "valid") or
+an int build their node that way (tests/test_conv.py checks the
+normalisation against DESIGN.md's rules).
 
 ``CONVC_LONG_TESTS=1`` adds random configs (opinfo's long grids) and runs
 every lowering on OpenCL too.
@@ -40,10 +44,14 @@ DTYPES = ("float32", "float64")
 # test_passes.py) run with CONVC_LONG_TESTS=1 only.
 DEFAULT_CAP, WINOGRAD_CAP = 5, 3
 LONG_ONLY = ("im2col", "study")
+# The direct lowering and the default pipeline (what cc.compile does unasked;
+# it was tests/test_conv.py's grid, conv only) take the whole default grid,
+# and run on OpenCL too.
+FULL_GRID = ("direct", "default")
 
 
 def _cap(lowering: str):
-    if LONG or lowering == "direct":
+    if LONG or lowering in FULL_GRID:
         return None
     return 0 if lowering in LONG_ONLY else WINOGRAD_CAP if lowering.startswith("winograd") else DEFAULT_CAP
 
@@ -71,7 +79,7 @@ _BUILT: dict = {}
 
 def _targets(lowering: str) -> tuple:
     cl = tuple(t for t in helpers.TARGETS if t == "opencl")
-    return ("c",) + (cl if lowering == "direct" or LONG else ())
+    return ("c",) + (cl if lowering in FULL_GRID or LONG else ())
 
 
 def built(lowering: str, dtype: str) -> dict:
