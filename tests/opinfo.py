@@ -17,6 +17,8 @@ The conv grid writes some paddings as cc.conv accepts them ("same",
 "valid", "full", ints; ``Config.written``): tests/test_conv.py checks their
 normalisation to ``Config.padding``. Its long grid holds the random configs
 tests/test_conv.py used to draw (:func:`random_written_cfg`).
+:class:`WinogradCase` is the case type (arrays and torch twin) of
+tests/test_winograd.py and tests/test_winograd_f43.py.
 
 The numpy reference is convc's own interpreter (``cc.compile(g,
 target="numpy")``); tests/test_lowerings.py compares it, and every lowering's
@@ -423,6 +425,65 @@ def torch_separable(cfg: Config, a: dict) -> np.ndarray:
                  stride=(1,) * cfg.rank, padding=((0, 0),) * cfg.rank, dilation=(1,) * cfg.rank, flip=False,
                  bias="tied" if a["b_pw"] is not None else "none")
     return torch_conv(pw, dict(x=h, w=a["w_pw"], b=a["b_pw"]))
+
+
+# -- the Winograd tests' cases (tests/test_winograd.py, tests/test_winograd_f43.py) ---------------
+TORCH_ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+                     "leaky_relu": lambda v: F.leaky_relu(v, 0.01), "silu": F.silu, None: lambda v: v}
+"""torch's twin of each activation a conv epilogue fuses (leaky_relu at convc's default slope)."""
+
+
+@dataclass(frozen=True)
+class WinogradCase:
+    """A 3x3, stride-1, dilation-1, groups-1 2D conv as the Winograd tests
+    build it (padding as written), optionally followed by a residual add and
+    an activation that fuse_epilogues folds into the winograd_conv."""
+    n: int
+    c_in: int
+    c_out: int
+    size: tuple                 # (H, W) of the input
+    padding: object             # as given to the builder
+    bias: str = "none"          # "none" | "tied" | "untied"
+    flip: bool = False
+    act: str | None = None      # a key of TORCH_ACTIVATIONS
+    residual: bool = False      # y = act(conv + r)
+
+    @property
+    def id(self) -> str:
+        pad = str(self.padding).replace(" ", "")
+        return (f"n{self.n}-ci{self.c_in}-co{self.c_out}-in{self.size[0]}x{self.size[1]}-p{pad}-{self.bias}"
+                + ("-flip" if self.flip else "") + ("-res" if self.residual else "")
+                + (f"-{self.act}" if self.act else ""))
+
+    @property
+    def config(self) -> Config:
+        """The conv as an op-info Config (padding pairs by helpers.expected_pads)."""
+        return C(2, self.n, self.c_in, self.c_out, 1, self.size, 3, 1, self.padding, 1, written=True,
+                 flip=self.flip, bias=self.bias)
+
+    def pads(self) -> tuple:
+        return self.config.padding
+
+    def out(self) -> tuple:
+        return self.config.conv_out
+
+    def arrays(self, dtype: str, seed: int, index: int, gain: float = 1.0):
+        """(x, w, b, r): x ~ N(0, 1), w ~ N(0, gain / (9 C_in)) (gain 2: He),
+        b per ``bias`` and r for a residual case, else None."""
+        rng = np.random.default_rng([seed, index])
+        x = rng.standard_normal((self.n, self.c_in) + self.size).astype(dtype)
+        w = (rng.standard_normal((self.c_out, self.c_in, 3, 3)) * math.sqrt(gain / (9 * self.c_in))).astype(dtype)
+        shape = {"none": None, "tied": (self.c_out,), "untied": (self.c_out,) + self.out()}[self.bias]
+        b = None if shape is None else rng.standard_normal(shape).astype(dtype)
+        r = rng.standard_normal((self.n, self.c_out) + self.out()).astype(dtype) if self.residual else None
+        return x, w, b, r
+
+    def torch(self, x, w, b=None, r=None) -> np.ndarray:
+        """What the case computes, by torch in float64 (opinfo's conv twin)."""
+        y = torch.from_numpy(torch_conv(self.config, dict(x=x, w=w, b=b)))
+        if r is not None:
+            y = y + torch.from_numpy(np.asarray(r, np.float64))
+        return TORCH_ACTIVATIONS[self.act](y).numpy()
 
 
 # -- lowerings --------------------------------------------------------------------------------------

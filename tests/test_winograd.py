@@ -9,8 +9,7 @@ of a dtype is one input/output pair of ONE graph, compiled once per target
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -24,33 +23,13 @@ from convc.passes import PASSES
 from convc.reference import evaluate
 from convc.schedule import plan
 from helpers import assert_close
+from opinfo import WinogradCase
 
 PASS = "conv_to_winograd"
 TOL = {"float32": dict(rtol=1e-4, atol=1e-5), "float64": dict(rtol=1e-11, atol=1e-12)}
 
 
-@dataclass(frozen=True)
-class Case:
-    n: int
-    c_in: int
-    c_out: int
-    size: tuple                 # (H, W) of the input
-    padding: object             # as given to cc.conv
-    bias: str = "none"          # "none" | "tied" | "untied"
-    flip: bool = False
-    act: str | None = None      # an activation after the conv, fused by fuse_epilogues
-
-    @property
-    def id(self):
-        pad = str(self.padding).replace(" ", "")
-        return (f"n{self.n}-ci{self.c_in}-co{self.c_out}-in{self.size[0]}x{self.size[1]}-p{pad}-{self.bias}"
-                + ("-flip" if self.flip else "") + (f"-{self.act}" if self.act else ""))
-
-    def pads(self):
-        return helpers.expected_pads(self.padding, self.size, (3, 3), 1, 1)
-
-    def out(self):
-        return helpers.expected_out(self.size, (3, 3), 1, 1, self.pads())
+Case = WinogradCase     # shared with tests/test_winograd_f43.py
 
 
 CASES = [
@@ -69,27 +48,8 @@ GRID = [(c, "float32") for c in CASES] + [(c, "float64") for c in CASES64]
 
 
 def arrays(case: Case, dtype: str, index: int):
-    rng = np.random.default_rng([2016, index])
-    x = rng.standard_normal((case.n, case.c_in) + case.size).astype(dtype)
-    w = (rng.standard_normal((case.c_out, case.c_in, 3, 3)) / math.sqrt(9 * case.c_in)).astype(dtype)
-    shape = {"none": None, "tied": (case.c_out,), "untied": (case.c_out,) + case.out()}[case.bias]
-    b = None if shape is None else rng.standard_normal(shape).astype(dtype)
-    return x, w, b
-
-
-def torch_conv(case: Case, x, w, b, slope=0.01):
-    (ply, phy), (plx, phx) = case.pads()
-    tx = F.pad(torch.from_numpy(x.astype(np.float64)), (plx, phx, ply, phy))
-    tw = torch.from_numpy(w.astype(np.float64))
-    if case.flip:
-        tw = tw.flip([2, 3])
-    y = F.conv2d(tx, tw, torch.from_numpy(b.astype(np.float64)) if case.bias == "tied" else None)
-    if case.bias == "untied":
-        y = y + torch.from_numpy(b.astype(np.float64))
-    if case.act:
-        y = {"relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
-             "leaky_relu": lambda v: F.leaky_relu(v, slope)}[case.act](y)
-    return y.numpy()
+    """(x, w, b) of case ``index``; w ~ N(0, 1 / (9 C_in))."""
+    return case.arrays(dtype, 2016, index)[:3]
 
 
 def conv_graph(name, cases, dtype):
@@ -106,7 +66,7 @@ def conv_graph(name, cases, dtype):
             y = getattr(cc, case.act)(y)
         g.output(y, f"y{i}")
         feeds[f"x{i}"] = x
-        want[f"y{i}"] = torch_conv(case, x, w, b)
+        want[f"y{i}"] = case.torch(x, w, b)
     return g, feeds, want
 
 
@@ -193,9 +153,9 @@ def test_numpy_algorithm_matches_conv():
         x, w, _ = arrays(case, "float64", i)
         u = cc.ops.get_op("winograd_kernel").reference(dict(flip=case.flip, tile=2), w)
         assert u.shape == (4, 4, case.c_out, case.c_in)
-        plain = Case(case.n, case.c_in, case.c_out, case.size, case.padding, flip=case.flip)   # no bias
+        plain = replace(case, bias="none", act=None)
         got = winograd_reference(x, u, case.pads(), case.out())
-        assert_close(got, torch_conv(plain, x, w, None), rtol=1e-12, atol=1e-12, what=case.id)
+        assert_close(got, plain.torch(x, w), rtol=1e-12, atol=1e-12, what=case.id)
 
 
 # ---------------------------------------------------------------------------

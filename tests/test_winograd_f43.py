@@ -26,7 +26,7 @@ max |y| were measured; 1e-11 is the bound.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -41,38 +41,13 @@ from convc.ops.winograd import (TRANSFORMS, WinogradConv, blocking, combination,
 from convc.passes.winograd import winograd_tile
 from convc.reference import evaluate
 from helpers import assert_close
+from opinfo import TORCH_ACTIVATIONS, WinogradCase
 
 TOL = {"float32": dict(rtol=1e-4, atol=3e-5), "float64": dict(rtol=1e-11, atol=1e-11)}
 """atol is scaled by max(1, max |y|); see the module docstring for the measurement."""
 
-ACTS = {"relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
-        "leaky_relu": lambda v: F.leaky_relu(v, 0.01), None: lambda v: v}
-
-
-@dataclass(frozen=True)
-class Case:
-    n: int
-    c_in: int
-    c_out: int
-    size: tuple                 # (H, W) of the input
-    padding: object             # as given to the builder
-    bias: str = "none"          # "none" | "tied" | "untied"
-    flip: bool = False
-    act: str | None = None      # an activation after the conv, fused by fuse_epilogues
-    residual: bool = False      # y = act(conv + r), r fused as the epilogue's residual
-
-    @property
-    def id(self):
-        pad = str(self.padding).replace(" ", "")
-        return (f"n{self.n}-ci{self.c_in}-co{self.c_out}-in{self.size[0]}x{self.size[1]}-p{pad}-{self.bias}"
-                + ("-flip" if self.flip else "") + ("-res" if self.residual else "")
-                + (f"-{self.act}" if self.act else ""))
-
-    def pads(self):
-        return helpers.expected_pads(self.padding, self.size, (3, 3), 1, 1)
-
-    def out(self):
-        return helpers.expected_out(self.size, (3, 3), 1, 1, self.pads())
+ACTS = TORCH_ACTIVATIONS
+Case = WinogradCase     # shared with tests/test_winograd.py
 
 
 CASES = [
@@ -93,28 +68,8 @@ GRID = [(c, "float32") for c in CASES] + [(c, "float64") for c in CASES64]
 
 
 def arrays(case: Case, dtype: str, index: int):
-    rng = np.random.default_rng([43, index])
-    x = rng.standard_normal((case.n, case.c_in) + case.size).astype(dtype)
-    w = (rng.standard_normal((case.c_out, case.c_in, 3, 3)) * math.sqrt(2 / (9 * case.c_in))).astype(dtype)
-    shape = {"none": None, "tied": (case.c_out,), "untied": (case.c_out,) + case.out()}[case.bias]
-    b = None if shape is None else rng.standard_normal(shape).astype(dtype)
-    r = rng.standard_normal((case.n, case.c_out) + case.out()).astype(dtype) if case.residual else None
-    return x, w, b, r
-
-
-def torch_conv(case: Case, x, w, b=None, r=None):
-    """What the case computes, by torch in float64."""
-    (ply, phy), (plx, phx) = case.pads()
-    tx = F.pad(torch.from_numpy(x.astype(np.float64)), (plx, phx, ply, phy))
-    tw = torch.from_numpy(w.astype(np.float64))
-    if case.flip:
-        tw = tw.flip([2, 3])
-    y = F.conv2d(tx, tw, torch.from_numpy(b.astype(np.float64)) if case.bias == "tied" else None)
-    if case.bias == "untied":
-        y = y + torch.from_numpy(b.astype(np.float64))
-    if r is not None:
-        y = y + torch.from_numpy(r.astype(np.float64))
-    return ACTS[case.act](y).numpy()
+    """(x, w, b, r) of case ``index``; He-initialised w (the measurement's)."""
+    return case.arrays(dtype, 43, index, gain=2.0)
 
 
 def f43_graph(name, cases, dtype):
@@ -135,7 +90,7 @@ def f43_graph(name, cases, dtype):
             y = getattr(cc, case.act)(y)
         g.output(y, f"y{i}")
         feeds[f"x{i}"] = x
-        want[f"y{i}"] = torch_conv(case, x, w, b, r)
+        want[f"y{i}"] = case.torch(x, w, b, r)
     return cc.passes.run(g, ["fuse_epilogues"]), g, feeds, want
 
 
@@ -205,9 +160,9 @@ def test_numpy_algorithm_equals_direct_conv(tile):
         x, w, _, _ = arrays(case, "float64", i)
         u = cc.ops.get_op("winograd_kernel").reference(dict(flip=case.flip, tile=tile), w)
         assert u.shape == (tile + 2, tile + 2, case.c_out, case.c_in)
-        plain = Case(case.n, case.c_in, case.c_out, case.size, case.padding, flip=case.flip)
+        plain = replace(case, bias="none", act=None, residual=False)
         got = winograd_reference(x, u, case.pads(), case.out())
-        assert_close(got, torch_conv(plain, x, w), rtol=1e-10, atol=1e-10, what=f"tile {tile} {case.id}")
+        assert_close(got, plain.torch(x, w), rtol=1e-10, atol=1e-10, what=f"tile {tile} {case.id}")
 
 
 def test_transform_table_is_exact_in_one_dimension():
