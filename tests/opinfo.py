@@ -3,8 +3,9 @@
 An :class:`OpInfo` says, for one op (``conv``, its kernel gradient ``g``
 (``conv_grad_kernel``), its input gradient ``h`` (``conv_grad_input``), the
 transposed conv, a depthwise + pointwise pair for the fused separable
-kernel, and conv + residual + activation for the epilogue each lowering's
-producer fuses):
+kernel, conv + residual + activation for the epilogue each lowering's
+producer fuses, and a depthwise conv with a fused clip for the depthwise row
+kernel):
 
 - how to build the op in a graph from a :class:`Config` (``build``), with the
   arrays it takes (``arrays``: deterministic per config and seed);
@@ -339,6 +340,19 @@ def build_epilogue(g: Graph, cfg: Config, tag: str, a: dict, feeds: dict):
     return cc.silu(y, name=f"{tag}_act")
 
 
+def build_depthwise_clip(g: Graph, cfg: Config, tag: str, a: dict, feeds: dict):
+    """A depthwise 2D conv with a clip to [-0.5, 0.5] fused as its activation
+    (the node's own attributes, no pass): the depthwise row kernel's
+    epilogue. The node is named ``tag``."""
+    x = _inp(g, f"{tag}_x", a["x"], feeds)
+    args = [x, g.param(f"{tag}_w", a["w"])] + ([g.param(f"{tag}_b", a["b"])] if a["b"] is not None else [])
+    return g.add("conv", args, dict(_geo(cfg), flip=cfg.flip, activation="clip", min=CLIP[0], max=CLIP[1]),
+                 name=tag)
+
+
+CLIP = (-0.5, 0.5)
+
+
 # -- torch twins (float64) ------------------------------------------------------------------------
 def _t(a):
     return None if a is None else torch.from_numpy(np.asarray(a, np.float64))
@@ -415,6 +429,16 @@ def epilogue_magnitude(cfg: Config, a: dict) -> np.ndarray:
     where z < 0."""
     absd = {k: None if v is None else np.abs(v) for k, v in a.items()}
     return 1.1 * (np.abs(torch_conv(cfg, absd)) + absd["r"])
+
+
+def torch_depthwise_clip(cfg: Config, a: dict) -> np.ndarray:
+    return np.clip(torch_conv(cfg, a), *CLIP)
+
+
+def conv_magnitude(cfg: Config, a: dict) -> np.ndarray:
+    """The conv on |arrays|, before any clip (clip is 1-Lipschitz: it can
+    only shrink the conv's rounding error, never the bound's scale)."""
+    return np.abs(torch_conv(cfg, {k: None if v is None else np.abs(v) for k, v in a.items()}))
 
 
 def torch_separable(cfg: Config, a: dict) -> np.ndarray:
@@ -540,6 +564,19 @@ def _default(lg: Graph, tag: str, op: str) -> str | None:
     return None
 
 
+def _template(name: str):
+    """A ``taken`` check: the node is still an ``op`` node, generated from template ``name``."""
+    def taken(lg: Graph, tag: str, op: str) -> str | None:
+        from convc.ops import get_op
+
+        if _lowered(lg, tag).get(tag) != op:
+            return f"node {tag!r} is {_lowered(lg, tag)}, expected one {op} node"
+        types = [lg.node(i)["type"] for i in lg.inputs_of(tag)]
+        got = get_op(op).template_of(lg.node(tag)["attrs"], types)
+        return None if got == name else f"node {tag!r} uses template {got!r}, expected {name!r}"
+    return taken
+
+
 def _fused(taken):
     """``taken`` plus: the residual add and the activation after node ``tag``
     were fused into what computes it (no ``tag_res`` / ``tag_act`` left)."""
@@ -582,6 +619,7 @@ LOWERINGS = {lw.name: lw for lw in [
     Lowering("blocked", ("to_blocked_layout",), None, _has("conv_nchwc")),
     Lowering("study", tuple(cc.passes.PIPELINES["study"]), None, _study),
     Lowering("default", tuple(cc.passes.PIPELINES["default"]), None, _default),
+    Lowering("depthwise_rows", (), None, _template("depthwise")),
     Lowering("transposed_matmul", ("transposed_to_matmul",), None, _has("matmul", "col2im")),
     Lowering("transposed_conv", ("transposed_to_conv",), None, _has("conv")),
     Lowering("fused_separable", ("fuse_separable",), None, _has("fused_separable")),
@@ -889,4 +927,21 @@ EPILOGUE = OpInfo(
     reduction=lambda c: c.c_in // c.groups * _prod(c.kernel) + 1, magnitude_of=epilogue_magnitude,
     configs=EPILOGUE_CONFIGS)
 
-OPINFOS = {o.name: o for o in (CONV, G, H, TRANSPOSED, SEPARABLE, EPILOGUE)}
+DEPTHWISE_CONFIGS = (     # from tests/test_depthwise.py: the row kernel's border cases (batch 2)
+    C(2, 2, 2, 2, 2, (5, 6), (3, 1), 1, ((2, 2), (0, 0)), 1, tag="dw_rows_out"),   # rows outside the input
+    C(2, 2, 2, 2, 2, (7, 6), (1, 2), 1, ((0, 0), (2, 2)), (1, 2), bias="tied", tag="dw_cols_out"),  # dilated
+    C(2, 2, 3, 6, 3, (9, 9), (3, 3), 2, 1, 1, bias="tied", tag="dw_s2_mult2"),     # MobileNet stride 2
+    C(2, 2, 4, 4, 4, (14, 14), (3, 3), 1, 1, 1, flip=True, bias="untied", tag="dw_flip_untied"),
+    C(2, 2, 2, 2, 2, (4, 5), (5, 5), 1, 2, 1, bias="tied", tag="dw_no_interior"),  # no interior column
+    C(2, 2, 3, 3, 3, (33, 40), (3, 5), (1, 2), ((0, 2), (3, 1)), (2, 1), tag="dw_long_rows"),
+    C(2, 2, 2, 6, 2, (8, 7), (2, 3), (3, 2), ((1, 0), (0, 2)), 1, flip=True, bias="tied", tag="dw_mult3"),
+    C(2, 2, 1, 1, 1, (3, 3), (3, 3), 1, 0, 1, bias="tied", tag="dw_one_out"),      # one output
+)
+
+DEPTHWISE = OpInfo(
+    "depthwise_clip", "conv", build_depthwise_clip, conv_arrays, torch_depthwise_clip,
+    lambda c: {"depthwise_rows"},
+    reduction=lambda c: _prod(c.kernel), magnitude_of=conv_magnitude,
+    configs=DEPTHWISE_CONFIGS)
+
+OPINFOS = {o.name: o for o in (CONV, G, H, TRANSPOSED, SEPARABLE, EPILOGUE, DEPTHWISE)}

@@ -11,8 +11,10 @@ never the host's). Each config is its own test item: it checks that the
 compiled graph really computes the node that way (the node became the
 im2col + matmul / winograd_conv / fft_conv ... ops), then compares the result
 with the op's torch twin within the error bound of opinfo.tolerance. The
-direct lowering also checks convc's numpy reference; it and the default
-pipeline also run, where an OpenCL device exists, on the OpenCL target.
+direct lowering and the depthwise row kernel (a depthwise conv with a clip
+fused in its attributes) also check convc's numpy reference; they and the
+default pipeline also run, where an OpenCL device exists, on the OpenCL
+target.
 Conv configs whose padding is written as a word ("same", "full", "valid") or
 an int build their node that way (tests/test_conv.py checks the
 normalisation against DESIGN.md's rules).
@@ -44,10 +46,11 @@ DTYPES = ("float32", "float64")
 # test_passes.py) run with CONVC_LONG_TESTS=1 only.
 DEFAULT_CAP, WINOGRAD_CAP = 5, 3
 LONG_ONLY = ("im2col", "study")
-# The direct lowering and the default pipeline (what cc.compile does unasked;
-# it was tests/test_conv.py's grid, conv only) take the whole default grid,
-# and run on OpenCL too.
-FULL_GRID = ("direct", "default")
+# The direct lowering, the default pipeline (what cc.compile does unasked;
+# it was tests/test_conv.py's grid, conv only) and the depthwise row kernel
+# (tests/test_depthwise.py's grid) take the whole default grid, and run on
+# OpenCL too; those without passes also on convc's numpy reference.
+FULL_GRID = ("direct", "default", "depthwise_rows")
 
 
 def _cap(lowering: str):
@@ -103,7 +106,7 @@ def built(lowering: str, dtype: str) -> dict:
     res["lowered"] = mods["c"].graph
     for t, mod in mods.items():
         res[t] = mod.run(feeds)
-    if lowering == "direct":
+    if not LOWERINGS[lowering].passes:          # the interpreter runs the graph as given
         res["numpy"] = cc.compile(g, target="numpy").run(feeds)
     _BUILT[key] = res
     return res
