@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import convc as cc
+from helpers import TARGETS, expected_pads
 from helpers import assert_close as close
-
-from helpers import TARGETS
 RTOL, ATOL = 1e-4, 1e-5
 
 
@@ -31,23 +30,6 @@ def T(a):
 
 def pair(v):
     return tuple(v) if isinstance(v, tuple) else (v, v)
-
-
-def pads2d(padding, sizes, kernel, stride, dilation):
-    """((top, bottom), (left, right)) by DESIGN.md's rules."""
-    if padding == "valid":
-        return ((0, 0), (0, 0))
-    if padding == "full":
-        return tuple((d * (k - 1),) * 2 for k, d in zip(kernel, dilation))
-    if padding == "same":
-        out = []
-        for n, k, s, d in zip(sizes, kernel, stride, dilation):
-            total = max(0, (math.ceil(n / s) - 1) * s + d * (k - 1) + 1 - n)
-            out.append((total // 2, total - total // 2))
-        return tuple(out)
-    if isinstance(padding, int):
-        return ((padding, padding),) * 2
-    return tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
 
 
 def tpad(x, pads):
@@ -112,7 +94,7 @@ def _depthwise(name, xshape, mult, k, stride, padding, dilation, bias):
         rank = len(xshape) - 2
         conv = {1: F.conv1d, 2: F.conv2d}[rank]
         if rank == 2:
-            p = pads2d(padding, xshape[2:], k, pair(stride), pair(dilation))
+            p = expected_pads(padding, xshape[2:], k, pair(stride), pair(dilation))
             want = conv(tpad(T(xa), p), T(wa), T(ba) if bias else None, stride=stride, dilation=dilation,
                         groups=ch)
         else:
@@ -146,7 +128,7 @@ def _separable(name, xshape, mult, cout, k, stride, padding, dilation, bias):
         wp, wpa = c.w((cout, ch * mult, 1, 1))
         ba = c.rng.standard_normal(cout).astype(np.float32) if bias else None
         y = cc.separable_conv(x, wd, wp, g_param(c, ba), stride=stride, padding=padding, dilation=dilation)
-        p = pads2d(padding, xshape[2:], k, pair(stride), pair(dilation))
+        p = expected_pads(padding, xshape[2:], k, pair(stride), pair(dilation))
         h = F.conv2d(tpad(T(xa), p), T(wda), stride=stride, dilation=dilation, groups=ch)
         return y, F.conv2d(h, T(wpa), T(ba) if bias else None).numpy()
 
@@ -189,7 +171,7 @@ SS_CASES = [
 
 def ss_torch(s: SS, xa, wca, wra, ba):
     st, dl = pair(s.stride), pair(s.dilation)
-    p = pads2d(s.padding, s.sizes, s.kernel, st, dl)
+    p = expected_pads(s.padding, s.sizes, s.kernel, st, dl)
     h = F.conv2d(tpad(T(xa), p), T(wca), stride=(st[0], 1), dilation=(dl[0], 1), groups=s.groups)
     return add_bias(F.conv2d(h, T(wra), stride=(1, st[1]), dilation=(1, dl[1]), groups=s.groups), ba), p
 
@@ -217,7 +199,7 @@ def _spatial(s: SS):
         wc, wca = c.w((s.c_mid, s.c_in // s.groups, s.kernel[0], 1))
         wr, wra = c.w((s.c_out, s.c_mid // s.groups, 1, s.kernel[1]))
         st, dl = pair(s.stride), pair(s.dilation)
-        p = pads2d(s.padding, s.sizes, s.kernel, st, dl)
+        p = expected_pads(s.padding, s.sizes, s.kernel, st, dl)
         outs = tuple((n + lo + hi - d * (k - 1) - 1) // ss + 1 for n, k, ss, d, (lo, hi) in
                      zip(s.sizes, s.kernel, st, dl, p))
         ba = None
@@ -252,7 +234,7 @@ def _flattened(name, xshape, cout, k, stride, padding, dilation, bias):
         ba = c.rng.standard_normal(cout).astype(np.float32) if bias else None
         y = cc.flattened_conv(x, wc, wv, wh, g_param(c, ba), stride=stride, padding=padding, dilation=dilation)
         st, dl = pair(stride), pair(dilation)
-        p = pads2d(padding, xshape[2:], k, st, dl)
+        p = expected_pads(padding, xshape[2:], k, st, dl)
         h = F.conv2d(T(xa), T(wca))                                   # 1x1 across channels
         h = F.conv2d(tpad(h, p), T(wva), stride=(st[0], 1), dilation=(dl[0], 1), groups=cout)   # vertical
         h = F.conv2d(h, T(wha), stride=(1, st[1]), dilation=(1, dl[1]), groups=cout)           # horizontal
@@ -288,7 +270,7 @@ def _shuffle_unit(name, xshape, mid, cout, groups, k, reshape_oracle):
         h = cc.conv(x, w1, groups=groups, padding="same")
         h = cc.channel_shuffle(h, groups)
         y = cc.conv(h, w2, groups=groups)
-        p = pads2d("same", xshape[2:], k, (1, 1), (1, 1))
+        p = expected_pads("same", xshape[2:], k, (1, 1), (1, 1))
         t = F.conv2d(tpad(T(xa), p), T(w1a), groups=groups)
         if reshape_oracle:          # view as (groups, C/groups), transpose, flatten
             n, ch, hh, ww = t.shape
@@ -320,7 +302,7 @@ def _sobel(name, stride, padding, dilation):
         y = cc.spatial_separable_conv(x, col, row, stride=stride, padding=padding, dilation=dilation)
         y_full = cc.conv(x, c.g.param(f"{name}_full", full), stride=stride, padding=padding, dilation=dilation)
         c.g.output(y_full, f"{name}_convfull")
-        p = pads2d(padding, (9, 10), (3, 3), pair(stride), pair(dilation))
+        p = expected_pads(padding, (9, 10), (3, 3), pair(stride), pair(dilation))
         want = F.conv2d(tpad(T(xa), p), T(full), stride=stride, dilation=dilation).numpy()
         return y, want
 
