@@ -4,8 +4,9 @@ An :class:`OpInfo` says, for one op (``conv``, its kernel gradient ``g``
 (``conv_grad_kernel``), its input gradient ``h`` (``conv_grad_input``), the
 transposed conv, a depthwise + pointwise pair for the fused separable
 kernel, conv + residual + activation for the epilogue each lowering's
-producer fuses, and a depthwise conv with a fused clip for the depthwise row
-kernel):
+producer fuses, a depthwise conv with a fused clip for the depthwise row
+kernel, and the Winograd grid: 3x3 convs with an optional residual and
+activation, ``WINOGRAD_CASES``):
 
 - how to build the op in a graph from a :class:`Config` (``build``), with the
   arrays it takes (``arrays``: deterministic per config and seed);
@@ -19,7 +20,8 @@ The conv grid writes some paddings as cc.conv accepts them ("same",
 normalisation to ``Config.padding``. Its long grid holds the random configs
 tests/test_conv.py used to draw (:func:`random_written_cfg`).
 :class:`WinogradCase` is the case type (arrays and torch twin) of
-tests/test_winograd.py and tests/test_winograd_f43.py.
+tests/test_winograd.py and tests/test_winograd_f43.py, which take their cases
+from ``WINOGRAD_CASES``.
 
 The numpy reference is convc's own interpreter (``cc.compile(g,
 target="numpy")``); tests/test_lowerings.py compares it, and every lowering's
@@ -78,6 +80,8 @@ class Config:
     written: object = None          # conv only: the padding as passed to cc.conv when not the pairs
                                     # ("same", "valid", "full", an int, per-axis ints); ``padding`` holds
                                     # the pairs helpers.expected_pads derives from it (DESIGN.md's rules)
+    act: str | None = None          # the winograd record: an activation after the conv (TORCH_ACTIVATIONS)
+    residual: bool = False          # the winograd record: a residual input added before the activation
 
     @property
     def id(self) -> str:
@@ -96,6 +100,10 @@ class Config:
             parts.append("flip")
         if self.bias != "none":
             parts.append(self.bias)
+        if self.residual:
+            parts.append("res")
+        if self.act:
+            parts.append(self.act)
         return "-".join(([self.tag] if self.tag else []) + parts)
 
     @property
@@ -483,7 +491,7 @@ class WinogradCase:
     def config(self) -> Config:
         """The conv as an op-info Config (padding pairs by helpers.expected_pads)."""
         return C(2, self.n, self.c_in, self.c_out, 1, self.size, 3, 1, self.padding, 1, written=True,
-                 flip=self.flip, bias=self.bias)
+                 flip=self.flip, bias=self.bias, act=self.act, residual=self.residual)
 
     def pads(self) -> tuple:
         return self.config.padding
@@ -504,10 +512,61 @@ class WinogradCase:
 
     def torch(self, x, w, b=None, r=None) -> np.ndarray:
         """What the case computes, by torch in float64 (opinfo's conv twin)."""
-        y = torch.from_numpy(torch_conv(self.config, dict(x=x, w=w, b=b)))
+        y = torch.from_numpy(torch_conv(replace(self.config, act=None, residual=False), dict(x=x, w=w, b=b)))
         if r is not None:
             y = y + torch.from_numpy(np.asarray(r, np.float64))
         return TORCH_ACTIVATIONS[self.act](y).numpy()
+
+
+# The Winograd grid (tests/test_winograd.py's nine cases, then test_winograd_f43.py's own): tile
+# edges, outputs smaller than a tile, several blocks of tiles across and down for either tile,
+# channels that are not whole blocks, fused activations and residuals.
+WINOGRAD_CASES = (
+    WinogradCase(1, 9, 11, (10, 12), 1, "tied"),                             # even output 10x12
+    WinogradCase(3, 13, 8, (9, 7), 0),                                       # odd output 7x5, batch 3
+    WinogradCase(1, 8, 17, (5, 6), 2, "untied"),                             # 7x8; 17 = 2 blocks of 8 + 1
+    WinogradCase(3, 10, 9, (11, 8), ((0, 2), (1, 0)), "tied", flip=True),    # asymmetric padding
+    WinogradCase(1, 16, 24, (3, 3), 0, "tied", act="relu"),                  # one 1x1 output: a cut tile
+    WinogradCase(1, 12, 8, (40, 70), "same", "none", act="leaky_relu"),      # 35 F(2x2) tile columns
+    WinogradCase(2, 8, 8, (70, 3), 1, "untied", act="tanh"),                 # 35 F(2x2) tile rows
+    WinogradCase(1, 33, 40, (15, 15), (2, 1), "tied", flip=True, act="sigmoid"),
+    WinogradCase(3, 11, 14, (8, 13), ((2, 1), (0, 2)), "none"),
+    WinogradCase(1, 12, 8, (30, 134), "same", "none", act="leaky_relu"),     # 34 F(4x4) tile columns
+    WinogradCase(2, 8, 8, (130, 5), 1, "untied", act="tanh"),                # 33 F(4x4) tile rows
+    WinogradCase(2, 11, 14, (16, 13), 1, "tied", act="relu", residual=True),  # fused residual + activation
+    WinogradCase(1, 64, 72, (23, 21), 1, "untied", residual=True),           # He-scale channels, residual
+    WinogradCase(3, 5, 3, (6, 9), 0),                                        # fewer channels than a block
+)
+
+
+def winograd_arrays(cfg: Config, dtype: str, seed: int = 0) -> dict:
+    a = conv_arrays(cfg, dtype, seed)
+    a["r"] = _normal(_rng(cfg, seed + 1), (cfg.n, cfg.c_out) + cfg.conv_out, dtype) if cfg.residual else None
+    return a
+
+
+def build_winograd(g: Graph, cfg: Config, tag: str, a: dict, feeds: dict):
+    """conv (node ``tag``), then the residual input (``tag_res``) and the
+    activation (``tag_act``) the config asks for."""
+    y = build_conv(g, cfg, tag, a, feeds)
+    if cfg.residual:
+        y = cc.add(y, _inp(g, f"{tag}_r", a["r"], feeds), name=f"{tag}_res")
+    return getattr(cc, cfg.act)(y, name=f"{tag}_act") if cfg.act else y
+
+
+def torch_winograd(cfg: Config, a: dict) -> np.ndarray:
+    y = torch_conv(replace(cfg, act=None, residual=False), a)
+    if cfg.residual:
+        y = y + np.asarray(a["r"], np.float64)
+    return TORCH_ACTIVATIONS[cfg.act](torch.from_numpy(y)).numpy()
+
+
+def winograd_magnitude(cfg: Config, a: dict) -> np.ndarray:
+    """|conv| + |residual| on |arrays|, times 1.1: no activation of the grid
+    is steeper than that (relu, leaky_relu, tanh: 1; sigmoid: 1/4)."""
+    absd = {k: None if v is None else np.abs(v) for k, v in a.items()}
+    m = np.abs(torch_conv(replace(cfg, act=None, residual=False), absd))
+    return 1.1 * (m + (absd["r"] if cfg.residual else 0))
 
 
 # -- lowerings --------------------------------------------------------------------------------------
@@ -704,6 +763,7 @@ class OpInfo:
     magnitude_of: Callable | None = None                # (cfg, arrays) -> scale; default: the twin on |arrays|
     configs: tuple = ()
     long_configs: tuple = ()
+    uncapped: bool = False          # every config under every lowering it takes (test_lowerings' caps)
 
     def takes(self, cfg: Config, dtype: str) -> set:
         """The lowerings that can take ``cfg`` in ``dtype`` on this host."""
@@ -944,4 +1004,10 @@ DEPTHWISE = OpInfo(
     reduction=lambda c: _prod(c.kernel), magnitude_of=conv_magnitude,
     configs=DEPTHWISE_CONFIGS)
 
-OPINFOS = {o.name: o for o in (CONV, G, H, TRANSPOSED, SEPARABLE, EPILOGUE, DEPTHWISE)}
+WINOGRAD = OpInfo(
+    "winograd", "conv", build_winograd, winograd_arrays, torch_winograd,
+    lambda c: {"direct", "winograd2_epilogue", "winograd4_epilogue"},
+    reduction=lambda c: c.c_in * 9 + c.residual, magnitude_of=winograd_magnitude,
+    configs=tuple(c.config for c in WINOGRAD_CASES), uncapped=True)
+
+OPINFOS = {o.name: o for o in (CONV, G, H, TRANSPOSED, SEPARABLE, EPILOGUE, DEPTHWISE, WINOGRAD)}

@@ -11,10 +11,10 @@ never the host's). Each config is its own test item: it checks that the
 compiled graph really computes the node that way (the node became the
 im2col + matmul / winograd_conv / fft_conv ... ops), then compares the result
 with the op's torch twin within the error bound of opinfo.tolerance. The
-direct lowering and the depthwise row kernel (a depthwise conv with a clip
-fused in its attributes) also check convc's numpy reference; they and the
-default pipeline also run, where an OpenCL device exists, on the OpenCL
-target.
+direct lowering, the default pipeline, the depthwise row kernel (a
+depthwise conv with a clip fused in its attributes) and the Winograd
+epilogue lowerings also run, where an OpenCL device exists, on the OpenCL
+target, and on convc's numpy reference of the lowered graph.
 Conv configs whose padding is written as a word ("same", "full", "valid") or
 an int build their node that way (tests/test_conv.py checks the
 normalisation against DESIGN.md's rules).
@@ -48,9 +48,12 @@ DEFAULT_CAP, WINOGRAD_CAP = 5, 3
 LONG_ONLY = ("im2col", "study")
 # The direct lowering, the default pipeline (what cc.compile does unasked;
 # it was tests/test_conv.py's grid, conv only) and the depthwise row kernel
-# (tests/test_depthwise.py's grid) take the whole default grid, and run on
-# OpenCL too; those without passes also on convc's numpy reference.
+# (tests/test_depthwise.py's grid) take the whole default grid; they and the
+# Winograd epilogue lowerings (which take the whole Winograd record, the grid
+# of tests/test_winograd*.py) also run on OpenCL and on convc's numpy
+# reference of the lowered graph (the references of the ops a pass made).
 FULL_GRID = ("direct", "default", "depthwise_rows")
+OPENCL = FULL_GRID + ("winograd2_epilogue", "winograd4_epilogue")
 
 
 def _cap(lowering: str):
@@ -68,7 +71,7 @@ def _cases() -> dict:
             for dtype in DTYPES:
                 for lw in sorted(info.takes(cfg, dtype)):
                     n = taken[lw, dtype] = taken.get((lw, dtype), 0) + 1
-                    if _cap(lw) is None or n <= _cap(lw):
+                    if info.uncapped or _cap(lw) is None or n <= _cap(lw):
                         out.setdefault((lw, dtype), []).append((info.name, cfg, f"{info.name}{i:03d}"))
     return out
 
@@ -82,7 +85,7 @@ _BUILT: dict = {}
 
 def _targets(lowering: str) -> tuple:
     cl = tuple(t for t in helpers.TARGETS if t == "opencl")
-    return ("c",) + (cl if lowering in FULL_GRID or LONG else ())
+    return ("c",) + (cl if lowering in OPENCL or LONG else ())
 
 
 def built(lowering: str, dtype: str) -> dict:
@@ -106,8 +109,8 @@ def built(lowering: str, dtype: str) -> dict:
     res["lowered"] = mods["c"].graph
     for t, mod in mods.items():
         res[t] = mod.run(feeds)
-    if not LOWERINGS[lowering].passes:          # the interpreter runs the graph as given
-        res["numpy"] = cc.compile(g, target="numpy").run(feeds)
+    if lowering in OPENCL:          # the interpreter runs the lowered graph as given: the made ops' references
+        res["numpy"] = cc.compile(res["lowered"], target="numpy").run(feeds)
     _BUILT[key] = res
     return res
 
