@@ -28,7 +28,9 @@ def values(g: Graph, feeds: dict[str, np.ndarray], params: dict[str, np.ndarray]
         else:
             args = [vals[i] for i in g.inputs_of(n)]
             try:
-                out = get_op(d["op"]).reference(d["attrs"], *args)
+                # IEEE arithmetic is the meaning (NaN and inf propagate as in C and PyTorch), not a warning
+                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                    out = get_op(d["op"]).reference(d["attrs"], *args)
             except InputError as e:         # invalid input values (a label out of range): name the node
                 raise node_input_error(g, n, str(e)) from None
             vals[n] = np.array(out, dtype=d["type"].dtype, order="C").reshape(d["type"].shape)
