@@ -763,6 +763,9 @@ class OpInfo:
     magnitude_of: Callable | None = None                # (cfg, arrays) -> scale; default: the twin on |arrays|
     configs: tuple = ()
     long_configs: tuple = ()
+    # long configs the default pipeline also takes in every default run, in float32 (test_conv's
+    # random grid, which always ran: one big graph, a few seconds of gcc)
+    default_run: tuple = ()
     uncapped: bool = False          # every config under every lowering it takes (test_lowerings' caps)
 
     def takes(self, cfg: Config, dtype: str) -> set:
@@ -941,7 +944,8 @@ CONV = OpInfo(
     "conv", "conv", build_conv, conv_arrays, torch_conv, _conv_lowerings,
     reduction=lambda c: c.c_in // c.groups * _prod(c.kernel),
     plane=lambda c: _prod(n + lo + hi for n, (lo, hi) in zip(c.sizes, c.padding)),
-    configs=CONV_CONFIGS, long_configs=_long(60, 1601) + _written_long(240, 20240917))
+    configs=CONV_CONFIGS, long_configs=_long(60, 1601) + _written_long(240, 20240917),
+    default_run=_written_long(240, 20240917))
 
 G = OpInfo(
     "g", "conv_grad_kernel", build_grad_kernel, grad_kernel_arrays, torch_grad_kernel,

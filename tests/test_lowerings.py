@@ -67,9 +67,14 @@ def _cases() -> dict:
     out: dict = {}
     for info in OPINFOS.values():
         taken: dict = {}
-        for i, cfg in enumerate(info.grid(LONG)):
+        grid = info.grid(LONG)
+        extra = [] if LONG else list(info.default_run)      # (in the long grid already)
+        for i, cfg in enumerate(grid + extra):
             for dtype in DTYPES:
-                for lw in sorted(info.takes(cfg, dtype)):
+                lowerings = sorted(info.takes(cfg, dtype))
+                if i >= len(grid):                          # a default-run extra: default pipeline, float32
+                    lowerings = [lw for lw in lowerings if lw == "default" and dtype == "float32"]
+                for lw in lowerings:
                     n = taken[lw, dtype] = taken.get((lw, dtype), 0) + 1
                     if info.uncapped or _cap(lw) is None or n <= _cap(lw):
                         out.setdefault((lw, dtype), []).append((info.name, cfg, f"{info.name}{i:03d}"))
