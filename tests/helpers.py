@@ -190,3 +190,28 @@ print(json.dumps(dict(cache.STATS, library=str(mod.library_path))))
 
 def child_args(name: str, seed: int, depth: int, out) -> list:
     return [PYTHON, "-c", CHILD, name, str(seed), str(depth), str(out)]
+
+
+def torch_activation(kind: str, params: dict | None = None):
+    """The PyTorch twin of convc's activation ``kind`` (``convc.ops.activations.TABLE``)
+    with ``params`` (normalised as convc does): one oracle for the activation
+    tests and the NaN/inf tests. hardsigmoid is the clamp formula at convc's
+    alpha and beta (torch's own F.hardsigmoid fixes alpha 1/6 and, in float64,
+    differentiates with the float32 1/6)."""
+    import torch
+    import torch.nn.functional as F
+    from convc.ops.activations import TABLE
+
+    p = dict(TABLE[kind].normalize(params or {}))
+    return {
+        "relu": F.relu,
+        "leaky_relu": lambda x: F.leaky_relu(x, p.get("negative_slope", 0.01)),
+        "clip": lambda x: torch.clamp(torch.clamp(x, min=p["min"]), max=p["max"]),
+        "sigmoid": torch.sigmoid,
+        "tanh": torch.tanh,
+        "silu": F.silu,
+        "hardswish": F.hardswish,
+        "hardsigmoid": lambda x: torch.clamp(p["alpha"] * x + p["beta"], 0, 1),
+        "gelu": lambda x: F.gelu(x, approximate="none"),
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    }[kind]

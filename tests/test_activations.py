@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import convc as cc
 from convc.ops.activations import ACTIVATIONS, TABLE
-from helpers import TARGETS, assert_close
+from helpers import TARGETS, assert_close, torch_activation
 
 # (kind, params): every record with its defaults, plus the params that change its form
 VARIANTS = [(k, {}) for k in ACTIVATIONS] + [
@@ -25,20 +25,7 @@ VARIANTS = [(k, {}) for k in ACTIVATIONS] + [
 IDS = [k + "".join(f"-{p}={v:g}" for p, v in ps.items()) for k, ps in VARIANTS]
 
 
-def torch_fn(kind, params):
-    p = dict(TABLE[kind].normalize(params))
-    return {
-        "relu": F.relu,
-        "leaky_relu": lambda x: F.leaky_relu(x, p.get("negative_slope", 0.01)),
-        "clip": lambda x: torch.clamp(torch.clamp(x, min=p["min"]), max=p["max"]),
-        "sigmoid": torch.sigmoid,
-        "tanh": torch.tanh,
-        "silu": F.silu,
-        "hardswish": F.hardswish,
-        "hardsigmoid": lambda x: torch.clamp(p["alpha"] * x + p["beta"], 0, 1),
-        "gelu": lambda x: F.gelu(x, approximate="none"),
-        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    }[kind]
+torch_fn = torch_activation
 
 
 KINKS = {"relu": [0], "leaky_relu": [0], "clip": [-1, 0, 0.5, 1, 6], "hardswish": [-3, 3],

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import convc as cc
 from convc.ops.activations import ACTIVATIONS, TABLE
 from convc.passes import run as run_passes
-from helpers import TARGETS
+from helpers import TARGETS, torch_activation
 
 DTYPES = ("float32", "float64")
 FULL = os.environ.get("CONVC_TEST_FULL_NAN", "") not in ("", "0")
@@ -85,19 +85,9 @@ IDS = [k + "".join(f"-{p}={v:g}" for p, v in ps.items()) for k, ps in VARIANTS]
 
 
 def torch_act(kind, params):
-    p = TABLE[kind].normalize(params)
-    return {
-        "relu": F.relu,
-        "leaky_relu": lambda x: F.leaky_relu(x, p.get("negative_slope", 0.01)),
-        "clip": lambda x: torch.clamp(torch.clamp(x, min=p["min"]), max=p["max"]),
-        "sigmoid": torch.sigmoid,
-        "tanh": torch.tanh,
-        "silu": F.silu,
-        "hardswish": F.hardswish,
-        "hardsigmoid": F.hardsigmoid,
-        "gelu": lambda x: F.gelu(x, approximate="none"),
-        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    }[kind]
+    """The torch twin; hardsigmoid is torch's own op here (its NaN and
+    gradient behaviour at the special values is what convc must match)."""
+    return F.hardsigmoid if kind == "hardsigmoid" else torch_activation(kind, params)
 
 
 def assert_same(got, want, what, rtol=None, zero_sign=True):
