@@ -267,6 +267,13 @@ def file_problem(path: Path) -> str | None:
     """Why the file ``path`` (if it exists) must not be trusted: a symbolic
     link, not a regular file, not owned by this user or writable by group or
     others; else None."""
+    return _node_problem(path, stat.S_ISREG, "a regular file")
+
+
+def _node_problem(path: Path, is_kind, kind: str) -> str | None:
+    """Why ``path`` (if it exists; not followed if a link) is not a private
+    ``kind`` (``is_kind`` tests its mode): a symbolic link, another kind,
+    foreign or writable by others; else None."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -275,8 +282,8 @@ def file_problem(path: Path) -> str | None:
         return f"{path} cannot be examined ({e.strerror or e})"
     if stat.S_ISLNK(st.st_mode):
         return f"{path} is a symbolic link"
-    if not stat.S_ISREG(st.st_mode):
-        return f"{path} is not a regular file"
+    if not is_kind(st.st_mode):
+        return f"{path} is not {kind}"
     return _private_problem(st, str(path))
 
 
@@ -311,17 +318,7 @@ def entry_problem(d: Path, levels: int = 2) -> str | None:
     shard) is not private to this user, or None (None too if it does not
     exist)."""
     for p in [d.parent, d][2 - levels:]:
-        try:
-            st = os.lstat(p)
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            return f"{p} cannot be examined ({e.strerror or e})"
-        if stat.S_ISLNK(st.st_mode):
-            return f"{p} is a symbolic link"
-        if not stat.S_ISDIR(st.st_mode):
-            return f"{p} is not a directory"
-        why = _private_problem(st, str(p))
+        why = _node_problem(p, stat.S_ISDIR, "a directory")
         if why:
             return why
     return None
