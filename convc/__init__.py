@@ -23,6 +23,7 @@ from .ops.tensor import concat, expand, flatten, reduce_sum, reshape, slice_axis
 from .ops.linear import dense, matmul, softmax
 from .ops.norm import batch_norm
 from .ops.loss import cross_entropy, mse_loss
+from .ops.quantized import dequantize, qconv, quantize
 
 # compiling, costing, differentiating, training, passes, interchange
 from .api import compile  # noqa: A001

@@ -35,7 +35,7 @@ from . import __version__
 from .codegen.c import bind_buffers, node_functions, output_copies
 from .codegen.env import CTYPES, Namer, cfloat, environment
 from .errors import CompileError, ConvcError
-from .ir import Graph, require_graph
+from .ir import INT_DTYPES, Graph, require_graph
 from .schedule import Plan, _align, plan as make_plan
 
 # The Cortex-M4F of the CI check (Debian package gcc-arm-none-eabi).
@@ -131,8 +131,12 @@ def c_literals(a: np.ndarray, per_line: int = 8) -> list[str]:
         vals = [_float32_literal(v) for v in flat]
     elif flat.dtype == np.float64:
         vals = [cfloat(v, "double") for v in flat.tolist()]
-    else:
+    elif flat.dtype == np.int64:
         vals = ["INT64_MIN" if v == -2**63 else f"INT64_C({v})" for v in flat.tolist()]
+    elif flat.dtype == np.int32:
+        vals = ["INT32_MIN" if v == -2**31 else str(v) for v in flat.tolist()]
+    else:                               # int16, int8, uint8: plain decimal literals fit an int
+        vals = [str(v) for v in flat.tolist()]
     if not vals:
         vals = ["0"]                    # C has no empty arrays; the length is 1 then
     return [", ".join(vals[i:i + per_line]) for i in range(0, len(vals), per_line)]
@@ -244,12 +248,12 @@ def render(graph: Graph, name: str = "model", weights_file: bool = False, passes
                params=params, functions=functions, calls=calls, copies=copies, arena_ptrs=arena_ptrs,
                arena_bytes=plan.arena_bytes, arena_align=arena_align, intermediate_bytes=plan.intermediate_bytes,
                weight_bytes=weight_bytes, weights_file=weights_file,
-               needs_stdint=any(t["dtype"] == "int64" for t in args))
+               needs_stdint=any(t["dtype"] in INT_DTYPES for t in args))
     env = environment()
     files = {f"{name}.h": env.get_template("c/export.h.j2").render(ctx),
              f"{name}.c": env.get_template("c/export.c.j2").render(ctx)}
     if weights_file:
-        ctx["needs_stdint"] = any(p["T"] == "int64_t" for p in params)
+        ctx["needs_stdint"] = any(p["T"].endswith("_t") for p in params)
         files[f"{name}_weights.c"] = env.get_template("c/export_weights.c.j2").render(ctx)
     return Library(name, g, files, plan, {c["node"]: c["fn"] for c in calls}, {n: var[n] for n in plan.params},
                    arena_align, weight_bytes, tensors)

@@ -18,7 +18,12 @@ import numpy as np
 from . import shapes
 from .errors import GraphError, RuleError, ValidationError, format_node_error
 
-DTYPES = ("float32", "float64", "int64")
+DTYPES = ("float32", "float64", "int64", "int32", "int16", "int8", "uint8")
+FLOAT_DTYPES = ("float32", "float64")
+INT_DTYPES = ("int64", "int32", "int16", "int8", "uint8")
+"""int64 for class labels and indices; int8/uint8 for quantized tensors
+(ops/quantized.py), int32 for their biases and accumulators; int16, int32 and
+the rest for ONNX's integer element-wise ops."""
 
 
 @dataclass(frozen=True)
@@ -401,8 +406,9 @@ def param_array(value, dtype, what: str) -> np.ndarray:
     """A C-contiguous copy of ``value`` as one of DTYPES (default: int64 for
     integers, float64 for float64, float32 otherwise). Values the dtype cannot
     hold are refused, not wrapped or truncated: complex numbers, strings and
-    objects, integers beyond int64, non-integral or non-finite floats for
-    int64, finite floats beyond the float type's range."""
+    objects, integers beyond the integer dtype's range, non-integral or
+    non-finite floats for an integer dtype, finite floats beyond the float
+    type's range."""
     try:
         arr = np.asarray(value)
     except (ValueError, TypeError, OverflowError) as e:
@@ -416,12 +422,18 @@ def param_array(value, dtype, what: str) -> np.ndarray:
     dtype = _dtype_name(dtype, what)
     if arr.size and kind in "iuf":
         lo, hi = arr.min(), arr.max()
-        if dtype == "int64":
+        if dtype in INT_DTYPES:
+            info = np.iinfo(dtype)
             if kind == "f" and not (np.isfinite(arr).all() and (arr == np.round(arr)).all()):
-                raise GraphError(f"{what}: int64 param has non-integral or non-finite float values "
+                raise GraphError(f"{what}: {dtype} param has non-integral or non-finite float values "
                                  f"(e.g. {arr[(arr != np.round(arr)) | ~np.isfinite(arr)][0].item()})")
-            if not (-2.0**63 <= float(lo) and (int(hi) if kind in "iu" else float(hi)) < 2**63):
-                raise GraphError(f"{what}: values from {lo} to {hi} do not fit int64")
+            if kind in "iu":
+                fits = int(info.min) <= int(lo) and int(hi) <= int(info.max)
+            else:
+                fits = float(info.min) <= float(lo) and float(hi) < float(info.max) + 1
+            if not fits:
+                raise GraphError(f"{what}: values from {lo} to {hi} do not fit {dtype} "
+                                 f"([{info.min}, {info.max}])")
         else:
             finite = arr[np.isfinite(arr)] if kind == "f" else arr
             big = float(np.finfo(dtype).max)

@@ -334,7 +334,12 @@ def test_item11_numpy_integer_shapes_and_dtypes_are_fine():
     (["a"], None, "<U1 are not supported"),
     ([None], "float32", "dtype object are not supported"),
     ([[1, 2], [3]], None, "not a numeric array"),
-    ([1.0], "int8", "dtype 'int8' is not supported"),
+    ([1.0], "float16", "dtype 'float16' is not supported"),
+    ([1.0], "uint16", "dtype 'uint16' is not supported"),
+    ([128], "int8", "do not fit int8"),
+    ([-1], "uint8", "do not fit uint8"),
+    ([2**31], "int32", "do not fit int32"),
+    ([1.5], "int8", "non-integral or non-finite"),
 ])
 def test_item11_param_values_that_do_not_fit_are_refused(value, dtype, rule):
     """Issue 16 item 11: complex params lost their imaginary part, uint64

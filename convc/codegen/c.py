@@ -146,6 +146,7 @@ def node_functions(g: Graph, plan: Plan, name: Namer, var: dict[str, str] | None
             raise RuntimeError(f"context of op {d['op']!r}: par extents must be ints, got {par}")
         ctx.update(fn=fn, sig=", ".join(params), T=T,
                    TI=types_of[types[0].dtype] if types else "float",
+                   TS=[types_of[t.dtype] for t in types],       # the C type of every input, in order
                    comment=describe(g, n), in_types=types, out=d["type"], ep=Epilogue.of(d["attrs"], T),
                    target=target, G=G, parallel=parallel and work >= PARALLEL_WORK)
         functions.append(env.get_template(f"c/{op.template_of(d['attrs'], types)}.c.j2").render(ctx))

@@ -5,3 +5,4 @@ from . import (conv, pool, elementwise, tensor, linear, transpose, unshared, lay
 from . import winograd  # noqa: F401,E402  (registers winograd_kernel, winograd_conv)
 from . import resize  # noqa: F401,E402  (registers resize, resize_grad)
 from . import blocked  # noqa: F401,E402  (registers to_blocked, from_blocked, block_weights, conv_nchwc, ...)
+from . import quantized  # noqa: F401,E402  (registers quantize, dequantize, qconv)
