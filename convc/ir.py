@@ -18,12 +18,12 @@ import numpy as np
 from . import shapes
 from .errors import GraphError, RuleError, ValidationError, format_node_error
 
-DTYPES = ("float32", "float64", "int64", "int32", "int16", "int8", "uint8")
+DTYPES = ("float32", "float64", "int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64")
 FLOAT_DTYPES = ("float32", "float64")
-INT_DTYPES = ("int64", "int32", "int16", "int8", "uint8")
+INT_DTYPES = ("int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64")
 """int64 for class labels and indices; int8/uint8 for quantized tensors
 (ops/quantized.py), int32 for their biases and accumulators; int16, int32 and
-the rest for ONNX's integer element-wise ops."""
+the rest (uint16, uint32, uint64 too) for ONNX's integer element-wise ops."""
 
 
 @dataclass(frozen=True)

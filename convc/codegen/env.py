@@ -8,9 +8,10 @@ from pathlib import Path
 import jinja2
 
 CTYPES = {"float32": "float", "float64": "double", "int64": "int64_t", "int32": "int32_t", "int16": "int16_t",
-          "int8": "int8_t", "uint8": "uint8_t"}
+          "int8": "int8_t", "uint8": "uint8_t", "uint16": "uint16_t", "uint32": "uint32_t",
+          "uint64": "uint64_t"}
 CL_TYPES = {"float32": "float", "float64": "double", "int64": "long", "int32": "int", "int16": "short",
-            "int8": "char", "uint8": "uchar"}     # OpenCL C spellings
+            "int8": "char", "uint8": "uchar", "uint16": "ushort", "uint32": "uint", "uint64": "ulong"}     # OpenCL C spellings
 
 _C_KEYWORDS = set("""auto break case char const continue default do double else enum extern float for
 goto if inline int long register restrict return short signed sizeof static struct switch typedef union
