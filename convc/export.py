@@ -135,7 +135,10 @@ def c_literals(a: np.ndarray, per_line: int = 8) -> list[str]:
         vals = ["INT64_MIN" if v == -2**63 else f"INT64_C({v})" for v in flat.tolist()]
     elif flat.dtype == np.int32:
         vals = ["INT32_MIN" if v == -2**31 else str(v) for v in flat.tolist()]
-    else:                               # int16, int8, uint8: plain decimal literals fit an int
+    elif flat.dtype in (np.uint32, np.uint64):      # beyond int: the unsigned constant macros
+        bits = 8 * flat.dtype.itemsize
+        vals = [f"UINT{bits}_C({v})" for v in flat.tolist()]
+    else:                               # int16, uint16, int8, uint8: plain decimal literals
         vals = [str(v) for v in flat.tolist()]
     if not vals:
         vals = ["0"]                    # C has no empty arrays; the length is 1 then
@@ -264,8 +267,10 @@ def render_harness(graph: Graph, lib: Library, test_inputs=None, tests: int = 2,
     """``NAME_test.c``: ``tests`` input vectors (or ``test_inputs``, a list of
     {input name: array}) and the outputs the reference interpreter computes
     for them from ``graph`` as given (before any pass: the oracle checks the
-    passes too). Random inputs are standard normal for float inputs and zeros
-    for int64 ones (a valid class index)."""
+    passes too). Random inputs (:func:`random_inputs`) are standard normal
+    for float inputs, zeros for int64 ones (a valid class index) and uniform
+    over the range of the narrower integer dtypes. The harness compares float
+    outputs within ``NAME_TEST_TOLERANCE`` and integer outputs exactly."""
     from .reference import evaluate
     from .runtime.module import NumpyModule
 
@@ -277,10 +282,7 @@ def render_harness(graph: Graph, lib: Library, test_inputs=None, tests: int = 2,
          ("the test vectors as arrays (float64 while drawn)", vectors * sum(8 * t.size for t in io)),
          ("the reference interpreter's results", make_plan(graph).intermediate_bytes)])
     if test_inputs is None:
-        rng = np.random.default_rng(seed)
-        test_inputs = [{n: (rng.standard_normal(t.shape) if t.dtype != "int64" else np.zeros(t.shape)
-                            ).astype(t.dtype) for n, t in ((n, graph.node(n)["type"]) for n in graph.input_names)}
-                       for _ in range(tests)]
+        test_inputs = random_inputs(graph, tests, seed)
     if not test_inputs:
         raise ConvcError("the test harness needs at least one test vector")
     check = NumpyModule(graph)          # the boundary checks of Module.run: names, shapes, dtypes
@@ -291,14 +293,35 @@ def render_harness(graph: Graph, lib: Library, test_inputs=None, tests: int = 2,
     rows = {}
     for role, values, prefixes in (("inputs", feeds, ("in_", "test_")), ("outputs", wants, ("out_", "want_"))):
         rows[role] = [dict(t, var=names(t["var"], prefixes[0]), data=names(t["var"], prefixes[1]), role=role[:-1],
-                           vectors=[c_literals(v[t["label"]]) for v in values])
+                           vectors=[c_literals(v[t["label"]]) for v in values], exact=t["dtype"] in INT_DTYPES)
                       for t in lib.tensors[role]]
     ctx = dict(version=__version__, graph=graph.name, hash=graph.structure_hash(), name=lib.name,
                P=lib.name.upper(), tests=len(feeds), inputs=rows["inputs"], outputs=rows["outputs"],
                inputs_outputs=[r["var"] for r in rows["inputs"] + rows["outputs"]],
                arena_bytes=lib.plan.arena_bytes, arena_align=lib.arena_align, weights_file=weights_file,
-               rejects=value_checks(lib, rows["inputs"]))
+               rejects=value_checks(lib, rows["inputs"]), exact=any(r["exact"] for r in rows["outputs"]),
+               inexact=not all(r["exact"] for r in rows["outputs"]))
     return environment().get_template("c/export_test.c.j2").render(ctx)
+
+
+def random_inputs(graph: Graph, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``count`` feeds for ``graph``'s inputs: standard normal floats, zeros
+    for int64 (class labels: 0 is valid for any class count), and for the
+    other integer dtypes uniform integers over the dtype's range cut to
+    int16's (int8 and uint8 over their whole range: a quantized input's
+    saturation edges are drawn; wider ones stay far from overflow)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(t):
+        if t.dtype in ("float32", "float64"):
+            return rng.standard_normal(t.shape).astype(t.dtype)
+        if t.dtype == "int64":
+            return np.zeros(t.shape, np.int64)
+        info = np.iinfo(t.dtype)
+        lo, hi = max(int(info.min), -2**15), min(int(info.max), 2**15 - 1)
+        return rng.integers(lo, hi + 1, t.shape).astype(t.dtype)
+
+    return [{n: draw(graph.node(n)["type"]) for n in graph.input_names} for _ in range(count)]
 
 
 def value_checks(lib: Library, inputs: list[dict]) -> list[dict]:
@@ -340,17 +363,30 @@ class Export:
 
 
 def export_c(graph: Graph, out_dir, name: str = "model", weights_file: bool = False, passes="embedded",
-             harness: bool = True, test_inputs=None, tests: int = 2, seed: int = 0) -> Export:
+             harness: bool = True, test_inputs=None, tests: int = 2, seed: int = 0, int8: bool = False,
+             calibration=None) -> Export:
     """Write ``NAME.h``, ``NAME.c`` (weights inside, or in ``NAME_weights.c``
     with ``weights_file=True``) and the test harness ``NAME_test.c`` into
     ``out_dir`` (created if needed). ``passes``: the pipeline run first, as in
     ``cc.compile`` ("embedded" by default: no im2col or Winograd scratch;
     "default" for speed where RAM allows, "none", or a list of pass names).
 
+    ``int8=True`` exports the graph quantized first (:func:`int8_graph`, with
+    ``calibration``: an ``.npz`` file, a dict of arrays or a list of feeds); a
+    graph already made of quantized ops (``cc.qconv`` ...) exports as it is,
+    with int8_t weights and int32_t biases, without the flag. The harness's
+    oracle is then the quantized graph, which the library matches bit for bit.
+
     >>> cc.export_c(lenet5(), "build/lenet", name="lenet")   # doctest: +SKIP
+    >>> cc.export_c(lenet5(), "build/qlenet", name="qlenet", int8=True, calibration="digits.npz")  # doctest: +SKIP
     """
     if not isinstance(graph, Graph):
         raise ConvcError(f"export_c() takes a convc.Graph, got {type(graph).__name__}")
+    if int8:
+        graph = int8_graph(graph, calibration, seed=seed)
+    elif calibration is not None:
+        raise ConvcError("export_c(): calibration data is for int8=True (--int8); without it the graph exports "
+                         "as it is")
     lib = render(graph, name, weights_file, passes)
     files = dict(lib.files)
     if harness:
@@ -363,6 +399,42 @@ def export_c(graph: Graph, out_dir, name: str = "model", weights_file: bool = Fa
         paths.append(out / fname)
     return Export(name, out, paths, passes, lib.plan, lib.plan.arena_bytes, peak_live_bytes(lib.plan),
                   lib.plan.intermediate_bytes, lib.weight_bytes)
+
+
+# -- int8 ---------------------------------------------------------------------
+CALIBRATION_SAMPLES = 32
+"""Random calibration inputs when none are given (a weak calibration: the
+ranges of random inputs, not of the data the model will see)."""
+
+
+def int8_graph(graph: Graph, calibration=None, samples: int = CALIBRATION_SAMPLES, seed: int = 0) -> Graph:
+    """``graph`` quantized to int8 for the export (``export_c(int8=True)``,
+    ``convc export --int8``): ``cc.quantize`` (the float cleanups,
+    calibration through the reference interpreter -- the export's oracle --
+    and the ``quantize_int8`` pass). ``calibration``: an ``.npz`` path, an
+    array, a dict of arrays or a list of feeds (``convc.calibrate.batches``);
+    ``None``: ``samples`` random inputs of the declared shapes
+    (:func:`random_inputs`), a weak calibration whose scales fit random data
+    rather than the data the model will see. Ops without an int8 form stay
+    float between a dequantize and a quantize."""
+    from .quant import QDTYPES
+
+    require_graph(graph, "export_c(int8=True)")
+    done = [n for n in graph.topological_order() if graph.node(n)["type"].dtype in QDTYPES]
+    if done:
+        d = graph.node(done[0])
+        raise ConvcError(f"graph '{graph.name}' is already quantized (node '{done[0]}' ({d['op']}) is "
+                         f"{d['type']}): export it without int8=True / --int8")
+    try:
+        from .calibrate import quantize
+    except ImportError:
+        raise ConvcError("int8 export needs cc.quantize (convc/calibrate.py and the quantize_int8 pass), which "
+                         "this convc does not have; quantize the graph by hand with cc.quantize/cc.qconv/"
+                         "cc.dequantize and export that graph") from None
+    if calibration is None:
+        floats = [n for n in graph.input_names if graph.node(n)["type"].dtype in ("float32", "float64")]
+        calibration = [{n: f[n] for n in floats} for f in random_inputs(graph, samples, seed)]
+    return quantize(graph, calibration, engine="reference")
 
 
 # -- flash and RAM ------------------------------------------------------------
@@ -390,9 +462,13 @@ class SizeRow:
     node: str
     op: str
     code: int           # bytes of machine code of the node (apportioned, see size_report)
-    const: int          # bytes of the weights it reads first
+    const: int          # bytes of the weights it reads first and of its own tables (requantization constants)
     live: int           # arena bytes alive while it runs
     stack: int          # its stack frame
+
+    @property
+    def flash(self) -> int:
+        return self.code + self.const
 
 
 @dataclass
@@ -463,6 +539,7 @@ class _Object:
     symbols: dict[str, int]     # name -> bytes (IPA clones like node_x.constprop.0 summed into node_x)
     sections: dict[str, int]    # name -> bytes
     stack: dict[str, int]       # function -> frame bytes (-fstack-usage)
+    data: dict[str, int] = field(default_factory=dict)     # the symbols of const/initialised data (nm r, d)
 
     def total(self, *prefixes) -> int:
         return sum(v for k, v in self.sections.items() if k.startswith(prefixes))
@@ -471,11 +548,14 @@ class _Object:
 def _measure(tools: Toolchain, tmp: str, name: str, obj: str, flags: list[str]) -> _Object:
     _run([tools.cc, *tools.flags, *flags, "-fstack-usage", "-c", f"{name}.c", "-o", f"{obj}.o"], tmp)
     symbols: dict[str, int] = {}
+    data: dict[str, int] = {}
     for line in _run([tools.nm, "-S", f"{obj}.o"], tmp).splitlines():
         parts = line.split()
         if len(parts) == 4:
             base = parts[3].split(".")[0]
             symbols[base] = symbols.get(base, 0) + int(parts[1], 16)
+            if parts[2] in "rRdD":
+                data[base] = data.get(base, 0) + int(parts[1], 16)
     sections = {}
     for line in _run([tools.size, "-A", f"{obj}.o"], tmp).splitlines():
         parts = line.split()
@@ -487,7 +567,7 @@ def _measure(tools: Toolchain, tmp: str, name: str, obj: str, flags: list[str]) 
         where, nbytes, _kind = line.split("\t")
         fn = where.rsplit(":", 1)[-1].split(".")[0]
         stack[fn] = max(stack.get(fn, 0), int(nbytes))
-    return _Object(symbols, sections, stack)
+    return _Object(symbols, sections, stack, data)
 
 
 def size_report(graph: Graph, name: str = "model", tools: Toolchain | None = None, passes="embedded") -> SizeReport:
@@ -498,7 +578,8 @@ def size_report(graph: Graph, name: str = "model", tools: Toolchain | None = Non
     (``-fstack-usage``). Per node, that code total is apportioned by the sizes
     of the node functions in a second build that keeps every node out of line
     (``SIZE_FLAGS``); const data is the node's weights (each counted at its
-    first reader), exactly."""
+    first reader) and the tables its function defines (``node_fn_*``: a
+    quantized node's multipliers and shifts), exactly."""
     require_graph(graph, "size_report()")
     tools = tools or toolchain()
     lib = render(graph, name, passes=passes)
@@ -520,12 +601,13 @@ def size_report(graph: Graph, name: str = "model", tools: Toolchain | None = Non
             if i in lib.weights:
                 first_user.setdefault(i, n)
     live = live_bytes(lib.plan)
+    tables = _tables(real.data, lib)
     rows = []
     for step, n in enumerate(lib.plan.order):
         fn = lib.functions[n]
         weights = sum(graph.node(p)["type"].nbytes for p, u in first_user.items() if u == n)
-        rows.append(SizeRow(n, graph.node(n)["op"], round(split.symbols.get(fn, 0) * scale), weights, live[step],
-                            split.stack.get(fn, 0)))
+        rows.append(SizeRow(n, graph.node(n)["op"], round(split.symbols.get(fn, 0) * scale), weights + tables[n],
+                            live[step], split.stack.get(fn, 0)))
     entry = round(sum(split.symbols.get(f, 0) for f in (f"{name}_run", f"{name}_run_with_arena")) * scale)
     const = real.total(".rodata", ".data")
     entries = (f"{name}_run", f"{name}_run_with_arena")
@@ -536,18 +618,108 @@ def size_report(graph: Graph, name: str = "model", tools: Toolchain | None = Non
                       real.total(".bss", ".data"), stack)
 
 
+@dataclass
+class SizeComparison:
+    """The size reports of a float graph and of its int8 form, side by side
+    (``convc export MODEL --int8 --size``)."""
+    float: SizeReport
+    int8: SizeReport
+
+    def rows(self) -> list[tuple[SizeRow | None, SizeRow | None]]:
+        """(float row, int8 row) pairs in the int8 schedule, matched by node
+        name, else by the name without an epilogue suffix (``conv1.relu``
+        and ``conv1``); a node of only one graph (a quantize, a float node
+        the int8 graph lowered differently) pairs with None and keeps its
+        place after the previous matched node."""
+        base = lambda r: r.node.split(".")[0]    # noqa: E731
+        mate: dict[int, SizeRow] = {}           # int8 row index -> float row
+        free = dict(enumerate(self.int8.rows))
+        for match in (lambda f, q: f.node == q.node, lambda f, q: base(f) == base(q)):
+            for f in self.float.rows:
+                if f in mate.values():
+                    continue
+                i = next((i for i, q in free.items() if match(f, q)), None)
+                if i is not None:
+                    mate[i] = f
+                    del free[i]
+        pairs = [(mate.get(i), q) for i, q in enumerate(self.int8.rows)]
+        order = {id(f): k for k, f in enumerate(self.float.rows)}
+        for f in reversed(self.float.rows):
+            if f in mate.values():
+                continue
+            before = [i for i, (a, _) in enumerate(pairs) if a is not None and order[id(a)] < order[id(f)]]
+            pairs.insert(before[-1] + 1 if before else 0, (f, None))
+        return pairs
+
+    def table(self) -> str:
+        head = ("node", "float op", "flash", "live arena", "int8 op", "flash", "live arena")
+        cell = lambda r, f: "-" if r is None else (r.op if f == "op" else f"{getattr(r, f):,}")  # noqa: E731
+        body = [(n, cell(a, "op"), cell(a, "flash"), cell(a, "live"), cell(b, "op"), cell(b, "flash"),
+                 cell(b, "live"))
+                for a, b in self.rows() for n in [(a or b).node]]
+        F, Q = self.float, self.int8
+        body.append(("(entry, other)", "", f"{F.entry_code + F.other_code + F.other_const:,}", "", "",
+                     f"{Q.entry_code + Q.other_code + Q.other_const:,}", ""))
+        rows = [head] + body + [("total", "", f"{F.flash:,}", f"{F.static_ram:,}", "", f"{Q.flash:,}",
+                                 f"{Q.static_ram:,}")]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = ["  ".join(v.ljust(w) if i in (0, 1, 4) else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+                 for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.insert(-1, "-" * len(lines[0]))
+        ratio = lambda q, f: f"{q / f:.1%}" if f else "-"  # noqa: E731
+        lines += [f"{what:<6} float {f:>9,}  int8 {q:>9,}  int8/float {ratio(q, f)}" for what, f, q in (
+                  ("flash", F.flash, Q.flash), ("code", F.code, Q.code), ("const", F.const, Q.const),
+                  ("arena", F.arena, Q.arena), ("stack", F.stack, Q.stack), ("RAM", F.ram, Q.ram))]
+        lines.append(f"toolchain: {Q.toolchain}, -Os; flash = code + const data; live arena = arena bytes alive "
+                     f"while the node runs")
+        return "\n".join(lines)
+
+    __str__ = table
+
+
+def size_comparison(graph: Graph, int8: Graph | None = None, name: str = "model", tools: Toolchain | None = None,
+                    passes="embedded", calibration=None) -> SizeComparison:
+    """:func:`size_report` of the float ``graph`` and of ``int8`` (by default
+    :func:`int8_graph` of ``graph`` with ``calibration``), side by side."""
+    tools = tools or toolchain()
+    if int8 is None:
+        int8 = int8_graph(graph, calibration)
+    return SizeComparison(size_report(graph, name, tools, passes), size_report(int8, name, tools, passes))
+
+
+def _tables(data: dict[str, int], lib: Library) -> dict[str, int]:
+    """Bytes of the const tables each node's function defines next to it
+    (``static const`` arrays named ``<function>_<what>``, as qconv's
+    multipliers), by node; the longest function name that prefixes a symbol
+    owns it (``node_fc1_mult`` is node_fc1's, not node_f's)."""
+    owner = {fn: n for n, fn in lib.functions.items()}
+    weights = set(lib.weights.values())
+    out = dict.fromkeys(lib.functions, 0)
+    for sym, nbytes in data.items():
+        fns = [fn for fn in owner if sym.startswith(fn + "_")]
+        if fns and sym not in weights:
+            out[owner[max(fns, key=len)]] += nbytes
+    return out
+
+
 # -- command line -------------------------------------------------------------
 def cmd_export(args) -> int:
     if args.out is None and not args.size:
         raise ConvcError("convc export: give -o DIR to write the library, or --size to measure it")
+    if args.calibration is not None and not args.int8:
+        raise ConvcError("convc export: --calibration is for --int8")
     g = load_model(args.model)
+    q = int8_graph(g, args.calibration) if args.int8 else None
     if args.out is not None:
-        print(export_c(g, args.out, name=args.name, weights_file=args.weights_file, passes=args.pipeline))
+        print(export_c(q or g, args.out, name=args.name, weights_file=args.weights_file, passes=args.pipeline))
         objs = " ".join(f"{args.out}/{f}" for f in [f"{args.name}.c"] + ([f"{args.name}_weights.c"]
                                                                          if args.weights_file else []))
         print(f"check it: cc -std=c99 -O2 {args.out}/{args.name}_test.c {objs} -lm && ./a.out")
     if args.size:
-        print(size_report(g, name=args.name, passes=args.pipeline).table())
+        rep = (size_comparison(g, q, name=args.name, passes=args.pipeline) if q is not None
+               else size_report(g, name=args.name, passes=args.pipeline))
+        print(rep.table())
     return 0
 
 
@@ -556,7 +728,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "export", help="write a standalone C99 library (NAME.h, NAME.c) with static memory, and its test harness",
         description="Export MODEL as NAME.h + NAME.c (+ NAME_weights.c) and a test harness NAME_test.c; "
-                    "--size reports flash and RAM per node and in total.")
+                    "--size reports flash and RAM per node and in total; --int8 quantizes the model first.")
     p.add_argument("model", metavar="MODEL",
                    help="lenet5 or mobilenet_tiny (bundled), or a Python file defining build() -> convc.Graph "
                         "(or a module-level `graph`)")
@@ -566,6 +738,12 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--size", action="store_true",
                    help="compile the library (arm-none-eabi-gcc for a Cortex-M4F if installed, else the host "
                         "compiler) and report flash (code + const data) and RAM (arena + stack) per node")
+    p.add_argument("--int8", action="store_true",
+                   help="quantize the model to int8 first (the quantize_int8 pass: int8_t weights, int32_t biases, "
+                        "int8 activations); with --size, the float and int8 figures side by side")
+    p.add_argument("--calibration", metavar="FILE.npz",
+                   help=f"calibration inputs for --int8: arrays keyed by input name, N samples stacked on the batch "
+                        f"axis (default: {CALIBRATION_SAMPLES} random inputs, a weak calibration)")
     p.add_argument("--pipeline", default="embedded",
                    help="pass pipeline run before rendering, as in cc.compile (default: embedded, which leaves out "
                         "the GEMM/Winograd lowerings that need scratch RAM; none: as given)")
