@@ -24,6 +24,8 @@ from .ops.linear import dense, matmul, softmax
 from .ops.norm import batch_norm
 from .ops.loss import cross_entropy, mse_loss
 from .ops.quantized import dequantize, qconv, quantize
+from .ops.quantized import (lookup_table, qadd, qavg_pool, qconcat, qconv_transpose, qdense, qglobal_avg_pool, qlookup,
+                            qmatmul)
 
 # compiling, costing, differentiating, training, passes, interchange
 from .api import compile  # noqa: A001

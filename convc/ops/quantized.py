@@ -1,5 +1,9 @@
-"""Quantized (int8 / uint8) ops: ``quantize``, ``dequantize`` and the
-integer convolution ``qconv``. The arithmetic (scales, zero points, the
+"""Quantized (int8 / uint8) ops: ``quantize``, ``dequantize``, the integer
+convolutions ``qconv`` and ``qconv_transpose``, ``qdense`` and ``qmatmul``,
+``qadd`` (TensorFlow Lite's rescaling add), ``qconcat`` (inputs requantized
+to the output's scale), ``qavg_pool`` and ``qglobal_avg_pool``, and
+``qlookup`` (a 256-entry table: how hardswish, sigmoid and the other
+activations run on int8; :func:`lookup_table` builds it). The arithmetic (scales, zero points, the
 fixed-point requantization) is defined once in :mod:`convc.quant`; these ops
 carry its constants as attributes, so the generated C needs no float
 arithmetic in a quantized layer and the numpy reference computes the same
@@ -32,7 +36,7 @@ from ..quant import (QDTYPES, dequantize_array, multipliers, qrange, quantize_ar
                      saturate_int32)
 from .conv import Conv, conv_geometry
 from .registry import Op, builder, register
-from .window import axes_context
+from .window import axes_context, padded, windows
 
 
 # -- attribute rules ---------------------------------------------------------
@@ -302,3 +306,685 @@ class QConv(Op):
 
     def macs(self, attrs, types, out):
         return shapes.prod(out.shape) * shapes.prod(types[1].shape[1:])
+
+
+# -- shared rules of the ops below ---------------------------------------------
+def _one_scale(v, what: str) -> float:
+    s = _scales(v, what)
+    if len(s) != 1:
+        raise RuleError(f"{what} must be one number (activations are quantized per tensor), got {v!r}")
+    return s[0]
+
+
+def _one_zero_point(v, what: str, dtype: str) -> int:
+    z = _zero_points(v, what, dtype)
+    if len(z) != 1:
+        raise RuleError(f"{what} must be one integer (activations are quantized per tensor), got {v!r}")
+    return z[0]
+
+
+def _max_abs(dtype: str, zero_points) -> int:
+    """The largest |q - z| a ``dtype`` value q can give for the zero points."""
+    lo, hi = qrange(dtype)
+    return max(max(abs(lo - z), abs(hi - z)) for z in zero_points)
+
+
+def _check_acc(terms: int, x_dtype: str, x_zps, w_dtype: str, w_zps, what: str = "products per output"):
+    """Refuse a sum of ``terms`` products (x - x_zp) * (w - w_zp) that could
+    pass the int32 accumulator (ACC_LIMIT) in the worst case."""
+    worst = terms * _max_abs(x_dtype, x_zps) * _max_abs(w_dtype, w_zps)
+    if worst > ACC_LIMIT:
+        raise RuleError(f"{terms} {what} could overflow the int32 accumulator (worst case {worst} > 2**31 - 1); "
+                        f"split the reduction")
+
+
+def _check_sum(terms: int, dtype: str, zero_point: int, what: str):
+    """Refuse a sum of ``terms`` values (q - zero_point) that could pass the
+    int32 accumulator."""
+    worst = terms * _max_abs(dtype, [zero_point])
+    if worst > ACC_LIMIT:
+        raise RuleError(f"{terms} {what} could overflow the int32 accumulator (worst case {worst} > 2**31 - 1)")
+
+
+def _out_qparams(attrs, raw_ok: bool = False) -> dict:
+    """The output's (y_scale, y_zero_point, dtype, clamp). ``raw_ok``: the
+    dtype may be "int32", the raw accumulator (ONNX's MatMulInteger and
+    ConvInteger), which takes no scale, zero point or clamp."""
+    dtype = attrs["dtype"]
+    if raw_ok and dtype == "int32":
+        if attrs.get("y_scale") is not None or attrs.get("y_zero_point") not in (None, 0) \
+                or attrs.get("clamp") is not None:
+            raise RuleError("an int32 output is the raw accumulator: it takes no y_scale, y_zero_point or clamp")
+        return dict(y_scale=None, y_zero_point=0, dtype="int32", clamp=None)
+    if dtype not in QDTYPES:
+        allowed = QDTYPES + (("int32",) if raw_ok else ())
+        raise RuleError(f"dtype must be one of {allowed}, got {dtype!r}")
+    if attrs.get("y_scale") is None:
+        raise RuleError(f"a {dtype} output needs y_scale")
+    y_zp = attrs.get("y_zero_point")
+    return dict(y_scale=_one_scale(attrs["y_scale"], "y_scale"),
+                y_zero_point=_one_zero_point(0 if y_zp is None else y_zp, "y_zero_point", dtype),
+                dtype=dtype, clamp=_clamp(attrs.get("clamp"), dtype))
+
+
+def _finish(acc: np.ndarray, attrs, m, s) -> np.ndarray:
+    """Requantize int32 accumulators to the output (or keep them, int32)."""
+    if attrs["dtype"] == "int32":
+        return acc.astype(np.int32)
+    lo, hi = attrs["clamp"]
+    return np.clip(requantize(acc, m, s) + attrs["y_zero_point"], lo, hi).astype(attrs["dtype"])
+
+
+def _out_context(attrs) -> dict:
+    """Template constants of the output: RAW (int32 accumulators out) or
+    YZP and the clamp [LO, HI]."""
+    if attrs["dtype"] == "int32":
+        return dict(RAW=True, YZP=0, LO=0, HI=0)
+    lo, hi = attrs["clamp"]
+    return dict(RAW=False, YZP=attrs["y_zero_point"], LO=lo, HI=hi)
+
+
+def _per(v, n: int) -> list:
+    """A per-tensor (length 1) or per-channel tuple as n entries."""
+    return list(v) * n if len(v) == 1 else list(v)
+
+
+# -- qconv_transpose -------------------------------------------------------------
+@builder("x")
+def qconv_transpose(x: Value, w: Value, bias: Value | None = None, *, x_scale, x_zero_point=0, w_scale,
+                    w_zero_point=0, y_scale, y_zero_point=0, dtype: str = "int8", clamp=None, stride=1, padding=0,
+                    output_padding=0, dilation=1, groups=1, output_size=None, name=None) -> Value:
+    """Quantized transposed convolution (PyTorch's conv_transpose geometry,
+    :func:`convc.conv_transpose`): int8/uint8 ``x`` (N, C_in, *n) and ``w``
+    (C_in, C_out/groups, *k), optional int32 ``bias`` (C_out,) of scale
+    ``x_scale * w_scale[c]``; ``w_scale``/``w_zero_point`` per tensor or per
+    output channel (C_out entries). int32 accumulation, requantization and
+    clamp as :func:`qconv`."""
+    ins = [x, w] + ([bias] if bias is not None else [])
+    attrs = dict(stride=stride, padding=padding, output_padding=output_padding, dilation=dilation, groups=groups,
+                 output_size=output_size, x_scale=x_scale, x_zero_point=x_zero_point, w_scale=w_scale,
+                 w_zero_point=w_zero_point, y_scale=y_scale, y_zero_point=y_zero_point, dtype=dtype, clamp=clamp)
+    return x.graph.add("qconv_transpose", ins, attrs, name)
+
+
+@register
+class QConvTranspose(Op):
+    """Inputs x, w (C_in, C_out/groups, *k) and an optional int32 bias."""
+    name = "qconv_transpose"
+    arity = (2, 3)
+    inputs = ("x", "w", "b")
+
+    @staticmethod
+    def _geometry(attrs, x: TensorType, w: TensorType) -> tuple[dict, tuple]:
+        """conv_transpose's rules and output shape (ops/transpose.py)."""
+        from .registry import get_op
+        ct = get_op("conv_transpose")
+        keys = ("stride", "padding", "output_padding", "dilation", "groups")
+        geo = ct.normalize(dict({k: attrs[k] for k in keys}, output_size=attrs.get("output_size")), [x, w])
+        out = (x.shape[0], w.shape[1] * geo["groups"]) + ct._out(geo, x, w)
+        return geo, out
+
+    def normalize(self, attrs, types):
+        x, w = types[:2]
+        _quant_check(x, "qconv_transpose's input x")
+        _quant_check(w, "qconv_transpose's weight w")
+        geo, out = self._geometry(attrs, x, w)
+        c_out = out[1]
+        x_scale = _one_scale(attrs["x_scale"], "x_scale")
+        w_scale = _per_channel(_scales(attrs["w_scale"], "w_scale"), c_out, "w_scale")
+        w_zp = _per_channel(_zero_points(attrs["w_zero_point"], "w_zero_point", w.dtype), c_out, "w_zero_point")
+        y = _out_qparams(attrs)
+        mult, shift = multipliers([x_scale * ws / y["y_scale"] for ws in _per(w_scale, c_out)])
+        return dict(geo, x_scale=x_scale, x_zero_point=_one_zero_point(attrs["x_zero_point"], "x_zero_point",
+                                                                         x.dtype),
+                    w_scale=w_scale, w_zero_point=w_zp, **y, multiplier=mult, shift=shift)
+
+    def infer(self, attrs, types):
+        x, w = types[:2]
+        _quant_check(x, "qconv_transpose's input x")
+        _quant_check(w, "qconv_transpose's weight w")
+        _, out = self._geometry(attrs, x, w)
+        if len(types) == 3 and (types[2].dtype != "int32" or types[2].shape != (out[1],)):
+            raise RuleError(f"bias must be int32 ({out[1]},), got {types[2]}")
+        # an output sums at most C_in/groups * prod(k) products (fewer where taps miss the input)
+        _check_acc(x.shape[1] // attrs["groups"] * shapes.prod(w.shape[2:]), x.dtype, [attrs["x_zero_point"]],
+                   w.dtype, attrs["w_zero_point"])
+        return TensorType(out, attrs["dtype"])
+
+    def reference(self, attrs, x, w, b=None):
+        from .transpose import transpose_reference
+        out = self._geometry(attrs, TensorType(x.shape, str(x.dtype)), TensorType(w.shape, str(w.dtype)))[1]
+        g, (c_in, c_out_g) = attrs["groups"], w.shape[:2]
+        # w[ci, col] feeds output channel (ci's group) * C_out/groups + col: its zero point
+        co = (np.arange(c_in)[:, None] // (c_in // g)) * c_out_g + np.arange(c_out_g)[None, :]
+        wz = np.asarray(_per(attrs["w_zero_point"], out[1]), np.int64)[co].reshape(
+            (c_in, c_out_g) + (1,) * (w.ndim - 2))
+        acc = transpose_reference(x.astype(np.int64) - attrs["x_zero_point"], w.astype(np.int64) - wz,
+                                  attrs["stride"], attrs["padding"], attrs["dilation"], g, out[2:])
+        per_c = (1, out[1]) + (1,) * (x.ndim - 2)
+        if b is not None:
+            acc = saturate_int32(acc + b.astype(np.int64).reshape(per_c))
+        m = np.asarray(attrs["multiplier"], np.int64).reshape(per_c)
+        s = np.asarray(attrs["shift"], np.int64).reshape(per_c)
+        return _finish(acc, attrs, m, s)
+
+    def context(self, attrs, types, out):
+        from .transpose import _transpose_context
+        x, w = types[:2]
+        c_out = out.shape[1]
+        ctx = _transpose_context(x, w, out.shape, attrs["stride"], attrs["dilation"], attrs["padding"],
+                                 attrs["groups"], len(types) == 3)
+        return dict(ctx, par=[("n", "N", out.shape[0]), ("co", "C_OUT", c_out)], KSIZE=shapes.prod(w.shape[2:]),
+                    XZP=attrs["x_zero_point"], wzp=_per(attrs["w_zero_point"], c_out),
+                    mult=list(attrs["multiplier"]), shift=list(attrs["shift"]), **_out_context(attrs))
+
+    def macs(self, attrs, types, out):
+        return shapes.prod(types[0].shape) * shapes.prod(types[1].shape[1:])
+
+
+# -- qdense, qmatmul -------------------------------------------------------------
+@builder("x")
+def qdense(x: Value, w: Value, bias: Value | None = None, *, x_scale, x_zero_point=0, w_scale, w_zero_point=0,
+           y_scale=None, y_zero_point=0, dtype: str = "int8", clamp=None, name=None) -> Value:
+    """Quantized fully connected layer (PyTorch's Linear): int8/uint8 ``x``
+    (..., K), int8/uint8 ``w`` (M, K) with ``w_scale``/``w_zero_point`` per
+    tensor or per row (output feature), optional int32 ``bias`` (M,) of scale
+    ``x_scale * w_scale[m]``. ``acc = bias + sum_k (x - x_zp) * (w - w_zp)``
+    in int32, requantized to (``y_scale``, ``y_zero_point``, ``dtype``) and
+    clamped; ``dtype="int32"`` returns the accumulators as they are."""
+    ins = [x, w] + ([bias] if bias is not None else [])
+    attrs = dict(x_scale=x_scale, x_zero_point=x_zero_point, w_scale=w_scale, w_zero_point=w_zero_point,
+                 y_scale=y_scale, y_zero_point=y_zero_point, dtype=dtype, clamp=clamp)
+    return x.graph.add("qdense", ins, attrs, name)
+
+
+@register
+class QDense(Op):
+    """Inputs x (..., K), w (M, K) and an optional int32 bias (M,)."""
+    name = "qdense"
+    arity = (2, 3)
+    inputs = ("x", "w", "b")
+
+    def normalize(self, attrs, types):
+        x, w = types[:2]
+        _quant_check(x, "qdense's input x")
+        _quant_check(w, "qdense's weight w")
+        if len(x.shape) < 1 or len(w.shape) != 2 or w.shape[1] != x.shape[-1]:
+            raise RuleError(f"weight must be (out_features, in_features={x.shape[-1] if x.shape else '?'}), "
+                            f"got {w.shape}")
+        m = w.shape[0]
+        x_scale = _one_scale(attrs["x_scale"], "x_scale")
+        w_scale = _per_channel(_scales(attrs["w_scale"], "w_scale"), m, "w_scale")
+        y = _out_qparams(attrs, raw_ok=True)
+        mult, shift = ((), ()) if y["dtype"] == "int32" else \
+            multipliers([x_scale * ws / y["y_scale"] for ws in _per(w_scale, m)])
+        return dict(x_scale=x_scale, x_zero_point=_one_zero_point(attrs["x_zero_point"], "x_zero_point", x.dtype),
+                    w_scale=w_scale,
+                    w_zero_point=_per_channel(_zero_points(attrs["w_zero_point"], "w_zero_point", w.dtype), m,
+                                              "w_zero_point"),
+                    **y, multiplier=mult, shift=shift)
+
+    def infer(self, attrs, types):
+        x, w = types[:2]
+        _quant_check(x, "qdense's input x")
+        _quant_check(w, "qdense's weight w")
+        if len(types) == 3 and (types[2].dtype != "int32" or types[2].shape != (w.shape[0],)):
+            raise RuleError(f"bias must be int32 ({w.shape[0]},), got {types[2]}")
+        _check_acc(w.shape[1], x.dtype, [attrs["x_zero_point"]], w.dtype, attrs["w_zero_point"])
+        return TensorType(x.shape[:-1] + (w.shape[0],), attrs["dtype"])
+
+    def reference(self, attrs, x, w, b=None):
+        m = w.shape[0]
+        wz = np.asarray(_per(attrs["w_zero_point"], m), np.int64)[:, None]
+        acc = (x.astype(np.int64) - attrs["x_zero_point"]) @ (w.astype(np.int64) - wz).T
+        if b is not None:
+            acc = saturate_int32(acc + b.astype(np.int64))
+        return _finish(acc, attrs, np.asarray(attrs["multiplier"], np.int64), np.asarray(attrs["shift"], np.int64))
+
+    def context(self, attrs, types, out):
+        x, w = types[:2]
+        rows = shapes.prod(x.shape[:-1])
+        return dict(M=rows, K=w.shape[1], N=w.shape[0], bias=len(types) == 3, XZP=attrs["x_zero_point"],
+                    wzp=_per(attrs["w_zero_point"], w.shape[0]), mult=list(attrs["multiplier"]),
+                    shift=list(attrs["shift"]), par=[("m", "M", rows), ("n", "N", w.shape[0])],
+                    **_out_context(attrs))
+
+    def macs(self, attrs, types, out):
+        return out.size * types[1].shape[1]
+
+
+@builder("a", "b")
+def qmatmul(a: Value, b: Value, *, a_scale=None, a_zero_point=0, b_scale=None, b_zero_point=0, y_scale=None,
+            y_zero_point=0, dtype: str = "int8", clamp=None, name=None) -> Value:
+    """Quantized matrix product of int8/uint8 (..., M, K) and (..., K, N)
+    (batch dims broadcast, numpy rules): ``acc = sum_k (a - a_zp) * (b -
+    b_zp)`` in int32, ``a`` per tensor, ``b_scale``/``b_zero_point`` per
+    tensor or per column (N entries); requantized by ``a_scale * b_scale /
+    y_scale`` to (``y_zero_point``, ``dtype``) and clamped (ONNX's
+    QLinearMatMul), or with ``dtype="int32"`` the accumulators themselves
+    (ONNX's MatMulInteger; no scales needed)."""
+    attrs = dict(a_scale=a_scale, a_zero_point=a_zero_point, b_scale=b_scale, b_zero_point=b_zero_point,
+                 y_scale=y_scale, y_zero_point=y_zero_point, dtype=dtype, clamp=clamp)
+    return a.graph.add("qmatmul", [a, b], attrs, name)
+
+
+@register
+class QMatmul(Op):
+    name = "qmatmul"
+    arity = (2, 2)
+    inputs = ("a", "b")
+
+    @staticmethod
+    def _shape(a: TensorType, b: TensorType) -> tuple:
+        if len(a.shape) < 2 or len(b.shape) < 2:
+            raise RuleError(f"operands must have rank >= 2 (..., M, K) @ (..., K, N), got {a.shape} and {b.shape}")
+        if a.shape[-1] != b.shape[-2]:
+            raise RuleError(f"inner dims differ: {a.shape} @ {b.shape} needs {a.shape[-1]} == {b.shape[-2]}")
+        try:
+            batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        except ValueError:
+            raise RuleError(f"batch dims {a.shape[:-2]} and {b.shape[:-2]} do not broadcast") from None
+        return tuple(batch) + (a.shape[-2], b.shape[-1])
+
+    def normalize(self, attrs, types):
+        a, b = types
+        _quant_check(a, "qmatmul's operand a")
+        _quant_check(b, "qmatmul's operand b")
+        n = self._shape(a, b)[-1]
+        y = _out_qparams(attrs, raw_ok=True)
+        b_zp = _per_channel(_zero_points(attrs["b_zero_point"], "b_zero_point", b.dtype), n, "b_zero_point")
+        a_zp = _one_zero_point(attrs["a_zero_point"], "a_zero_point", a.dtype)
+        if y["dtype"] == "int32":
+            for k in ("a_scale", "b_scale"):
+                if attrs.get(k) is not None:
+                    _scales(attrs[k], k)            # checked, kept for the record (an importer's)
+            a_scale = None if attrs.get("a_scale") is None else _one_scale(attrs["a_scale"], "a_scale")
+            b_scale = None if attrs.get("b_scale") is None else \
+                _per_channel(_scales(attrs["b_scale"], "b_scale"), n, "b_scale")
+            return dict(a_scale=a_scale, a_zero_point=a_zp, b_scale=b_scale, b_zero_point=b_zp, **y,
+                        multiplier=(), shift=())
+        if attrs.get("a_scale") is None or attrs.get("b_scale") is None:
+            raise RuleError(f"a {y['dtype']} output needs a_scale and b_scale")
+        a_scale = _one_scale(attrs["a_scale"], "a_scale")
+        b_scale = _per_channel(_scales(attrs["b_scale"], "b_scale"), n, "b_scale")
+        mult, shift = multipliers([a_scale * bs / y["y_scale"] for bs in _per(b_scale, n)])
+        return dict(a_scale=a_scale, a_zero_point=a_zp, b_scale=b_scale, b_zero_point=b_zp, **y,
+                    multiplier=mult, shift=shift)
+
+    def infer(self, attrs, types):
+        a, b = types
+        _quant_check(a, "qmatmul's operand a")
+        _quant_check(b, "qmatmul's operand b")
+        out = self._shape(a, b)
+        _check_acc(a.shape[-1], a.dtype, [attrs["a_zero_point"]], b.dtype, attrs["b_zero_point"])
+        return TensorType(out, attrs["dtype"])
+
+    def reference(self, attrs, a, b):
+        n = b.shape[-1]
+        bz = np.asarray(_per(attrs["b_zero_point"], n), np.int64)
+        acc = np.matmul(a.astype(np.int64) - attrs["a_zero_point"], b.astype(np.int64) - bz)
+        if attrs["dtype"] == "int32":
+            return acc.astype(np.int32)         # |acc| < 2**31: infer's bound
+        return _finish(acc, attrs, np.asarray(attrs["multiplier"], np.int64), np.asarray(attrs["shift"], np.int64))
+
+    def context(self, attrs, types, out):
+        from .elementwise import broadcast_strides
+        a, b = types
+        batch = list(out.shape[:-2])
+        m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+        nb = shapes.prod(batch)
+        return dict(M=m, K=k, N=n, BATCH=nb, batch=batch, sa=broadcast_strides(a.shape[:-2], batch),
+                    sb=broadcast_strides(b.shape[:-2], batch), AZP=attrs["a_zero_point"],
+                    bzp=_per(attrs["b_zero_point"], n), mult=list(attrs["multiplier"]), shift=list(attrs["shift"]),
+                    par=[("bi", "BATCH", nb), ("i", "M", m)], **_out_context(attrs))
+
+    def macs(self, attrs, types, out):
+        return out.size * types[0].shape[-1]
+
+
+# -- qadd ------------------------------------------------------------------------
+ADD_LEFT_SHIFT = 20
+"""qadd's headroom: both inputs are shifted left by this many bits before
+being rescaled to a common scale (TensorFlow Lite's ADD); |q - zp| <= 255
+times 2**20 stays below 2**28, so the rescaled sum fits int32."""
+
+
+@builder("a", "b")
+def qadd(a: Value, b: Value, *, a_scale, a_zero_point=0, b_scale, b_zero_point=0, y_scale, y_zero_point=0,
+         dtype: str = "int8", clamp=None, name=None) -> Value:
+    """Quantized ``a + b`` (numpy broadcasting, as :func:`convc.add`) with
+    its own output scale, in TensorFlow Lite's integer arithmetic: each input
+    ``(q - zp) * 2**20`` is rescaled to the common scale ``2 * max(a_scale,
+    b_scale)`` by its own fixed-point multiplier, the two are summed, and the
+    sum is requantized to (``y_scale``, ``y_zero_point``, ``dtype``) and
+    clamped to ``clamp`` (relu folded: :func:`activation_clamp`)."""
+    attrs = dict(a_scale=a_scale, a_zero_point=a_zero_point, b_scale=b_scale, b_zero_point=b_zero_point,
+                 y_scale=y_scale, y_zero_point=y_zero_point, dtype=dtype, clamp=clamp)
+    return a.graph.add("qadd", [a, b], attrs, name)
+
+
+@register
+class QAdd(Op):
+    name = "qadd"
+    arity = (2, 2)
+    inputs = ("a", "b")
+
+    def normalize(self, attrs, types):
+        a, b = types
+        _quant_check(a, "qadd's operand a")
+        _quant_check(b, "qadd's operand b")
+        y = _out_qparams(attrs)
+        sa, sb = _one_scale(attrs["a_scale"], "a_scale"), _one_scale(attrs["b_scale"], "b_scale")
+        twice = 2.0 * max(sa, sb)
+        (ma, mb, my), (ha, hb, hy) = multipliers([sa / twice, sb / twice,
+                                                  twice / ((1 << ADD_LEFT_SHIFT) * y["y_scale"])])
+        return dict(a_scale=sa, a_zero_point=_one_zero_point(attrs["a_zero_point"], "a_zero_point", a.dtype),
+                    b_scale=sb, b_zero_point=_one_zero_point(attrs["b_zero_point"], "b_zero_point", b.dtype),
+                    **y, multiplier=(ma, mb, my), shift=(ha, hb, hy))
+
+    def infer(self, attrs, types):
+        a, b = types
+        _quant_check(a, "qadd's operand a")
+        _quant_check(b, "qadd's operand b")
+        try:
+            out = np.broadcast_shapes(a.shape, b.shape)
+        except ValueError:
+            raise RuleError(f"shapes {a.shape} and {b.shape} do not broadcast (numpy rules)") from None
+        return TensorType(tuple(out), attrs["dtype"])
+
+    @staticmethod
+    def rescaled(q, zp, m, s) -> np.ndarray:
+        """One input on the common scale: requantize((q - zp) * 2**20)."""
+        return requantize((q.astype(np.int64) - zp) << ADD_LEFT_SHIFT, m, s)
+
+    def reference(self, attrs, a, b):
+        (ma, mb, my), (ha, hb, hy) = attrs["multiplier"], attrs["shift"]
+        total = self.rescaled(a, attrs["a_zero_point"], ma, ha) + self.rescaled(b, attrs["b_zero_point"], mb, hb)
+        return _finish(total, attrs, my, hy)
+
+    def context(self, attrs, types, out):
+        from .elementwise import broadcast_strides
+        return dict(SIZE=out.size, dims=list(out.shape), same=types[0].shape == types[1].shape == out.shape,
+                    sa=broadcast_strides(types[0].shape, out.shape), sb=broadcast_strides(types[1].shape, out.shape),
+                    AZP=attrs["a_zero_point"], BZP=attrs["b_zero_point"], LEFT=ADD_LEFT_SHIFT,
+                    mult=list(attrs["multiplier"]), shift=list(attrs["shift"]), par=[("i", "SIZE", out.size)],
+                    **_out_context(attrs))
+
+    def macs(self, attrs, types, out):
+        return 3 * out.size             # three fixed-point multiplications per element
+
+
+# -- qconcat ---------------------------------------------------------------------
+def qconcat(values, axis: int = 1, *, x_scales, x_zero_points, y_scale, y_zero_point=0, dtype: str = "int8",
+            name=None) -> Value:
+    """Join quantized tensors along ``axis``, each input requantized from
+    its own (``x_scales[i]``, ``x_zero_points[i]``) to the output's
+    (``y_scale``, ``y_zero_point``, ``dtype``): ``requantize(q - zp_i,
+    x_scale_i / y_scale) + y_zero_point``; an input with the output's dtype,
+    scale and zero point is copied."""
+    from ..errors import GraphError
+    vals = list(values) if isinstance(values, (list, tuple)) else None
+    if not vals or not all(isinstance(v, Value) for v in vals):
+        raise GraphError(f"qconcat takes a non-empty list of convc Values, got {values!r:.80}")
+    attrs = dict(axis=axis, x_scales=x_scales, x_zero_points=x_zero_points, y_scale=y_scale,
+                 y_zero_point=y_zero_point, dtype=dtype)
+    return vals[0].graph.add("qconcat", vals, attrs, name)
+
+
+@register
+class QConcat(Op):
+    name = "qconcat"
+    arity = (1, 64)
+    inputs = ()          # x0, x1, ...
+
+    def normalize(self, attrs, types):
+        from .tensor import _axis as tensor_axis
+        for i, t in enumerate(types):
+            _quant_check(t, f"qconcat's input {i}")
+        scales = _scales(attrs["x_scales"], "x_scales")
+        zps = attrs["x_zero_points"]
+        zps = tuple(np.ravel(np.asarray(zps, dtype=object)).tolist()) if not isinstance(zps, (int, np.integer)) \
+            else (zps,)
+        if len(scales) != len(types) or len(zps) != len(types):
+            raise RuleError(f"x_scales and x_zero_points need one entry per input ({len(types)}), got "
+                            f"{len(scales)} and {len(zps)}")
+        zps = tuple(_one_zero_point(z, f"x_zero_points[{i}]", t.dtype) for i, (z, t) in enumerate(zip(zps, types)))
+        y = _out_qparams(dict(attrs, clamp=None))
+        mult, shift = multipliers([s / y["y_scale"] for s in scales])
+        copy = tuple(t.dtype == y["dtype"] and s == y["y_scale"] and z == y["y_zero_point"]
+                     for t, s, z in zip(types, scales, zps))
+        return dict(axis=tensor_axis(attrs["axis"], len(types[0].shape)), x_scales=scales, x_zero_points=zps,
+                    **y, multiplier=mult, shift=shift, copy=copy)
+
+    def infer(self, attrs, types):
+        from .registry import get_op
+        for i, t in enumerate(types):
+            _quant_check(t, f"qconcat's input {i}")
+        # concat's shape rule, on the inputs seen as one dtype
+        same = [TensorType(t.shape, attrs["dtype"]) for t in types]
+        return get_op("concat").infer({"axis": attrs["axis"]}, same)
+
+    def reference(self, attrs, *xs):
+        lo, hi = attrs["clamp"]
+        parts = [x.astype(attrs["dtype"]) if cp else
+                 np.clip(requantize(x.astype(np.int64) - z, m, s) + attrs["y_zero_point"], lo, hi).astype(
+                     attrs["dtype"])
+                 for x, z, m, s, cp in zip(xs, attrs["x_zero_points"], attrs["multiplier"], attrs["shift"],
+                                           attrs["copy"])]
+        return np.concatenate(parts, axis=attrs["axis"])
+
+    def context(self, attrs, types, out):
+        ax = attrs["axis"]
+        outer = shapes.prod(out.shape[:ax])
+        ins = [dict(ROW=shapes.prod(t.shape[ax:]), same=cp, XZP=z, mult=m, shift=s)
+               for t, cp, z, m, s in zip(types, attrs["copy"], attrs["x_zero_points"], attrs["multiplier"],
+                                         attrs["shift"])]
+        return dict(OUTER=outer, OUT_ROW=shapes.prod(out.shape[ax:]), ins=ins, par=[("o", "OUTER", outer)],
+                    **_out_context(attrs))
+
+    def macs(self, attrs, types, out):
+        return sum(t.size for t, cp in zip(types, attrs["copy"]) if not cp)
+
+
+# -- qavg_pool, qglobal_avg_pool -------------------------------------------------
+def _pool_qparams(attrs, x: TensorType) -> dict:
+    """Input and output qparams of a quantized pool; the output's default
+    to the input's (dtype, scale, zero point)."""
+    _quant_check(x, "the input")
+    x_scale = _one_scale(attrs["x_scale"], "x_scale")
+    x_zp = _one_zero_point(attrs["x_zero_point"], "x_zero_point", x.dtype)
+    dtype = x.dtype if attrs.get("dtype") is None else attrs["dtype"]
+    y = _out_qparams(dict(attrs, dtype=dtype, y_scale=x_scale if attrs.get("y_scale") is None else attrs["y_scale"],
+                          y_zero_point=x_zp if attrs.get("y_zero_point") is None else attrs["y_zero_point"]))
+    return dict(x_scale=x_scale, x_zero_point=x_zp, **y)
+
+
+def _count_multipliers(q: dict, counts: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The requantization of a window sum divided by its count, for every
+    count 1..counts (entry 0 unused): x_scale / (y_scale * count)."""
+    mult, shift = multipliers([q["x_scale"] / (q["y_scale"] * c) for c in range(1, counts + 1)])
+    return (0,) + mult, (0,) + shift
+
+
+@builder("x")
+def qavg_pool(x: Value, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, *, x_scale,
+              x_zero_point=0, y_scale=None, y_zero_point=None, dtype=None, clamp=None, name=None) -> Value:
+    """Quantized average pool (geometry as :func:`convc.avg_pool`): the
+    window's ``sum (q - x_zero_point)`` in int32 (a padded tap is the real 0,
+    adding nothing), requantized by ``x_scale / (y_scale * count)`` with the
+    window's count (the divisor :func:`convc.avg_pool` uses), plus
+    ``y_zero_point``, clamped. The output qparams default to the input's."""
+    attrs = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=1, ceil_mode=ceil_mode,
+                 count_include_pad=count_include_pad, x_scale=x_scale, x_zero_point=x_zero_point, y_scale=y_scale,
+                 y_zero_point=y_zero_point, dtype=dtype, clamp=clamp)
+    return x.graph.add("qavg_pool", [x], attrs, name)
+
+
+@register
+class QAvgPool(Op):
+    name = "qavg_pool"
+    GEOMETRY = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "count_include_pad")
+
+    @staticmethod
+    def _float_pool():
+        from .registry import get_op
+        return get_op("avg_pool")
+
+    def normalize(self, attrs, types):
+        x = types[0]
+        geo = self._float_pool().normalize({k: attrs[k] for k in self.GEOMETRY}, [TensorType(x.shape, "float32")])
+        q = _pool_qparams(attrs, x)
+        mult, shift = _count_multipliers(q, shapes.prod(geo["kernel_size"]))
+        return dict(geo, **q, multiplier=mult, shift=shift)
+
+    def infer(self, attrs, types):
+        x = types[0]
+        _quant_check(x, "qavg_pool's input")
+        _check_sum(shapes.prod(attrs["kernel_size"]), x.dtype, attrs["x_zero_point"], "taps per window")
+        geo = {k: attrs[k] for k in self.GEOMETRY}
+        return TensorType(self._float_pool().infer(geo, [TensorType(x.shape, "float32")]).shape, attrs["dtype"])
+
+    def reference(self, attrs, x):
+        pool = self._float_pool()
+        k, s, d, pads, out, extra = pool._geometry(attrs, x.shape)
+        full = [(lo, hi + e) for (lo, hi), e in zip(pads, extra)]
+        total = sum(v for _, v in windows(padded(x.astype(np.int64) - attrs["x_zero_point"], full, 0), k, s, d, out))
+        ones = np.ones((1, 1) + x.shape[2:], np.int64)
+        if attrs["count_include_pad"]:   # padded region counts, the ceil_mode overhang does not (avg_pool's rule)
+            mask = np.pad(np.pad(ones, [(0, 0), (0, 0)] + list(pads), constant_values=1),
+                          [(0, 0), (0, 0)] + [(0, e) for e in extra])
+        else:
+            mask = padded(ones, full, 0)
+        count = sum(v for _, v in windows(mask, k, s, d, out))
+        m = np.asarray(attrs["multiplier"], np.int64)[count]
+        sh = np.asarray(attrs["shift"], np.int64)[count]
+        return _finish(total, attrs, m, sh)
+
+    def context(self, attrs, types, out):
+        x = types[0]
+        axes = axes_context(x.shape[2:], out.shape[2:], attrs["kernel_size"], attrs["stride"], attrs["dilation"],
+                            attrs["padding"])
+        for a, (_, hi) in zip(axes, attrs["padding"]):
+            a["hi"] = hi
+        nc = x.shape[0] * x.shape[1]
+        return dict(NC=nc, axes=axes, count_include_pad=attrs["count_include_pad"], XZP=attrs["x_zero_point"],
+                    COUNTS=len(attrs["multiplier"]), mult=list(attrs["multiplier"]), shift=list(attrs["shift"]),
+                    par=[("nc", "NC", nc)] + [("o" + a["l"], "OUT_" + a["U"], a["o"]) for a in axes[:-1]],
+                    **_out_context(attrs))
+
+    def macs(self, attrs, types, out):
+        return out.size
+
+
+@builder("x")
+def qglobal_avg_pool(x: Value, *, x_scale, x_zero_point=0, y_scale=None, y_zero_point=None, dtype=None, clamp=None,
+                     name=None) -> Value:
+    """Quantized mean over all spatial axes, (N, C, 1, ...): the plane's
+    ``sum (q - x_zero_point)`` in int32 requantized by ``x_scale / (y_scale *
+    H*W)``, plus ``y_zero_point``, clamped. Output qparams default to the
+    input's."""
+    attrs = dict(x_scale=x_scale, x_zero_point=x_zero_point, y_scale=y_scale, y_zero_point=y_zero_point,
+                 dtype=dtype, clamp=clamp)
+    return x.graph.add("qglobal_avg_pool", [x], attrs, name)
+
+
+@register
+class QGlobalAvgPool(Op):
+    name = "qglobal_avg_pool"
+
+    def normalize(self, attrs, types):
+        x = types[0]
+        if not 3 <= len(x.shape) <= 5:
+            raise RuleError(f"input must be (N, C, *spatial) with 1 to 3 spatial axes, got rank {len(x.shape)}")
+        q = _pool_qparams(attrs, x)
+        (m,), (s,) = multipliers([q["x_scale"] / (q["y_scale"] * shapes.prod(x.shape[2:]))])
+        return dict(q, multiplier=m, shift=s)
+
+    def infer(self, attrs, types):
+        x = types[0]
+        _quant_check(x, "qglobal_avg_pool's input")
+        _check_sum(shapes.prod(x.shape[2:]), x.dtype, attrs["x_zero_point"], "elements per plane")
+        return TensorType(x.shape[:2] + (1,) * (len(x.shape) - 2), attrs["dtype"])
+
+    def reference(self, attrs, x):
+        acc = (x.astype(np.int64) - attrs["x_zero_point"]).sum(axis=tuple(range(2, x.ndim)), keepdims=True)
+        return _finish(acc, attrs, attrs["multiplier"], attrs["shift"])
+
+    def context(self, attrs, types, out):
+        x = types[0]
+        nc = x.shape[0] * x.shape[1]
+        return dict(NC=nc, HW=shapes.prod(x.shape[2:]), XZP=attrs["x_zero_point"], MULT=attrs["multiplier"],
+                    SHIFT=attrs["shift"], par=[("nc", "NC", nc)], **_out_context(attrs))
+
+    def macs(self, attrs, types, out):
+        return out.size
+
+
+# -- qlookup ---------------------------------------------------------------------
+def lookup_table(fn, x_scale, x_zero_point, y_scale, y_zero_point, dtype: str = "int8", x_dtype: str = "int8",
+                 **params) -> np.ndarray:
+    """The 256-entry table of a float function on quantized values, for
+    :func:`qlookup`: entry ``q - min(x_dtype)`` holds ``quantize(fn(
+    dequantize(q)))``, every step in float32 as a float graph ``dequantize ->
+    fn -> quantize`` computes it (convc/quant.py's rounding). ``fn`` is an
+    activation of convc's table (``"hardswish"``, ``"sigmoid"``, ``"tanh"``,
+    ``"silu"``, ``"gelu"``, ``"leaky_relu"``, ..., with its ``params``) or a
+    numpy function of a float32 array. This is how such activations run in an
+    int8 graph: one table read per element, no float arithmetic in C."""
+    from . import activations
+    lo, hi = qrange(x_dtype)
+    q = np.arange(lo, hi + 1)
+    r = dequantize_array(q, _one_scale(x_scale, "x_scale"), _one_zero_point(x_zero_point, "x_zero_point", x_dtype))
+    if isinstance(fn, str):
+        act = activations.get(fn)
+        y = act.apply(r, act.normalize(params))
+    elif callable(fn):
+        if params:
+            raise RuleError(f"lookup_table: params {sorted(params)} are for a named activation, not a function")
+        y = np.asarray(fn(r), dtype=np.float32)
+        if y.shape != r.shape:
+            raise RuleError(f"lookup_table: fn must map the 256 values elementwise, got shape {y.shape}")
+    else:
+        raise RuleError(f"lookup_table: fn must be an activation name or a function, got {fn!r}")
+    return quantize_array(y.astype(np.float32), _one_scale(y_scale, "y_scale"),
+                          _one_zero_point(y_zero_point, "y_zero_point", _qdtype(dtype, "dtype")), dtype)
+
+
+TABLE_SIZE = 256
+
+
+@builder("x")
+def qlookup(x: Value, table, name=None) -> Value:
+    """``y[i] = table[x[i] - min(x.dtype)]``: any int8/uint8 -> int8/uint8
+    function as a 256-entry table (:func:`lookup_table` builds one for an
+    activation). ``table`` is a Value or an int8/uint8 numpy array (made a
+    constant); the output has the table's dtype."""
+    if not isinstance(table, Value):
+        arr = np.asarray(table)
+        if arr.dtype.name not in QDTYPES:
+            from ..errors import GraphError
+            raise GraphError(f"qlookup: table must be an int8 or uint8 array (lookup_table makes one), "
+                             f"got {arr.dtype}")
+        table = x.graph.const(arr, arr.dtype.name)
+    return x.graph.add("qlookup", [x, table], {}, name)
+
+
+@register
+class QLookup(Op):
+    name = "qlookup"
+    arity = (2, 2)
+    inputs = ("x", "table")
+
+    def infer(self, attrs, types):
+        x, t = types
+        _quant_check(x, "qlookup's input x")
+        _quant_check(t, "qlookup's table")
+        if t.shape != (TABLE_SIZE,):
+            raise RuleError(f"table must have {TABLE_SIZE} entries (one per {x.dtype} value), got shape {t.shape}")
+        return TensorType(x.shape, t.dtype)
+
+    def reference(self, attrs, x, table):
+        return table[x.astype(np.int64) - qrange(str(x.dtype))[0]]
+
+    def context(self, attrs, types, out):
+        return dict(SIZE=out.size, OFFSET=-qrange(types[0].dtype)[0], par=[("i", "SIZE", out.size)])
