@@ -152,6 +152,11 @@ class Pad(_Resample):
             value = float(attrs.get("value", 0.0))
         except (TypeError, ValueError):
             raise RuleError(f"value must be a number, got {attrs.get('value')!r}") from None
+        dtype = types[0].dtype
+        if np.dtype(dtype).kind in "iu":       # an integer tensor pads with one of its values (quantized: its zero point)
+            info = np.iinfo(dtype)
+            if not (np.isfinite(value) and value == int(value) and info.min <= value <= info.max):
+                raise RuleError(f"value {value!r} is not a {dtype} value (an integer in [{info.min}, {info.max}])")
         return {"pads": pairs, "value": value}
 
     def out_spatial(self, attrs, x):
