@@ -26,11 +26,13 @@ from .ops.loss import cross_entropy, mse_loss
 from .ops.quantized import dequantize, qconv, quantize
 from .ops.quantized import (lookup_table, qadd, qavg_pool, qconcat, qconv_transpose, qdense, qglobal_avg_pool, qlookup,
                             qmatmul)
+from .calibration import calibrate, quantize  # noqa: F811  (on a Graph: post-training quantization; on a Value: the op)
 
 # compiling, costing, differentiating, training, passes, interchange
 from .api import compile  # noqa: A001
 from .runtime.threads import get_num_threads, set_num_threads
 from .cost import cost
+from .explain import explain
 from .tuner import tune
 from .autodiff import grad
 from .train import SGD, Adam, Trainer

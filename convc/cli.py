@@ -218,6 +218,41 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    """``convc quantize MODEL --calibration FILE.npz``: calibrate, run the
+    quantize_int8 pass, print the float graph and the int8 graph one after
+    the other with the per-layer scales (``--report``: the measured error
+    and sizes per layer), and write the int8 graph (``-o``, ``--onnx``)."""
+    import convc as cc
+    from convc import calibration as cal
+    from convc import passes
+    from convc.export import load_model
+
+    g = load_model(args.model)
+    gc = cal.calibrate(g, args.calibration, observer=args.observer, percentile=args.percentile, engine=args.engine)
+    if args.per_tensor:
+        for n in gc.topological_order():
+            gc.nx.nodes[n]["per_channel"] = False
+    g8, (rep,) = passes.report(gc, ["quantize_int8"])
+    print(f"== float graph '{g.name}' after {', '.join(cal.CLEANUP)} ==")
+    print(gc)
+    print()
+    print(f"== int8 graph (quantize_int8, observer {args.observer}) ==")
+    print(g8)
+    print()
+    if args.report:
+        print(cal.measure(gc, g8, cal.batches(g, args.calibration), args.engine).table())
+    else:
+        print(rep.table())
+    if args.output:
+        py, npz = cal.save_python(g8, args.output)
+        print(f"wrote {py} and {npz}")
+    if args.onnx:
+        cc.to_onnx(g8, path=args.onnx)
+        print(f"wrote {args.onnx}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convc", description="convc: a small graph compiler for conv nets")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -248,6 +283,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None, help="tune at this many threads (default: all cores)")
     t.add_argument("--quiet", action="store_true", help="no progress lines")
     t.set_defaults(fn=cmd_tune)
+    q = sub.add_parser("quantize", help="post-training int8 quantization of a model: calibrate on sample inputs, "
+                                        "show the float and int8 graphs and the per-layer error and sizes")
+    q.add_argument("model", help="an ONNX file, a bundled model name such as lenet5, or a Python file defining "
+                                 "build() -> Graph")
+    q.add_argument("--calibration", required=True, metavar="FILE.npz",
+                   help="calibration inputs: arrays named after the graph's inputs (or one array), k batches each")
+    q.add_argument("-o", "--output", metavar="OUT.py", help="write the int8 graph as a model file (and OUT.npz)")
+    q.add_argument("--onnx", metavar="OUT.onnx", help="write the int8 graph as ONNX")
+    q.add_argument("--report", action="store_true", help="measure each layer's error and size on all the "
+                                                         "calibration data (default: the pass notes, on a sample)")
+    q.add_argument("--observer", default="minmax", choices=["minmax", "percentile"], help="default: minmax")
+    q.add_argument("--percentile", type=float, default=99.99, help="for --observer percentile (default 99.99)")
+    q.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor, not per channel")
+    q.add_argument("--engine", default="c", choices=["c", "reference"],
+                   help="run the float graph compiled (c, default) or on the numpy interpreter")
+    q.set_defaults(fn=cmd_quantize)
     from convc.export import add_cli as add_export_cli
 
     add_export_cli(sub)
@@ -257,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     from convc.bench import add_cli as add_bench_cli
 
     add_bench_cli(sub)
+    from convc.explain import add_cli as add_explain_cli
+
+    add_explain_cli(sub)
     dv = sub.add_parser("devices", help="list the OpenCL devices and the one the opencl target picks")
     dv.set_defaults(fn=cmd_devices)
     c = sub.add_parser("cache", help="show (or --clear) the compile cache")
