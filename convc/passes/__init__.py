@@ -4,3 +4,4 @@ from .manager import PASSES, PIPELINES, PassError, PassReport, register, report,
 from . import cleanup, factor, fft, fusion, gemm, grouped, im2col, strided, tiled, transposed  # noqa: F401,E402  (registers the passes)
 from . import winograd  # noqa: F401,E402  (registers conv_to_winograd)
 from . import blocked  # noqa: F401,E402  (registers to_blocked_layout)
+from . import quantize  # noqa: F401,E402  (registers split_int8_epilogues, quantize_int8, cancel_requantize)
