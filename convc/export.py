@@ -355,6 +355,7 @@ class Export:
     peak_live_bytes: int        # the peak of live buffers (equal unless the plan has holes)
     intermediate_bytes: int     # the arena without reuse
     weight_bytes: int
+    graph: Graph | None = None  # the graph rendered (after the pass pipeline; quantized with int8=True)
 
     def __str__(self):
         return (f"wrote {', '.join(str(f) for f in self.files)}\n"
@@ -398,7 +399,7 @@ def export_c(graph: Graph, out_dir, name: str = "model", weights_file: bool = Fa
         (out / fname).write_text(text)
         paths.append(out / fname)
     return Export(name, out, paths, passes, lib.plan, lib.plan.arena_bytes, peak_live_bytes(lib.plan),
-                  lib.plan.intermediate_bytes, lib.weight_bytes)
+                  lib.plan.intermediate_bytes, lib.weight_bytes, lib.graph)
 
 
 # -- int8 ---------------------------------------------------------------------
@@ -412,7 +413,7 @@ def int8_graph(graph: Graph, calibration=None, samples: int = CALIBRATION_SAMPLE
     ``convc export --int8``): ``cc.quantize`` (the float cleanups,
     calibration through the reference interpreter -- the export's oracle --
     and the ``quantize_int8`` pass). ``calibration``: an ``.npz`` path, an
-    array, a dict of arrays or a list of feeds (``convc.calibrate.batches``);
+    array, a dict of arrays or a list of feeds (as ``cc.quantize`` takes them);
     ``None``: ``samples`` random inputs of the declared shapes
     (:func:`random_inputs`), a weak calibration whose scales fit random data
     rather than the data the model will see. Ops without an int8 form stay
@@ -425,16 +426,16 @@ def int8_graph(graph: Graph, calibration=None, samples: int = CALIBRATION_SAMPLE
         d = graph.node(done[0])
         raise ConvcError(f"graph '{graph.name}' is already quantized (node '{done[0]}' ({d['op']}) is "
                          f"{d['type']}): export it without int8=True / --int8")
-    try:
-        from .calibrate import quantize
-    except ImportError:
-        raise ConvcError("int8 export needs cc.quantize (convc/calibrate.py and the quantize_int8 pass), which "
-                         "this convc does not have; quantize the graph by hand with cc.quantize/cc.qconv/"
-                         "cc.dequantize and export that graph") from None
+    import convc
+
+    if getattr(convc.quantize, "__module__", "") == "convc.ops.quantized":       # only the op, no graph pass
+        raise ConvcError("int8 export needs cc.quantize(graph, calibration) (the quantize_int8 pass), which this "
+                         "convc does not have; quantize the graph by hand with cc.quantize/cc.qconv/"
+                         "cc.dequantize on values and export that graph")
     if calibration is None:
         floats = [n for n in graph.input_names if graph.node(n)["type"].dtype in ("float32", "float64")]
         calibration = [{n: f[n] for n in floats} for f in random_inputs(graph, samples, seed)]
-    return quantize(graph, calibration, engine="reference")
+    return convc.quantize(graph, calibration, engine="reference")
 
 
 # -- flash and RAM ------------------------------------------------------------
@@ -549,12 +550,14 @@ def _measure(tools: Toolchain, tmp: str, name: str, obj: str, flags: list[str]) 
     _run([tools.cc, *tools.flags, *flags, "-fstack-usage", "-c", f"{name}.c", "-o", f"{obj}.o"], tmp)
     symbols: dict[str, int] = {}
     data: dict[str, int] = {}
+    seen = set()                # GCC merges identical const tables (two all-zero ones): count the bytes once
     for line in _run([tools.nm, "-S", f"{obj}.o"], tmp).splitlines():
         parts = line.split()
         if len(parts) == 4:
             base = parts[3].split(".")[0]
             symbols[base] = symbols.get(base, 0) + int(parts[1], 16)
-            if parts[2] in "rRdD":
+            if parts[2] in "rRdD" and (parts[2].lower(), parts[0]) not in seen:
+                seen.add((parts[2].lower(), parts[0]))
                 data[base] = data.get(base, 0) + int(parts[1], 16)
     sections = {}
     for line in _run([tools.size, "-A", f"{obj}.o"], tmp).splitlines():
