@@ -87,8 +87,10 @@ def _onnx():
     return onnx
 
 
-_NP_OF_DTYPE = {"float32": np.float32, "float64": np.float64, "int64": np.int64}
-_DTYPE_OF_ELEM = {1: "float32", 11: "float64", 7: "int64"}      # TensorProto FLOAT, DOUBLE, INT64
+_NP_OF_DTYPE = {d: np.dtype(d).type for d in DTYPES}
+# TensorProto FLOAT, DOUBLE, INT64, INT32, INT16, INT8, UINT8, UINT16, UINT32, UINT64
+_DTYPE_OF_ELEM = {1: "float32", 11: "float64", 7: "int64", 6: "int32", 5: "int16", 3: "int8", 2: "uint8",
+                  4: "uint16", 12: "uint32", 13: "uint64"}
 _ELEM_OF_DTYPE = {v: k for k, v in _DTYPE_OF_ELEM.items()}
 
 
@@ -248,12 +250,13 @@ class _Importer:
         except Refusal as e:
             raise _Unsupported(str(e)) from None
 
-    def scalar(self, name: str, what: str) -> float:
-        """A compile-time constant input holding one number."""
+    def scalar(self, name: str, what: str, exact: bool = False) -> float:
+        """A compile-time constant input holding one number (``exact``: an
+        integer stays a Python int, so int64 values keep every bit)."""
         v = self.const(name, what)
         if v.size != 1 or v.dtype.kind not in "biuf":
             raise _Unsupported(f"{what} (input {name!r}) must be one number, got {v.dtype} of shape {v.shape}")
-        return float(v.reshape(-1)[0])
+        return int(v.reshape(-1)[0]) if exact and v.dtype.kind in "iu" else float(v.reshape(-1)[0])
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(np.shape(self.env[name])) if isinstance(self.env[name], np.ndarray) else self.env[name].shape
@@ -750,8 +753,8 @@ def _gelu(im, node, ins, at):
 def _clip(im, node, ins, at):
     lo, hi = at["min"], at["max"]
     if im.opset >= 11:
-        lo = im.scalar(ins[1], "min") if ins[1] else None
-        hi = im.scalar(ins[2], "max") if ins[2] else None
+        lo = im.scalar(ins[1], "min", exact=True) if ins[1] else None
+        hi = im.scalar(ins[2], "max", exact=True) if ins[2] else None
     return [clip(im.value(ins[0]), lo, hi, name=im.name(node))]
 
 
@@ -1132,7 +1135,8 @@ def _max_pool(im, node, ins, at):
         y = max_pool(x, k, s, pads, d, ceil_mode, name=im.name(node))
     else:       # more padding than PyTorch's rule allows: pad with -inf explicitly
         need = [(o - 1) * ss + dd * (kk - 1) + 1 for o, ss, dd, kk in zip(out, s, d, k)]
-        xp = pad(x, [(lo, t - n - lo) for (lo, _), t, n in zip(pads, need, x.shape[2:])], -np.inf,
+        lowest = -np.inf if x.dtype in ("float32", "float64") else int(np.iinfo(x.dtype).min)
+        xp = pad(x, [(lo, t - n - lo) for (lo, _), t, n in zip(pads, need, x.shape[2:])], lowest,
                  name=im.name(node, "pad"))
         y = max_pool(xp, k, s, 0, d, False, name=im.name(node))
     if list(y.shape[2:]) != out:

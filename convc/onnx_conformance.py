@@ -34,14 +34,6 @@ OPS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "
 # The cases that cannot pass: (why, a regex the error convc raises for each
 # of them matches -- the tests check that it does, cases).
 CANNOT_PASS = [
-    ("integer dtypes other than int64: convc computes in float32, float64 and int64",
-     r"dtype u?int(8|16|32|64) is not supported",
-     ["test_add_int8", "test_add_int16", "test_add_uint8", "test_add_uint16", "test_add_uint32", "test_add_uint64",
-      "test_sub_int8", "test_sub_int16", "test_sub_uint8", "test_sub_uint16", "test_sub_uint32", "test_sub_uint64",
-      "test_mul_int8", "test_mul_int16", "test_mul_uint8", "test_mul_uint16", "test_mul_uint32", "test_mul_uint64",
-      "test_div_int8", "test_div_int16", "test_div_int32_trunc", "test_div_uint8", "test_div_uint16",
-      "test_div_uint32", "test_div_uint64", "test_clip_default_int8_min", "test_clip_default_int8_max",
-      "test_clip_default_int8_inbounds", "test_clip_default_int8_inbounds_expanded", "test_maxpool_2d_uint8"]),
     ("Pad modes other than constant (edge, reflect, wrap); these cases are int32 as well",
      r"mode '(edge|reflect|wrap)' is not supported", ["test_edge_pad", "test_reflect_pad", "test_wrap_pad"]),
     ("training mode: batch statistics in BatchNormalization, random Dropout (convc imports inference graphs)",

@@ -2,13 +2,22 @@
 ``ops/activations.py`` (``relu``, ``leaky_relu``, ``clip``, ``sigmoid``,
 ``tanh``, ``silu``, ``hardswish``, ``hardsigmoid``, ``gelu``), their
 gradient ``activation_grad``, and binary arithmetic (``add``, ``sub``,
-``mul``, ``div``) with numpy broadcasting."""
+``mul``, ``div``) with numpy broadcasting.
+
+Integer tensors (every integer dtype of the IR) take ``add``, ``sub``,
+``mul``, ``div`` and ``clip``, with ONNX's (and numpy's) integer meaning:
+add, sub and mul wrap around modulo 2**bits (the C computes in an unsigned
+type, where wrapping is defined, and converts back); div truncates toward
+zero as C does. Two cases ONNX leaves open are defined here, in the
+reference and the C alike, so that no input can crash the process:
+``x / 0`` is 0, and for signed types ``x / -1`` is ``-x`` wrapped (so
+``MIN / -1`` is ``MIN``, the one quotient C cannot represent)."""
 from __future__ import annotations
 
 import numpy as np
 
 from ..errors import RuleError
-from ..ir import TensorType, Value
+from ..ir import INT_DTYPES, TensorType, Value
 from .activations import TABLE, Activation, get as get_activation
 from .registry import Op, as_value, builder, float_dtype, graph_of, par_outer, register, register_op, same_dtype
 
@@ -93,13 +102,19 @@ class ActivationOp(Op):
         self.name = act.name
 
     def normalize(self, attrs, types):
+        if self.name == "clip" and types[0].dtype in INT_DTYPES:
+            return int_clip_bounds(attrs, types[0].dtype)
         return self.act.normalize(attrs)
 
     def infer(self, attrs, types):
-        float_dtype(types[0])
+        if not (self.name == "clip" and types[0].dtype in INT_DTYPES):
+            float_dtype(types[0])
         return types[0]
 
     def reference(self, attrs, x):
+        if x.dtype.kind in "iu":            # clip of integers: bounds are integers of the dtype
+            lo, hi = (x.dtype.type(attrs[k]) for k in ("min", "max"))
+            return np.where(np.where(x < lo, lo, x) > hi, hi, np.where(x < lo, lo, x)).astype(x.dtype)
         return self.act.apply(x, attrs)
 
     def grad(self, attrs, xs, y, gy, needs):
@@ -107,7 +122,51 @@ class ActivationOp(Op):
         return [activation_grad(self.name, t, gy, attrs)]
 
     def context(self, attrs, types, out):
-        return dict(SIZE=out.size, par=[("i", "SIZE", out.size)], act=self.act, params=attrs)
+        expr = int_clip_expr(attrs, out.dtype, "v") if out.dtype in INT_DTYPES else None
+        return dict(SIZE=out.size, par=[("i", "SIZE", out.size)], act=self.act, params=attrs, expr=expr)
+
+
+def int_clip_bounds(attrs: dict, dtype: str) -> dict:
+    """Clip's bounds for an integer tensor: integers within the dtype's range
+    (an infinite or absent bound is the range's end), exact (kept as Python
+    ints, so int64 bounds beyond 2**53 stay exact)."""
+    info = np.iinfo(dtype)
+    out = {}
+    for k, end in (("min", int(info.min)), ("max", int(info.max))):
+        v = attrs.get(k)
+        if v is None or (isinstance(v, (float, np.floating)) and np.isinf(v) and (v < 0) == (k == "min")):
+            out[k] = end
+            continue
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                or (isinstance(v, (float, np.floating)) and not float(v).is_integer()):
+            raise RuleError(f"clip of a {dtype} tensor: {k} must be an integer (or None), got {v!r}")
+        if not info.min <= int(v) <= info.max:
+            raise RuleError(f"clip of a {dtype} tensor: {k} {int(v)} is outside the dtype's range "
+                            f"[{info.min}, {info.max}]")
+        out[k] = int(v)
+    return out
+
+
+def c_int(v: int, dtype: str) -> str:
+    """An integer literal of ``dtype`` C (and OpenCL C) read exactly: the
+    most negative int64 is written as an expression (its literal would not
+    fit), 64-bit values carry a suffix."""
+    if dtype == "int64" and v == -2**63:
+        return "(-9223372036854775807LL - 1)"
+    return f"{v}{'ULL' if dtype == 'uint64' else 'LL' if dtype == 'int64' else ''}"
+
+
+def int_clip_expr(attrs: dict, dtype: str, x: str) -> str:
+    """C expression of an integer clip of variable ``x`` (numpy.clip's order:
+    the lower bound, then the upper, so min > max gives max). A bound at the
+    end of the dtype's range clips nothing and is left out (its comparison
+    would always be false, which -Wextra reports for unsigned types)."""
+    info = np.iinfo(dtype)
+    lo, hi = attrs["min"], attrs["max"]
+    e = x if lo <= info.min else f"({x} < {c_int(lo, dtype)} ? {c_int(lo, dtype)} : {x})"
+    if hi < info.max:
+        e = f"({e} > {c_int(hi, dtype)} ? {c_int(hi, dtype)} : {e})"
+    return e
 
 
 for _act in TABLE.values():
@@ -141,6 +200,41 @@ def div(a, b, name=None) -> Value:
     return _binary("div", a, b, name)
 
 
+_SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+
+
+def binary_c_expr(kind: str, dtype: str, a: str, b: str) -> str:
+    """The C expression of ``a kind b`` (variables) in ``dtype``: plain for
+    floats; for integers, add/sub/mul in the unsigned type of at least 32
+    bits (wrapping is defined there, and operands narrower than int would
+    otherwise be promoted to signed int, where a product can overflow),
+    converted back (modulo 2**bits, as gcc, clang and OpenCL C define the
+    conversion); div by the rules of the module docstring."""
+    from ..codegen.env import CTYPES
+    sym = _SYMBOL[kind]
+    if dtype not in INT_DTYPES:
+        return f"{a} {sym} {b}"
+    T = CTYPES[dtype]
+    W = "uint64_t" if np.dtype(dtype).itemsize == 8 else "uint32_t"
+    if kind != "div":
+        return f"({T})(({W}){a} {sym} ({W}){b})"
+    if dtype.startswith("u"):
+        return f"({b} == 0 ? 0 : ({T})({a} / {b}))"
+    return f"({b} == 0 ? 0 : {b} == -1 ? ({T})(0 - ({W}){a}) : ({T})({a} / {b}))"
+
+
+def int_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Integer a / b as :func:`binary_c_expr` computes it: truncated toward
+    zero, x / 0 = 0, x / -1 = -x wrapped; in a's dtype."""
+    a, b = np.broadcast_arrays(a, b)
+    zero = b == 0
+    neg1 = (b == -1) if a.dtype.kind == "i" else np.zeros(b.shape, bool)
+    safe = np.where(zero | neg1, 1, b).astype(a.dtype)
+    q = (a - np.fmod(a, safe)) // safe          # exact: a minus C's remainder is a multiple of b
+    with np.errstate(over="ignore"):
+        return np.where(zero, 0, np.where(neg1, np.negative(a), q)).astype(a.dtype)
+
+
 def broadcast_strides(shape, out_shape):
     """Element strides of ``shape`` seen through ``out_shape`` (0 where broadcast)."""
     pad = (1,) * (len(out_shape) - len(shape)) + tuple(shape)
@@ -167,12 +261,14 @@ class _Binary(Op):
         return TensorType(tuple(out), dtype)
 
     def reference(self, attrs, a, b):
-        return type(self).numpy_fn(a, b)
+        with np.errstate(over="ignore"):          # integers wrap around, as in C's unsigned arithmetic
+            return np.asarray(type(self).numpy_fn(a, b), dtype=a.dtype)
 
     def context(self, attrs, types, out):
         dims = list(out.shape)
         same = types[0].shape == types[1].shape == out.shape
         return dict(kind=self.name, same=same, SIZE=out.size, dims=dims,
+                    expr=binary_c_expr(self.name, out.dtype, "va", "vb"),
                     par=[("i", "SIZE", out.size)] if same else par_outer(dims),
                     sa=broadcast_strides(types[0].shape, out.shape),
                     sb=broadcast_strides(types[1].shape, out.shape))
@@ -226,9 +322,8 @@ class Div(_Binary):
         return [sum_to(q, a.shape) if needs[0] else None,
                 sum_to(mul(mul(q, y), -1.0), b.shape) if needs[1] else None]        # -gy * a / b^2
 
-    def infer(self, attrs, types):
-        float_dtype(types[0], "dividend")
-        return super().infer(attrs, types)
+    def reference(self, attrs, a, b):
+        return int_div(a, b) if a.dtype.kind in "iu" else np.divide(a, b)
 
 
 

@@ -1,5 +1,7 @@
 """Pools: ``max_pool``, ``avg_pool`` (1D/2D/3D, PyTorch semantics, including
-``ceil_mode`` and ``count_include_pad``) and ``global_avg_pool``."""
+``ceil_mode`` and ``count_include_pad``) and ``global_avg_pool``.
+``max_pool`` takes integer tensors too (ONNX's MaxPool on int8 and uint8):
+its padding is then the dtype's smallest value, the identity of max."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +9,7 @@ import numpy as np
 from .. import shapes
 from ..shapes import interior
 from ..errors import RuleError
-from ..ir import TensorType, Value
+from ..ir import INT_DTYPES, TensorType, Value
 from .registry import Op, builder, flag, float_dtype, register
 from .window import axes_context, padded, windows
 
@@ -63,7 +65,8 @@ class _Pool(Op):
 
     def infer(self, attrs, types):
         x = types[0]
-        float_dtype(x)
+        if not (self.name == "max_pool" and x.dtype in INT_DTYPES):
+            float_dtype(x)
         out = shapes.window_out_sizes(x.shape[2:], attrs["kernel_size"], attrs["stride"], attrs["dilation"],
                                       attrs["padding"], attrs["ceil_mode"])
         return TensorType(x.shape[:2] + out, x.dtype)
@@ -90,7 +93,11 @@ class _Pool(Op):
         # max_pool's interior skips the NaN checks once a scan finds no NaN in the input rows
         # it reads: per tap of the axes before the last two, `span` contiguous elements
         span = (axes[-2]["d"] * (axes[-2]["k"] - 1) + 1) * axes[-1]["i"] if len(axes) > 1 else axes[0]["i"]
+        from .elementwise import c_int
+        integer = x.dtype in INT_DTYPES
         return dict(kind=self.name, N=x.shape[0], C=x.shape[1], NC=nc, axes=axes, span=span,
+                    nan=not integer,                # floats: NaN propagates (integers have none to check)
+                    lowest=c_int(int(np.iinfo(x.dtype).min), x.dtype) if integer else "-INFINITY",
                     interior=all(a["first"] < a["end"] for a in axes),
                     count_include_pad=attrs.get("count_include_pad", False),
                     par=[("nc", "NC", nc)] + [("o" + a["l"], "OUT_" + a["U"], a["o"]) for a in axes[:-1]])
@@ -105,8 +112,9 @@ class MaxPool(_Pool):
 
     def reference(self, attrs, x):
         k, s, d, pads, out, extra = self._geometry(attrs, x.shape)
-        xp = padded(x, [(lo, hi + e) for (lo, hi), e in zip(pads, extra)], -np.inf)
-        y = np.full(x.shape[:2] + out, -np.inf, x.dtype)
+        lowest = np.iinfo(x.dtype).min if x.dtype.kind in "iu" else -np.inf
+        xp = padded(x, [(lo, hi + e) for (lo, hi), e in zip(pads, extra)], lowest)
+        y = np.full(x.shape[:2] + out, lowest, x.dtype)
         for _, view in windows(xp, k, s, d, out):
             y = np.maximum(y, view)
         return y
