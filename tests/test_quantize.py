@@ -319,3 +319,68 @@ def test_digits_accuracy():
     res = quantize_digits.run(epochs=4, calibration=200)
     assert res["float"] > 0.9
     assert res["float"] - res["int8"] <= 0.01, res
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_against_torch_post_training_quantization():
+    """An independent oracle of calibration + pass: PyTorch's eager post-training static
+    quantization (fbgemm) of the same net with the same scheme -- min/max observers,
+    activations asymmetric per tensor (quint8: the same real grid as our int8, zero point
+    +128), weights symmetric per channel in [-127, 127], relu fused. The calibrated scales
+    agree to float32 rounding (torch computes them in float32, convc in float64 then rounds)
+    and the output integers within 1 step (fbgemm requantizes in float)."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+    from torch.ao import quantization as tq
+    torch.backends.quantized.engine = "fbgemm"
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.dq = tq.QuantStub(), tq.DeQuantStub()
+            self.c1, self.r1 = nn.Conv2d(1, 8, 3, padding=1), nn.ReLU()
+            self.c2, self.r2 = nn.Conv2d(8, 16, 3, padding=1), nn.ReLU()
+            self.f1, self.r3, self.f2 = nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)
+
+        def forward(self, x):
+            x = torch.max_pool2d(self.r1(self.c1(self.q(x))), 2)
+            x = torch.flatten(torch.max_pool2d(self.r2(self.c2(x)), 2), 1)
+            return self.dq(self.f2(self.r3(self.f1(x))))
+
+    torch.manual_seed(0)
+    m = Net().eval()
+    g = cc.Graph("tnet")
+    x = g.input("x", (4, 1, 8, 8))
+
+    def wb(mod, name):
+        return (g.param(f"{name}_w", mod.weight.detach().numpy(), "float32"),
+                g.param(f"{name}_b", mod.bias.detach().numpy(), "float32"))
+    h = cc.max_pool(cc.relu(cc.conv(x, *wb(m.c1, "c1"), padding=1, name="c1")), 2)
+    h = cc.max_pool(cc.relu(cc.conv(h, *wb(m.c2, "c2"), padding=1, name="c2")), 2)
+    h = cc.relu(cc.dense(cc.flatten(h), *wb(m.f1, "f1"), name="f1"))
+    g.output(cc.dense(h, *wb(m.f2, "f2"), name="f2"), "y")
+    calib = np.random.default_rng(1).random((64, 1, 8, 8)).astype(np.float32)
+    g8 = cc.quantize(g, calib, engine="reference")
+
+    m.qconfig = tq.QConfig(activation=tq.MinMaxObserver.with_args(dtype=torch.quint8),
+                           weight=tq.PerChannelMinMaxObserver.with_args(
+                               dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-127, quant_max=127))
+    tq.fuse_modules(m, [["c1", "r1"], ["c2", "r2"], ["f1", "r3"]], inplace=True)
+    prepared = tq.prepare(m)
+    with torch.no_grad():
+        prepared(torch.from_numpy(calib))
+    tm = tq.convert(prepared)
+    layers = {"c1": tm.c1, "c2": tm.c2, "f1": tm.f1, "f2": tm.f2}
+    for n in g8.topological_order():
+        base = n.split(".")[0]
+        if base in layers and g8.node(n)["op"] in ("qconv", "qdense"):
+            s, z = g8.node(n)["qparams"]
+            assert s == pytest.approx(layers[base].scale, rel=1e-6) and z + 128 == layers[base].zero_point, n
+            w = g8.node(g8.inputs_of(n)[1])["value"].reshape(layers[base].weight().shape)
+            assert np.array_equal(w, layers[base].weight().int_repr().numpy()), n
+    test = np.random.default_rng(2).random((4, 1, 8, 8)).astype(np.float32)
+    want = tm(torch.from_numpy(test)).numpy()
+    got = cc.compile(g8, "c")(x=test)
+    step = g8.node(g8.inputs_of(g8.outputs["y"])[0])["qparams"][0]
+    lsb = np.rint(np.abs(want - got) / step)
+    assert lsb.max() <= 1 and np.mean(lsb == 0) >= 0.9, (lsb.max(), np.mean(lsb == 0))
