@@ -24,6 +24,8 @@ from convc.export import (SizeComparison, export_c, int8_graph, main, random_inp
                           toolchain)
 from convc.models import lenet5
 from convc.ops.quantized import activation_clamp
+from convc.codegen.c import generate
+from convc.passes import run as run_passes
 from convc.reference import evaluate
 from test_export import ARM, STRICT, gcc, lib_sources, max_error, need_arm, sh
 
@@ -165,6 +167,20 @@ def test_library_types_and_tables(exported):
     for b in exp.plan.buffers:
         t = exp.graph.node(b.node)["type"]
         assert b.nbytes == t.size * np.dtype(t.dtype).itemsize
+
+
+def test_node_functions_are_the_runtime_ones(exported):
+    """The int8 ops render in the export exactly as in cc.compile's module:
+    every node function (and its tables) of the runtime source appears
+    verbatim in the library."""
+    g, exp = exported
+    runtime = generate(run_passes(g, exp.passes)).text
+    fns = re.findall(r"^(?:static const [^\n]*\n)*static void node_\w+\(.*?^}\n", runtime, re.M | re.S)
+    assert len(fns) == len(exp.plan.order)
+    lib = (exp.dir / f"{exp.name}.c").read_text()
+    for f in fns:
+        assert f in lib, f.splitlines()[0]
+    assert any("_mult[" in f for f in fns)
 
 
 def test_harness_fails_on_one_lsb(tmp_path):
