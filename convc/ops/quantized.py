@@ -346,6 +346,15 @@ def _check_sum(terms: int, dtype: str, zero_point: int, what: str):
         raise RuleError(f"{terms} {what} could overflow the int32 accumulator (worst case {worst} > 2**31 - 1)")
 
 
+def headroom(worst: int, most: int = 20) -> int:
+    """Bits a sum bounded by ``worst`` can be shifted left and stay in int32
+    (at most ``most``). Ops whose sums are small (pools, concat, add) shift
+    them before requantizing so that the multiplier's right shift grows by as
+    many bits: the fixed-point result then rounds like exact arithmetic
+    except within 2**-(bits + 1) of a tie (TFLite's ADD does this with 20)."""
+    return max(0, min(most, 31 - int(worst).bit_length()))
+
+
 def _out_qparams(attrs, raw_ok: bool = False) -> dict:
     """The output's (y_scale, y_zero_point, dtype, clamp). ``raw_ok``: the
     dtype may be "int32", the raw accumulator (ONNX's MatMulInteger and
@@ -719,9 +728,10 @@ def qconcat(values, axis: int = 1, *, x_scales, x_zero_points, y_scale, y_zero_p
             name=None) -> Value:
     """Join quantized tensors along ``axis``, each input requantized from
     its own (``x_scales[i]``, ``x_zero_points[i]``) to the output's
-    (``y_scale``, ``y_zero_point``, ``dtype``): ``requantize(q - zp_i,
-    x_scale_i / y_scale) + y_zero_point``; an input with the output's dtype,
-    scale and zero point is copied."""
+    (``y_scale``, ``y_zero_point``, ``dtype``): ``requantize((q - zp_i) *
+    2**20, x_scale_i / (y_scale * 2**20)) + y_zero_point`` (the shift:
+    :func:`headroom`); an input with the output's dtype, scale and zero point
+    is copied."""
     from ..errors import GraphError
     vals = list(values) if isinstance(values, (list, tuple)) else None
     if not vals or not all(isinstance(v, Value) for v in vals):
@@ -750,11 +760,12 @@ class QConcat(Op):
                             f"{len(scales)} and {len(zps)}")
         zps = tuple(_one_zero_point(z, f"x_zero_points[{i}]", t.dtype) for i, (z, t) in enumerate(zip(zps, types)))
         y = _out_qparams(dict(attrs, clamp=None))
-        mult, shift = multipliers([s / y["y_scale"] for s in scales])
+        pre = headroom(max(_max_abs(t.dtype, [z]) for t, z in zip(types, zps)))
+        mult, shift = multipliers([s / (y["y_scale"] * 2**pre) for s in scales])
         copy = tuple(t.dtype == y["dtype"] and s == y["y_scale"] and z == y["y_zero_point"]
                      for t, s, z in zip(types, scales, zps))
         return dict(axis=tensor_axis(attrs["axis"], len(types[0].shape)), x_scales=scales, x_zero_points=zps,
-                    **y, multiplier=mult, shift=shift, copy=copy)
+                    **y, pre_shift=pre, multiplier=mult, shift=shift, copy=copy)
 
     def infer(self, attrs, types):
         from .registry import get_op
@@ -767,7 +778,8 @@ class QConcat(Op):
     def reference(self, attrs, *xs):
         lo, hi = attrs["clamp"]
         parts = [x.astype(attrs["dtype"]) if cp else
-                 np.clip(requantize(x.astype(np.int64) - z, m, s) + attrs["y_zero_point"], lo, hi).astype(
+                 np.clip(requantize((x.astype(np.int64) - z) << attrs["pre_shift"], m, s) + attrs["y_zero_point"],
+                         lo, hi).astype(
                      attrs["dtype"])
                  for x, z, m, s, cp in zip(xs, attrs["x_zero_points"], attrs["multiplier"], attrs["shift"],
                                            attrs["copy"])]
@@ -779,8 +791,8 @@ class QConcat(Op):
         ins = [dict(ROW=shapes.prod(t.shape[ax:]), same=cp, XZP=z, mult=m, shift=s)
                for t, cp, z, m, s in zip(types, attrs["copy"], attrs["x_zero_points"], attrs["multiplier"],
                                          attrs["shift"])]
-        return dict(OUTER=outer, OUT_ROW=shapes.prod(out.shape[ax:]), ins=ins, par=[("o", "OUTER", outer)],
-                    **_out_context(attrs))
+        return dict(OUTER=outer, OUT_ROW=shapes.prod(out.shape[ax:]), ins=ins, PRE=attrs["pre_shift"],
+                    par=[("o", "OUTER", outer)], **_out_context(attrs))
 
     def macs(self, attrs, types, out):
         return sum(t.size for t, cp in zip(types, attrs["copy"]) if not cp)
@@ -799,10 +811,11 @@ def _pool_qparams(attrs, x: TensorType) -> dict:
     return dict(x_scale=x_scale, x_zero_point=x_zp, **y)
 
 
-def _count_multipliers(q: dict, counts: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The requantization of a window sum divided by its count, for every
-    count 1..counts (entry 0 unused): x_scale / (y_scale * count)."""
-    mult, shift = multipliers([q["x_scale"] / (q["y_scale"] * c) for c in range(1, counts + 1)])
+def _count_multipliers(q: dict, counts: int, pre: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The requantization of a window sum (shifted left by ``pre``) divided
+    by its count, for every count 1..counts (entry 0 unused): x_scale /
+    (y_scale * count * 2**pre)."""
+    mult, shift = multipliers([q["x_scale"] / (q["y_scale"] * c * 2**pre) for c in range(1, counts + 1)])
     return (0,) + mult, (0,) + shift
 
 
@@ -811,7 +824,8 @@ def qavg_pool(x: Value, kernel_size, stride=None, padding=0, ceil_mode=False, co
               x_zero_point=0, y_scale=None, y_zero_point=None, dtype=None, clamp=None, name=None) -> Value:
     """Quantized average pool (geometry as :func:`convc.avg_pool`): the
     window's ``sum (q - x_zero_point)`` in int32 (a padded tap is the real 0,
-    adding nothing), requantized by ``x_scale / (y_scale * count)`` with the
+    adding nothing), shifted left by :func:`headroom` bits and requantized by
+    ``x_scale / (y_scale * count * 2**bits)`` with the
     window's count (the divisor :func:`convc.avg_pool` uses), plus
     ``y_zero_point``, clamped. The output qparams default to the input's."""
     attrs = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=1, ceil_mode=ceil_mode,
@@ -834,8 +848,10 @@ class QAvgPool(Op):
         x = types[0]
         geo = self._float_pool().normalize({k: attrs[k] for k in self.GEOMETRY}, [TensorType(x.shape, "float32")])
         q = _pool_qparams(attrs, x)
-        mult, shift = _count_multipliers(q, shapes.prod(geo["kernel_size"]))
-        return dict(geo, **q, multiplier=mult, shift=shift)
+        taps = shapes.prod(geo["kernel_size"])
+        pre = headroom(taps * _max_abs(x.dtype, [q["x_zero_point"]]))
+        mult, shift = _count_multipliers(q, taps, pre)
+        return dict(geo, **q, pre_shift=pre, multiplier=mult, shift=shift)
 
     def infer(self, attrs, types):
         x = types[0]
@@ -858,7 +874,7 @@ class QAvgPool(Op):
         count = sum(v for _, v in windows(mask, k, s, d, out))
         m = np.asarray(attrs["multiplier"], np.int64)[count]
         sh = np.asarray(attrs["shift"], np.int64)[count]
-        return _finish(total, attrs, m, sh)
+        return _finish(total << attrs["pre_shift"], attrs, m, sh)
 
     def context(self, attrs, types, out):
         x = types[0]
@@ -868,6 +884,7 @@ class QAvgPool(Op):
             a["hi"] = hi
         nc = x.shape[0] * x.shape[1]
         return dict(NC=nc, axes=axes, count_include_pad=attrs["count_include_pad"], XZP=attrs["x_zero_point"],
+                    PRE=attrs["pre_shift"],
                     COUNTS=len(attrs["multiplier"]), mult=list(attrs["multiplier"]), shift=list(attrs["shift"]),
                     par=[("nc", "NC", nc)] + [("o" + a["l"], "OUT_" + a["U"], a["o"]) for a in axes[:-1]],
                     **_out_context(attrs))
@@ -880,8 +897,8 @@ class QAvgPool(Op):
 def qglobal_avg_pool(x: Value, *, x_scale, x_zero_point=0, y_scale=None, y_zero_point=None, dtype=None, clamp=None,
                      name=None) -> Value:
     """Quantized mean over all spatial axes, (N, C, 1, ...): the plane's
-    ``sum (q - x_zero_point)`` in int32 requantized by ``x_scale / (y_scale *
-    H*W)``, plus ``y_zero_point``, clamped. Output qparams default to the
+    ``sum (q - x_zero_point)`` in int32, shifted left by :func:`headroom` bits,
+    requantized by ``x_scale / (y_scale * H*W * 2**bits)``, plus ``y_zero_point``, clamped. Output qparams default to the
     input's."""
     attrs = dict(x_scale=x_scale, x_zero_point=x_zero_point, y_scale=y_scale, y_zero_point=y_zero_point,
                  dtype=dtype, clamp=clamp)
@@ -897,8 +914,10 @@ class QGlobalAvgPool(Op):
         if not 3 <= len(x.shape) <= 5:
             raise RuleError(f"input must be (N, C, *spatial) with 1 to 3 spatial axes, got rank {len(x.shape)}")
         q = _pool_qparams(attrs, x)
-        (m,), (s,) = multipliers([q["x_scale"] / (q["y_scale"] * shapes.prod(x.shape[2:]))])
-        return dict(q, multiplier=m, shift=s)
+        hw = shapes.prod(x.shape[2:])
+        pre = headroom(hw * _max_abs(x.dtype, [q["x_zero_point"]]))
+        (m,), (s,) = multipliers([q["x_scale"] / (q["y_scale"] * hw * 2**pre)])
+        return dict(q, pre_shift=pre, multiplier=m, shift=s)
 
     def infer(self, attrs, types):
         x = types[0]
@@ -908,12 +927,13 @@ class QGlobalAvgPool(Op):
 
     def reference(self, attrs, x):
         acc = (x.astype(np.int64) - attrs["x_zero_point"]).sum(axis=tuple(range(2, x.ndim)), keepdims=True)
-        return _finish(acc, attrs, attrs["multiplier"], attrs["shift"])
+        return _finish(acc << attrs["pre_shift"], attrs, attrs["multiplier"], attrs["shift"])
 
     def context(self, attrs, types, out):
         x = types[0]
         nc = x.shape[0] * x.shape[1]
-        return dict(NC=nc, HW=shapes.prod(x.shape[2:]), XZP=attrs["x_zero_point"], MULT=attrs["multiplier"],
+        return dict(NC=nc, HW=shapes.prod(x.shape[2:]), XZP=attrs["x_zero_point"], PRE=attrs["pre_shift"],
+                    MULT=attrs["multiplier"],
                     SHIFT=attrs["shift"], par=[("nc", "NC", nc)], **_out_context(attrs))
 
     def macs(self, attrs, types, out):
@@ -931,6 +951,14 @@ def lookup_table(fn, x_scale, x_zero_point, y_scale, y_zero_point, dtype: str = 
     ``"silu"``, ``"gelu"``, ``"leaky_relu"``, ..., with its ``params``) or a
     numpy function of a float32 array. This is how such activations run in an
     int8 graph: one table read per element, no float arithmetic in C."""
+    from ..errors import GraphError
+    try:
+        return _lookup_table(fn, x_scale, x_zero_point, y_scale, y_zero_point, dtype, x_dtype, params)
+    except RuleError as e:
+        raise GraphError(f"lookup_table: {e}") from None
+
+
+def _lookup_table(fn, x_scale, x_zero_point, y_scale, y_zero_point, dtype, x_dtype, params) -> np.ndarray:
     from . import activations
     lo, hi = qrange(x_dtype)
     q = np.arange(lo, hi + 1)
@@ -940,12 +968,12 @@ def lookup_table(fn, x_scale, x_zero_point, y_scale, y_zero_point, dtype: str = 
         y = act.apply(r, act.normalize(params))
     elif callable(fn):
         if params:
-            raise RuleError(f"lookup_table: params {sorted(params)} are for a named activation, not a function")
+            raise RuleError(f"params {sorted(params)} are for a named activation, not a function")
         y = np.asarray(fn(r), dtype=np.float32)
         if y.shape != r.shape:
-            raise RuleError(f"lookup_table: fn must map the 256 values elementwise, got shape {y.shape}")
+            raise RuleError(f"fn must map the 256 values elementwise, got shape {y.shape}")
     else:
-        raise RuleError(f"lookup_table: fn must be an activation name or a function, got {fn!r}")
+        raise RuleError(f"fn must be an activation name or a function, got {fn!r}")
     return quantize_array(y.astype(np.float32), _one_scale(y_scale, "y_scale"),
                           _one_zero_point(y_zero_point, "y_zero_point", _qdtype(dtype, "dtype")), dtype)
 
