@@ -311,6 +311,7 @@ def test_cli(tmp_path):
 
 def test_digits_accuracy():
     """A small run of examples/quantize_digits.py: int8 accuracy within 1 point of float."""
+    pytest.importorskip("sklearn")
     sys.path.insert(0, str(ROOT / "examples"))
     try:
         import quantize_digits
