@@ -1,0 +1,778 @@
+"""PyTorch in: :func:`from_torch` turns an ``nn.Module`` into a convc
+:class:`Graph` through ``torch.export``, and :func:`fx_to_graph` does the same
+for any ATen-level ``torch.fx`` graph (what the ``torch.compile`` backend in
+:mod:`convc.torch_backend` receives from AOTAutograd).
+
+The walk is the ONNX importer's: nodes in topological order, each ATen op
+mapped by one ``@converts`` function onto convc's op builders; a node that
+cannot be mapped is recorded and the walk goes on, so
+:class:`TorchImportError` lists every unsupported op at once. The same
+converters answer "can convc take this node?" for the backend's partitioner
+(:func:`node_support`): a converter run on a scratch graph is the one
+definition of what is supported.
+
+ATen's core decompositions would split hardswish, hardsigmoid, silu and
+ReLU's backward into several elementwise ops; :func:`decompositions` keeps
+them whole, since convc has each as one activation (and fuses it into the
+producer's epilogue).
+
+>>> g = cc.from_torch(model.eval(), (torch.randn(1, 3, 32, 32),))   # doctest: +SKIP
+>>> y = cc.compile(g)(x=np.random.rand(1, 3, 32, 32).astype(np.float32))   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import math
+import operator
+import re
+from collections import Counter
+
+import numpy as np
+
+from .errors import ConvcError, GraphError
+from .ir import Graph, Value
+from .ops.conv import conv
+from .ops.elementwise import (activation_grad, add, clip, div, gelu, hardsigmoid, hardswish, leaky_relu, mul, relu,
+                              sigmoid, silu, sub, tanh)
+from .ops.linear import dense, matmul, softmax
+from .ops.norm import batch_norm
+from .ops.pool import avg_pool, avg_pool_grad, global_avg_pool, max_pool, max_pool_grad
+from .ops.resize import resize
+from .ops.tensor import concat, expand, reduce_sum, reshape, slice_axis, transpose
+from .ops.transpose import conv_grad_input, conv_grad_kernel, conv_transpose
+from .ops.layout import pad
+
+FLOAT_DTYPES = {"torch.float32": "float32", "torch.float64": "float64"}
+# what a placeholder may be: float tensors, and int64 ones a converter ignores (max pool indices)
+INPUT_DTYPES = dict(FLOAT_DTYPES, **{"torch.int64": "int64"})
+
+# ops convc takes whole that ATen's core decompositions would split
+_KEEP_WHOLE = ("silu", "hardswish", "hardsigmoid", "silu_backward", "hardswish_backward", "hardsigmoid_backward",
+               "threshold_backward")
+
+
+class TorchImportError(ConvcError):
+    """A PyTorch program convc cannot import. ``problems`` lists every
+    unsupported op as ``(op, count, reason, where)``: ``where`` is the
+    source line of its first occurrence, when torch recorded it."""
+
+    def __init__(self, what: str, problems: list[tuple[str, int, str, str]]):
+        self.problems = problems
+        n = sum(c for _, c, _, _ in problems)
+        lines = [f"  {op} x{count}: {why}" + (f"\n      first at {where}" if where else "")
+                 for op, count, why, where in problems]
+        super().__init__(f"{what} cannot be imported: {n} unsupported node{'s' if n != 1 else ''} "
+                         f"({len(problems)} distinct):\n" + "\n".join(lines))
+
+
+class Unsupported(Exception):
+    """Raised by converters: why this node cannot become convc ops."""
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise ConvcError("PyTorch support needs torch: pip install torch") from None
+    return torch
+
+
+def decompositions() -> dict:
+    """ATen's core decomposition table without the ops convc maps whole
+    (activations and their backwards); for AOTAutograd and ``torch.export``."""
+    torch = _torch()
+    from torch._decomp import core_aten_decompositions
+    table = dict(core_aten_decompositions())
+    keep = {getattr(torch.ops.aten, n) for n in _KEEP_WHOLE}
+    return {op: fn for op, fn in table.items() if getattr(op, "overloadpacket", None) not in keep}
+
+
+# -- converters ---------------------------------------------------------------------
+_CONVERTERS: dict[str, callable] = {}
+
+
+def converts(*targets: str, ignores: tuple = ()):
+    """Register ``fn(cv, node, a)`` for ATen overloads (``"aten.relu.default"``):
+    ``a`` holds the node's arguments by schema name (defaults filled, FX
+    nodes replaced by convc Values; the arguments in ``ignores`` are not
+    read and come as None); it returns a Value or a tuple (several outputs;
+    ``None`` for one it does not compute)."""
+    def deco(fn):
+        for t in targets:
+            _CONVERTERS[t] = (fn, ignores)
+        return fn
+    return deco
+
+
+def mapped_ops() -> list[str]:
+    """Every ATen overload convc maps, sorted."""
+    return sorted(_CONVERTERS)
+
+
+def _op_name(node) -> str:
+    if node.target is operator.getitem:
+        return "getitem"
+    return str(node.target)
+
+
+def _bind(node, env, ignores=()) -> dict:
+    """The node's arguments by schema name, defaults filled, FX nodes resolved through ``env``."""
+    schema = node.target._schema
+    out = {}
+    for i, arg in enumerate(schema.arguments):
+        if arg.name in ignores:
+            v = None
+        elif i < len(node.args):
+            v = node.args[i]
+        elif arg.name in node.kwargs:
+            v = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            v = arg.default_value
+        else:
+            raise Unsupported(f"argument {arg.name!r} missing")
+        out[arg.name] = _resolve(v, env)
+    return out
+
+
+def _resolve(v, env):
+    if isinstance(v, _torch().fx.Node):
+        return env[v]
+    if isinstance(v, (list, tuple)):
+        return type(v)(_resolve(x, env) for x in v)
+    return v
+
+
+def _tensor(a, what: str) -> Value:
+    if not isinstance(a, Value):
+        raise Unsupported(f"{what} must be a tensor computed in the graph, got {type(a).__name__}")
+    return a
+
+
+def _scalar(v, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise Unsupported(f"{what} must be a number known at compile time, got {v!r}")
+    return v
+
+
+def _spatial_axes(x: Value, dims) -> list[int]:
+    r = len(x.shape)
+    return sorted(d % r for d in (dims if isinstance(dims, (list, tuple)) else [dims]))
+
+
+# convolution and its gradient
+@converts("aten.convolution.default")
+def _convolution(cv, node, a):
+    x, w, b = _tensor(a["input"], "input"), _tensor(a["weight"], "weight"), a["bias"]
+    geo = dict(stride=list(a["stride"]), padding=list(a["padding"]), dilation=list(a["dilation"]),
+               groups=a["groups"])
+    if a["transposed"]:
+        return conv_transpose(x, w, b, output_padding=list(a["output_padding"]), name=cv.name(node), **geo)
+    if any(a["output_padding"]):
+        raise Unsupported("output_padding on a convolution that is not transposed")
+    return conv(x, w, b, name=cv.name(node), **geo)
+
+
+@converts("aten.convolution_backward.default")
+def _convolution_backward(cv, node, a):
+    gy, x, w = _tensor(a["grad_output"], "grad_output"), _tensor(a["input"], "input"), _tensor(a["weight"], "weight")
+    if a["transposed"]:
+        raise Unsupported("the gradient of a transposed convolution")
+    geo = dict(stride=list(a["stride"]), padding=list(a["padding"]), dilation=list(a["dilation"]),
+               groups=a["groups"])
+    need_x, need_w, need_b = a["output_mask"]
+    return (conv_grad_input(w, gy, x.shape[2:], **geo) if need_x else None,           # h, Eq 6
+            conv_grad_kernel(gy, x, w.shape[2:], **geo) if need_w else None,          # g, Eq 5
+            reduce_sum(gy, (0,) + tuple(range(2, len(gy.shape)))) if need_b else None)
+
+
+@converts("aten.constant_pad_nd.default")
+def _constant_pad(cv, node, a):
+    x, p = _tensor(a["self"], "input"), list(a["pad"])
+    # torch lists (lo, hi) from the last axis backwards; convc pads the spatial axes
+    pairs = [(p[2 * i], p[2 * i + 1]) for i in range(len(p) // 2)][::-1]
+    spatial = len(x.shape) - 2
+    if len(pairs) > spatial:
+        if any(lo or hi for lo, hi in pairs[:len(pairs) - spatial]):
+            raise Unsupported("padding of the batch or channel axis")
+        pairs = pairs[len(pairs) - spatial:]
+    pairs = [(0, 0)] * (spatial - len(pairs)) + pairs
+    return pad(x, pairs, float(_scalar(a["value"], "pad value")), name=cv.name(node))
+
+
+# pools
+def _pool_args(x, a, rank_name):
+    if len(x.shape) - 2 != rank_name:
+        raise Unsupported(f"a {rank_name}D pool on a rank-{len(x.shape)} tensor")
+    return dict(kernel_size=list(a["kernel_size"]), stride=list(a["stride"]) or None, padding=list(a["padding"]),
+                ceil_mode=bool(a["ceil_mode"]))
+
+
+for _r in (1, 2, 3):
+    def _max_pool(cv, node, a, _r=_r):
+        x = _tensor(a["self"], "input")
+        attrs = dict(_pool_args(x, a, _r), dilation=list(a["dilation"]))
+        return max_pool(x, name=cv.name(node), **attrs), None          # (values, indices: not computed)
+
+    def _max_pool_backward(cv, node, a, _r=_r):
+        x, gy = _tensor(a["self"], "input"), _tensor(a["grad_output"], "grad_output")
+        attrs = dict(_pool_args(x, a, _r), dilation=list(a["dilation"]))
+        attrs["stride"] = attrs["stride"] or attrs["kernel_size"]
+        # the argmax is recomputed from x, with PyTorch's tie rules; the indices are not read
+        return max_pool_grad(x, gy, attrs, name=cv.name(node))
+
+    def _avg_pool(cv, node, a, _r=_r):
+        x = _tensor(a["self"], "input")
+        if a["divisor_override"] is not None:
+            raise Unsupported(f"divisor_override={a['divisor_override']} (convc divides by the window's count)")
+        return avg_pool(x, count_include_pad=bool(a["count_include_pad"]), name=cv.name(node),
+                        **_pool_args(x, a, _r))
+
+    def _avg_pool_backward(cv, node, a, _r=_r):
+        x, gy = _tensor(a["self"], "input"), _tensor(a["grad_output"], "grad_output")
+        if a["divisor_override"] is not None:
+            raise Unsupported(f"divisor_override={a['divisor_override']}")
+        attrs = dict(_pool_args(x, a, _r), count_include_pad=bool(a["count_include_pad"]), dilation=1)
+        attrs["stride"] = attrs["stride"] or attrs["kernel_size"]
+        return avg_pool_grad(gy, x.shape, attrs, name=cv.name(node))
+
+    converts(f"aten.max_pool{_r}d_with_indices.default")(_max_pool)
+    converts(f"aten.max_pool{_r}d_with_indices_backward.default", ignores=("indices",))(_max_pool_backward)
+    converts(f"aten.avg_pool{_r}d.default")(_avg_pool)
+    converts(f"aten.avg_pool{_r}d_backward.default")(_avg_pool_backward)
+
+
+@converts("aten._adaptive_avg_pool1d.default", "aten._adaptive_avg_pool2d.default", "aten._adaptive_avg_pool3d.default",
+          "aten.adaptive_avg_pool1d.default")
+def _adaptive_avg_pool(cv, node, a):
+    x = _tensor(a["self"], "input")
+    n_in, n_out = x.shape[2:], tuple(a["output_size"])
+    if all(o == 1 for o in n_out):
+        return global_avg_pool(x, name=cv.name(node))
+    if len(n_out) != len(n_in) or any(o < 1 or i % o for i, o in zip(n_in, n_out)):
+        raise Unsupported(f"adaptive pooling of {n_in} to {n_out}: only to 1 or to sizes that divide the input "
+                          f"(plain pools)")
+    k = [i // o for i, o in zip(n_in, n_out)]
+    return avg_pool(x, k, k, name=cv.name(node))
+
+
+@converts("aten.mean.dim")
+def _mean(cv, node, a):
+    x = _tensor(a["self"], "input")
+    axes = list(range(len(x.shape))) if a["dim"] is None else _spatial_axes(x, a["dim"])
+    keep = bool(a["keepdim"])
+    if len(x.shape) >= 3 and axes == list(range(2, len(x.shape))):
+        y = global_avg_pool(x, name=cv.name(node) if keep else None)
+        return y if keep else reshape(y, x.shape[:2], name=cv.name(node))
+    count = math.prod(x.shape[d] for d in axes)
+    return div(reduce_sum(x, axes, keep), float(count), name=cv.name(node))
+
+
+@converts("aten.sum.dim_IntList")
+def _sum(cv, node, a):
+    x = _tensor(a["self"], "input")
+    if a["dtype"] is not None:
+        raise Unsupported("sum with a dtype")
+    axes = list(range(len(x.shape))) if a["dim"] is None else _spatial_axes(x, a["dim"])
+    return reduce_sum(x, axes, bool(a["keepdim"]), name=cv.name(node))
+
+
+# batch norm (eval)
+@converts("aten._native_batch_norm_legit_no_training.default")
+def _batch_norm(cv, node, a):
+    x = _tensor(a["input"], "input")
+    y = batch_norm(x, a["running_mean"], a["running_var"], a["weight"], a["bias"], eps=float(a["eps"]),
+                   name=cv.name(node))
+    return y, None, None                    # (output, save_mean, save_invstd: training only)
+
+
+# activations (convc's activation table) and their gradients
+_SIMPLE = {"aten.relu.default": relu, "aten.sigmoid.default": sigmoid, "aten.tanh.default": tanh,
+           "aten.silu.default": silu, "aten.hardswish.default": hardswish}
+for _t, _fn in _SIMPLE.items():
+    converts(_t)(lambda cv, node, a, _fn=_fn: _fn(_tensor(a["self"], "input"), name=cv.name(node)))
+
+
+@converts("aten.hardsigmoid.default")
+def _hardsigmoid(cv, node, a):
+    return hardsigmoid(_tensor(a["self"], "input"), name=cv.name(node))
+
+
+@converts("aten.hardtanh.default", "aten.clamp.default")
+def _clamp(cv, node, a):
+    lo = a.get("min_val", a.get("min"))
+    hi = a.get("max_val", a.get("max"))
+    bounds = {k: float(_scalar(v, k)) for k, v in (("min", lo), ("max", hi)) if v is not None}
+    return clip(_tensor(a["self"], "input"), name=cv.name(node), **bounds)
+
+
+@converts("aten.leaky_relu.default")
+def _leaky_relu(cv, node, a):
+    return leaky_relu(_tensor(a["self"], "input"), float(_scalar(a["negative_slope"], "negative_slope")),
+                      name=cv.name(node))
+
+
+@converts("aten.gelu.default")
+def _gelu(cv, node, a):
+    return gelu(_tensor(a["self"], "input"), a["approximate"], name=cv.name(node))
+
+
+def _grad(kind, t_arg, params=lambda a: {}):
+    def convert(cv, node, a):
+        return activation_grad(kind, _tensor(a[t_arg], t_arg), _tensor(a["grad_output"], "grad_output"),
+                               params(a), name=cv.name(node))
+    return convert
+
+
+converts("aten.sigmoid_backward.default")(_grad("sigmoid", "output"))
+converts("aten.tanh_backward.default")(_grad("tanh", "output"))
+converts("aten.silu_backward.default")(_grad("silu", "self"))
+converts("aten.hardswish_backward.default")(_grad("hardswish", "self"))
+# clip's derivative reads y, but y is inside (min, max) exactly where x is: PyTorch's rule from x
+converts("aten.hardtanh_backward.default")(
+    _grad("clip", "self", lambda a: {"min": float(a["min_val"]), "max": float(a["max_val"])}))
+
+
+@converts("aten.threshold_backward.default")
+def _threshold_backward(cv, node, a):
+    if a["threshold"] != 0:
+        raise Unsupported(f"threshold {a['threshold']} (only ReLU's 0)")
+    # ReLU's derivative from its output: 0 where y <= 0
+    return activation_grad("relu", _tensor(a["self"], "self"), _tensor(a["grad_output"], "grad_output"),
+                           name=cv.name(node))
+
+
+@converts("aten.leaky_relu_backward.default")
+def _leaky_relu_backward(cv, node, a):
+    slope = float(_scalar(a["negative_slope"], "negative_slope"))
+    if slope < 0 and a["self_is_result"]:
+        raise Unsupported("a negative slope computed from the output")
+    return activation_grad("leaky_relu", _tensor(a["self"], "self"), _tensor(a["grad_output"], "grad_output"),
+                           {"negative_slope": slope}, name=cv.name(node))
+
+
+@converts("aten.hardsigmoid_backward.default")
+def _hardsigmoid_backward(cv, node, a):
+    y = hardsigmoid(_tensor(a["self"], "self"))          # convc's derivative reads the output
+    return activation_grad("hardsigmoid", y, _tensor(a["grad_output"], "grad_output"), name=cv.name(node))
+
+
+@converts("aten.gelu_backward.default")
+def _gelu_backward(cv, node, a):
+    kind = {"none": "gelu", "tanh": "gelu_tanh"}[a["approximate"]]
+    return activation_grad(kind, _tensor(a["self"], "self"), _tensor(a["grad_output"], "grad_output"),
+                           name=cv.name(node))
+
+
+# linear algebra
+@converts("aten.addmm.default")
+def _addmm(cv, node, a):
+    bias, m1, m2 = a["self"], _tensor(a["mat1"], "mat1"), _tensor(a["mat2"], "mat2")
+    if (m2.op == "transpose" and a["alpha"] == 1 and a["beta"] == 1 and isinstance(bias, Value)
+            and bias.shape == m2.shape[1:] and len(m1.shape) == 2):
+        # nn.Linear: x @ w.T + b is convc's dense on the untransposed weight
+        w = cv.g.value(cv.g.inputs_of(m2.name)[0])
+        return dense(m1, w, bias, name=cv.name(node))
+    y = matmul(m1, m2)
+    if a["alpha"] != 1:
+        y = mul(y, float(_scalar(a["alpha"], "alpha")))
+    if a["beta"] != 1:
+        bias = mul(_tensor(bias, "bias"), float(_scalar(a["beta"], "beta")))
+    return add(y, bias, name=cv.name(node))
+
+
+@converts("aten.mm.default", "aten.bmm.default")
+def _mm(cv, node, a):
+    return matmul(_tensor(a["self"], "self"), _tensor(a["mat2"], "mat2"), name=cv.name(node))
+
+
+@converts("aten._softmax.default")
+def _softmax(cv, node, a):
+    if a["half_to_float"]:
+        raise Unsupported("half_to_float")
+    return softmax(_tensor(a["self"], "input"), a["dim"], name=cv.name(node))
+
+
+# shapes and copies
+@converts("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default")
+def _view(cv, node, a):
+    x = _tensor(a["self"], "input")
+    return reshape(x, _out_shape(node, a["size"]), name=cv.name(node))
+
+
+def _out_shape(node, size) -> tuple:
+    val = node.meta.get("val")
+    if val is not None:
+        return tuple(int(d) for d in val.shape)
+    return tuple(size)
+
+
+@converts("aten.unsqueeze.default", "aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze.default")
+def _squeeze(cv, node, a):
+    x = _tensor(a["self"], "input")
+    shape = _out_shape(node, ())
+    return x if shape == tuple(x.shape) else reshape(x, shape, name=cv.name(node))
+
+
+@converts("aten.permute.default")
+def _permute(cv, node, a):
+    x = _tensor(a["self"], "input")
+    perm = [d % len(x.shape) for d in a["dims"]]
+    return x if perm == sorted(perm) else transpose(x, perm, name=cv.name(node))
+
+
+@converts("aten.t.default", "aten.transpose.int")
+def _transpose(cv, node, a):
+    x = _tensor(a["self"], "input")
+    r = len(x.shape)
+    d0, d1 = (a.get("dim0", 0) % max(r, 1), a.get("dim1", 1) % max(r, 1)) if r > 1 else (0, 0)
+    perm = list(range(r))
+    perm[d0], perm[d1] = perm[d1], perm[d0]
+    return x if d0 == d1 else transpose(x, perm, name=cv.name(node))
+
+
+@converts("aten.cat.default")
+def _cat(cv, node, a):
+    xs = [_tensor(t, "cat input") for t in a["tensors"]]
+    xs = [t for t in xs if math.prod(t.shape) or len(xs) == 1]
+    return xs[0] if len(xs) == 1 else concat(xs, a["dim"] % len(xs[0].shape), name=cv.name(node))
+
+
+@converts("aten.slice.Tensor")
+def _slice(cv, node, a):
+    x = _tensor(a["self"], "input")
+    axis = a["dim"] % len(x.shape)
+    start, stop, _ = slice(a["start"], a["end"], a["step"]).indices(x.shape[axis])
+    if a["step"] != 1:
+        raise Unsupported(f"slice step {a['step']}")
+    if (start, stop) == (0, x.shape[axis]):
+        return x
+    return slice_axis(x, axis, start, max(stop, start), name=cv.name(node))
+
+
+@converts("aten.expand.default")
+def _expand(cv, node, a):
+    x = _tensor(a["self"], "input")
+    shape = _out_shape(node, a["size"])
+    return x if shape == tuple(x.shape) else expand(x, shape, name=cv.name(node))
+
+
+@converts("aten.clone.default", "aten.alias.default", "aten.detach.default", "aten.lift_fresh_copy.default",
+          "aten.dropout.default")
+def _identity(cv, node, a):
+    if node.target is not None and str(node.target) == "aten.dropout.default" and a["train"]:
+        raise Unsupported("dropout in training mode")
+    return _tensor(a.get("self", a.get("input")), "input")
+
+
+@converts("aten._to_copy.default")
+def _to_copy(cv, node, a):
+    x = _tensor(a["self"], "input")
+    if a["dtype"] is not None and FLOAT_DTYPES.get(str(a["dtype"])) != x.dtype:
+        raise Unsupported(f"a cast to {a['dtype']}")
+    return x
+
+
+# arithmetic, tensor or scalar on either side
+def _operand(v, like: Value | None, what: str):
+    if isinstance(v, Value):
+        return v
+    return float(_scalar(v, what))
+
+
+def _arith(fn, has_alpha):
+    def convert(cv, node, a):
+        x, y = a["self"], a["other"]
+        if not isinstance(x, Value) and not isinstance(y, Value):
+            raise Unsupported("no tensor operand")
+        x, y = _operand(x, None, "self"), _operand(y, None, "other")
+        if has_alpha and a.get("alpha", 1) != 1:
+            y = mul(y, float(_scalar(a["alpha"], "alpha"))) if isinstance(y, Value) else y * a["alpha"]
+        if not isinstance(x, Value):            # scalar op tensor: the tensor's dtype decides
+            x = cv.g.const(np.asarray(x), y.dtype)
+        return fn(x, y, name=cv.name(node))
+    return convert
+
+
+for _t in ("Tensor", "Scalar"):
+    converts(f"aten.add.{_t}")(_arith(add, True))
+    converts(f"aten.sub.{_t}")(_arith(sub, True))
+    converts(f"aten.mul.{_t}")(_arith(mul, False))
+    converts(f"aten.div.{_t}")(_arith(div, False))
+
+
+@converts("aten.rsub.Scalar", "aten.rsub.Tensor")
+def _rsub(cv, node, a):
+    x = _tensor(a["self"], "self")
+    other = a["other"] if isinstance(a["other"], Value) else cv.g.const(np.asarray(float(a["other"])), x.dtype)
+    if a["alpha"] != 1:
+        x = mul(x, float(a["alpha"]))
+    return sub(other, x, name=cv.name(node))
+
+
+# resize
+def _upsample(mode):
+    def convert(cv, node, a):
+        x = _tensor(a["input"], "input")
+        size, scales = a["output_size"], a["scale_factors"]
+        kw = {} if mode == "nearest" else {"align_corners": bool(a["align_corners"])}
+        if size is not None:
+            return resize(x, size=list(size), mode=mode, name=cv.name(node), **kw)
+        return resize(x, scale_factor=list(scales), mode=mode, name=cv.name(node), **kw)
+    return convert
+
+
+for _r, _lin in ((1, "linear"), (2, "bilinear"), (3, "trilinear")):
+    converts(f"aten.upsample_nearest{_r}d.vec")(_upsample("nearest"))
+    converts(f"aten.upsample_{_lin}{_r}d.vec")(_upsample(_lin))
+
+
+# -- the walk ------------------------------------------------------------------------
+class _Poisoned:
+    """The value of a node that could not be converted (or of its consumers)."""
+
+
+_POISON = _Poisoned()
+
+
+class FxConverter:
+    """Converts the call_function nodes of an ATen FX graph into ``g``; the
+    caller declares the placeholders in ``env`` first."""
+
+    def __init__(self, g: Graph):
+        self.g = g
+        self.env: dict = {}
+        self.problems: list[tuple[object, str]] = []        # (node, reason)
+
+    def name(self, node) -> str | None:
+        """The node's FX name as a convc name when it is free, else None (a fresh one)."""
+        n = node.name
+        return n if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.\-]*", n) and n not in self.g.nx else None
+
+    def convert(self, node) -> None:
+        try:
+            self.env[node] = self._convert(node)
+        except Unsupported as e:
+            self.env[node] = _POISON
+            self.problems.append((node, str(e)))
+
+    def _convert(self, node):
+        torch = _torch()
+        if node.target is operator.getitem:
+            src, i = self.env[node.args[0]], node.args[1]
+            if src is _POISON:
+                return _POISON
+            got = src[i] if isinstance(src, (tuple, list)) else None
+            if got is None:
+                raise Unsupported(f"output {i} of {_op_name(node.args[0])} (convc does not compute it)")
+            return got
+        key = _op_name(node)
+        fn, ignores = _CONVERTERS.get(key, (None, ()))
+        if fn is None or not isinstance(node.target, torch._ops.OpOverload):
+            raise Unsupported("not mapped to a convc op")
+        a = _bind(node, self.env, ignores)
+        if any(v is _POISON for v in _flat(a.values())):
+            return _POISON                  # reported at the node that caused it
+        for v in _flat(a.values()):
+            if isinstance(v, Value) and v.dtype not in FLOAT_DTYPES.values():
+                raise Unsupported(f"a {v.dtype} operand (convc maps float32 and float64)")
+        try:
+            return fn(self, node, a)
+        except ConvcError as e:             # a convc rule the arguments break
+            raise Unsupported(str(e)) from None
+
+
+def _flat(vs):
+    for v in vs:
+        if isinstance(v, (list, tuple)):
+            yield from _flat(v)
+        else:
+            yield v
+
+
+def where(node) -> str:
+    """The user's source line of an FX node (the last frame of its stack trace), or ''."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', trace)
+    if not frames:
+        return ""
+    f, line, fn, code = frames[-1]
+    return f"{f}:{line} in {fn}: {code.strip()}"
+
+
+def problems_table(problems) -> list[tuple[str, int, str, str]]:
+    """(op, count, first reason, first source line) per distinct op, in order of first appearance."""
+    counts = Counter(_op_name(n) for n, _ in problems)
+    seen, table = set(), []
+    for n, why in problems:
+        op = _op_name(n)
+        if op not in seen:
+            seen.add(op)
+            table.append((op, counts[op], why, where(n)))
+    return table
+
+
+def _meta_type(node) -> tuple[tuple, str] | None:
+    """(shape, convc dtype) of a tensor-valued FX node from its fake value, or None."""
+    val = node.meta.get("val", node.meta.get("example_value"))
+    torch = _torch()
+    if not isinstance(val, torch.Tensor):
+        return None
+    try:
+        shape = tuple(int(d) for d in val.shape)
+    except (TypeError, ValueError):         # a symbolic size
+        return None
+    return shape, str(val.dtype)
+
+
+def node_support(node) -> str | None:
+    """Why convc cannot take this ATen FX node (None: it can). Runs the
+    node's converter on a scratch graph whose inputs have the shapes torch
+    recorded, so the answer is the importer's own."""
+    if node.op != "call_function":
+        return "not a call"
+    g = Graph("probe")
+    cv = FxConverter(g)
+    for i, arg in enumerate(node.all_input_nodes):
+        if arg.op == "call_function" and arg.target is not operator.getitem and node.target is operator.getitem:
+            # getitem of a multi-output op: convert the op first
+            inner = "kept in PyTorch" if arg.meta.get("convc_eager") else node_support(arg)
+            if inner is not None:
+                return inner
+            for j, src in enumerate(arg.all_input_nodes):
+                _declare_probe(cv, src, f"p{i}_{j}")
+            cv.convert(arg)
+            continue
+        _declare_probe(cv, arg, f"p{i}")
+    if any(v is _POISON for v in cv.env.values()):
+        return "an input convc cannot take"
+    cv.convert(node)
+    if cv.problems:
+        return cv.problems[0][1]
+    out = cv.env[node]
+    if not isinstance(out, (Value, tuple)):
+        return "no tensor result"
+    return None
+
+
+def _declare_probe(cv, arg, name):
+    t = _meta_type(arg)
+    if t is None or t[1] not in INPUT_DTYPES:
+        cv.env[arg] = _POISON
+    else:
+        cv.env[arg] = cv.g.input(name, t[0], INPUT_DTYPES[t[1]])
+
+
+def fx_to_graph(graph_module, placeholders: dict, name: str = "torch") -> tuple[Graph, list]:
+    """Convert an ATen-level FX graph: ``placeholders`` maps each placeholder
+    node to ``("input", shape, dtype)`` or ``("param", array)`` under its
+    convc name (``{node: (kind, convc name, ...)}``). Returns the graph and
+    the FX output list, each entry a convc output name, or ``("input", name)``
+    for an output that is a graph input unchanged. Raises
+    :class:`TorchImportError` listing every unsupported op."""
+    g = Graph(name)
+    cv = FxConverter(g)
+    outs = None
+    for node in graph_module.graph.nodes:
+        if node.op == "placeholder":
+            spec = placeholders.get(node)
+            if spec is None:
+                cv.env[node] = None          # unused (or not a tensor)
+            elif spec[0] == "input":
+                cv.env[node] = g.input(spec[1], spec[2], spec[3])
+            else:
+                cv.env[node] = g.param(spec[1], spec[2])
+        elif node.op == "call_function":
+            cv.convert(node)
+        elif node.op == "output":
+            outs = node.args[0]
+        else:
+            cv.problems.append((node, f"FX {node.op} nodes are not supported"))
+            cv.env[node] = _POISON
+    if cv.problems:
+        raise TorchImportError(f"graph {name!r}", problems_table(cv.problems))
+    flat = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+    names, seen = [], {}
+    for i, o in enumerate(flat):
+        v = cv.env.get(o) if o is not None else None
+        if not isinstance(v, Value):
+            raise TorchImportError(f"graph {name!r}", [("output", 1, f"output {i} is not a tensor convc computes",
+                                                          "")])
+        if v.op == "input":
+            names.append(("input", v.name))
+        elif v.name in seen:
+            names.append(seen[v.name])
+        else:
+            oname = "y" if len(flat) == 1 else f"y{i}"
+            if v.op == "param":             # a weight returned as it is: a copy the module computes
+                v = mul(v, 1.0)
+            g.output(v, oname)
+            seen[v.name] = oname
+            names.append(oname)
+    return g, names
+
+
+def from_torch(module, example_inputs, dynamic: bool = False, name: str | None = None) -> Graph:
+    """Import a PyTorch ``nn.Module`` as a convc Graph through ``torch.export``.
+
+    ``example_inputs``: a tuple of tensors (or one tensor); they fix the
+    graph's input shapes and dtypes (float32 or float64). Export runs the
+    module as it is: call ``module.eval()`` first for inference (batch norm
+    on running statistics, dropout off). Params and buffers become
+    ``g.param``s named after the module's state_dict keys
+    (``"layer1.0.conv1.weight"``); inputs keep the names of ``forward``'s
+    arguments; outputs are ``y`` (one) or ``y0, y1, ...``. ``dynamic=True``
+    is refused: convc compiles static shapes (import once per shape).
+
+    Raises :class:`TorchImportError` listing every unsupported op at once,
+    with its count and the source line of its first use.
+
+    >>> g = cc.from_torch(net.eval(), (torch.randn(1, 3, 32, 32),))   # doctest: +SKIP
+    """
+    torch = _torch()
+    if dynamic:
+        raise ConvcError("from_torch(dynamic=True): convc compiles static shapes; import once per input shape "
+                         "(or use torch.compile(model, backend='convc'), which recompiles per shape)")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    for i, t in enumerate(example_inputs):
+        if not isinstance(t, torch.Tensor) or str(t.dtype) not in FLOAT_DTYPES:
+            raise ConvcError(f"from_torch: example input {i} must be a float32 or float64 tensor, "
+                             f"got {getattr(t, 'dtype', type(t).__name__)}")
+    try:
+        ep = torch.export.export(module, example_inputs)
+    except Exception as e:  # noqa: BLE001 -- torch.export's own errors, reworded with where it failed
+        raise ConvcError(f"from_torch: torch.export could not trace {type(module).__name__}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    ep = ep.run_decompositions(decompositions())
+    return _exported_graph(ep, name or _graph_name(module))
+
+
+def _graph_name(module) -> str:
+    n = re.sub(r"[^A-Za-z0-9_]", "_", type(module).__name__)
+    return n if re.match(r"[A-Za-z_]", n) else "_" + n
+
+
+def _exported_graph(ep, name: str) -> Graph:
+    from torch.export.graph_signature import InputKind
+    state = dict(ep.state_dict)
+    state.update(getattr(ep, "constants", {}) or {})
+    by_name = {n.name: n for n in ep.graph_module.graph.nodes if n.op == "placeholder"}
+    placeholders = {}
+    for spec in ep.graph_signature.input_specs:
+        node = by_name[spec.arg.name]
+        if not node.users:
+            continue
+        if spec.kind == InputKind.USER_INPUT:
+            shape, dtype = _meta_type(node) or ((), "?")
+            if dtype not in FLOAT_DTYPES:
+                raise ConvcError(f"from_torch: input {node.name!r} is {dtype}; convc takes float32 or float64")
+            placeholders[node] = ("input", node.name, shape, FLOAT_DTYPES[dtype])
+        elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            t = state[spec.target]
+            placeholders[node] = ("param", spec.target, t.detach().cpu().numpy())
+        else:
+            raise ConvcError(f"from_torch: input {node.name!r} is a {spec.kind.name}, which convc does not take")
+    g, outs = fx_to_graph(ep.graph_module, placeholders, name)
+    if any(isinstance(o, tuple) for o in outs):
+        raise GraphError(f"from_torch: an output of {name!r} is an input returned unchanged")
+    return g
