@@ -385,3 +385,33 @@ def test_against_torch_post_training_quantization():
     step = g8.node(g8.inputs_of(g8.outputs["y"])[0])["qparams"][0]
     lsb = np.rint(np.abs(want - got) / step)
     assert lsb.max() <= 1 and np.mean(lsb == 0) >= 0.9, (lsb.max(), np.mean(lsb == 0))
+
+
+def test_residual_block_with_batch_norm():
+    """A ResNet block: batch norm folds into the convs, the residual add and the relu after it
+    (fused into the second conv's epilogue by the cleanup) are split off again and run as
+    qadd and a relu table; compiled C equals the reference bit for bit."""
+    rng = np.random.default_rng(3)
+    g = cc.Graph("block")
+    x = g.input("x", (2, 4, 6, 6))
+
+    def bn(v, name):
+        c = v.shape[1]
+        return cc.batch_norm(v, *(g.param(f"{name}_{k}", a, "float32") for k, a in (
+            ("mean", rng.standard_normal(c) * 0.1), ("var", rng.random(c) + 0.5),
+            ("gamma", rng.random(c) + 0.5), ("beta", rng.standard_normal(c) * 0.1))), name=name)
+    h = cc.relu(bn(cc.conv(x, g.param("w1", rng.standard_normal((4, 4, 3, 3)) * 0.3, "float32"), padding=1,
+                           name="c1"), "bn1"))
+    h = bn(cc.conv(h, g.param("w2", rng.standard_normal((4, 4, 3, 3)) * 0.3, "float32"), padding=1, name="c2"), "bn2")
+    g.output(cc.relu(cc.add(h, x, name="skip")), "y")
+    g8 = cc.quantize(g, data(8, shape=(4, 6, 6)), engine="reference")
+    ops = [g8.node(n)["op"] for n in g8.topological_order() if g8.node(n)["op"] not in ("input", "param")]
+    assert ops == ["quantize", "qconv", "qconv", "qadd", "qlookup", "dequantize"], ops
+    nodes = [n for n in g8.topological_order() if g8.node(n)["op"] not in ("input", "param")]
+    feeds = cal.batches(g8, data(2, seed=5, shape=(4, 6, 6)))
+    for got, want in zip(cal.node_values(g8, nodes, feeds, "c"), cal.node_values(g8, nodes, feeds, "reference")):
+        for n in nodes:
+            assert np.array_equal(got[n], want[n]), n
+    rep = cal.measure(cc.calibrate(g, data(8, shape=(4, 6, 6)), engine="reference"), g8,
+                      cal.batches(g, data(8, shape=(4, 6, 6))), "reference")
+    assert rep.outputs["y"][1] > snr_bound(g8)
