@@ -5,3 +5,4 @@ from . import cleanup, factor, fft, fusion, gemm, grouped, im2col, strided, tile
 from . import winograd  # noqa: F401,E402  (registers conv_to_winograd)
 from . import blocked  # noqa: F401,E402  (registers to_blocked_layout)
 from . import quantize  # noqa: F401,E402  (registers split_int8_epilogues, quantize_int8, cancel_requantize)
+from . import qdq  # noqa: F401,E402  (registers fold_qdq)
