@@ -42,6 +42,8 @@ from .ops.layout import downsample, pad
 from .ops.linear import dense, matmul, softmax
 from .ops.norm import batch_norm
 from .ops.pool import avg_pool, global_avg_pool, max_pool
+from .ops.quantized import dequantize, qadd, qconcat, qconv, qdense, qglobal_avg_pool, qmatmul, quantize
+from .quant import QDTYPES
 from .ops.resize import COORDINATE_MODES, axis_matrix, is_ratio, resize
 from .ops.tensor import concat, expand, reduce_sum, reshape, slice_axis, transpose
 from .ops.transpose import conv_transpose
@@ -126,6 +128,17 @@ STATIC_INPUTS = {"Reshape": (1,), "Pad": (1, 2, 3), "Clip": (1, 2), "Dropout": (
 _RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 
+_DOMAINS = ("", "ai.onnx", "com.microsoft")
+"""Domains with converters: ONNX's, and ONNX Runtime's contrib ops that its
+quantizer writes in the QOperator format (QLinearAdd, QGemm, ...), as
+``"com.microsoft.QLinearAdd"`` in ``_CONVERTERS``."""
+
+
+def _key(node) -> str:
+    """A node's entry in _CONVERTERS: the op type, after its domain unless ONNX's."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
 def converts(*op_types: str, dropped: str = "", **defaults):
     """Register a converter for ``op_types``. ``defaults``: every attribute
     the converter understands, with its ONNX default (an attribute not
@@ -144,7 +157,7 @@ def converts(*op_types: str, dropped: str = "", **defaults):
 
 
 def from_onnx(model, input_shapes: dict | None = None, constants: dict | None = None,
-              name: str | None = None) -> Graph:
+              name: str | None = None, fold_qdq: bool = True) -> Graph:
     """Import an ONNX model (a path, bytes or ``onnx.ModelProto``) as a Graph.
 
     ``input_shapes``: ``{input name: shape}`` for inputs whose ONNX shape has
@@ -157,6 +170,12 @@ def from_onnx(model, input_shapes: dict | None = None, constants: dict | None = 
     way the model breaks ONNX's rules (see :mod:`convc.onnx_validate`: names,
     topological order, versions, tensor sizes); constants folded at import
     are capped (``CONVC_MAX_MEMORY``). External data needs the model's path.
+
+    Quantized models: QuantizeLinear / DequantizeLinear become ``quantize``
+    / ``dequantize``, QLinearConv ``qconv``, QLinearMatMul and MatMulInteger
+    ``qmatmul``; ``fold_qdq`` (default on) runs the pass of that name
+    (:mod:`convc.passes.qdq`) on the result, so a QDQ model's dequantize ->
+    float op -> quantize groups become integer ops.
     """
     onnx = _onnx()
     model = read_model(model)
@@ -175,7 +194,11 @@ def from_onnx(model, input_shapes: dict | None = None, constants: dict | None = 
                              f"{type(e).__name__}: {e}") from None
         # the functions' bodies are now nodes of the graph: check them as such
         check_model(model, lambda problems: OnnxImportError(model.graph.name or "?", problems, invalid=True))
-    return _Importer(model, dict(input_shapes or {}), dict(constants or {}), name, opset).run()
+    g = _Importer(model, dict(input_shapes or {}), dict(constants or {}), name, opset).run()
+    if fold_qdq and any(g.node(n)["op"] == "quantize" for n in g.nx.nodes):
+        from .passes.qdq import fold_qdq as fold
+        g = fold(g).verify()
+    return g
 
 
 class _Importer:
@@ -357,9 +380,9 @@ class _Importer:
         if missing and not all(self.placeholder(i) for i in missing):
             # an input comes from an unsupported node: only the op itself can be
             # checked -- whether convc maps it, should its inputs be run-time tensors
-            if node.domain not in ("", "ai.onnx"):
+            if node.domain not in _DOMAINS:
                 self.problems.append((node.op_type, label, f"domain {node.domain!r} is not supported"))
-            elif node.op_type not in _CONVERTERS and not self.would_be_constant(node):
+            elif _key(node) not in _CONVERTERS and not self.would_be_constant(node):
                 self.problems.append((node.op_type, label, f"op {node.op_type} is not supported"))
             self.unresolved(node)
             return
@@ -385,20 +408,23 @@ class _Importer:
                 self.env[o] = v
 
     def convert_node(self, node):
-        if node.domain not in ("", "ai.onnx"):
+        if node.domain not in _DOMAINS:
             raise _Unsupported(f"domain {node.domain!r} is not supported")
         args = [self.env[i] if i else None for i in node.input]
         if node.op_type in ("Shape", "Size") and args and args[0] is not None:
             return [_shape_op(node, self.shape(node.input[0]))]
-        if all(a is None or isinstance(a, np.ndarray) for a in args) and node.op_type not in _RANDOM:
+        if all(a is None or isinstance(a, np.ndarray) for a in args) and node.op_type not in _RANDOM \
+                and not _kept_dequantize(node, args):
             return self.fold(node, args)
         if self.would_be_constant(node):        # folded, were it not for an unsupported node before it
             raise _Unsupported("an input comes from an unsupported node", consequence=True)
-        entry = _CONVERTERS.get(node.op_type)
+        entry = _CONVERTERS.get(_key(node))
         if entry is None:
-            raise _Unsupported(f"op {node.op_type} is not supported")
+            raise _Unsupported(f"op {node.op_type} is not supported" if node.domain in ("", "ai.onnx") else
+                               f"op {node.op_type} of domain {node.domain!r} is not supported")
         fn, dropped, defaults = entry
-        _check_schema(node, args, self.opset)
+        if node.domain in ("", "ai.onnx"):     # (onnx has no schemas of ONNX Runtime's contrib ops)
+            _check_schema(node, args, self.opset)
         attrs = dict(defaults)
         for a in node.attribute:
             if a.name not in defaults:
@@ -423,6 +449,8 @@ class _Importer:
         would be) constants."""
         if node.op_type in ("Shape", "Size"):
             return True
+        if _kept_dequantize(node, [self.env.get(i) for i in node.input[:1]]):
+            return False
         return node.op_type not in _RANDOM and all(
             not i or isinstance(self.env.get(i), np.ndarray) or i in self.unknown_constants for i in node.input)
 
@@ -491,6 +519,14 @@ class _Importer:
             if vi.type.HasField("tensor_type") and tt.HasField("shape") and all(d > 0 for d in dims):
                 out[vi.name] = (tuple(dims), _DTYPE_OF_ELEM.get(tt.elem_type, "float32"))
         return out
+
+
+def _kept_dequantize(node, args) -> bool:
+    """A DequantizeLinear of constant int8/uint8 (a quantized weight) is not
+    folded: it stays a ``dequantize`` of an integer param, so that fold_qdq
+    finds the weight's integers and scales."""
+    return node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and args \
+        and isinstance(args[0], np.ndarray) and args[0].dtype.name in QDTYPES
 
 
 def _elem_name(elem: int) -> str:
@@ -961,22 +997,7 @@ def _gemm(im, node, ins, at):
 
 @converts("MatMul")
 def _matmul(im, node, ins, at):
-    a, b = im.value(ins[0]), im.value(ins[1])
-    a_rank, b_rank = len(a.shape), len(b.shape)
-    if a_rank > 1 and b_rank > 1:
-        return [matmul(a, b, name=im.name(node))]
-    # numpy's 1-D operands: a row / column matrix, its axis dropped afterwards
-    if a_rank == 1:
-        a = reshape(a, (1,) + a.shape, name=im.name(node, "row"))
-    if b_rank == 1:
-        b = reshape(b, b.shape + (1,), name=im.name(node, "col"))
-    y = matmul(a, b, name=im.name(node, "2d"))
-    shape = list(y.shape)
-    if b_rank == 1:
-        shape.pop(-1)
-    if a_rank == 1:
-        shape.pop(-2 if b_rank > 1 else -1)
-    return [reshape(y, tuple(shape), name=im.name(node))]
+    return [_matmul_2d(im, node, im.value(ins[0]), im.value(ins[1]), lambda a, b, name: matmul(a, b, name=name))]
 
 
 @converts("BatchNormalization", dropped="running statistics of training mode", epsilon=1e-5, momentum=0.9,
@@ -1177,6 +1198,189 @@ def _avg_pool(im, node, ins, at):
 @converts("GlobalAveragePool")
 def _global_avg_pool(im, node, ins, at):
     return [global_avg_pool(im.value(ins[0]), name=im.name(node))]
+
+
+# -- quantized ops (issue 15) -----------------------------------------------------------
+# Scales and zero points are compile-time constants in convc (they decide the
+# fixed-point multipliers, computed in Python); a constant DequantizeLinear
+# (an int8 weight, an int32 bias) is folded like any constant node, so a QDQ
+# model reaches convc as quantize -> dequantize -> float op -> quantize, which
+# passes/qdq.py's fold_qdq turns into integer ops.
+STATIC_INPUTS.update(QuantizeLinear=(1, 2), DequantizeLinear=(1, 2), QLinearConv=(1, 2, 4, 5, 6, 7),
+                     QLinearMatMul=(1, 2, 4, 5, 6, 7), MatMulInteger=(2, 3), ConvInteger=(2, 3))
+
+
+def _qparams(im, scale: str, zero_point: str, what: str, per_axis_ok: bool = True):
+    """(scales, zero points, dtype of the zero point or None) of a quantized
+    tensor, from constant inputs; one entry each per tensor, or one per index
+    of an axis (1-D)."""
+    s = im.const(scale, f"{what}'s scale") if scale else None
+    if s is not None and (s.dtype != np.float32 or s.ndim > 1):
+        raise _Unsupported(f"{what}'s scale (input {scale!r}) must be a float32 scalar or 1-D tensor, got "
+                           f"{s.dtype} of shape {s.shape}")
+    z = im.const(zero_point, f"{what}'s zero point") if zero_point else None
+    if z is not None and (z.dtype.name not in QDTYPES or z.ndim > 1):
+        raise _Unsupported(f"{what}'s zero point (input {zero_point!r}) must be an int8 or uint8 scalar or 1-D "
+                           f"tensor, got {z.dtype} of shape {z.shape}")
+    if not per_axis_ok and any(v is not None and v.size > 1 for v in (s, z)):
+        raise _Unsupported(f"{what} must be quantized per tensor (one scale and zero point); convc quantizes "
+                           "activations per tensor")
+    scales = None if s is None else tuple(float(v) for v in s.reshape(-1))
+    zps = (0,) if z is None else tuple(int(v) for v in z.reshape(-1))
+    return scales, zps, None if z is None else z.dtype.name
+
+
+def _q_axis(im, at, rank: int, *sizes: int):
+    """The axis of per-axis quantization (None for per tensor)."""
+    return _axis(at["axis"], rank) if max(sizes) > 1 else None
+
+
+def _no_blocks(at):
+    if at.get("block_size"):
+        raise _Unsupported(f"block_size={at['block_size']} (blocked quantization) is not supported; convc "
+                           "quantizes per tensor or per axis")
+
+
+@converts("QuantizeLinear", axis=1, saturate=1, block_size=0, output_dtype=0, precision=0)
+def _quantize_linear(im, node, ins, at):
+    _no_blocks(at)
+    x = im.value(ins[0])
+    if x.dtype not in ("float32", "float64"):
+        raise _Unsupported(f"input {ins[0]!r} is {x.dtype}; convc quantizes float32 and float64 tensors")
+    if at["precision"]:
+        raise _Unsupported(f"precision={at['precision']} is not supported (convc divides in the input's type)")
+    scales, zps, zdt = _qparams(im, ins[1], ins[2], "the output")
+    dtype = zdt or (_DTYPE_OF_ELEM.get(at["output_dtype"]) if at["output_dtype"] else "uint8")
+    if dtype not in QDTYPES:
+        raise _Unsupported(f"output type {dtype or _elem_name(at['output_dtype'])} is not supported; convc "
+                           f"quantizes to {' and '.join(QDTYPES)}")
+    axis = _q_axis(im, at, len(x.shape), len(scales), len(zps))
+    return [quantize(x, scales, zps, dtype, axis, name=im.name(node))]
+
+
+@converts("DequantizeLinear", axis=1, block_size=0, output_dtype=0)
+def _dequantize_linear(im, node, ins, at):
+    _no_blocks(at)
+    x = im.value(ins[0])
+    if x.dtype not in QDTYPES:
+        raise _Unsupported(f"input {ins[0]!r} is {x.dtype}; convc dequantizes int8 and uint8 tensors at run time "
+                           "(a constant of another type is folded at import)")
+    if at["output_dtype"] not in (0, 1):
+        raise _Unsupported(f"output_dtype {_elem_name(at['output_dtype'])} is not supported (float32 only)")
+    scales, zps, _ = _qparams(im, ins[1], ins[2], "the input")
+    axis = _q_axis(im, at, len(x.shape), len(scales), len(zps))
+    return [dequantize(x, scales, zps, axis, name=im.name(node))]
+
+
+@converts("QLinearConv", dilations=None, group=1, **_WINDOW)
+def _qlinear_conv(im, node, ins, at):
+    x, w = im.value(ins[0]), im.value(ins[3])
+    if len(w.shape) != len(x.shape):
+        raise _Unsupported(f"weight {w.shape} must have the rank of the input {x.shape}")
+    _positive(group=at["group"])
+    _, s, d, pads = _window(node, at, x.shape, w.shape[2:])
+    xs, xz, _ = _qparams(im, ins[1], ins[2], "input x", per_axis_ok=False)
+    ws, wz, _ = _qparams(im, ins[4], ins[5], "weight w")
+    ys, yz, ydt = _qparams(im, ins[6], ins[7], "output y", per_axis_ok=False)
+    b = im.value(ins[8]) if len(node.input) > 8 and node.input[8] else None
+    return [qconv(x, w, b, x_scale=xs, x_zero_point=xz, w_scale=ws, w_zero_point=wz, y_scale=ys, y_zero_point=yz,
+                  dtype=ydt or "uint8", stride=s, padding=pads, dilation=d, groups=at["group"], name=im.name(node))]
+
+
+def _matmul_2d(im, node, a: Value, b: Value, product):
+    """numpy's 1-D operands of a matrix product: a row / column matrix, its
+    axis dropped afterwards (as MatMul)."""
+    a_rank, b_rank = len(a.shape), len(b.shape)
+    if a_rank > 1 and b_rank > 1:
+        return product(a, b, im.name(node))
+    if a_rank == 1:
+        a = reshape(a, (1,) + a.shape, name=im.name(node, "row"))
+    if b_rank == 1:
+        b = reshape(b, b.shape + (1,), name=im.name(node, "col"))
+    y = product(a, b, im.name(node, "2d"))
+    shape = list(y.shape)
+    if b_rank == 1:
+        shape.pop(-1)
+    if a_rank == 1:
+        shape.pop(-2 if b_rank > 1 else -1)
+    return reshape(y, tuple(shape), name=im.name(node))
+
+
+@converts("QLinearMatMul")
+def _qlinear_matmul(im, node, ins, at):
+    a, b = im.value(ins[0]), im.value(ins[3])
+    as_, az, _ = _qparams(im, ins[1], ins[2], "input a", per_axis_ok=False)
+    bs, bz, _ = _qparams(im, ins[4], ins[5], "input b")
+    ys, yz, ydt = _qparams(im, ins[6], ins[7], "output y", per_axis_ok=False)
+    return [_matmul_2d(im, node, a, b, lambda p, q, name: qmatmul(
+        p, q, a_scale=as_, a_zero_point=az, b_scale=bs, b_zero_point=bz, y_scale=ys, y_zero_point=yz,
+        dtype=ydt or "uint8", name=name))]
+
+
+@converts("MatMulInteger")
+def _matmul_integer(im, node, ins, at):
+    a, b = im.value(ins[0]), im.value(ins[1])
+    _, az, _ = _qparams(im, "", ins[2], "input a", per_axis_ok=False)
+    _, bz, _ = _qparams(im, "", ins[3], "input b")
+    return [_matmul_2d(im, node, a, b, lambda p, q, name: qmatmul(
+        p, q, a_zero_point=az, b_zero_point=bz, dtype="int32", name=name))]
+
+
+# ONNX Runtime's QOperator format: its contrib ops (domain com.microsoft), as
+# its quantizer writes them.
+@converts("com.microsoft.QLinearAdd")
+def _qlinear_add(im, node, ins, at):
+    a, b = im.value(ins[0]), im.value(ins[3])
+    as_, az, _ = _qparams(im, ins[1], ins[2], "input A", per_axis_ok=False)
+    bs, bz, _ = _qparams(im, ins[4], ins[5], "input B", per_axis_ok=False)
+    ys, yz, ydt = _qparams(im, ins[6], ins[7] if len(node.input) > 7 else "", "output C", per_axis_ok=False)
+    return [qadd(a, b, a_scale=as_, a_zero_point=az, b_scale=bs, b_zero_point=bz, y_scale=ys, y_zero_point=yz,
+                 dtype=ydt or a.dtype, name=im.name(node))]
+
+
+@converts("com.microsoft.QGemm", alpha=1.0, transA=0, transB=0)
+def _qgemm(im, node, ins, at):
+    a, b = im.value(ins[0]), im.value(ins[3])
+    if at["transA"] or at["alpha"] != 1.0:
+        raise _Unsupported(f"transA={at['transA']}, alpha={at['alpha']} (convc maps transA=0, alpha=1)")
+    if len(node.input) < 8 or not node.input[7]:
+        raise _Unsupported("QGemm without y_scale (a float output) is not supported")
+    as_, az, _ = _qparams(im, ins[1], ins[2], "input A", per_axis_ok=False)
+    bs, bz, _ = _qparams(im, ins[4], ins[5], "input B")
+    ys, yz, ydt = _qparams(im, ins[7], ins[8] if len(node.input) > 8 else "", "output Y", per_axis_ok=False)
+    bias = im.value(ins[6]) if ins[6] else None
+    if bias is not None and (bias.dtype != "int32" or len(bias.shape) != 1):
+        raise _Unsupported(f"C {bias.dtype}{list(bias.shape)} must be an int32 vector (one per output column)")
+    w = b if at["transB"] else transpose(b, (1, 0), name=im.name(node, "b_t"))
+    return [qdense(a, w, bias, x_scale=as_, x_zero_point=az, w_scale=bs, w_zero_point=bz, y_scale=ys,
+                   y_zero_point=yz, dtype=ydt or a.dtype, name=im.name(node))]
+
+
+@converts("com.microsoft.QLinearConcat", axis=None)
+def _qlinear_concat(im, node, ins, at):
+    ys, yz, ydt = _qparams(im, node.input[0], node.input[1], "output Y", per_axis_ok=False)
+    rest = list(node.input[2:])
+    if at["axis"] is None or len(rest) % 3:
+        raise _Unsupported("QLinearConcat needs axis and (tensor, scale, zero point) triples")
+    xs, scales, zps = [], [], []
+    for i in range(0, len(rest), 3):
+        s, z, _ = _qparams(im, rest[i + 1], rest[i + 2], f"input {i // 3}", per_axis_ok=False)
+        xs.append(im.value(rest[i]))
+        scales.append(s[0])
+        zps.append(z[0])
+    return [qconcat(xs, at["axis"], x_scales=scales, x_zero_points=zps, y_scale=ys[0], y_zero_point=yz[0],
+                    dtype=ydt or xs[0].dtype, name=im.name(node))]
+
+
+@converts("com.microsoft.QLinearGlobalAveragePool", channels_last=0)
+def _qlinear_global_avg_pool(im, node, ins, at):
+    if at["channels_last"]:
+        raise _Unsupported("channels_last=1 is not supported (convc pools NCHW)")
+    x = im.value(ins[0])
+    xs, xz, _ = _qparams(im, ins[1], ins[2], "input X", per_axis_ok=False)
+    ys, yz, ydt = _qparams(im, ins[3], ins[4], "output Y", per_axis_ok=False)
+    return [qglobal_avg_pool(x, x_scale=xs, x_zero_point=xz, y_scale=ys, y_zero_point=yz, dtype=ydt or x.dtype,
+                             name=im.name(node))]
 
 
 # -- Resize, Upsample ----------------------------------------------------------------
