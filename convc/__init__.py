@@ -39,6 +39,7 @@ from .train import SGD, Adam, Trainer
 from . import passes
 from .matrix import conv_matrix
 from .onnx import from_onnx, to_onnx
+from .torch_frontend import from_torch, TorchImportError     # torch imported on first use
 
 
 def __getattr__(name):
