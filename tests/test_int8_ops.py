@@ -439,6 +439,7 @@ QADD_CASES = [
     ((3, 7), (3, 7), "int8", "int8", 2.0**-4, 2.0**-4, 2.0**-3, "int8", None),        # pow2: ties
     ((2, 8), (8,), "uint8", "int8", 0.5, 0.001, 0.004, "uint8", "relu6"),            # very different scales
     ((3, 7), (3, 7), "int8", "int8", 0.05, 0.05, 0.002, "int8", None),               # saturates both ends
+    ((1, 1), (1,), "int8", "int8", 0.05, 0.07, 0.1, "int8", None),                    # one element
 ]
 
 
@@ -819,3 +820,50 @@ def test_macs_and_cost():
     rep = cc.cost(g)
     assert rep.nodes[y.name].macs == 4 * 5 * 5 * 3 * 3 * 3        # every input element times C_out/g * k*k
     assert rep.nodes[d.name].macs == 6 * 100
+
+
+def test_all_ops_in_one_graph_build_warning_free_and_export(tmp_path):
+    """Every op of this file in one chain: the module's C builds with
+    -Wall -Wextra -Werror -pedantic, and the embedded export (int8_t weights,
+    static tables) passes its own harness."""
+    import shutil
+    import subprocess
+
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    rng = np.random.default_rng(23)
+    g = cc.Graph("allq")
+    x = g.input("x", (1, 4, 6, 6), "int8")
+    t = cc.qconv_transpose(x, g.param("w", rng.integers(-127, 128, (4, 2, 3, 3)), "int8"),
+                           g.param("b", rng.integers(-100, 100, 4), "int32"), x_scale=0.05, x_zero_point=1,
+                           w_scale=0.01, y_scale=0.1, stride=2, padding=1, groups=2)
+    p = cc.qavg_pool(t, 2, x_scale=0.1)
+    a = cc.qadd(p, cc.qglobal_avg_pool(p, x_scale=0.1), a_scale=0.1, b_scale=0.1, y_scale=0.2)
+    one = cc.qadd(cc.qglobal_avg_pool(p, x_scale=0.1), cc.reshape(cc.qglobal_avg_pool(a, x_scale=0.2), (4, 1, 1)),
+                  a_scale=0.1, b_scale=0.2, y_scale=0.2)
+    c = cc.qconcat([a, p], 1, x_scales=[0.2, 0.1], x_zero_points=[0, 0], y_scale=0.15)
+    h = cc.qlookup(c, cc.lookup_table("hardswish", 0.15, 0, 0.1, 0))
+    f = cc.flatten(h)
+    d = cc.qdense(f, g.param("wd", rng.integers(-127, 128, (5, f.shape[1])), "int8"), x_scale=0.1, w_scale=0.01,
+                  y_scale=0.1)
+    g.output(cc.qmatmul(cc.reshape(d, (1, 5, 1)), cc.reshape(d, (1, 1, 5)), a_scale=0.1, b_scale=0.1, y_scale=0.05),
+             "y")
+    g.output(cc.qmatmul(cc.reshape(d, (5, 1)), cc.reshape(d, (1, 5)), dtype="int32"), "raw")
+    g.output(one, "one")
+    xq = qvalues(rng, (1, 4, 6, 6), "int8", 1)
+    want = cc.compile(g, target="numpy")(x=xq)
+    got = cc.compile(g, target="c")(x=xq)
+    assert all(np.array_equal(a_, b_) for a_, b_ in zip(got, want))
+    src = tmp_path / "module.c"
+    src.write_text(cc.compile(g, target="c").source)
+    r = subprocess.run(["gcc", "-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-fopenmp", "-c", str(src),
+                        "-o", str(tmp_path / "module.o")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[:3000]
+    cc.export_c(g, tmp_path / "exp", name="allq")
+    exe = tmp_path / "allq_test"
+    r = subprocess.run(["gcc", "-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O2", "-o", str(exe),
+                        str(tmp_path / "exp" / "allq.c"), str(tmp_path / "exp" / "allq_test.c"), "-lm"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[:3000]
+    r = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert r.returncode == 0 and "integer_mismatches 0" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]

@@ -642,7 +642,9 @@ class QMatmul(Op):
         batch = list(out.shape[:-2])
         m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
         nb = shapes.prod(batch)
-        return dict(M=m, K=k, N=n, BATCH=nb, batch=batch, sa=broadcast_strides(a.shape[:-2], batch),
+        from ..host import probe
+        jt = max(1, min(n, 2 * probe().lanes("int32")))        # two vectors of int32 sums per column tile
+        return dict(M=m, K=k, N=n, BATCH=nb, JT=jt, batch=batch, sa=broadcast_strides(a.shape[:-2], batch),
                     sb=broadcast_strides(b.shape[:-2], batch), AZP=attrs["a_zero_point"],
                     bzp=_per(attrs["b_zero_point"], n), mult=list(attrs["multiplier"]), shift=list(attrs["shift"]),
                     par=[("bi", "BATCH", nb), ("i", "M", m)], **_out_context(attrs))
@@ -713,7 +715,9 @@ class QAdd(Op):
 
     def context(self, attrs, types, out):
         from .elementwise import broadcast_strides
-        return dict(SIZE=out.size, dims=list(out.shape), same=types[0].shape == types[1].shape == out.shape,
+        # same: both operands are indexed like the output (equal shapes, or a single element)
+        same = types[0].shape == types[1].shape == out.shape or out.size == 1
+        return dict(SIZE=out.size, dims=list(out.shape), same=same,
                     sa=broadcast_strides(types[0].shape, out.shape), sb=broadcast_strides(types[1].shape, out.shape),
                     AZP=attrs["a_zero_point"], BZP=attrs["b_zero_point"], LEFT=ADD_LEFT_SHIFT,
                     mult=list(attrs["multiplier"]), shift=list(attrs["shift"]), par=[("i", "SIZE", out.size)],
