@@ -1832,6 +1832,159 @@ def _x_resize(ex, n, ins, attrs, out):
     ex.node("Resize", [ex.tensor[ins[0]], "", scales], [ex.tensor[n]], **onnx_attrs)
 
 
+# -- quantized ops as ONNX (QDQ) ------------------------------------------------------
+# quantize / dequantize are QuantizeLinear / DequantizeLinear, qconv is
+# QLinearConv, qmatmul QLinearMatMul (MatMulInteger when it returns the raw
+# int32 sums); the other integer ops are written in the QDQ form --
+# DequantizeLinear -> the float op -> QuantizeLinear -- which ONNX Runtime
+# fuses into its integer kernels. A clamp narrower than the dtype (a folded
+# relu) is a Clip on the integers. ONNX Runtime requantizes in float where
+# convc uses fixed point, so the two agree within one step of the output.
+def _q_scalar(ex, base: str, value, dtype) -> str:
+    """An initializer of one number, or of one per channel (1-D)."""
+    v = np.asarray(value, dtype).reshape(-1)
+    return ex.initializer(v.reshape(()) if v.size == 1 else v, base)
+
+
+def _x_q_pair(ex, n: str, what: str, scale, zero_point, dtype: str) -> list[str]:
+    return [_q_scalar(ex, f"{n}.{what}_scale", scale, np.float32),
+            _q_scalar(ex, f"{n}.{what}_zero_point", zero_point, _NP_OF_DTYPE[dtype])]
+
+
+def _x_clamp(ex, n: str, y: str, attrs, out_name: str) -> str:
+    """Clip to the op's clamp when it is narrower than its dtype."""
+    lo, hi = attrs.get("clamp") or (None, None)
+    info = np.iinfo(attrs["dtype"])
+    if lo is None or (lo <= info.min and hi >= info.max):
+        return y
+    np_t = _NP_OF_DTYPE[attrs["dtype"]]
+    return ex.node("Clip", [y, ex.initializer(np.array(lo, np_t), f"{n}.lo"), ex.initializer(np.array(hi, np_t),
+                                                                                             f"{n}.hi")], [out_name])
+
+
+def _needs_clip(attrs) -> bool:
+    lo, hi = attrs.get("clamp") or (None, None)
+    info = np.iinfo(attrs["dtype"])
+    return lo is not None and not (lo <= info.min and hi >= info.max)
+
+
+def _out_q(ex, n: str, y_float: str, attrs):
+    """QuantizeLinear of a float result to the op's output (and its clamp)."""
+    clip = _needs_clip(attrs)
+    q = ex.node("QuantizeLinear", [y_float, *_x_q_pair(ex, n, "y", attrs["y_scale"], attrs["y_zero_point"],
+                                                       attrs["dtype"])],
+                [ex.fresh(f"{n}.unclamped") if clip else ex.tensor[n]])
+    _x_clamp(ex, n, q, attrs, ex.tensor[n])
+
+
+def _x_dq(ex, n: str, what: str, src: str, dtype: str, scale, zero_point, axis=None) -> str:
+    """DequantizeLinear of tensor ``src``."""
+    extra = {"axis": axis} if axis is not None and np.size(scale) > 1 else {}
+    return ex.node("DequantizeLinear", [src, *_x_q_pair(ex, n, what, scale, zero_point, dtype)],
+                   [ex.fresh(f"{n}.{what}_float")], **extra)
+
+
+@exports("quantize")
+def _x_quantize(ex, n, ins, attrs, out):
+    extra = {"axis": attrs["axis"]} if attrs["axis"] is not None else {}
+    ex.node("QuantizeLinear", [ex.tensor[ins[0]], *_x_q_pair(ex, n, "y", attrs["scale"], attrs["zero_point"],
+                                                             out.dtype)], [ex.tensor[n]], **extra)
+
+
+@exports("dequantize")
+def _x_dequantize(ex, n, ins, attrs, out):
+    x_dtype = ex.graph.node(ins[0])["type"].dtype
+    extra = {"axis": attrs["axis"]} if attrs["axis"] is not None else {}
+    ex.node("DequantizeLinear", [ex.tensor[ins[0]], *_x_q_pair(ex, n, "x", attrs["scale"], attrs["zero_point"],
+                                                               x_dtype)], [ex.tensor[n]], **extra)
+
+
+@exports("qconv")
+def _x_qconv(ex, n, ins, attrs, out):
+    t = ex.tensor
+    x_dtype, w_dtype = (ex.graph.node(i)["type"].dtype for i in ins[:2])
+    k = ex.graph.node(ins[1])["type"].shape[2:]
+    args = [t[ins[0]], *_x_q_pair(ex, n, "x", attrs["x_scale"], attrs["x_zero_point"], x_dtype), t[ins[1]],
+            *_x_q_pair(ex, n, "w", attrs["w_scale"], attrs["w_zero_point"], w_dtype),
+            *_x_q_pair(ex, n, "y", attrs["y_scale"], attrs["y_zero_point"], attrs["dtype"])]
+    if len(ins) == 3:
+        args.append(t[ins[2]])
+    clip = _needs_clip(attrs)
+    y = ex.node("QLinearConv", args, [ex.fresh(f"{n}.unclamped") if clip else t[n]], kernel_shape=list(k),
+                strides=list(attrs["stride"]), pads=_pads_attr(attrs["padding"]), dilations=list(attrs["dilation"]),
+                group=attrs["groups"])
+    _x_clamp(ex, n, y, attrs, t[n])
+
+
+@exports("qmatmul")
+def _x_qmatmul(ex, n, ins, attrs, out):
+    t = ex.tensor
+    a_dtype, b_dtype = (ex.graph.node(i)["type"].dtype for i in ins)
+    if attrs["dtype"] == "int32":
+        ex.node("MatMulInteger", [t[ins[0]], t[ins[1]],
+                                  _q_scalar(ex, f"{n}.a_zero_point", attrs["a_zero_point"], _NP_OF_DTYPE[a_dtype]),
+                                  _q_scalar(ex, f"{n}.b_zero_point", attrs["b_zero_point"], _NP_OF_DTYPE[b_dtype])],
+                [t[n]])
+        return
+    clip = _needs_clip(attrs)
+    y = ex.node("QLinearMatMul", [t[ins[0]], *_x_q_pair(ex, n, "a", attrs["a_scale"], attrs["a_zero_point"], a_dtype),
+                                  t[ins[1]], *_x_q_pair(ex, n, "b", attrs["b_scale"], attrs["b_zero_point"], b_dtype),
+                                  *_x_q_pair(ex, n, "y", attrs["y_scale"], attrs["y_zero_point"], attrs["dtype"])],
+                [ex.fresh(f"{n}.unclamped") if clip else t[n]])
+    _x_clamp(ex, n, y, attrs, t[n])
+
+
+@exports("qdense")
+def _x_qdense(ex, n, ins, attrs, out):
+    if attrs["dtype"] == "int32":
+        raise ConvcError(f"node %{n} (qdense): its raw int32 output has no QDQ form; use qmatmul")
+    t, gt = ex.tensor, ex.graph.node
+    x = _x_dq(ex, n, "x", t[ins[0]], gt(ins[0])["type"].dtype, attrs["x_scale"], attrs["x_zero_point"])
+    w = _x_dq(ex, n, "w", t[ins[1]], gt(ins[1])["type"].dtype, attrs["w_scale"], attrs["w_zero_point"], axis=0)
+    args = [x, w]
+    if len(ins) == 3:
+        bias_scale = np.float32(attrs["x_scale"]) * np.asarray(attrs["w_scale"], np.float32)
+        args.append(_x_dq(ex, n, "b", t[ins[2]], "int32", bias_scale, 0, axis=0))
+    x_rank = len(gt(ins[0])["type"].shape)
+    if x_rank == 2:
+        y = ex.node("Gemm", args, [ex.fresh(f"{n}.float")], transB=1)
+    else:
+        wt = ex.node("Transpose", [w], [ex.fresh(f"{n}.w_t")], perm=[1, 0])
+        y = ex.node("MatMul", [x, wt], [ex.fresh(f"{n}.float")])
+        if len(args) == 3:
+            y = ex.node("Add", [y, args[2]], [ex.fresh(f"{n}.biased")])
+    _out_q(ex, n, y, attrs)
+
+
+@exports("qadd")
+def _x_qadd(ex, n, ins, attrs, out):
+    t, gt = ex.tensor, ex.graph.node
+    a = _x_dq(ex, n, "a", t[ins[0]], gt(ins[0])["type"].dtype, attrs["a_scale"], attrs["a_zero_point"])
+    b = _x_dq(ex, n, "b", t[ins[1]], gt(ins[1])["type"].dtype, attrs["b_scale"], attrs["b_zero_point"])
+    _out_q(ex, n, ex.node("Add", [a, b], [ex.fresh(f"{n}.float")]), attrs)
+
+
+@exports("qconcat")
+def _x_qconcat(ex, n, ins, attrs, out):
+    t, gt = ex.tensor, ex.graph.node
+    parts = [_x_dq(ex, n, f"x{k}", t[i], gt(i)["type"].dtype, s, z)
+             for k, (i, s, z) in enumerate(zip(ins, attrs["x_scales"], attrs["x_zero_points"]))]
+    _out_q(ex, n, ex.node("Concat", parts, [ex.fresh(f"{n}.float")], axis=attrs["axis"]), attrs)
+
+
+@exports("qavg_pool", "qglobal_avg_pool")
+def _x_qpool(ex, n, ins, attrs, out):
+    t, gt = ex.tensor, ex.graph.node
+    x = _x_dq(ex, n, "x", t[ins[0]], gt(ins[0])["type"].dtype, attrs["x_scale"], attrs["x_zero_point"])
+    if gt(n)["op"] == "qglobal_avg_pool":
+        y = ex.node("GlobalAveragePool", [x], [ex.fresh(f"{n}.float")])
+    else:
+        y = ex.node("AveragePool", [x], [ex.fresh(f"{n}.float")], kernel_shape=list(attrs["kernel_size"]),
+                    strides=list(attrs["stride"]), pads=_pads_attr(attrs["padding"]),
+                    ceil_mode=int(attrs["ceil_mode"]), count_include_pad=int(attrs["count_include_pad"]))
+    _out_q(ex, n, y, attrs)
+
+
 # -- command line: convc run / convc compile -------------------------------------------
 def load(spec: str, input_shapes: dict | None = None) -> Graph:
     """A model for the CLI: an ``.onnx`` file, else what
