@@ -241,6 +241,9 @@ def test_errors():
         cc.calibrate(g, data(2), observer="percentile", percentile=20)
     with pytest.raises(CalibrationError, match="give calibration inputs"):
         cc.quantize(g)
+    from convc.models import lenet5
+    with pytest.raises(CalibrationError, match=r"node 'x' \(input\) is float64; quantize_int8 takes float32"):
+        cc.quantize(lenet5(dtype="float64"), np.zeros((1, 1, 28, 28)), engine="reference")
     # cc.quantize on a Value is still the quantize op
     v = cc.quantize(g.value("x"), 0.5, 3)
     assert v.op == "quantize" and g.node(v.name)["attrs"]["zero_point"] == (3,)
@@ -389,8 +392,8 @@ def test_against_torch_post_training_quantization():
 
 def test_residual_block_with_batch_norm():
     """A ResNet block: batch norm folds into the convs, the residual add and the relu after it
-    (fused into the second conv's epilogue by the cleanup) are split off again and run as
-    qadd and a relu table; compiled C equals the reference bit for bit."""
+    (fused into the second conv's epilogue by the cleanup) are split off again and run as one
+    qadd with the relu in its clamp; compiled C equals the reference bit for bit."""
     rng = np.random.default_rng(3)
     g = cc.Graph("block")
     x = g.input("x", (2, 4, 6, 6))
@@ -406,7 +409,10 @@ def test_residual_block_with_batch_norm():
     g.output(cc.relu(cc.add(h, x, name="skip")), "y")
     g8 = cc.quantize(g, data(8, shape=(4, 6, 6)), engine="reference")
     ops = [g8.node(n)["op"] for n in g8.topological_order() if g8.node(n)["op"] not in ("input", "param")]
-    assert ops == ["quantize", "qconv", "qconv", "qadd", "qlookup", "dequantize"], ops
+    assert ops == ["quantize", "qconv", "qconv", "qadd", "dequantize"], ops
+    (add,) = [n for n in g8.topological_order() if g8.node(n)["op"] == "qadd"]
+    s, z = g8.node(add)["qparams"]
+    assert g8.node(add)["int8_form"] == "qadd+relu" and g8.node(add)["attrs"]["clamp"] == (max(-128, z), 127)
     nodes = [n for n in g8.topological_order() if g8.node(n)["op"] not in ("input", "param")]
     feeds = cal.batches(g8, data(2, seed=5, shape=(4, 6, 6)))
     for got, want in zip(cal.node_values(g8, nodes, feeds, "c"), cal.node_values(g8, nodes, feeds, "reference")):

@@ -18,7 +18,8 @@ How each op is mapped (``INT8_FORMS``, one function per op):
 - ``dense`` -> ``qdense`` (the same weights, bias and clamp);
 - ``add`` -> ``qadd``, ``concat`` -> ``qconcat``, ``avg_pool`` ->
   ``qavg_pool``, ``global_avg_pool`` -> ``qglobal_avg_pool``, each with
-  its own output scale and zero point from its calibrated range;
+  its own output scale and zero point from its calibrated range (a relu or
+  relu6 that alone reads a sum folds into the qadd's clamp: ResNet blocks);
 - every op of the activation table (hardswish, sigmoid, tanh, relu, ...)
   -> ``qlookup``, a 256-entry int8 table of its numpy meaning;
 - ``max_pool``, ``reshape``, ``flatten`` -> the same op on int8 (max and
@@ -54,7 +55,7 @@ from ..ops import activations
 from ..ops.registry import OPS
 from ..quant import choose_qparams, quantize_bias, quantize_weights
 from .manager import register
-from .rewrite import attrs, fresh, operands, reactivate, rewrite
+from .rewrite import attrs, fresh, only_user, operands, reactivate, rewrite
 
 DTYPE = "int8"
 """The dtype of every quantized activation the pass makes."""
@@ -97,6 +98,7 @@ class _Translation:
         self.g = Graph(src.name)
         self.f: dict[str, Value] = {}
         self.q: dict[str, tuple[Value, float, int]] = {}
+        self.done: set[str] = set()      # nodes computed inside another node's int8 form
 
     def fresh(self, base: str) -> str:
         """``base`` or ``base_2``...: free in the int8 graph and not a name of
@@ -264,8 +266,22 @@ def _own_params(t: _Translation, n: str, op: str, inputs: list, attrs: dict):
 
 
 def _add(t: _Translation, n: str):
+    """qadd; a relu or relu6 that alone reads the sum folds into its clamp
+    (the qadd then takes that activation's node name and range)."""
     (a, sa, za), (b, sb, zb) = (t.as_q(i) for i in t.src.inputs_of(n))
-    return _own_params(t, n, "qadd", [a, b], dict(a_scale=sa, a_zero_point=za, b_scale=sb, b_zero_point=zb))
+    attrs = dict(a_scale=sa, a_zero_point=za, b_scale=sb, b_zero_point=zb)
+    user = only_user(t.src, n)
+    act = _clamp_activation(dict(t.src.node(user)["attrs"], activation=t.src.node(user)["op"])) \
+        if user is not None and t.src.node(user)["op"] in ("relu", "clip") else False
+    if act and "qrange" in t.src.node(user):
+        from ..ops.quantized import activation_clamp
+        ys, yz = qparams_of(t.src, user)
+        if _own_params(t, user, "qadd", [a, b], dict(attrs, clamp=activation_clamp(act, ys, yz, DTYPE))) is None:
+            t.g.nx.nodes[user]["int8_form"] = f"qadd+{act}"
+            t.done.add(n)
+            _note(f"'{user}' ({act}) folded into the clamp of the qadd of '{n}'")
+            return None
+    return _own_params(t, n, "qadd", [a, b], attrs)
 
 
 def _concat(t: _Translation, n: str):
@@ -378,6 +394,10 @@ def quantize_int8(g: Graph) -> Graph:
     if g.assigns:
         raise CalibrationError(f"graph '{g.name}' assigns params (a training graph); quantize_int8 takes an "
                                f"inference graph")
+    wide = [n for n in g.topological_order() if g.node(n)["type"].dtype == "float64"]
+    if wide:
+        raise CalibrationError(f"graph '{g.name}': node '{wide[0]}' ({g.node(wide[0])['op']}) is float64; "
+                               f"quantize_int8 takes float32 graphs (dequantize gives float32)")
     t = _Translation(g)
     for n in g.topological_order():
         d = g.node(n)
@@ -388,6 +408,8 @@ def quantize_int8(g: Graph) -> Graph:
             for k in ("qrange", "calibration"):
                 if k in d:
                     t.g.nx.nodes[n][k] = d[k]
+            continue
+        if n in t.done or n in t.q:
             continue
         form = INT8_FORMS.get(d["op"])
         if d["type"].dtype not in FLOAT_DTYPES:
