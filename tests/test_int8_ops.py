@@ -867,3 +867,36 @@ def test_all_ops_in_one_graph_build_warning_free_and_export(tmp_path):
     assert r.returncode == 0, r.stderr[:3000]
     r = subprocess.run([str(exe)], capture_output=True, text=True)
     assert r.returncode == 0 and "integer_mismatches 0" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_qconv_against_torch_conv2d():
+    """The lead's qconv (and, for the bigger layer, whatever lowering the
+    default pipeline picks for it, e.g. the int8 GEMM) against torch's
+    quantized conv2d, per tensor and per channel, within 1 LSB."""
+    torch = torch_quantized()
+    import torch.ao.nn.quantized.functional as qF
+    rng = np.random.default_rng(24)
+    for (c_in, c_out, hw, k, s, p, groups), per_ch in [((3, 8, 9, 3, 1, 1, 1), True), ((4, 6, 7, 3, 2, 1, 2), False),
+                                                       ((32, 32, 16, 3, 1, 1, 1), True)]:
+        xq = qvalues(rng, (1, c_in, hw, hw), "uint8", 128)
+        wq = qvalues(rng, (c_out, c_in // groups, k, k), "int8", 0)
+        w_scale = rng.uniform(0.002, 0.01, c_out) if per_ch else np.array([0.005])
+        b = rng.integers(-3000, 3000, c_out).astype(np.int32)
+        g = cc.Graph("conv")
+        x = g.input("x", xq.shape, "uint8")
+        g.output(cc.qconv(x, g.param("w", wq, "int8"), g.param("b", b, "int32"), x_scale=0.02, x_zero_point=128,
+                          w_scale=w_scale.tolist(), y_scale=0.05, y_zero_point=120, dtype="uint8", stride=s,
+                          padding=p, groups=groups), "y")
+        ours = cc.compile(g, target="c")(x=xq)
+        wt = torch.from_numpy(wq.astype(np.float32))
+        if per_ch:
+            tw = torch.quantize_per_channel(wt * torch.from_numpy(w_scale.astype(np.float32)).view(-1, 1, 1, 1),
+                                            torch.from_numpy(w_scale), torch.zeros(c_out, dtype=torch.long), 0,
+                                            torch.qint8)
+        else:
+            tw = torch.quantize_per_tensor(wt * float(w_scale[0]), float(w_scale[0]), 0, torch.qint8)
+        tx = torch._make_per_tensor_quantized_tensor(torch.from_numpy(xq), 0.02, 128)
+        bias = torch.from_numpy(b * 0.02 * np.broadcast_to(w_scale, (c_out,))).float()
+        theirs = qF.conv2d(tx, tw, bias, stride=s, padding=p, groups=groups, scale=0.05,
+                           zero_point=120).int_repr().numpy()
+        within_one_lsb(ours, theirs, f"conv2d {c_in}->{c_out} k={k} groups={groups}", 0.95)
