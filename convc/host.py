@@ -202,7 +202,10 @@ class Host:
     own view of this CPU); ``l1d``/``l2`` are per core, ``l3`` shared, in
     bytes; ``compiler`` is the compiler's version banner. ``key`` names the
     host for the tuning database: a tuning measured on another CPU model,
-    another ISA or another compiler is never used here."""
+    another ISA or another compiler is never used here. ``int8_dot``: the
+    u8 x s8 -> s32 dot-product instructions both the CPU and the compiler's
+    target macros have, "vnni512" (AVX-512 VNNI), "vnni256" (AVX-VNNI) or
+    "none" (:func:`int8_dot`)."""
     cpu: str
     isa: str
     flags: tuple
@@ -214,6 +217,7 @@ class Host:
     cores: int
     compiler: str
     notes: tuple = ()
+    int8_dot: str = "none"
 
     @property
     def key(self) -> str:
@@ -283,6 +287,27 @@ def _vector_unit(cc: str, flags: list[str]) -> tuple[int, int, tuple[str, ...]]:
     return 16, 16, ("no SIMD macro predefined: 128-bit vectors assumed (the compiler may still vectorise)",)
 
 
+INT8_DOT = (("vnni512", ("__AVX512VNNI__", "__AVX512BW__"), "avx512_vnni"),
+            ("vnni256", ("__AVXVNNI__",), "avx_vnni"))
+"""(name, compiler macros, /proc/cpuinfo flag) of the int8 dot-product
+instruction sets the int8 GEMM (convc/ops/qgemm.py) uses, best first."""
+
+
+def int8_dot(cc: str, flags: list[str], cpu_flags) -> str:
+    """The best of :data:`INT8_DOT` that the CPU lists and the compiler
+    targets with ``flags`` (its predefined macros), else "none"."""
+    try:
+        out = subprocess.run([cc, *flags, "-dM", "-E", "-x", "c", os.devnull], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "none"
+    defined = {line.split()[1] for line in out.splitlines() if line.startswith("#define ")}
+    for name, macros, flag in INT8_DOT:
+        if flag in cpu_flags and all(mac in defined for mac in macros):
+            return name
+    return "none"
+
+
 @functools.lru_cache(maxsize=None)
 def probe() -> Host:
     """This machine's :class:`Host` (computed once per process: one run of
@@ -294,9 +319,11 @@ def probe() -> Host:
     vbytes, vregs, vnotes = _vector_unit(cc, target)
     (l1, l2, l3), cnotes = _caches()
     banner = compiler_version(cc).splitlines()
-    return Host(cpu=cpu_model(), isa=isa_flags(), flags=_cpu_flags(), vector_bytes=vbytes, vector_registers=vregs,
+    cpu_flags = _cpu_flags()
+    return Host(cpu=cpu_model(), isa=isa_flags(), flags=cpu_flags, vector_bytes=vbytes, vector_registers=vregs,
                 l1d=l1, l2=l2, l3=l3, cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                else (os.cpu_count() or 1), compiler=banner[0] if banner else cc, notes=vnotes + cnotes)
+                else (os.cpu_count() or 1), compiler=banner[0] if banner else cc, notes=vnotes + cnotes,
+                int8_dot=int8_dot(cc, target, cpu_flags))
 
 
 @functools.lru_cache(maxsize=None)

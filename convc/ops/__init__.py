@@ -6,3 +6,4 @@ from . import winograd  # noqa: F401,E402  (registers winograd_kernel, winograd_
 from . import resize  # noqa: F401,E402  (registers resize, resize_grad)
 from . import blocked  # noqa: F401,E402  (registers to_blocked, from_blocked, block_weights, conv_nchwc, ...)
 from . import quantized  # noqa: F401,E402  (registers quantize, dequantize, qconv)
+from . import qgemm  # noqa: F401,E402  (registers qgemm_columns, qgemm_weights, qgemm_bias, qgemm)

@@ -34,6 +34,7 @@ PIPELINES: dict[str, dict[str, list[str]]] = {
         "choose_blocked_layout",               # NCHWc where it pays (stems, and what the tuner chose)
         "conv_to_winograd",
         "conv_to_gemm",
+        "qconv_to_gemm",                       # int8: qconv as u8 x s8 GEMM (VNNI when the host has it)
         "transposed_to_matmul",
         "eliminate_common_subexpressions",     # a conv and its g share one im2col
         "fuse_epilogues",
@@ -56,6 +57,7 @@ PIPELINES: dict[str, dict[str, list[str]]] = {
         "to_blocked_layout",
         "conv_to_winograd",
         "conv_to_gemm",
+        "qconv_to_gemm",
         "transposed_to_matmul",
         "eliminate_common_subexpressions",
         "fuse_epilogues",
