@@ -120,6 +120,15 @@ def within_one_lsb(got, want, what, exact_at_least=0.9, real=None, tie_tol=None)
     return exact
 
 
+def exact_share(i, cases):
+    """The share of exact matches a float oracle must see in case ``i`` of a
+    grid: high for the listed cases, whose agreement was measured; half for
+    the last (power-of-two scales: meant to hit ties); lower for the random
+    cases of CONVC_LONG_TESTS=1 (outputs no tap reaches are the bias alone,
+    often an exact tie). Every difference must be at a near-tie anyway."""
+    return 0.97 if i < len(cases) - 1 else (0.5 if i == len(cases) - 1 else 0.75)
+
+
 def unrounded(real, y_scale, y_zp):
     """A real value in output units, before rounding: real / y_scale + y_zp."""
     return np.asarray(real, np.float64) / y_scale + y_zp
@@ -239,7 +248,7 @@ def test_qconv_transpose_float_oracle():
         real = ct.reference(geo, deq(xq, q["x_scale"], q["x_zero_point"]), wf,
                             bias if bias is not False else None)
         within_one_lsb(want[f"c{i}_y"], float_oracle(real, q["y_scale"], q["y_zero_point"], q["dtype"], q["clamp"]),
-                       f"case {i} {case}", 0.5 if i == len(QCT_CASES) - 1 else 0.97,
+                       f"case {i} {case}", exact_share(i, QCT_CASES),
                        unrounded(real, q["y_scale"], q["y_zero_point"]), tie_tolerance(attrs["shift"]))
 
 
@@ -383,7 +392,7 @@ def test_qdense_and_qmatmul_float_oracle():
             continue
         within_one_lsb(want[f"c{i}_y"], float_oracle(acc_real, q["y_scale"], q["y_zero_point"], q["dtype"],
                                                      q["clamp"]), f"qdense case {i} {case}",
-                       0.5 if i == len(QDENSE_CASES) - 1 else 0.97, unrounded(acc_real, q["y_scale"], q["y_zero_point"]),
+                       exact_share(i, QDENSE_CASES), unrounded(acc_real, q["y_scale"], q["y_zero_point"]),
                        tie_tolerance(grid.g.node(y.name)["attrs"]["shift"]))
     mgrid = Grid("qmm")
     outs = [_qmatmul_case(mgrid, i, c, rng) for i, c in enumerate(QMATMUL_CASES)]
