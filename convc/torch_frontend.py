@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import re
 from collections import Counter
 
@@ -47,7 +48,8 @@ INPUT_DTYPES = dict(FLOAT_DTYPES, **{"torch.int64": "int64"})
 
 # ops convc takes whole that ATen's core decompositions would split
 _KEEP_WHOLE = ("silu", "hardswish", "hardsigmoid", "silu_backward", "hardswish_backward", "hardsigmoid_backward",
-               "threshold_backward")
+               "threshold_backward", "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+               "upsample_linear1d", "upsample_bilinear2d", "upsample_trilinear3d")
 
 
 class TorchImportError(ConvcError):
@@ -221,7 +223,7 @@ for _r in (1, 2, 3):
 
     def _avg_pool(cv, node, a, _r=_r):
         x = _tensor(a["self"], "input")
-        if a["divisor_override"] is not None:
+        if a.get("divisor_override") is not None:         # (avg_pool1d has none)
             raise Unsupported(f"divisor_override={a['divisor_override']} (convc divides by the window's count)")
         return avg_pool(x, count_include_pad=bool(a["count_include_pad"]), name=cv.name(node),
                         **_pool_args(x, a, _r))
@@ -235,13 +237,13 @@ for _r in (1, 2, 3):
         return avg_pool_grad(gy, x.shape, attrs, name=cv.name(node))
 
     converts(f"aten.max_pool{_r}d_with_indices.default")(_max_pool)
-    converts(f"aten.max_pool{_r}d_with_indices_backward.default", ignores=("indices",))(_max_pool_backward)
     converts(f"aten.avg_pool{_r}d.default")(_avg_pool)
-    converts(f"aten.avg_pool{_r}d_backward.default")(_avg_pool_backward)
+    if _r > 1:                      # ATen's 1D pools differentiate through the 2D ones
+        converts(f"aten.max_pool{_r}d_with_indices_backward.default", ignores=("indices",))(_max_pool_backward)
+        converts(f"aten.avg_pool{_r}d_backward.default")(_avg_pool_backward)
 
 
-@converts("aten._adaptive_avg_pool1d.default", "aten._adaptive_avg_pool2d.default", "aten._adaptive_avg_pool3d.default",
-          "aten.adaptive_avg_pool1d.default")
+@converts("aten.adaptive_avg_pool1d.default", "aten._adaptive_avg_pool2d.default", "aten._adaptive_avg_pool3d.default")
 def _adaptive_avg_pool(cv, node, a):
     x = _tensor(a["self"], "input")
     n_in, n_out = x.shape[2:], tuple(a["output_size"])
@@ -351,8 +353,11 @@ def _leaky_relu_backward(cv, node, a):
 
 @converts("aten.hardsigmoid_backward.default")
 def _hardsigmoid_backward(cv, node, a):
-    y = hardsigmoid(_tensor(a["self"], "self"))          # convc's derivative reads the output
-    return activation_grad("hardsigmoid", y, _tensor(a["grad_output"], "grad_output"), name=cv.name(node))
+    x = _tensor(a["self"], "self")
+    y = hardsigmoid(x)                                  # convc's derivative reads the output
+    # PyTorch's kernel multiplies by 1/6 rounded to float32 in float64 too; match eager
+    params = {"alpha": float(np.float32(1 / 6))} if x.dtype == "float64" else {}
+    return activation_grad("hardsigmoid", y, _tensor(a["grad_output"], "grad_output"), params, name=cv.name(node))
 
 
 @converts("aten.gelu_backward.default")
@@ -395,7 +400,7 @@ def _softmax(cv, node, a):
 @converts("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default")
 def _view(cv, node, a):
     x = _tensor(a["self"], "input")
-    return reshape(x, _out_shape(node, a["size"]), name=cv.name(node))
+    return reshape(x, _out_shape(node, a.get("size", a.get("shape"))), name=cv.name(node))
 
 
 def _out_shape(node, size) -> tuple:
@@ -589,12 +594,15 @@ def _flat(vs):
 
 
 def where(node) -> str:
-    """The user's source line of an FX node (the last frame of its stack trace), or ''."""
+    """The user's source line of an FX node (the last frame of its stack
+    trace outside torch itself), or ''."""
     trace = node.meta.get("stack_trace") or ""
     frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', trace)
     if not frames:
         return ""
-    f, line, fn, code = frames[-1]
+    torch_dir = os.path.dirname(_torch().__file__)
+    mine = [fr for fr in frames if not fr[0].startswith(torch_dir)]       # the user's code, not nn.Module's
+    f, line, fn, code = (mine or frames)[-1]
     return f"{f}:{line} in {fn}: {code.strip()}"
 
 
@@ -718,7 +726,7 @@ def from_torch(module, example_inputs, dynamic: bool = False, name: str | None =
     module as it is: call ``module.eval()`` first for inference (batch norm
     on running statistics, dropout off). Params and buffers become
     ``g.param``s named after the module's state_dict keys
-    (``"layer1.0.conv1.weight"``); inputs keep the names of ``forward``'s
+    (``"layer1.0.conv1.weight"``; see :func:`param_name`); inputs keep the names of ``forward``'s
     arguments; outputs are ``y`` (one) or ``y0, y1, ...``. ``dynamic=True``
     is refused: convc compiles static shapes (import once per shape).
 
@@ -747,6 +755,14 @@ def from_torch(module, example_inputs, dynamic: bool = False, name: str | None =
     return _exported_graph(ep, name or _graph_name(module))
 
 
+def param_name(key: str) -> str:
+    """The convc param name of a state_dict key: the key itself, with ``_``
+    for characters convc names do not take and before a leading digit
+    (``nn.Sequential``'s ``0.weight`` -> ``_0.weight``)."""
+    n = re.sub(r"[^A-Za-z0-9_.\-]", "_", key)
+    return n if re.match(r"[A-Za-z_]", n) else "_" + n
+
+
 def _graph_name(module) -> str:
     n = re.sub(r"[^A-Za-z0-9_]", "_", type(module).__name__)
     return n if re.match(r"[A-Za-z_]", n) else "_" + n
@@ -769,7 +785,7 @@ def _exported_graph(ep, name: str) -> Graph:
             placeholders[node] = ("input", node.name, shape, FLOAT_DTYPES[dtype])
         elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
             t = state[spec.target]
-            placeholders[node] = ("param", spec.target, t.detach().cpu().numpy())
+            placeholders[node] = ("param", param_name(spec.target), t.detach().cpu().numpy())
         else:
             raise ConvcError(f"from_torch: input {node.name!r} is a {spec.kind.name}, which convc does not take")
     g, outs = fx_to_graph(ep.graph_module, placeholders, name)
