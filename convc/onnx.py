@@ -1878,8 +1878,12 @@ def _out_q(ex, n: str, y_float: str, attrs):
 
 
 def _x_dq(ex, n: str, what: str, src: str, dtype: str, scale, zero_point, axis=None) -> str:
-    """DequantizeLinear of tensor ``src``."""
-    extra = {"axis": axis} if axis is not None and np.size(scale) > 1 else {}
+    """DequantizeLinear of tensor ``src`` (per axis: scale and zero point
+    with one entry per index, as ONNX Runtime requires)."""
+    n_axis = max(np.size(scale), np.size(zero_point))
+    extra = {"axis": axis} if axis is not None and n_axis > 1 else {}
+    if extra:
+        scale, zero_point = (np.broadcast_to(np.reshape(v, -1), (n_axis,)) for v in (scale, zero_point))
     return ex.node("DequantizeLinear", [src, *_x_q_pair(ex, n, what, scale, zero_point, dtype)],
                    [ex.fresh(f"{n}.{what}_float")], **extra)
 
