@@ -1,5 +1,6 @@
 """The int8 GEMM path of quantized convolution (convc/ops/qgemm.py, pass
-``qconv_to_gemm``): bit for bit the integers of the reference qconv on C
+``qconv_to_gemm``; stride 1 as the implicit GEMM on the padded image, other
+strides on im2col columns): bit for bit the integers of the reference qconv on C
 with each kernel (AVX-512 VNNI, AVX-VNNI, plain C; ``CONVC_VNNI`` forces
 one, and a kernel the compiler does not target falls back to plain C) and
 on OpenCL; the pass's choice of which qconvs it takes; the int32 bound at
@@ -34,6 +35,7 @@ CASES = [
     ((1, 8, 15, 15), (12, 8, 5, 5), 1, 4, 2, "int8", True, None, True),            # dilation 2
     ((1, 10, 11, 16), (24, 10, 3, 2), (1, 2), ((2, 0), (1, 1)), 1, "int8", True, "relu", False),  # asymmetric
     ((1, 64, 7, 7), (48, 64, 3, 3), 1, 1, 1, "int8", True, None, True),            # P = 49 < one tile row
+    ((1, 10, 11, 16), (24, 10, 3, 2), 1, ((2, 0), (1, 1)), 1, "uint8", False, None, True),  # planes: asymmetric
 ]
 if LONG:
     CASES += [
@@ -82,6 +84,8 @@ def test_gemm_is_bit_exact_on_c_with_every_kernel(case, kernel):
     g, x = qconv_graph(case, rng)
     ops, lowered = ops_after(g)
     assert "qgemm" in ops and "qconv" not in ops
+    stride1 = case[2] == 1                                # the implicit GEMM on the image, else im2col columns
+    assert ("qgemm_planes" in ops, "qgemm_columns" in ops) == (stride1, not stride1)
     q = next(n for n in lowered.topological_order() if lowered.node(n)["op"] == "qgemm")
     assert lowered.node(q)["attrs"]["kernel"] == kernel
     assert "qgemm_weights" not in ops and "qgemm_bias" not in ops        # folded at compile time
@@ -229,22 +233,25 @@ def test_set_params_recomputes_the_folded_weight_matrix_and_bias():
 
 def test_bad_qgemm_attributes_name_the_node_and_rule():
     g = cc.Graph("bad")
-    cols = g.input("cols", (1, 4, 32, 4), "uint8")
+    cols = g.input("cols", (1, 128, 4), "uint8")
     w = g.param("w", np.zeros((14, 16), np.int8), "int8")
     b = g.param("b", np.zeros(10, np.int64), "int64")
-    base = dict(channels=10, spatial=(4, 8), multiplier=[2**30] * 10, shift=[0] * 10, y_zero_point=0, dtype="int8",
-                clamp=(-128, 127), kernel="portable", mr=14, nr=32)
+    base = dict(channels=10, spatial=(4, 8), offsets=(0, 32, 64, 96), multiplier=[2**30] * 10, shift=[0] * 10,
+                y_zero_point=0, dtype="int8", clamp=(-128, 127), kernel="portable", mr=14, nr=32)
+    assert g.add("qgemm", [cols, w, b], base, "q0").shape == (1, 10, 4, 8)
     with pytest.raises(ValidationError, match="kernel must be one of"):
         g.add("qgemm", [cols, w, b], dict(base, kernel="avx9000"), "q1")
     with pytest.raises(ValidationError, match="multiple of mr=8"):
         g.add("qgemm", [cols, w, b], dict(base, mr=8), "q2")
     with pytest.raises(ValidationError, match="one entry per channel"):
         g.add("qgemm", [cols, w, b], dict(base, shift=[0] * 3), "q3")
-    with pytest.raises(ValidationError, match="q4"):
+    with pytest.raises(ValidationError, match="node 'q4'.*read past them"):
         g.add("qgemm", [cols, w, b], dict(base, spatial=(8, 8)), "q4")
-    big = g.input("big", (1, 16449, 32, 4), "uint8")
+    with pytest.raises(ValidationError, match="width 6 < the output width 8"):
+        g.add("qgemm", [cols, w, b], dict(base, width=6), "q5")
     with pytest.raises(ValidationError, match="overflow the int32 accumulator"):
-        g.add("qgemm", [big, g.param("w2", np.zeros((14, 65796), np.int8), "int8"), b], base, "q5")
+        g.add("qgemm", [cols, g.param("w2", np.zeros((14, 65796), np.int8), "int8"), b],
+              dict(base, offsets=(0,) * 16449), "q6")
 
 
 @pytest.mark.parametrize("shape", [((1, 32, 14, 14), (48, 32, 3, 3), 1, 1), ((1, 64, 14, 14), (64, 64, 1, 1), 2, 0),

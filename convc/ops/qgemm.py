@@ -1,24 +1,40 @@
 """The int8 GEMM that a quantized 2D convolution (``qconv``) lowers to
-(pass ``qconv_to_gemm``, convc/passes/qgemm.py): four ops whose numpy
+(pass ``qconv_to_gemm``, convc/passes/qgemm.py): five ops whose numpy
 references compute the same integers as ``qconv``'s, bit for bit.
 
-- ``qgemm_columns``: im2col into the layout of the dot-product instructions.
-  Column matrix row k (tap c, ky, kx), position p is stored at
-  ``cols[n, k // 4, p, k % 4]``: four consecutive taps of one position are
-  four adjacent bytes, the operand of one u8 x s8 -> s32 four-way dot product
-  (AVX-512 VNNI ``vpdpbusd``), and a vector of them covers consecutive
-  positions. Values are unsigned: an int8 input is shifted by ``OFFSET`` =
-  128 (uint8: 0), a padded tap holds the shifted input zero point (it then
-  adds nothing once the bias correction below is applied); rows past K and
-  positions past P (up to a multiple of the register tile) are filled alike.
+The GEMM reads its unsigned operand ``cols`` (N, L, 4) in groups of 4 taps:
+group k4 of position p is the 4 bytes ``cols[n, offsets[k4] + p]``, four
+taps of one position side by side, the operand of one u8 x s8 -> s32
+four-way dot product (AVX-512 VNNI ``vpdpbusd``), and a vector of them covers
+consecutive positions. Values are unsigned: an int8 input is shifted by
+``OFFSET`` = 128 (uint8: 0), a tap in the padding holds the shifted input
+zero point (it then adds nothing once the bias correction below is applied).
+Two ops make ``cols``:
+
+- ``qgemm_columns`` (any stride): im2col, column-matrix row k = (c, ky, kx)
+  in group k // 4 at offset (k // 4) * PP; rows past K and positions past P
+  (up to PP, a multiple of the register tile) hold the fill value.
+- ``qgemm_planes`` (stride 1, the implicit GEMM): the zero-point-padded
+  input image, channels in groups of 4 (the 4 bytes of position q of group
+  c4 are channels 4*c4 .. 4*c4+3 at padded pixel q), each group one plane of
+  ``plane`` positions. Output position (oy, ox) is column p = oy * W + ox, W
+  the padded input width; tap (ky, kx) of it is pixel p + ky*D*W + kx*D, so
+  group (ky, kx, c4) is the plane of c4 read from offset c4 * plane + ky*D*W
+  + kx*D: no im2col copy, K times less data to write. Columns with ox >=
+  the output width are computed and dropped.
+
+and the rest:
+
 - ``qgemm_weights``: the int8 weights as a zero-padded (MP, KP) matrix, rows
-  a multiple of the register tile, KP a multiple of 4 (folded at compile time
-  by ``fold_params``).
+  a multiple of the register tile, the taps in the order of the groups
+  (c, ky, kx for columns; ky, kx, c for planes, channels padded to 4),
+  folded at compile time by ``fold_params``.
 - ``qgemm_bias``: the int64 per-channel constant that turns the unsigned
   product into the signed one: with ``u = x + OFFSET``,
   ``sum (x - x_zp) * w = sum u * w - (x_zp + OFFSET) * sum_k w``, so
   ``bias' = bias - (x_zp + OFFSET) * sum_k w[c, k]`` (also folded).
-- ``qgemm``: ``acc = sum_k cols * w`` in int32, then
+- ``qgemm``: ``acc = sum_k cols * w`` in int32 (``offsets`` and the row
+  ``width`` of its columns are attributes), then
   ``saturate_int32(acc + bias')`` (int64 sum: exactly ``qconv``'s saturated
   ``sum + bias``), requantized per channel (:func:`convc.quant.requantize`),
   plus the output zero point, clamped.
@@ -75,18 +91,23 @@ def acc_fits(k: int) -> bool:
     return k * 255 * 128 <= ACC_LIMIT
 
 
-def tile(kernel: str, host: Host | None = None) -> tuple[int, int]:
+def tile(kernel: str, host: Host | None = None, rows: int | None = None) -> tuple[int, int]:
     """(MR, NR) of ``kernel``'s register tile on ``host``: NR = 2 vectors of
     int32 lanes (the vector width the compiler targets for "portable"), MR
-    the most rows whose accumulators fit the vector registers, as the float
-    GEMM derives it (:func:`convc.tuning.default_tile_rows`)."""
+    at most the rows whose accumulators fit the vector registers, as the
+    float GEMM derives it (:func:`convc.tuning.default_tile_rows`). For a
+    product of ``rows`` rows, MR is the one of the upper half of that range
+    that pads ``rows`` least (the largest on a tie): 64 rows take 8 x 8, not
+    5 x 14 with 6 rows of padding."""
     from ..tuning import default_tile_rows
 
     host = host or probe()
     lanes = KERNEL_LANES.get(kernel, host.lanes("int32"))
     if kernel == "vnni256":          # AVX-VNNI's VEX encoding reaches ymm0-15 only
         host = dataclasses.replace(host, vector_registers=min(16, host.vector_registers))
-    return default_tile_rows(host), TILE_VECTORS * lanes
+    most = default_tile_rows(host)
+    mr = most if rows is None else min(range(max(2, most // 2), most + 1), key=lambda r: (-(-rows // r) * r, -r))
+    return mr, TILE_VECTORS * lanes
 
 
 def _round_up(v: int, m: int) -> int:
@@ -129,79 +150,155 @@ def _int(v, what: str, lo: int = 1) -> int:
     return int(v)
 
 
-# -- qgemm_columns -----------------------------------------------------------
+# -- the unsigned operand: columns or planes --------------------------------
+def _geometry(attrs, types, what: str) -> dict:
+    x = types[0]
+    _check_qdtype(x, f"{what}'s input")
+    if len(x.shape) != 4:
+        raise RuleError(f"input must be (N, C, H, W), got {x.shape}")
+    geo = Im2col().normalize(dict(kernel_size=attrs["kernel_size"], stride=attrs.get("stride", 1),
+                                  padding=attrs.get("padding", 0), dilation=attrs.get("dilation", 1),
+                                  flip=False), types)
+    lo, hi = qrange(x.dtype)
+    zp = attrs["x_zero_point"]
+    if isinstance(zp, bool) or not isinstance(zp, (int, np.integer)) or not lo <= zp <= hi:
+        raise RuleError(f"x_zero_point must be an integer in [{lo}, {hi}], got {zp!r}")
+    return dict(kernel_size=geo["kernel_size"], stride=geo["stride"], padding=geo["padding"],
+                dilation=geo["dilation"], x_zero_point=int(zp))
+
+
+def _out_sizes(attrs, x: TensorType):
+    return shapes.window_out_sizes(x.shape[2:], attrs["kernel_size"], attrs["stride"], attrs["dilation"],
+                                   attrs["padding"])
+
+
 @register
 class QGemmColumns(Op):
-    """x (N, C, H, W) int8/uint8 -> (N, ceil(K/4), PP, 4) uint8, K = C * kh
-    * kw, PP = ``positions`` (>= OH * OW): the unsigned im2col in the
-    dot-product layout (module docstring)."""
+    """x (N, C, H, W) int8/uint8 -> (N, ceil(K/4) * PP, 4) uint8, K = C *
+    kh * kw, PP = ``positions`` (>= OH * OW): the unsigned im2col (module
+    docstring); group k4 starts at k4 * PP."""
     name = "qgemm_columns"
 
     def normalize(self, attrs, types):
-        x = types[0]
-        _check_qdtype(x, "qgemm_columns' input")
-        if len(x.shape) != 4:
-            raise RuleError(f"input must be (N, C, H, W), got {x.shape}")
-        geo = Im2col().normalize(dict(kernel_size=attrs["kernel_size"], stride=attrs.get("stride", 1),
-                                      padding=attrs.get("padding", 0), dilation=attrs.get("dilation", 1),
-                                      flip=False), types)
-        lo, hi = qrange(x.dtype)
-        zp = attrs["x_zero_point"]
-        if isinstance(zp, bool) or not isinstance(zp, (int, np.integer)) or not lo <= zp <= hi:
-            raise RuleError(f"x_zero_point must be an integer in [{lo}, {hi}], got {zp!r}")
-        return dict(kernel_size=geo["kernel_size"], stride=geo["stride"], padding=geo["padding"],
-                    dilation=geo["dilation"], x_zero_point=int(zp), positions=_int(attrs["positions"], "positions"))
-
-    def _out(self, attrs, x: TensorType):
-        return shapes.window_out_sizes(x.shape[2:], attrs["kernel_size"], attrs["stride"], attrs["dilation"],
-                                       attrs["padding"])
+        return dict(_geometry(attrs, types, "qgemm_columns"), positions=_int(attrs["positions"], "positions"))
 
     def infer(self, attrs, types):
         x = types[0]
         _check_qdtype(x, "qgemm_columns' input")
-        out = self._out(attrs, x)
-        p = shapes.prod(out)
+        p = shapes.prod(_out_sizes(attrs, x))
         if attrs["positions"] < p:
             raise RuleError(f"positions {attrs['positions']} < the {p} output positions")
         k = x.shape[1] * shapes.prod(attrs["kernel_size"])
-        return TensorType((x.shape[0], -(-k // 4), attrs["positions"], 4), "uint8")
+        return TensorType((x.shape[0], -(-k // 4) * attrs["positions"], 4), "uint8")
 
     def reference(self, attrs, x):
-        off, zp = offset(str(x.dtype)), attrs["x_zero_point"]
+        off, zp, pp = offset(str(x.dtype)), attrs["x_zero_point"], attrs["positions"]
         cols = Im2col().reference(dict(attrs, flip=False), x.astype(np.int32) - zp)   # (N, C, kh, kw, OH, OW)
         n, k, p = x.shape[0], x.shape[1] * shapes.prod(attrs["kernel_size"]), shapes.prod(cols.shape[4:])
         k4 = -(-k // 4)
-        full = np.zeros((n, k4 * 4, attrs["positions"]), np.int32)            # every filler is x's zero point
+        full = np.zeros((n, k4 * 4, pp), np.int32)                 # every filler is x's zero point
         full[:, :k, :p] = cols.reshape(n, k, p)
-        u = full + zp + off                                                     # shifted to [0, 255]
-        return u.reshape(n, k4, 4, attrs["positions"]).transpose(0, 1, 3, 2).astype(np.uint8)
+        u = full + zp + off                                         # shifted to [0, 255]
+        return u.reshape(n, k4, 4, pp).transpose(0, 1, 3, 2).reshape(n, k4 * pp, 4).astype(np.uint8)
 
     def context(self, attrs, types, out):
         x = types[0]
-        sizes = self._out(attrs, x)
         k = x.shape[1] * shapes.prod(attrs["kernel_size"])
-        return dict(N=x.shape[0], C=x.shape[1], K=k, K4=out.shape[1], PP=attrs["positions"],
+        k4 = -(-k // 4)
+        return dict(N=x.shape[0], C=x.shape[1], K=k, K4=k4, PP=attrs["positions"],
                     OFFSET=offset(x.dtype), FILL=attrs["x_zero_point"] + offset(x.dtype),
-                    par=[("n", "N", x.shape[0]), ("k4", "K4", out.shape[1])],
-                    axes=axes_context(x.shape[2:], sizes, attrs["kernel_size"], attrs["stride"],
+                    par=[("n", "N", x.shape[0]), ("k4", "K4", k4)],
+                    axes=axes_context(x.shape[2:], _out_sizes(attrs, x), attrs["kernel_size"], attrs["stride"],
                                       attrs["dilation"], attrs["padding"]))
+
+
+def planes_layout(attrs, x: TensorType, nr: int) -> dict:
+    """The geometry of ``qgemm_planes`` for a stride-1 window on x: padded
+    width W and height H, output sizes, the GEMM's columns (output rows x W,
+    rounded up to ``nr``), the plane length and each group's offset, in the
+    order (ky, kx, c4)."""
+    (pt, pb), (pl, pr) = attrs["padding"]
+    (kh, kw), (dy, dx) = attrs["kernel_size"], attrs["dilation"]
+    h, w = x.shape[2] + pt + pb, x.shape[3] + pl + pr
+    oh, ow = _out_sizes(attrs, x)
+    cols = -(-oh * w // nr) * nr
+    plane = (kh - 1) * dy * w + (kw - 1) * dx + cols           # every tap of every column stays inside
+    c4 = -(-x.shape[1] // 4)
+    offsets = tuple(c * plane + ky * dy * w + kx * dx for ky in range(kh) for kx in range(kw) for c in range(c4))
+    return dict(H=h, W=w, OH=oh, OW=ow, columns=cols, plane=max(plane, h * w), C4=c4, offsets=offsets)
+
+
+@register
+class QGemmPlanes(Op):
+    """x (N, C, H, W) int8/uint8 -> (N, ceil(C/4) * ``plane``, 4) uint8:
+    the unsigned, zero-point-padded image of a stride-1 window, channels in
+    groups of 4 (module docstring); ``plane`` >= the padded H x W."""
+    name = "qgemm_planes"
+
+    def normalize(self, attrs, types):
+        geo = _geometry(attrs, types, "qgemm_planes")
+        if any(s != 1 for s in geo["stride"]):
+            raise RuleError(f"the planes of the implicit GEMM need stride 1, got {geo['stride']}")
+        return dict(geo, plane=_int(attrs["plane"], "plane"))
+
+    def _hw(self, attrs, x):
+        (pt, pb), (pl, pr) = attrs["padding"]
+        return x.shape[2] + pt + pb, x.shape[3] + pl + pr
+
+    def infer(self, attrs, types):
+        x = types[0]
+        _check_qdtype(x, "qgemm_planes' input")
+        _out_sizes(attrs, x)
+        h, w = self._hw(attrs, x)
+        if attrs["plane"] < h * w:
+            raise RuleError(f"plane {attrs['plane']} < the {h} x {w} padded image")
+        return TensorType((x.shape[0], -(-x.shape[1] // 4) * attrs["plane"], 4), "uint8")
+
+    def reference(self, attrs, x):
+        n, c = x.shape[:2]
+        (pt, pb), (pl, pr) = attrs["padding"]
+        fill = attrs["x_zero_point"] + offset(str(x.dtype))
+        c4 = -(-c // 4)
+        img = np.full((n, c4 * 4) + self._hw(attrs, x), fill, np.int32)
+        img[:, :c, pt:pt + x.shape[2], pl:pl + x.shape[3]] = x.astype(np.int32) + offset(str(x.dtype))
+        flat = np.full((n, c4 * 4, attrs["plane"]), fill, np.int32)
+        flat[:, :, :img.shape[2] * img.shape[3]] = img.reshape(n, c4 * 4, -1)
+        return flat.reshape(n, c4, 4, -1).transpose(0, 1, 3, 2).reshape(n, -1, 4).astype(np.uint8)
+
+    def context(self, attrs, types, out):
+        x = types[0]
+        (pt, _), (pl, _) = attrs["padding"]
+        h, w = self._hw(attrs, x)
+        c4 = -(-x.shape[1] // 4)
+        return dict(N=x.shape[0], C=x.shape[1], C4=c4, IN_Y=x.shape[2], IN_X=x.shape[3], H=h, W=w, PT=pt, PL=pl,
+                    PLANE=attrs["plane"], OFFSET=offset(x.dtype), FILL=attrs["x_zero_point"] + offset(x.dtype),
+                    par=[("n", "N", x.shape[0]), ("c4", "C4", c4)])
 
 
 # -- qgemm_weights / qgemm_bias (weight-only: folded at compile time) -------
 @register
 class QGemmWeights(Op):
     """w (M, C, *k) int8 -> (``rows``, ``depth``) int8: w as an M x K matrix,
-    zero-padded to rows >= M and depth >= K, depth a multiple of 4."""
+    zero-padded to rows >= M and depth >= K, depth a multiple of 4; with
+    ``taps_first`` the K axis runs (ky, kx, c) with C padded to a multiple of
+    4 (the order of ``qgemm_planes``' groups), else (c, ky, kx)."""
     name = "qgemm_weights"
 
     def normalize(self, attrs, types):
-        return dict(rows=_int(attrs["rows"], "rows"), depth=_int(attrs["depth"], "depth"))
+        from .registry import flag
+        return dict(rows=_int(attrs["rows"], "rows"), depth=_int(attrs["depth"], "depth"),
+                    taps_first=flag(attrs.get("taps_first", False), "taps_first"))
+
+    def _k(self, attrs, w: TensorType) -> int:
+        if attrs["taps_first"]:
+            return -(-w.shape[1] // 4) * 4 * shapes.prod(w.shape[2:])
+        return shapes.prod(w.shape[1:])
 
     def infer(self, attrs, types):
         w = types[0]
         if w.dtype != "int8" or len(w.shape) < 2:
             raise RuleError(f"weights must be int8 (C_out, C_in, *k), got {w}")
-        k = shapes.prod(w.shape[1:])
+        k = self._k(attrs, w)
         if attrs["rows"] < w.shape[0] or attrs["depth"] < k or attrs["depth"] % 4:
             raise RuleError(f"rows {attrs['rows']} x depth {attrs['depth']} must hold the {w.shape[0]} x {k} "
                             f"weight matrix, depth a multiple of 4")
@@ -209,12 +306,18 @@ class QGemmWeights(Op):
 
     def reference(self, attrs, w):
         out = np.zeros((attrs["rows"], attrs["depth"]), np.int8)
+        if attrs["taps_first"]:
+            c4 = -(-w.shape[1] // 4) * 4
+            wp = np.zeros((w.shape[0], c4) + w.shape[2:], np.int8)
+            wp[:, :w.shape[1]] = w
+            w = np.moveaxis(wp, 1, -1)                      # (M, *k, C padded)
         out[:w.shape[0], :shapes.prod(w.shape[1:])] = w.reshape(w.shape[0], -1)
         return out
 
     def context(self, attrs, types, out):
         w = types[0]
-        return dict(M=w.shape[0], K=shapes.prod(w.shape[1:]), MP=attrs["rows"], KP=attrs["depth"],
+        return dict(M=w.shape[0], C=w.shape[1], C4P=-(-w.shape[1] // 4) * 4, KSIZE=shapes.prod(w.shape[2:]),
+                    K=shapes.prod(w.shape[1:]), MP=attrs["rows"], KP=attrs["depth"], taps_first=attrs["taps_first"],
                     par=[("m", "MP", attrs["rows"])])
 
 
@@ -251,13 +354,15 @@ class QGemmBias(Op):
 # -- qgemm -------------------------------------------------------------------
 @register
 class QGemm(Op):
-    """(cols (N, K4, PP, 4) uint8, w (MP, 4*K4) int8, bias (M,) int64) ->
-    (N, M, *spatial) int8/uint8: the requantized product of the first M rows
-    of w and the first P = prod(spatial) columns (module docstring), written
-    as the conv's output. Attributes: ``channels`` M, ``spatial`` (the
-    output's spatial sizes), ``multiplier``/``shift`` (one per channel, from
-    qconv), ``y_zero_point``, ``dtype``, ``clamp``, ``kernel``
-    (:data:`KERNELS`) and its register tile ``mr`` x ``nr``."""
+    """(cols (N, L, 4) uint8, w (MP, KP) int8, bias (M,) int64) -> (N, M, OH,
+    OW) int8/uint8: the requantized product of the first M rows of w and the
+    columns (module docstring), written as the conv's output. Attributes:
+    ``channels`` M, ``spatial`` (OH, OW), ``width`` W >= OW (column p is
+    output (p // W, p % W), dropped when p % W >= OW), ``offsets`` (where
+    each group of 4 taps starts in cols, one per 4 columns of w),
+    ``multiplier``/``shift`` (one per channel, from qconv),
+    ``y_zero_point``, ``dtype``, ``clamp``, ``kernel`` (:data:`KERNELS`) and
+    its register tile ``mr`` x ``nr``."""
     name = "qgemm"
     arity = (3, 3)
     inputs = ("cols", "w", "bias")
@@ -279,49 +384,66 @@ class QGemm(Op):
         if attrs["kernel"] not in KERNELS:
             raise RuleError(f"kernel must be one of {KERNELS}, got {attrs['kernel']!r}")
         spatial = tuple(_int(v, "spatial sizes") for v in attrs["spatial"])
-        return dict(channels=m, spatial=spatial, multiplier=mult, shift=shift,
+        if len(spatial) != 2:
+            raise RuleError(f"spatial must be (OH, OW), got {attrs['spatial']!r}")
+        return dict(channels=m, spatial=spatial, width=_int(attrs.get("width", spatial[1]), "width"),
+                    offsets=tuple(_int(v, "offsets", lo=0) for v in attrs["offsets"]), multiplier=mult, shift=shift,
                     y_zero_point=int(yz), dtype=dtype, clamp=(int(c_lo), int(c_hi)), kernel=attrs["kernel"],
                     mr=_int(attrs["mr"], "mr"), nr=_int(attrs["nr"], "nr"))
 
+    @staticmethod
+    def columns(attrs) -> int:
+        """The GEMM's columns: output rows x width, rounded up to a whole register tile."""
+        return -(-attrs["spatial"][0] * attrs["width"] // attrs["nr"]) * attrs["nr"]
+
     def infer(self, attrs, types):
         cols, w, b = types
-        if cols.dtype != "uint8" or len(cols.shape) != 4 or cols.shape[3] != 4:
-            raise RuleError(f"cols must be uint8 (N, K/4, positions, 4), got {cols}")
-        n, k4, pp, _ = cols.shape
-        m, p, mr, nr = attrs["channels"], shapes.prod(attrs["spatial"]), attrs["mr"], attrs["nr"]
+        if cols.dtype != "uint8" or len(cols.shape) != 3 or cols.shape[2] != 4:
+            raise RuleError(f"cols must be uint8 (N, length, 4), got {cols}")
+        m, mr, (oh, ow), width = attrs["channels"], attrs["mr"], attrs["spatial"], attrs["width"]
+        k4 = len(attrs["offsets"])
         if w.dtype != "int8" or len(w.shape) != 2 or w.shape[1] != 4 * k4 or w.shape[0] < m or w.shape[0] % mr:
-            raise RuleError(f"w must be int8 (rows, {4 * k4}) with rows >= {m} a multiple of mr={mr}, got {w}")
-        if pp < p or pp % nr:
-            raise RuleError(f"cols hold {pp} positions: need >= {p}, a multiple of nr={nr}")
+            raise RuleError(f"w must be int8 (rows, {4 * k4}: 4 per offset) with rows >= {m} a multiple of mr={mr}, "
+                            f"got {w}")
+        if width < ow:
+            raise RuleError(f"width {width} < the output width {ow}")
+        if max(attrs["offsets"]) + self.columns(attrs) > cols.shape[1]:
+            raise RuleError(f"cols hold {cols.shape[1]} positions: offsets up to {max(attrs['offsets'])} plus "
+                            f"{self.columns(attrs)} columns read past them")
         if b.dtype != "int64" or b.shape != (m,):
             raise RuleError(f"bias must be int64 ({m},), got {b}")
         if not acc_fits(4 * k4):
             raise RuleError(f"{4 * k4} products per output could overflow the int32 accumulator "
                             f"({4 * k4} * 255 * 128 > 2**31 - 1)")
-        return TensorType((n, m) + attrs["spatial"], attrs["dtype"])
+        return TensorType((cols.shape[0], m, oh, ow), attrs["dtype"])
 
     def reference(self, attrs, cols, w, b):
-        n, k4, pp, _ = cols.shape
-        m, p = attrs["channels"], shapes.prod(attrs["spatial"])
-        cm = cols.transpose(0, 1, 3, 2).reshape(n, 4 * k4, pp)[:, :, :p].astype(np.int64)
-        acc = np.einsum("mk,nkp->nmp", w[:m].astype(np.int64), cm)
-        acc = saturate_int32(acc + b.reshape(1, m, 1))
-        y = requantize(acc, np.asarray(attrs["multiplier"]).reshape(1, m, 1),
-                       np.asarray(attrs["shift"]).reshape(1, m, 1)) + attrs["y_zero_point"]
-        return np.clip(y, *attrs["clamp"]).astype(attrs["dtype"]).reshape((n, m) + attrs["spatial"])
+        n = cols.shape[0]
+        m, (oh, ow), width = attrs["channels"], attrs["spatial"], attrs["width"]
+        groups = np.stack([cols[:, o:o + oh * width] for o in attrs["offsets"]], axis=1)   # (N, K4, OH*W, 4)
+        cm = groups.transpose(0, 1, 3, 2).reshape(n, -1, oh * width).astype(np.int64)
+        acc = np.einsum("mk,nkp->nmp", w[:m].astype(np.int64), cm).reshape(n, m, oh, width)[..., :ow]
+        acc = saturate_int32(acc + b.reshape(1, m, 1, 1))
+        per_c = (1, m, 1, 1)
+        y = requantize(acc, np.asarray(attrs["multiplier"]).reshape(per_c),
+                       np.asarray(attrs["shift"]).reshape(per_c)) + attrs["y_zero_point"]
+        return np.clip(y, *attrs["clamp"]).astype(attrs["dtype"])
 
     def context(self, attrs, types, out):
         cols, w, _ = types
-        n, k4, pp, _ = cols.shape
+        n = cols.shape[0]
         mp, mr, nr = w.shape[0], attrs["mr"], attrs["nr"]
-        mc, nc = blocks(mp, 4 * k4, pp, mr, nr, n)
+        pc = self.columns(attrs)
+        mc, nc = blocks(mp, w.shape[1], pc, mr, nr, n)
         lo, hi = attrs["clamp"]
-        kernel = attrs["kernel"]
-        return dict(N=n, M=attrs["channels"], MP=mp, P=shapes.prod(attrs["spatial"]), PP=pp, K4=k4, KP=4 * k4, MR=mr, NR=nr,
-                    NV=TILE_VECTORS, LANES=nr // TILE_VECTORS, MC=mc, NC=nc, M_BLOCKS=-(-mp // mc),
-                    N_BLOCKS=-(-pp // nc), YZP=attrs["y_zero_point"], LO=lo, HI=hi, kernel=kernel,
+        (oh, ow), width = attrs["spatial"], attrs["width"]
+        m_blocks, n_blocks = -(-min(mp, attrs["channels"]) // mc), -(-pc // nc)
+        return dict(N=n, M=attrs["channels"], MP=mp, L=cols.shape[1], OH=oh, OW=ow, W=width, P=oh * ow,
+                    PR=oh * width, PC=pc, K4=len(attrs["offsets"]), KP=w.shape[1], MR=mr, NR=nr,
+                    NV=TILE_VECTORS, LANES=nr // TILE_VECTORS, MC=mc, NC=nc, M_BLOCKS=m_blocks, N_BLOCKS=n_blocks,
+                    YZP=attrs["y_zero_point"], LO=lo, HI=hi, kernel=attrs["kernel"], offsets=list(attrs["offsets"]),
                     mult=list(attrs["multiplier"]), shift=list(attrs["shift"]),
-                    par=[("n", "N", n), ("mb", "M_BLOCKS", -(-mp // mc)), ("nb", "N_BLOCKS", -(-pp // nc))])
+                    par=[("n", "N", n), ("mb", "M_BLOCKS", m_blocks), ("nb", "N_BLOCKS", n_blocks)])
 
     def macs(self, attrs, types, out):
         return out.size * types[1].shape[1]
