@@ -1007,6 +1007,7 @@ class Report:
     rows: list[Row]
     notes: list[str]
     descriptions: dict
+    int8: list = field(default_factory=list)          # --int8: run_int8's rows
 
     @property
     def failed(self) -> list[str]:
@@ -1020,7 +1021,7 @@ class Report:
     def to_json(self) -> dict:
         return dict(header=self.header, notes=self.notes, cases=self.descriptions,
                     rows=[dict(asdict(r), mflop=r.mflop) for r in self.rows], models=self.models,
-                    under_load=load_summary(self.rows) if self.header.get("under_load") else None)
+                    under_load=load_summary(self.rows) if self.header.get("under_load") else None, int8=self.int8)
 
     def table(self, markdown: bool = False) -> str:
         """The header lines, the cases' table and the models' table (plain or
@@ -1075,8 +1076,11 @@ class Report:
                      f"{'pass' if e['pass'] else 'miss'} <={LOAD_TARGET:g}x"] for e in load_summary(self.rows)]
             lines += ["", f"under load (time at N threads over time at 1 thread, with busy processes on every core; "
                           f"target for convc: <= {LOAD_TARGET:g}x):"] + _grid(cols, body, markdown)
+        if self.int8:
+            lines += int8_table(self.int8, markdown)
         results = [t["pass"] for r in self.rows for t in r.targets]
         results += [t["pass"] for m in self.models for t in m["targets"]]
+        results += [r["target"]["pass_"] for r in self.int8 if "target" in r]
         lines += ["", f"targets: {sum(results)} pass, {len(results) - sum(results)} miss"
                   + (f"; FAILED cases: {', '.join(self.failed)}" if self.failed else "")]
         bullet = "- " if markdown else "  "
@@ -1461,7 +1465,7 @@ def choose(cases: str | None = None, models: str | None = None, quick: bool = Fa
 
 def run(cases: str | None = None, threads=None, quick: bool = False, repeat_seconds: float | None = None,
         min_runs: int | None = None, progress: Callable[[str], None] | None = None, models: str | None = None,
-        profile: int = 0, under_load: bool = False, tune: float | None = None) -> Report:
+        profile: int = 0, under_load: bool = False, tune: float | None = None, int8: bool = False) -> Report:
     """Run the suite (or the cases matching ``cases``) and the models matching
     ``models`` (see :func:`choose`) at each thread count of ``threads`` (a
     list, or text like "1,4"; default 1 and all cores) and return a
@@ -1489,7 +1493,7 @@ def run(cases: str | None = None, threads=None, quick: bool = False, repeat_seco
         if len(thread_list) < 2:
             raise ConvcError("bench: --under-load compares convc at 1 thread with more threads, but only 1 thread "
                              "is asked for (this machine has one core, or --threads 1): try --threads 1,2")
-    chosen = choose(cases, models, quick)
+    chosen = [] if int8 and not cases and not models else choose(cases, models, quick)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     if tune is not None and not tune > 0:
         raise ConvcError(f"bench: --tune takes a positive number of seconds, got {tune}")
@@ -1507,6 +1511,7 @@ def run(cases: str | None = None, threads=None, quick: bool = False, repeat_seco
         for i, case in enumerate(chosen, start=1):
             progress(f"[{i}/{len(chosen)}] {case.name}")
             rows += runner.run_case(case)
+        int8_rows = run_int8(runner, quick, cases) if int8 else []
     if under_load:
         judge_load(rows)
     from .runtime.build import compiler, compiler_version
@@ -1544,7 +1549,134 @@ def run(cases: str | None = None, threads=None, quick: bool = False, repeat_seco
                          f"{'s' * (thread_list[0] > 1)}) into {tuning_db_path()}; convc ms is the tuned build, "
                          f"untuned ms the same graph compiled without the tuning database, the two run in turn")
                   if tune else None)
-    return Report(header, rows, runner.notes, {c.name: c.description for c in chosen})
+    descriptions = {c.name: c.description for c in chosen}
+    descriptions.update({la.name: la.describe(quick) for la in int8_layers() if any(r["case"] == la.name
+                                                                                     for r in int8_rows)})
+    return Report(header, rows, runner.notes, descriptions, int8_rows)
+
+
+# -- int8 (--int8) ----------------------------------------------------------------------------------
+
+INT8_TARGET = 2.0
+"""Issue 15: int8 conv on a host with VNNI >= 2x the float32 path of the same layer."""
+
+
+def int8_layers() -> list[Layer]:
+    """The forward 2D ungrouped layers the int8 rows run: the real-model
+    layers (``r18_*``, ``mbv2_pw*``) at batch 1."""
+    return [la for la in LAYERS if la.batch == 1 and la.groups == 1 and not la.transposed and len(la.kernel) == 2]
+
+
+def int8_layer(layer: Layer, quick: bool, seed: int = 0):
+    """(float graph, its feeds, int8 graph, its feeds, torch quantized peer
+    or None): the layer in float32 as the suite runs it and quantized as a
+    post-training static quantizer would (convc/quant.py): uint8 activations
+    with min/max scales, symmetric per-channel int8 weights."""
+    from . import quant
+    from .api import compile
+    from .ir import Graph
+    from .ops.quantized import qconv
+
+    g, feeds = layer_graph(layer, "fwd", quick, 1, seed)
+    x, w = feeds["x"], g.node("w")["value"]
+    y = compile(g, target="numpy")(x=x)
+    x_scale, x_zp = quant.choose_qparams(x.min(), x.max(), "uint8")
+    y_scale, y_zp = quant.choose_qparams(y.min(), y.max(), "uint8")
+    wq, w_scale = quant.quantize_weights(w)
+    xq = quant.quantize_array(x, x_scale, x_zp, "uint8")
+    q = Graph(f"bench_{layer.name}_int8")
+    xi = q.input("x", xq.shape, "uint8")
+    q.output(qconv(xi, q.param("w", wq, "int8"), x_scale=x_scale, x_zero_point=x_zp, w_scale=w_scale,
+                   y_scale=y_scale, y_zero_point=y_zp, dtype="uint8", stride=layer.stride, padding=layer.padding,
+                   dilation=layer.dilation), "y")
+    return g, feeds, q, {"x": xq}, (x_scale, x_zp, wq, w_scale, y_scale, y_zp)
+
+
+def _torch_qconv(torch, layer: Layer, xq, qp):
+    """PyTorch's quantized conv (fbgemm engine) on the same integers, or None."""
+    x_scale, x_zp, wq, w_scale, y_scale, y_zp = qp
+    try:
+        import torch.ao.nn.quantized.functional as qF
+        torch.backends.quantized.engine = "fbgemm"
+        tx = torch._make_per_tensor_quantized_tensor(torch.from_numpy(xq), x_scale, x_zp)
+        tw = torch._make_per_channel_quantized_tensor(torch.from_numpy(wq), torch.tensor(w_scale, dtype=torch.float64),
+                                                      torch.zeros(len(w_scale), dtype=torch.long), 0)
+    except (ImportError, RuntimeError, AttributeError):
+        return None
+
+    def run_torch():
+        with torch.inference_mode():
+            return qF.conv2d(tx, tw, None, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                             scale=y_scale, zero_point=y_zp)
+    return run_torch
+
+
+def run_int8(runner: "Runner", quick: bool, cases: str | None = None) -> list[dict]:
+    """The int8 rows: each layer of :func:`int8_layers` (matching ``cases``)
+    at each thread count, convc int8 (default pipeline: the int8 GEMM of
+    convc/ops/qgemm.py), convc float32 and PyTorch's quantized conv timed in
+    turn in this process (median of the settings' runs). convc int8 is
+    checked bit for bit against the reference interpreter and PyTorch's
+    output to 1 LSB (it requantizes in float) before anything is timed."""
+    from .api import compile
+    from .cost import cost
+    from .host import probe
+
+    chosen = {c.name for c in select([Case(la.name, "int8", "") for la in int8_layers()], cases)}
+    layers = [la for la in int8_layers() if la.name in chosen]
+    out = []
+    for layer in layers:
+        runner.progress(f"[int8] {layer.name}")
+        g, feeds, q, qfeeds, qp = int8_layer(layer, quick)
+        f32, i8 = compile(g, target="c"), compile(q, target="c")
+        lowered = [i8.graph.node(n)["op"] for n in i8.graph.topological_order()]
+        kernel = next((i8.graph.node(n)["attrs"]["kernel"] for n in i8.graph.topological_order()
+                       if i8.graph.node(n)["op"] == "qgemm"), "direct loop")
+        want = compile(q, target="numpy")(**qfeeds)
+        peer = _torch_qconv(runner.torch, layer, qfeeds["x"], qp) if runner.torch is not None else None
+        for threads in runner.threads:
+            runner.set_threads(threads)
+            row = dict(case=layer.name, threads=threads, mflop=2 * cost(q).macs / 1e6, kernel=kernel,
+                       path="qgemm" if "qgemm" in lowered else "qconv", status="ok")
+            got = i8(**qfeeds)
+            if not np.array_equal(got, want):
+                row.update(status="FAILED", reason=f"{np.count_nonzero(got != want)} outputs differ from the reference")
+                runner.note(f"int8 {layer.name} FAILED: {row['reason']}")
+                out.append(row)
+                continue
+            fns = [lambda: i8.run(qfeeds), lambda: f32.run(feeds)]
+            if peer is not None:
+                lsb = int(np.abs(peer().int_repr().numpy().astype(np.int32) - got.astype(np.int32)).max())
+                row["torch_lsb"] = lsb
+                if lsb > 1:
+                    runner.note(f"int8 {layer.name}: PyTorch's quantized conv differs by {lsb} LSB")
+                fns.append(peer)
+            times = median_times_in_turn(fns, runner.settings)
+            row.update(int8_ms=1e3 * times[0], f32_ms=1e3 * times[1],
+                       torch_ms=1e3 * times[2] if peer is not None else None)
+            row["x_f32"] = row["f32_ms"] / row["int8_ms"]
+            row["x_torch"] = row["torch_ms"] / row["int8_ms"] if peer is not None else None
+            if not quick:                       # the target is about the real layers, not --quick's small ones
+                row["target"] = dict(target=f">={INT8_TARGET:g}x convc float32", value=f"{row['x_f32']:.2f}x",
+                                     pass_=row["x_f32"] >= INT8_TARGET)
+            out.append(row)
+    dot = probe().int8_dot
+    runner.note(f"int8 rows: uint8 activations, per-channel int8 weights, batch 1; kernel from host.probe(): "
+                f"{dot} ({'VNNI' if dot != 'none' else 'no VNNI: plain C'}); x f32 = convc float32 ms / int8 ms "
+                f"(the float path is the default pipeline's choice: Winograd, GEMM or direct), x torch = PyTorch "
+                f"fbgemm quantized conv ms / int8 ms; run in turn, medians")
+    return out
+
+
+def int8_table(rows: list[dict], markdown: bool) -> list[str]:
+    cols = ["int8 case", "threads", "MFLOP", "int8 ms", "f32 ms", "x f32", "torch int8 ms", "x torch", "kernel",
+            "target"]
+    body = [[r["case"], str(r["threads"]), _num(r["mflop"]), _ms(r.get("int8_ms"), r["status"]), _ms(r.get("f32_ms")),
+             _ratio(r.get("x_f32")), _ms(r.get("torch_ms")), _ratio(r.get("x_torch")), r["kernel"],
+             r["status"] if r["status"] != "ok" else "-" if "target" not in r else
+             f"{'pass' if r['target']['pass_'] else 'miss'} {r['target']['target']} ({r['target']['value']})"]
+            for r in rows]
+    return ["", "int8 (--int8; x f32 and x torch > 1: convc int8 is faster):"] + _grid(cols, body, markdown)
 
 
 # -- command line -----------------------------------------------------------------------------------
@@ -1575,6 +1707,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat-seconds", type=float, metavar="S", help="time each case for at least S seconds "
                                                                      "(default 0.2; quick 0.01)")
     p.add_argument("--min-runs", type=int, metavar="N", help="at least N timed runs per case (default 5)")
+    p.add_argument("--int8", action="store_true",
+                   help="the int8 rows: quantized ResNet-18 / MobileNetV2 layers, convc int8 against convc float32 "
+                        "and PyTorch's quantized conv (with --cases: those layers; alone: only the int8 rows)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
@@ -1591,7 +1726,7 @@ def cmd_bench(args) -> int:
         return 0
     report = run(args.cases, args.threads, args.quick, args.repeat_seconds, args.min_runs,
                  progress=lambda msg: print(msg, file=sys.stderr, flush=True), models=args.models,
-                 profile=args.profile, under_load=args.under_load, tune=args.tune)
+                 profile=args.profile, under_load=args.under_load, tune=args.tune, int8=args.int8)
     print(report.table(markdown=args.markdown))
     if args.json:
         with open(args.json, "w") as f:

@@ -287,3 +287,28 @@ def test_close_to_pytorch_quantized_conv(shape):
     diff = np.abs(got - want.astype(np.int32))
     assert diff.max() <= 1, f"max difference {diff.max()} LSB"
     assert (diff == 0).mean() > 0.9
+
+
+def test_bench_int8_rows():
+    """``convc bench --int8``: each row checked (bit for bit against the
+    reference, PyTorch within 1 LSB) before it is timed, with the kernel
+    the host selected and the ratios to convc float32 and PyTorch."""
+    from convc import bench
+
+    rep = bench.run(cases="r18_3x3_64_b1,r18_3x3s2*", threads=[1], quick=True, int8=True, repeat_seconds=0,
+                    min_runs=1)
+    rows = {r["case"]: r for r in rep.int8}
+    assert set(rows) == {"r18_3x3_64_b1", "r18_3x3s2_64_128_b1"}
+    for r in rows.values():
+        assert r["status"] == "ok" and r["int8_ms"] > 0 and r["f32_ms"] > 0 and r["x_f32"] > 0
+        assert r["path"] == "qgemm" and r["kernel"] == bench_kernel()
+        if r.get("torch_ms") is not None:
+            assert r["torch_lsb"] <= 1
+    text = rep.table()
+    assert "int8 case" in text and "r18_3x3s2_64_128_b1" in text
+    assert "avx512_vnni" in text or "vnni" not in probe().int8_dot     # the header names the ISA
+
+
+def bench_kernel():
+    from convc.passes.qgemm import kernel_choice
+    return kernel_choice()
