@@ -12,7 +12,8 @@ TARGETS = ("c", "opencl", "numpy")
 
 
 def debug_level() -> int:
-    """``CONVC_DEBUG``: 1 prints each pass's report, 2 also the final IR and
+    """``CONVC_DEBUG``: 1 prints each pass's report and the nodes each pass
+    left alone and why (``<pass>: '<node>' <reason>``), 2 also the final IR and
     where the generated source is cached, 3 also the compile timings."""
     try:
         return int(os.environ.get("CONVC_DEBUG", "0"))
@@ -56,7 +57,7 @@ def compile(graph: Graph, target: str = "c", passes="default", native: bool = Tr
     reports: list | None = [] if level >= 1 else None      # reports cost a cost() per pass: only on request
     graph = run_passes(graph, passes, debug=debug, reports=reports)
     for rep in reports or ():
-        print(f"[convc] {rep.table()}", file=sys.stderr)
+        print(f"[convc] {rep.table(declines=False)}", file=sys.stderr)      # passes.run printed the declines
         if level >= 2:
             print(graph if rep is reports[-1] else "", file=sys.stderr, end="")
     t1 = time.perf_counter()

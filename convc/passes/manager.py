@@ -6,7 +6,10 @@ lists of pass names, per target, readable top to bottom.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -150,21 +153,60 @@ class PassReport:
     before: dict = field(default_factory=dict)
     after: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)     # e.g. the tuning entries the pass used
+    declines: list[tuple[str, str]] = field(default_factory=list)   # (node, why the pass left it), see decline()
 
     @property
     def changed(self) -> bool:
         return bool(self.added or self.removed or self.rewritten)
 
-    def table(self) -> str:
+    def table(self, declines: bool = True) -> str:
+        """The counts, the cost before and after, the notes and (unless
+        ``declines=False``) one ``left 'node': reason`` line per decline."""
         rows = [f"pass {self.name}: +{len(self.added)} nodes, -{len(self.removed)} nodes, "
                 f"{len(self.rewritten)} rewritten"]
         rows.append(f"  {'':14}{'before':>14}{'after':>14}")
         for k in ("macs", "params", "bytes", "arena_bytes", "nodes"):
             rows.append(f"  {k:14}{self.before[k]:>14,}{self.after[k]:>14,}")
         rows += [f"  note: {t}" for t in self.notes]
+        rows += [f"  left '{n}': {why}" for n, why in self.declines] if declines else []
         return "\n".join(rows)
 
     __str__ = table
+
+
+_DECLINES: contextvars.ContextVar = contextvars.ContextVar("convc_pass_declines", default=None)
+
+
+def decline(node: str, reason: str) -> None:
+    """Record why the running pass examined ``node`` and left it alone: a
+    short reason with the numbers that decided ("stride (2, 2); Winograd
+    needs 1"). :func:`run` puts the reasons in ``PassReport.declines`` (the
+    last one given for a node, if a rewrite sweeps several times; none for a
+    node the pass did rewrite in the end) and ``CONVC_DEBUG=1`` prints them.
+    Outside a pass run it does nothing, so passes stay plain functions.
+    Returns None, so a rewrite rule can ``return decline(n, why)``."""
+    sink = _DECLINES.get()
+    if sink is not None:
+        sink[node] = reason
+
+
+@contextlib.contextmanager
+def declines():
+    """Collect the :func:`decline` calls made while the block runs, as a
+    dict node -> reason (the pass manager wraps each pass in this)."""
+    got: dict[str, str] = {}
+    token = _DECLINES.set(got)
+    try:
+        yield got
+    finally:
+        _DECLINES.reset(token)
+
+
+def kept(before: Graph, after: Graph, got: dict[str, str]) -> list[tuple[str, str]]:
+    """The declines of one pass that still hold: nodes of ``before`` that
+    are in ``after`` too (not ones the pass made, nor ones it rewrote after
+    declining them in an earlier sweep), in ``before``'s order."""
+    return [(n, got[n]) for n in before.topological_order() if n in got and n in after.nx]
 
 
 def summary(g: Graph) -> dict:
@@ -219,21 +261,29 @@ def run(g: Graph, names, debug: bool | None = None, reports: list | None = None)
     rewritten graph. ``debug`` (default: ``CONVC_DEBUG_PASSES=1``) runs the
     reference interpreter before and after every pass on random inputs and
     raises :class:`PassError` naming the pass and the first differing output.
-    ``reports``: a list that receives one :class:`PassReport` per pass."""
+    ``reports``: a list that receives one :class:`PassReport` per pass.
+    ``CONVC_DEBUG=1`` prints each pass's declines (:func:`decline`) to
+    stderr as ``<pass>: '<node>' <reason>``."""
     if debug is None:
         debug = os.environ.get("CONVC_DEBUG_PASSES", "") not in ("", "0")
     from .. import tuning
+    from ..api import debug_level
 
     require_graph(g, "passes.run()").verify()
+    loud = debug_level() >= 1
     for name in resolve(names):
-        with tuning.notes() as notes:
+        with tuning.notes() as notes, declines() as got:
             new = PASSES[name](g)
         new.verify()
+        left = kept(g, new, got) if got and (loud or reports is not None) else []
+        for n, why in left if loud else ():
+            print(f"{name}: '{n}' {why}", file=sys.stderr)
         if debug:
             check_same(g, new, name)
         if reports is not None:
             reports.append(diff(g, new, name))
             reports[-1].notes = notes
+            reports[-1].declines = left
         g = new
     return g
 

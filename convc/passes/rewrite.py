@@ -16,12 +16,28 @@ from ..ir import Graph, Value
 from ..schedule import live_nodes
 
 
+def shared(g: Graph, n: str) -> str | None:
+    """Why ``n`` is not used once by a single consumer (it is a graph
+    output, assigned to a param, or has several uses or none), or None: a
+    reason a fusion gives when it leaves ``n`` alone."""
+    if n in g.outputs.values():
+        return f"'{n}' is a graph output"
+    if n in g.assigns.values():
+        return f"'{n}' is assigned to a param"
+    uses = len(list(g.nx.out_edges(n)))
+    if uses != 1:
+        return f"'{n}' has {uses} uses"
+    return None
+
+
+def an(op: str) -> str:
+    """``op`` with its indefinite article, for decline reasons: "an add", "a conv"."""
+    return f"{'an' if op[:1] in 'aeiou' else 'a'} {op}"
+
+
 def only_user(g: Graph, n: str) -> str | None:
     """The single consumer of ``n`` if it has exactly one and is no output."""
-    us = g.users_of(n)
-    if len(us) != 1 or n in g.outputs.values() or n in g.assigns.values() or len(list(g.nx.out_edges(n))) != 1:
-        return None
-    return us[0]
+    return None if shared(g, n) else g.users_of(n)[0]
 
 
 def replace_uses(g: Graph, old: str, new: str) -> None:
