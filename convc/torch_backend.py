@@ -83,7 +83,7 @@ def compile_fx(gm, example_inputs=None, target: str = "c", passes: str = "defaul
     class Support(OperatorSupportBase):
         def is_node_supported(self, submodules, node) -> bool:
             reason = "kept in PyTorch" if node.meta.get("convc_eager") else node_support(node)
-            if reason is not None and node.op == "call_function":
+            if reason is not None and node.op == "call_function" and node.target is not operator.getitem:
                 why.setdefault(node, reason)
             return reason is None
 

@@ -11,10 +11,10 @@ converters answer "can convc take this node?" for the backend's partitioner
 (:func:`node_support`): a converter run on a scratch graph is the one
 definition of what is supported.
 
-ATen's core decompositions would split hardswish, hardsigmoid, silu and
-ReLU's backward into several elementwise ops; :func:`decompositions` keeps
-them whole, since convc has each as one activation (and fuses it into the
-producer's epilogue).
+ATen's core decompositions would split hardswish, silu, the activations'
+backward ops and 1D upsampling into several elementwise or indexing ops;
+:func:`decompositions` keeps every op convc maps whole (one activation,
+which convc fuses into its producer's epilogue).
 
 >>> g = cc.from_torch(model.eval(), (torch.randn(1, 3, 32, 32),))   # doctest: +SKIP
 >>> y = cc.compile(g)(x=np.random.rand(1, 3, 32, 32).astype(np.float32))   # doctest: +SKIP
@@ -46,11 +46,6 @@ FLOAT_DTYPES = {"torch.float32": "float32", "torch.float64": "float64"}
 # what a placeholder may be: float tensors, and int64 ones a converter ignores (max pool indices)
 INPUT_DTYPES = dict(FLOAT_DTYPES, **{"torch.int64": "int64"})
 
-# ops convc takes whole that ATen's core decompositions would split
-_KEEP_WHOLE = ("silu", "hardswish", "hardsigmoid", "silu_backward", "hardswish_backward", "hardsigmoid_backward",
-               "threshold_backward", "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
-               "upsample_linear1d", "upsample_bilinear2d", "upsample_trilinear3d")
-
 
 class TorchImportError(ConvcError):
     """A PyTorch program convc cannot import. ``problems`` lists every
@@ -79,13 +74,12 @@ def _torch():
 
 
 def decompositions() -> dict:
-    """ATen's core decomposition table without the ops convc maps whole
-    (activations and their backwards); for AOTAutograd and ``torch.export``."""
-    torch = _torch()
+    """ATen's core decomposition table without the ops convc maps: convc
+    takes them whole (hardswish, silu, the activations' backward ops, 1D
+    upsampling ...) instead of as the several elementwise or indexing ops
+    they would decompose into. For AOTAutograd and ``torch.export``."""
     from torch._decomp import core_aten_decompositions
-    table = dict(core_aten_decompositions())
-    keep = {getattr(torch.ops.aten, n) for n in _KEEP_WHOLE}
-    return {op: fn for op, fn in table.items() if getattr(op, "overloadpacket", None) not in keep}
+    return {op: fn for op, fn in core_aten_decompositions().items() if str(op) not in _CONVERTERS}
 
 
 # -- converters ---------------------------------------------------------------------
