@@ -256,10 +256,12 @@ def test_qconv_transpose_against_torch():
     torch = torch_quantized()
     import torch.ao.nn.quantized as nnq
     rng = np.random.default_rng(11)
-    # (C_in, C_out, k, stride, padding, output_padding, dilation, groups, per-channel)
-    for c_in, c_out, k, s, p, op, d, groups, per_ch in [(3, 4, 3, 2, 1, 1, 1, 1, False), (4, 6, 2, 2, 0, 0, 1, 2, False),
-                                                         (2, 3, 3, 1, 1, 0, 2, 1, False), (4, 6, 3, 3, 0, 2, 1, 2, False)]:
-        # (torch refuses per-channel weights for transposed convs; the float oracle covers them)
+    # (C_in, C_out, k, stride, padding, output_padding, dilation, groups, per-channel); torch refuses
+    # per-channel weights for transposed convs: the float oracle covers them
+    for c_in, c_out, k, s, p, op, d, groups, per_ch in [(3, 4, 3, 2, 1, 1, 1, 1, False),
+                                                         (4, 6, 2, 2, 0, 0, 1, 2, False),
+                                                         (2, 3, 3, 1, 1, 0, 2, 1, False),
+                                                         (4, 6, 3, 3, 0, 2, 1, 2, False)]:
         x_scale, x_zp, y_scale, y_zp = 0.03, 128, 0.05, 110
         xq = qvalues(rng, (2, c_in, 5, 6), "uint8", x_zp)
         wq = qvalues(rng, (c_in, c_out // groups, k, k), "int8", 0)

@@ -483,9 +483,19 @@ class QConvTranspose(Op):
         c_out = out.shape[1]
         ctx = _transpose_context(x, w, out.shape, attrs["stride"], attrs["dilation"], attrs["padding"],
                                  attrs["groups"], len(types) == 3)
-        return dict(ctx, par=[("n", "N", out.shape[0]), ("co", "C_OUT", c_out)], KSIZE=shapes.prod(w.shape[2:]),
+        for a in ctx["axes"]:
+            a["ph"] = -(-a["o"] // a["s"])          # outputs per phase (the workspace's split, see the template)
+        return dict(ctx, par=[("n", "N", out.shape[0]), ("co", "C_OUT", c_out)],
                     XZP=attrs["x_zero_point"], wzp=_per(attrs["w_zero_point"], c_out),
                     mult=list(attrs["multiplier"]), shift=list(attrs["shift"]), **_out_context(attrs))
+
+    def workspace(self, attrs, types, out, target="c"):
+        # the int32 sums of every (n, co) plane (one per parallel iteration), each axis padded to whole
+        # phases (stride * ceil(out / stride)), plus one tap's channel sums over the input plane; in
+        # output elements
+        sums = shapes.prod(s * -(-o // s) for o, s in zip(out.shape[2:], attrs["stride"]))
+        per_plane = sums + shapes.prod(types[0].shape[2:])
+        return out.shape[0] * out.shape[1] * per_plane * 4 // np.dtype(out.dtype).itemsize
 
     def macs(self, attrs, types, out):
         return shapes.prod(types[0].shape) * shapes.prod(types[1].shape[1:])
@@ -901,9 +911,9 @@ class QAvgPool(Op):
 def qglobal_avg_pool(x: Value, *, x_scale, x_zero_point=0, y_scale=None, y_zero_point=None, dtype=None, clamp=None,
                      name=None) -> Value:
     """Quantized mean over all spatial axes, (N, C, 1, ...): the plane's
-    ``sum (q - x_zero_point)`` in int32, shifted left by :func:`headroom` bits,
-    requantized by ``x_scale / (y_scale * H*W * 2**bits)``, plus ``y_zero_point``, clamped. Output qparams default to the
-    input's."""
+    ``sum (q - x_zero_point)`` in int32, shifted left by :func:`headroom`
+    bits, requantized by ``x_scale / (y_scale * H*W * 2**bits)``, plus
+    ``y_zero_point``, clamped. Output qparams default to the input's."""
     attrs = dict(x_scale=x_scale, x_zero_point=x_zero_point, y_scale=y_scale, y_zero_point=y_zero_point,
                  dtype=dtype, clamp=clamp)
     return x.graph.add("qglobal_avg_pool", [x], attrs, name)
