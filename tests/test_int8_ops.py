@@ -911,3 +911,26 @@ def test_qconv_against_torch_conv2d():
         theirs = qF.conv2d(tx, tw, bias, stride=s, padding=p, groups=groups, scale=0.05,
                            zero_point=120).int_repr().numpy()
         within_one_lsb(ours, theirs, f"conv2d {c_in}->{c_out} k={k} groups={groups}", 0.95)
+
+
+def test_normalize_is_idempotent():
+    """Passes re-add nodes with their normalized attributes: normalizing
+    those again must change nothing (the derived multipliers, shifts, copy
+    flags and headroom included), and infer must give the same type."""
+    grids = [_qct_grid(np.random.default_rng(1))[0], _qdense_grid(np.random.default_rng(1))[0],
+             _qadd_grid(np.random.default_rng(1))[0], _qconcat_grid(np.random.default_rng(1))[0],
+             _qpool_grid(np.random.default_rng(1))[0], _lookup_grid(np.random.default_rng(1))]
+    seen = set()
+    for grid in grids:
+        g = grid.g
+        for name in g.nx.nodes:
+            d = g.node(name)
+            if d["op"] in ("input", "param"):
+                continue
+            types = [g.node(i)["type"] for i in g.inputs_of(name)]
+            op = get_op(d["op"])
+            again = op.normalize(dict(d["attrs"]), types)
+            assert again == d["attrs"], name
+            assert op.infer(again, types) == d["type"], name
+            seen.add(d["op"])
+    assert seen == {"qconv_transpose", "qdense", "qadd", "qconcat", "qavg_pool", "qglobal_avg_pool", "qlookup"}
