@@ -919,7 +919,9 @@ def test_normalize_is_idempotent():
     flags and headroom included), and infer must give the same type."""
     grids = [_qct_grid(np.random.default_rng(1))[0], _qdense_grid(np.random.default_rng(1))[0],
              _qadd_grid(np.random.default_rng(1))[0], _qconcat_grid(np.random.default_rng(1))[0],
-             _qpool_grid(np.random.default_rng(1))[0], _lookup_grid(np.random.default_rng(1))]
+             _qpool_grid(np.random.default_rng(1))[0], _lookup_grid(np.random.default_rng(1)), Grid("qmm")]
+    for i, c in enumerate(QMATMUL_CASES):
+        _qmatmul_case(grids[-1], i, c, np.random.default_rng(1))
     seen = set()
     for grid in grids:
         g = grid.g
@@ -933,4 +935,5 @@ def test_normalize_is_idempotent():
             assert again == d["attrs"], name
             assert op.infer(again, types) == d["type"], name
             seen.add(d["op"])
-    assert seen == {"qconv_transpose", "qdense", "qadd", "qconcat", "qavg_pool", "qglobal_avg_pool", "qlookup"}
+    assert seen == {"qconv_transpose", "qdense", "qmatmul", "qadd", "qconcat", "qavg_pool", "qglobal_avg_pool",
+                    "qlookup"}
