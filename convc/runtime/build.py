@@ -30,6 +30,22 @@ def compiler_version(cc: str) -> str:
     return out.stdout.strip()
 
 
+@functools.lru_cache(maxsize=None)
+def native_target(cc: str) -> str:
+    """What ``-march=native`` means to ``cc`` on this host: the macros it
+    predefines under that flag (the ISA extensions: ``__AVX2__``,
+    ``__AVX512F__``, ...). Part of the cache key of a native build, so that a
+    cache shared between machines (a network home, a copied directory, a
+    module unpickled on another host) never hands out a library built for
+    another CPU."""
+    try:
+        out = subprocess.run([cc, "-march=native", "-dM", "-E", "-x", "c", os.devnull], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise CompileError(f"C compiler {cc!r} cannot be run ({e}); install gcc or set CONVC_CC") from None
+    return "\n".join(sorted(out.stdout.splitlines())) + out.stderr
+
+
 def flags(native: bool = True) -> list[str]:
     try:
         extra = shlex.split(os.environ.get("CONVC_CFLAGS", ""))
@@ -46,7 +62,8 @@ def build(source: str, native: bool = True, libs: tuple[str, ...] = (), extra_fi
     written beside the source (e.g. the OpenCL kernels, for reading)."""
     cc = compiler()
     cmd = [cc, *flags(native)]
-    key = hashlib.sha256("\0".join([source, compiler_version(cc), " ".join(cmd), *libs]).encode()).hexdigest()
+    host = native_target(cc) if native else ""          # -march=native: the key names this CPU's ISA
+    key = hashlib.sha256("\0".join([source, compiler_version(cc), " ".join(cmd), *libs, host]).encode()).hexdigest()
     d = cache.entry_dir(key)                    # checked private to this user (see runtime/cache.py)
     hit = cache.lookup(d)
     if hit:
