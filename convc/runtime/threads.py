@@ -350,4 +350,18 @@ def get_num_threads() -> int:
     return int(_gomp().omp_get_max_threads())
 
 
+def _one_thread_after_fork() -> None:
+    """libgomp is not fork-safe: a child forked after the parent ran a
+    parallel loop waits forever, at its first parallel loop, for the
+    parent's thread team, which a child does not have. So a forked child
+    (``multiprocessing``'s fork start method, ``ProcessPoolExecutor`` on
+    Linux) runs generated code on one thread, as PyTorch does; spawn or
+    forkserver workers start a fresh libgomp and may use more."""
+    _gomp().omp_set_num_threads(ctypes.c_int(1))
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_one_thread_after_fork)
+
+
 wait_policy()
