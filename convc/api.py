@@ -43,9 +43,11 @@ def compile(graph: Graph, target: str = "c", passes="default", native: bool = Tr
     from .schedule import check_memory, plan as make_plan
 
     require_graph(graph, "compile()").verify()
+    given = graph                       # what a pickled module carries, with these options (Module._remember)
+    options = dict(passes=passes, native=native, profile=profile, debug=debug, max_memory=max_memory)
     if target == "numpy":
         check_memory(graph, make_plan(graph), "numpy", max_memory)     # the interpreter's arrays, roughly
-        return NumpyModule(graph)
+        return NumpyModule(graph)._remember(given, options)
     if target not in TARGETS:
         raise ConvcError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
 
@@ -82,6 +84,7 @@ def compile(graph: Graph, target: str = "c", passes="default", native: bool = Tr
         csrc = generate(graph, plan, profile=profile)
         t2 = time.perf_counter()
         mod = CModule(graph, csrc, build(csrc.text, native=native))
+    mod._remember(given, {**options, "profile": profile})
     if level >= 2:
         print(f"\n[convc] graph '{graph.name}': library {mod.library_path} "
               f"(source beside it: module.c)", file=sys.stderr)
