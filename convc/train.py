@@ -92,6 +92,11 @@ class Trainer:
         self.param_names = names
 
         tg = graph.copy(f"{graph.name}_train")
+        # what a pickled Trainer carries besides the step module's params: the
+        # given graph is the part of tg that grad and the optimizer did not add
+        self._given = dict(name=graph.name, nodes=list(graph.nx), outputs=dict(graph.outputs),
+                           assigns=dict(graph.assigns), counter=dict(graph._counter), loss=loss.name,
+                           target=target, compile_args=dict(compile_args))
         tg.outputs = {"loss": loss.name}
         ps = [tg.value(n) for n in names]
         grads = grad(tg.value(loss.name), ps)
@@ -101,6 +106,41 @@ class Trainer:
         self.step_module = compile(tg, target=target, **compile_args)
         self.predict_module = compile(graph, target=target, passes=compile_args["passes"])
         self.steps = 0
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """Copies of the optimizer's state as the step module holds it
+        (momentum buffers, Adam moments, Adam's step count ``adam.step``)."""
+        names = [n for n in self.train_graph.assigns if n not in self.param_names]
+        return self.step_module.get_params(names)
+
+    def __reduce__(self):
+        """Pickle as the recipe: the graph given (trained weights as they
+        are now), the loss, the params trained, the optimizer with its
+        state (read from the step module), the target, the compile options
+        and the step count. Unpickling builds the Trainer again in that
+        process (through ``cc.compile`` and the compile cache) and restores
+        the state, so the next ``step`` is the step this Trainer would take.
+        A pickle from another convc raises ``StateVersionError``."""
+        from .runtime.module import pickled
+
+        tg = self.step_module.source_graph()          # the train graph with the values the step module holds
+        given = self._given
+        g = Graph(given["name"])
+        g.nx = tg.nx.subgraph(given["nodes"]).copy()
+        g.outputs, g.assigns, g._counter = dict(given["outputs"]), dict(given["assigns"]), dict(given["counter"])
+        state = {n: tg.node(n)["value"] for n in tg.assigns if n not in g.nx}
+        return pickled("trainer", dict(graph=g, given=given, param_names=self.param_names,
+                                       optimizer=self.optimizer, state=state, steps=self.steps))
+
+    @classmethod
+    def _from_state(cls, s: dict) -> "Trainer":
+        """The Trainer ``__reduce__`` described, built in this process."""
+        given, g = s["given"], s["graph"]
+        t = cls(g, g.value(given["loss"]), params=s["param_names"], optimizer=s["optimizer"], target=given["target"],
+                **given["compile_args"])
+        t.step_module.set_params(s["state"])
+        t.steps = s["steps"]
+        return t
 
     def step(self, batch: dict) -> float:
         """One optimisation step on ``batch`` (input name -> array); returns the loss."""

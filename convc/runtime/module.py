@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import abc
 import os
+import pickle
 import threading
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import GraphError, InputError
+from ..errors import ConvcError, GraphError, InputError
 from ..ir import Graph, TensorType, param_array
 
 
@@ -18,6 +19,55 @@ from ..ir import Graph, TensorType, param_array
 _C_CONTIGUOUS, _ALIGNED, _WRITEABLE = 0x0001, 0x0100, 0x0400
 _DENSE = _C_CONTIGUOUS | _ALIGNED
 _WRITEABLE_DENSE = _DENSE | _WRITEABLE
+
+
+# -- pickling: a module travels as the recipe that compiles it again --------------------------------
+PICKLE_FORMAT = 1
+"""The layout of the state a pickled module or Trainer carries (see
+:func:`pickled`). Bump it when that state or the IR it holds changes."""
+
+
+class StateVersionError(ConvcError):
+    """A pickled module or Trainer was written by another convc (another
+    pickle format or another release) than the one unpickling it."""
+
+
+def shallow_copy(graph: Graph) -> Graph:
+    """``graph``'s structure as it is now, sharing its param arrays (no
+    weight is copied): nodes, outputs or assigns added to ``graph`` later do
+    not show in the copy."""
+    g = Graph(graph.name)
+    g.nx = graph.nx.copy()              # new node dicts; the arrays in them are shared
+    g.outputs, g.assigns, g._counter = dict(graph.outputs), dict(graph.assigns), dict(graph._counter)
+    return g
+
+
+def pickled(kind: str, payload: dict) -> tuple:
+    """The ``__reduce__`` value of a module or Trainer: a call of
+    :func:`unpickled` on the format, this convc's version and ``payload``
+    pickled on its own, so that a version mismatch is reported before any
+    of the payload (graph, optimizer) is read with classes that may have
+    changed."""
+    from .. import __version__
+    return unpickled, (kind, PICKLE_FORMAT, __version__, pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def unpickled(kind: str, fmt: int, version: str, payload: bytes):
+    """Rebuild what :func:`pickled` described: check the format and the
+    convc version, then compile again (the library comes from the compile
+    cache, or is built into it on this host)."""
+    from .. import __version__
+    if fmt != PICKLE_FORMAT or version != __version__:
+        raise StateVersionError(
+            f"cannot unpickle a convc {kind}: it was written by convc {version} (pickle format {fmt}), "
+            f"this is convc {__version__} (pickle format {PICKLE_FORMAT}); unpickle it where that version is "
+            f"installed, or compile the graph again with this one")
+    state = pickle.loads(payload)
+    if kind == "trainer":
+        from ..train import Trainer
+        return Trainer._from_state(state)
+    from ..api import compile
+    return compile(state["graph"], target=state["target"], **state["options"])
 
 
 class Module(abc.ABC):
@@ -288,6 +338,81 @@ class Module(abc.ABC):
         ins = ", ".join(f"{n}: {t}" for n, t in self.inputs.items())
         outs = ", ".join(f"{n}: {t}" for n, t in self.outputs.items())
         return f"<convc {self.target} module '{self.graph.name}' ({ins}) -> ({outs})>"
+
+    # -- pickling ------------------------------------------------------------------------------
+    def _remember(self, graph: Graph, options: dict) -> "Module":
+        """Called by ``cc.compile``: keep what compiling this module again
+        needs, the graph it was given (``graph``, before the passes) and the
+        compile options. Kept as a :func:`shallow_copy` whose param values
+        are dropped where the compiled module itself holds them (a param of
+        the compiled graph, or a root a folded constant remembers): pickling
+        reads those from the module, so no weight is held twice."""
+        g = shallow_copy(graph)
+        mine = self._held_values()
+        for n in g.param_names:
+            if n in mine and mine[n][1]["type"] == g.node(n)["type"]:
+                g.nx.nodes[n]["value"] = None
+        self._recipe = (g, {**options, "passes": options["passes"] if isinstance(options["passes"], str)
+                            else list(options["passes"])})
+        return self
+
+    def _held_values(self) -> dict:
+        """Param name -> (where, node data) for the params whose values the
+        compiled module holds: "module" for params of the compiled graph,
+        "folded" for the roots a folded constant was computed from (their
+        values at compile time, kept by ``Folded.graph``)."""
+        held = {}
+        for c in self.graph.param_names:
+            f = self.graph.node(c).get("folded")
+            for r in f.roots if f is not None else ():
+                held[r] = ("folded", f.graph.node(r))
+        for n in self.graph.param_names:
+            held[n] = ("module", self.graph.node(n))
+        return held
+
+    def source_graph(self) -> Graph:
+        """The graph ``cc.compile`` was given (before the passes), with the
+        module's current param values: weights and optimizer state as
+        training or ``set_params`` left them. This is what a pickled module
+        carries. Raises ``ConvcError`` for a module not made by ``cc.compile``."""
+        recipe = getattr(self, "_recipe", None)
+        if recipe is None:
+            raise ConvcError(f"graph '{self.graph.name}': this {self.target} module was not made by cc.compile, "
+                             f"so the graph it was compiled from is not known (it cannot be pickled)")
+        g = shallow_copy(recipe[0])
+        held = self._held_values()
+        for n in g.param_names:
+            d = g.nx.nodes[n]
+            where, data = held.get(n, (None, None))
+            if n in self._detached:                       # set since compile; only folded constants read it
+                d["value"] = self._detached[n].copy()
+            elif where == "module" and data["type"] == d["type"]:
+                d["value"] = self._current(n)
+            elif where == "folded" and data["type"] == d["type"]:
+                d["value"] = data["value"]
+            if d["value"] is None:                        # cannot happen: _remember dropped only held values
+                raise ConvcError(f"graph '{g.name}': the value of param '{n}' is lost")
+        return g
+
+    def _current(self, n: str) -> np.ndarray:
+        """Param ``n``'s value now: from the module, or from the compiled
+        graph where the generated code does not use it."""
+        try:
+            return self._get_param(n)
+        except InputError:                   # not in the params blob (nothing reads it)
+            return self.graph.node(n)["value"]
+
+    def __reduce__(self):
+        """Pickle as the recipe, never as cffi objects or buffers: the
+        graph as given to ``cc.compile`` with the current param values, the
+        target and the compile options. Unpickling (in any process, on any
+        host) compiles it again through ``cc.compile``: the passes run
+        again, for this host (its tuning database, its int8 instructions),
+        the library comes from the compile cache or is built there
+        (``native=True``: for this host's CPU), OpenMP threads and the
+        OpenCL device are chosen as this process would. A pickle from another
+        convc raises :class:`StateVersionError`."""
+        return pickled("module", dict(graph=self.source_graph(), target=self.target, options=self._recipe[1]))
 
 
 class NumpyModule(Module):
