@@ -41,24 +41,33 @@ _NO_COMPUTE = {"aten.view.default", "aten._unsafe_view.default", "aten.reshape.d
 
 @dataclass
 class Report:
-    """What the last compiled graph became: ``parts`` (convc parts and their
-    node counts), ``eager`` ({ATen op: count} left to PyTorch, with the
-    reason convc gave for the first), ``refused`` (parts convc could not
-    compile after all, with why: they run in PyTorch)."""
+    """What one compiled graph became: ``parts`` (the node count of each
+    convc part), ``eager`` ({ATen op: (count, reason convc gave for the
+    first)} left to PyTorch), ``refused`` (parts convc could not compile
+    after all, with why: they run in PyTorch), ``modules`` (the compiled
+    convc modules, one per part)."""
     parts: list[int] = field(default_factory=list)
     eager: dict = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)
+    modules: list = field(default_factory=list, repr=False)
 
 
 reports: list[Report] = []          # one per graph compiled in this process, oldest first
 
 
-def convc_backend(gm, example_inputs, **options):
+def convc_backend(gm, example_inputs, options: dict | None = None, mode: str | None = None):
     """The TorchDynamo backend: AOTAutograd with :func:`compile_fx` as the
-    forward, backward and inference compiler. ``options`` (``torch.compile(...,
-    options={...})``): ``target`` ("c" or "opencl"), ``passes`` (a convc
-    pipeline name)."""
+    forward, backward and inference compiler. ``torch.compile(model,
+    backend="convc", options={...})`` passes ``options``: ``target`` ("c"
+    or "opencl") and ``passes`` (a convc pipeline name). Use
+    ``dynamic=False``: convc compiles static shapes (a graph with symbolic
+    sizes leaves those nodes to PyTorch)."""
     from torch._dynamo.backends.common import aot_autograd
+    options = dict(options or {})
+    unknown = set(options) - {"target", "passes"}
+    if unknown or mode not in (None, "default"):
+        raise ConvcError(f"torch.compile(backend='convc'): unknown option(s) {sorted(unknown)} or mode {mode!r}; "
+                         f"options are target ('c', 'opencl') and passes (a pipeline name)")
 
     def compiler(g, inputs):
         return compile_fx(g, inputs, **options)
@@ -107,6 +116,7 @@ def compile_fx(gm, example_inputs=None, target: str = "c", passes: str = "defaul
                 continue
             setattr(fused, node.target, part)
             report.parts.append(part.size)
+            report.modules.append(part.module)
     fused.recompile()
     return make_boxed_func(fused.forward)
 

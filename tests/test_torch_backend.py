@@ -19,7 +19,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from convc import torch_backend  # noqa: E402
 from convc.bench_torch import mobilenet_style, resnet_style  # noqa: E402
-from helpers import assert_close  # noqa: E402
+from helpers import TARGETS, assert_close  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")
 
@@ -67,17 +67,26 @@ class Sorted(nn.Module):
         return torch.sigmoid(self.b(h)).mean(dim=(2, 3))
 
 
-def test_partitioned_graph():
+@pytest.mark.parametrize("target", ["c", "opencl"])
+def test_partitioned_graph(target):
+    if target not in TARGETS:
+        pytest.skip("no OpenCL device")
     torch.manual_seed(0)
     model = Sorted().eval()
     x = torch.randn(2, 2, 7, 7)
-    fast = torch.compile(model, backend="convc")
+    fast = torch.compile(model, backend="convc", options={"target": target})
     with torch.no_grad():
         close(fast(x), model(x), 1e-5, "partitioned")
     (report,) = torch_backend.reports
     assert len(report.parts) == 2, report                          # before and after the sort
     assert set(report.eager) == {"aten.sort.default"}, report
     assert report.eager["aten.sort.default"][1] == "not mapped to a convc op"
+    assert [m.target for m in report.modules] == [target, target]
+
+
+def test_bad_options():
+    with pytest.raises(Exception, match="unknown option"):
+        torch.compile(nn.ReLU(), backend="convc", options={"targte": "c"})(torch.randn(3))
 
 
 class SmallCNN(nn.Module):
@@ -142,3 +151,15 @@ def test_backend_string_from_entry_point(tmp_path):
     if "not installed" in res.stdout:
         pytest.skip("convc is not installed with its entry points (pip install -e .)")
     assert res.stdout.split()[-2:] == ["1", "True"], res.stdout
+
+
+def test_example_runs(tmp_path):
+    """examples/from_torch.py: both ways match PyTorch, training takes steps, only the pool's index copy stays eager."""
+    env = dict(os.environ, CONVC_CACHE_DIR=str(tmp_path / "cache"))
+    res = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "examples", "from_torch.py")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    errs = [float(line.split("=")[-1]) for line in res.stdout.splitlines() if "max |convc - torch|" in line]
+    assert len(errs) == 2 and max(errs) < 1e-5, res.stdout
+    assert res.stdout.count("loss") == 5
+    assert "left to PyTorch: ['aten.max_pool2d_with_indices.default']" in res.stdout, res.stdout
