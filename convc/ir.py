@@ -147,7 +147,10 @@ class Graph:
         return Value(self, name)
 
     def param(self, name: str, value, dtype: str | None = None) -> Value:
-        """A named constant (trainable) tensor; ``value`` is copied."""
+        """A named constant (trainable) tensor. ``value`` is copied into a
+        read-only array the graph owns (so passes and graph copies share it
+        instead of copying every weight); an array that is already such a
+        frozen copy (a param of another graph) is shared as it is."""
         name = self._claim(name, "param")
         if isinstance(value, np.ndarray):       # before any copy: a broadcast view may claim 2**40 elements
             _check_size(value.shape, f"param '{name}'")
@@ -178,12 +181,11 @@ class Graph:
         self.assigns[param.name] = value.name
 
     def copy(self, name: str | None = None) -> "Graph":
-        """An independent copy (param values copied too); Values of the copy
-        are ``copy.value(name)``."""
+        """An independent copy of the structure; param values are read-only
+        arrays, shared (not copied): a pass that changes a weight makes a new
+        param. Values of the copy are ``copy.value(name)``."""
         g = Graph(name or self.name)
         g.nx = self.nx.copy()
-        for n in g.param_names:
-            g.nx.nodes[n]["value"] = g.nx.nodes[n]["value"].copy()
         g.outputs = dict(self.outputs)
         g.assigns = dict(self.assigns)
         g._counter = dict(self._counter)
@@ -440,7 +442,19 @@ def param_array(value, dtype, what: str) -> np.ndarray:
             if finite.size and max(abs(float(finite.min())), abs(float(finite.max()))) > big:
                 raise GraphError(f"{what}: finite values from {finite.min()} to {finite.max()} do not fit "
                                  f"{dtype} (largest {big}); they would become infinite")
-    return np.array(arr, dtype=dtype, order="C", copy=True)  # (ascontiguousarray would make 0-d 1-d)
+    if frozen(arr) and arr.dtype == np.dtype(dtype):
+        return arr                      # immutable already: share it
+    out = np.array(arr, dtype=dtype, order="C", copy=True)  # (ascontiguousarray would make 0-d 1-d)
+    out.flags.writeable = False
+    return out
+
+
+def frozen(arr) -> bool:
+    """True for an array no one can change: read-only, C-contiguous and
+    owning its memory (a read-only view of a writable array could change
+    under it)."""
+    return (isinstance(arr, np.ndarray) and not arr.flags.writeable and arr.flags.owndata
+            and arr.flags.c_contiguous)
 
 
 def _fmt(v):
