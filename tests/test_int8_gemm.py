@@ -312,3 +312,26 @@ def test_bench_int8_rows():
 def bench_kernel():
     from convc.passes.qgemm import kernel_choice
     return kernel_choice()
+
+
+def test_the_vnni_source_builds_for_a_cortex_m4(tmp_path, monkeypatch):
+    """The AVX-512 kernel's source keeps its plain-C #else: the same module
+    compiles for a microcontroller (arm-none-eabi-gcc, strict C99 warnings
+    as errors) with no x86 code in it."""
+    import shutil
+    import subprocess
+
+    gcc = shutil.which("arm-none-eabi-gcc")
+    if gcc is None:
+        pytest.skip("arm-none-eabi-gcc is not installed (apt-get install gcc-arm-none-eabi)")
+    monkeypatch.setenv("CONVC_VNNI", "512")
+    g, _ = qconv_graph(CASES[0], np.random.default_rng(18))
+    src = tmp_path / "module.c"
+    src.write_text(cc.compile(g, target="c").source)
+    out = tmp_path / "module.o"
+    r = subprocess.run([gcc, "-std=c99", "-O2", "-mcpu=cortex-m4", "-mthumb", "-Wall", "-Wextra", "-Werror", "-c",
+                        str(src), "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    objdump = shutil.which("arm-none-eabi-objdump")
+    if objdump:
+        assert "vpdpbusd" not in subprocess.run([objdump, "-d", str(out)], capture_output=True, text=True).stdout
