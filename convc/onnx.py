@@ -1287,6 +1287,21 @@ def _qlinear_conv(im, node, ins, at):
                   dtype=ydt or "uint8", stride=s, padding=pads, dilation=d, groups=at["group"], name=im.name(node))]
 
 
+@converts("ConvInteger", dilations=None, group=1, **_WINDOW)
+def _conv_integer(im, node, ins, at):
+    """qconv's raw int32 output (no requantization): the sums of (x - x_zp)
+    * (w - w_zp), zero-padded (the scales are placeholders: 1)."""
+    x, w = im.value(ins[0]), im.value(ins[1])
+    if len(w.shape) != len(x.shape):
+        raise _Unsupported(f"weight {w.shape} must have the rank of the input {x.shape}")
+    _positive(group=at["group"])
+    _, s, d, pads = _window(node, at, x.shape, w.shape[2:])
+    _, xz, _ = _qparams(im, "", ins[2], "input x", per_axis_ok=False)
+    _, wz, _ = _qparams(im, "", ins[3], "weight w")
+    return [qconv(x, w, None, x_scale=1.0, x_zero_point=xz, w_scale=1.0, w_zero_point=wz, y_scale=None,
+                  dtype="int32", stride=s, padding=pads, dilation=d, groups=at["group"], name=im.name(node))]
+
+
 def _matmul_2d(im, node, a: Value, b: Value, product):
     """numpy's 1-D operands of a matrix product: a row / column matrix, its
     axis dropped afterwards (as MatMul)."""

@@ -180,7 +180,8 @@ def test_clip_and_max_pool_against_float64(modules):
         if np.iinfo(dtype).bits > 32:
             continue                    # float64 cannot hold every int64 value
         rank = len(shape) - 2
-        pool = [torch.nn.functional.max_pool1d, torch.nn.functional.max_pool2d, torch.nn.functional.max_pool3d][rank - 1]
+        F = torch.nn.functional
+        pool = [F.max_pool1d, F.max_pool2d, F.max_pool3d][rank - 1]
         want = pool(torch.from_numpy(p.astype(np.float64)), **kw).numpy()
         assert np.array_equal(results["c"][f"pool{k}"].astype(np.float64), want), k
 
