@@ -124,18 +124,20 @@ def run(nets=None, repeats: int = 30, inductor: bool = True, size: int | None = 
     input's spatial size (default 224). Returns one row per net and
     backend: median and interquartile range in ms, the max abs difference
     from eager, and the compile time (first call) in s."""
-    torch._dynamo.reset()
+    from . import torch_backend
     rows = []
     for name in nets or NETS:
+        torch._dynamo.reset()              # (no automatic dynamic shapes from the previous net's compile)
+        first_report = len(torch_backend.reports)
         make, shape = NETS[name]
         if size is not None:
             shape = shape[:2] + (size, size)
         model = make()
         x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
         fns = {"eager": model}
-        fns["convc"] = torch.compile(model, backend="convc")
+        fns["convc"] = torch.compile(model, backend="convc", dynamic=False)
         if inductor:
-            fns["inductor"] = torch.compile(model, backend="inductor")
+            fns["inductor"] = torch.compile(model, backend="inductor", dynamic=False)
         compile_s, out = {}, {}
         with torch.no_grad():
             for k, f in fns.items():
@@ -150,22 +152,26 @@ def run(nets=None, repeats: int = 30, inductor: bool = True, size: int | None = 
                     t = time.perf_counter()
                     f(x)
                     times[k].append(time.perf_counter() - t)
+        reports = torch_backend.reports[first_report:]
         for k in fns:
             med, iqr = _median_iqr(times[k])
             rows.append(dict(net=name, backend=k, ms=med * 1e3, iqr_ms=iqr * 1e3,
                              vs_eager=med / _median_iqr(times["eager"])[0],
                              max_diff=float((out[k] - out["eager"]).abs().max()),
-                             first_call_s=compile_s[k] if k != "eager" else 0.0))
+                             first_call_s=compile_s[k] if k != "eager" else 0.0,
+                             convc_parts=sum(len(r.parts) for r in reports) if k == "convc" else None,
+                             left_eager=sum(c for r in reports for c, _ in r.eager.values()) if k == "convc" else None))
     return rows
 
 
 def format_rows(rows) -> str:
     """The rows as a Markdown table."""
-    lines = ["| net | backend | median ms | IQR ms | vs eager | max abs diff | first call s |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| net | backend | median ms | IQR ms | vs eager | max abs diff | first call s | convc parts / eager ops |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
+        split = f"{r['convc_parts']} / {r['left_eager']}" if r["convc_parts"] is not None else ""
         lines.append(f"| {r['net']} | {r['backend']} | {r['ms']:.2f} | {r['iqr_ms']:.2f} | {r['vs_eager']:.2f}x"
-                     f" | {r['max_diff']:.1e} | {r['first_call_s']:.1f} |")
+                     f" | {r['max_diff']:.1e} | {r['first_call_s']:.1f} | {split} |")
     return "\n".join(lines)
 
 

@@ -320,7 +320,7 @@ def test_params_named_after_state_dict():
 # -- errors ------------------------------------------------------------------------------
 class Unsupported(nn.Module):
     def forward(self, x):
-        s = torch.sort(x, dim=-1).values            # line A: the first sort
+        s = torch.sort(x, dim=-1).values
         t = torch.sort(s * 2, dim=1).values
         return F.log_softmax(F.relu(t).flatten(1), dim=1) + torch.cumsum(x, 1).flatten(1)
 

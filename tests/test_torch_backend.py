@@ -163,3 +163,14 @@ def test_example_runs(tmp_path):
     assert len(errs) == 2 and max(errs) < 1e-5, res.stdout
     assert res.stdout.count("loss") == 5
     assert "left to PyTorch: ['aten.max_pool2d_with_indices.default']" in res.stdout, res.stdout
+
+
+def test_bench_rows():
+    """convc/bench_torch.run (the `convc bench --torch` rows), small: eager and convc, no inductor."""
+    from convc.bench_torch import format_rows, run
+    rows = run(["resnet18-style"], repeats=3, inductor=False, size=32)
+    assert [r["backend"] for r in rows] == ["eager", "convc"]
+    convc = rows[1]
+    assert convc["max_diff"] < 1e-4 and convc["ms"] > 0 and convc["first_call_s"] > 0
+    assert (convc["convc_parts"], convc["left_eager"]) == (1, 0)
+    assert "| resnet18-style | convc |" in format_rows(rows)
