@@ -1,11 +1,12 @@
 """Batch inference over a directory of .npy files on a Dask cluster.
 
     pip install "convc[distributed]"
-    python examples/dask_batch_inference.py DIR [--out OUT] [--workers 2] [--batch 16] [--make N]
+    python examples/dask_batch_inference.py DIR [--out OUT] [--workers 2] [--batch 16] [--make N [--file-size M]]
 
 Every ``DIR/*.npy`` holds float32 images for ``convc.models.mobilenet_tiny``:
 one image (3, 32, 32) or a stack (n, 3, 32, 32). ``--make N`` first writes N
-random images into DIR, in files of 1 to 40 images, to try it out.
+random images into DIR, in files of 1 to M images (``--file-size``, default
+256), to try it out.
 
 The model is compiled once, here. Dask sends it to each worker process
 pickled: the graph, its weights and the compile options, no compiled code.
@@ -34,13 +35,13 @@ from convc.models import mobilenet_tiny
 IMAGE = (3, 32, 32)
 
 
-def make_images(directory: Path, count: int, seed: int = 0) -> None:
-    """Write ``count`` random images into ``directory`` as .npy files of 1 to 40 images."""
+def make_images(directory: Path, count: int, most: int = 256, seed: int = 0) -> None:
+    """Write ``count`` random images into ``directory`` as .npy files of 1 to ``most`` images."""
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
     done = 0
     while done < count:
-        n = int(min(count - done, rng.integers(1, 41)))
+        n = int(min(count - done, rng.integers(1, most + 1)))
         images = rng.standard_normal((n, *IMAGE)).astype(np.float32)
         np.save(directory / f"images_{done:06d}.npy", images[0] if n == 1 else images)
         done += n
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="Dask worker processes (default 2)")
     ap.add_argument("--batch", type=int, default=16, help="images per module call (default 16)")
     ap.add_argument("--make", type=int, metavar="N", help="first write N random images into DIR")
+    ap.add_argument("--file-size", type=int, default=256, metavar="M", help="--make: at most M images a file")
     args = ap.parse_args(argv)
     try:
         from dask.distributed import Client, LocalCluster
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
         print('this example needs Dask: pip install "convc[distributed]"', file=sys.stderr)
         return 2
     if args.make:
-        make_images(args.dir, args.make)
+        make_images(args.dir, args.make, args.file_size)
     files = sorted(str(p) for p in args.dir.glob("*.npy"))
     if not files:
         print(f"no .npy files in {args.dir}", file=sys.stderr)

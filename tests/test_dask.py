@@ -34,7 +34,7 @@ def _example():
 def test_dask_example_writes_the_logits_this_process_computes(tmp_path):
     _need_dask()
     data, out = tmp_path / "images", tmp_path / "out"
-    proc = subprocess.run([helpers.PYTHON, str(EXAMPLE), str(data), "--make", "45", "--batch", "4",
+    proc = subprocess.run([helpers.PYTHON, str(EXAMPLE), str(data), "--make", "45", "--file-size", "12", "--batch", "4",
                            "--workers", "2", "--out", str(out)],
                           capture_output=True, text=True, env=helpers.subprocess_env(), timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, f"the example failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
