@@ -1230,7 +1230,7 @@ def _qparams(im, scale: str, zero_point: str, what: str, per_axis_ok: bool = Tru
     return scales, zps, None if z is None else z.dtype.name
 
 
-def _q_axis(im, at, rank: int, *sizes: int):
+def _q_axis(at, rank: int, *sizes: int):
     """The axis of per-axis quantization (None for per tensor)."""
     return _axis(at["axis"], rank) if max(sizes) > 1 else None
 
@@ -1254,7 +1254,7 @@ def _quantize_linear(im, node, ins, at):
     if dtype not in QDTYPES:
         raise _Unsupported(f"output type {dtype or _elem_name(at['output_dtype'])} is not supported; convc "
                            f"quantizes to {' and '.join(QDTYPES)}")
-    axis = _q_axis(im, at, len(x.shape), len(scales), len(zps))
+    axis = _q_axis(at, len(x.shape), len(scales), len(zps))
     return [quantize(x, scales, zps, dtype, axis, name=im.name(node))]
 
 
@@ -1268,7 +1268,7 @@ def _dequantize_linear(im, node, ins, at):
     if at["output_dtype"] not in (0, 1):
         raise _Unsupported(f"output_dtype {_elem_name(at['output_dtype'])} is not supported (float32 only)")
     scales, zps, _ = _qparams(im, ins[1], ins[2], "the input")
-    axis = _q_axis(im, at, len(x.shape), len(scales), len(zps))
+    axis = _q_axis(at, len(x.shape), len(scales), len(zps))
     return [dequantize(x, scales, zps, axis, name=im.name(node))]
 
 
