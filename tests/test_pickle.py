@@ -169,6 +169,23 @@ def test_trainer_round_trip_continues_exactly(optimizer, spawned):
     _exactly(trainer.predict({"x": batches[0]["x"]}), here.predict({"x": batches[0]["x"]}), "predict")
 
 
+def test_what_travels_is_the_graph_as_compiled():
+    """The graph as cc.compile was given it, before the passes (they run
+    again where the module is unpickled), not later changes to it."""
+    g = _net(3)
+    mod = cc.compile(g, target="c")
+    given = set(g.nx)
+    extra = cc.relu(g.value("x"))
+    g.output(extra, "extra")                        # after compile: not part of the module
+    again = pickle.loads(pickle.dumps(mod))
+    assert list(again.outputs) == ["y"]
+    assert set(again.source_graph().nx) == given and extra.name not in again.source_graph().nx
+    assert "conv" in {d["op"] for _, d in again.source_graph().nx.nodes(data=True)}      # before the passes
+    assert sorted(d["op"] for _, d in again.graph.nx.nodes(data=True)) == \
+        sorted(d["op"] for _, d in mod.graph.nx.nodes(data=True))                         # the same passes ran
+    _exactly(mod.run(_feeds()), again.run(_feeds()), "round trip")
+
+
 def test_a_deleted_cache_entry_is_rebuilt():
     mod = cc.compile(_net(1), target="c")
     feeds = _feeds()

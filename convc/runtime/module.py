@@ -32,16 +32,6 @@ class StateVersionError(ConvcError):
     pickle format or another release) than the one unpickling it."""
 
 
-def shallow_copy(graph: Graph) -> Graph:
-    """``graph``'s structure as it is now, sharing its param arrays (no
-    weight is copied): nodes, outputs or assigns added to ``graph`` later do
-    not show in the copy."""
-    g = Graph(graph.name)
-    g.nx = graph.nx.copy()              # new node dicts; the arrays in them are shared
-    g.outputs, g.assigns, g._counter = dict(graph.outputs), dict(graph.assigns), dict(graph._counter)
-    return g
-
-
 def pickled(kind: str, payload: dict) -> tuple:
     """The ``__reduce__`` value of a module or Trainer: a call of
     :func:`unpickled` on the format, this convc's version and ``payload``
@@ -342,33 +332,11 @@ class Module(abc.ABC):
     # -- pickling ------------------------------------------------------------------------------
     def _remember(self, graph: Graph, options: dict) -> "Module":
         """Called by ``cc.compile``: keep what compiling this module again
-        needs, the graph it was given (``graph``, before the passes) and the
-        compile options. Kept as a :func:`shallow_copy` whose param values
-        are dropped where the compiled module itself holds them (a param of
-        the compiled graph, or a root a folded constant remembers): pickling
-        reads those from the module, so no weight is held twice."""
-        g = shallow_copy(graph)
-        mine = self._held_values()
-        for n in g.param_names:
-            if n in mine and mine[n][1]["type"] == g.node(n)["type"]:
-                g.nx.nodes[n]["value"] = None
-        self._recipe = (g, {**options, "passes": options["passes"] if isinstance(options["passes"], str)
-                            else list(options["passes"])})
+        needs, the graph it was given (``graph``, before the passes; a copy,
+        which shares the immutable param arrays) and the compile options."""
+        passes = options["passes"]
+        self._recipe = (graph.copy(), {**options, "passes": passes if isinstance(passes, str) else list(passes)})
         return self
-
-    def _held_values(self) -> dict:
-        """Param name -> (where, node data) for the params whose values the
-        compiled module holds: "module" for params of the compiled graph,
-        "folded" for the roots a folded constant was computed from (their
-        values at compile time, kept by ``Folded.graph``)."""
-        held = {}
-        for c in self.graph.param_names:
-            f = self.graph.node(c).get("folded")
-            for r in f.roots if f is not None else ():
-                held[r] = ("folded", f.graph.node(r))
-        for n in self.graph.param_names:
-            held[n] = ("module", self.graph.node(n))
-        return held
 
     def source_graph(self) -> Graph:
         """The graph ``cc.compile`` was given (before the passes), with the
@@ -379,28 +347,26 @@ class Module(abc.ABC):
         if recipe is None:
             raise ConvcError(f"graph '{self.graph.name}': this {self.target} module was not made by cc.compile, "
                              f"so the graph it was compiled from is not known (it cannot be pickled)")
-        g = shallow_copy(recipe[0])
-        held = self._held_values()
+        g = recipe[0].copy()
         for n in g.param_names:
             d = g.nx.nodes[n]
-            where, data = held.get(n, (None, None))
-            if n in self._detached:                       # set since compile; only folded constants read it
-                d["value"] = self._detached[n].copy()
-            elif where == "module" and data["type"] == d["type"]:
-                d["value"] = self._current(n)
-            elif where == "folded" and data["type"] == d["type"]:
-                d["value"] = data["value"]
-            if d["value"] is None:                        # cannot happen: _remember dropped only held values
-                raise ConvcError(f"graph '{g.name}': the value of param '{n}' is lost")
+            if n in self._detached:                 # set since compile; only folded constants read it
+                value = self._detached[n].copy()
+            elif n in self.graph.nx and self.graph.node(n)["op"] == "param" and self.graph.node(n)["type"] == d["type"]:
+                value = self._current(n)            # the compiled graph's own param: its value now
+            else:
+                continue                            # not changeable in the module: as compiled
+            value.flags.writeable = False           # params are immutable (ir.param_array); this copy is ours
+            d["value"] = value
         return g
 
     def _current(self, n: str) -> np.ndarray:
-        """Param ``n``'s value now: from the module, or from the compiled
-        graph where the generated code does not use it."""
+        """A copy of param ``n``'s value now: from the module, or from the
+        compiled graph where the generated code does not use it."""
         try:
             return self._get_param(n)
         except InputError:                   # not in the params blob (nothing reads it)
-            return self.graph.node(n)["value"]
+            return self.graph.node(n)["value"].copy()
 
     def __reduce__(self):
         """Pickle as the recipe, never as cffi objects or buffers: the
