@@ -143,11 +143,14 @@ def test_module_round_trip_in_a_spawned_process(target, spawned):
     _exactly(mod.get_params(), again.get_params(), f"{target} params after the round trip")
 
 
-@pytest.mark.parametrize("optimizer", [cc.SGD(lr=0.1, momentum=0.9, weight_decay=1e-3), cc.Adam(lr=0.01)],
-                         ids=["sgd_momentum", "adam"])
-def test_trainer_round_trip_continues_exactly(optimizer, spawned):
+@pytest.mark.parametrize("optimizer, target", [(cc.SGD(lr=0.1, momentum=0.9, weight_decay=1e-3), "c"),
+                                               (cc.Adam(lr=0.01), "c"), (cc.Adam(lr=0.01), "opencl")],
+                         ids=["sgd_momentum-c", "adam-c", "adam-opencl"])
+def test_trainer_round_trip_continues_exactly(optimizer, target, spawned):
+    if target not in helpers.TARGETS:
+        pytest.skip(f"no OpenCL device: {helpers.OPENCL_MISSING}")
     g, loss = _train_graph()
-    trainer = cc.Trainer(g, loss, optimizer=optimizer)
+    trainer = cc.Trainer(g, loss, optimizer=optimizer, target=target)
     batches = _batches(3)
     for b in batches[:2]:
         trainer.step(b)
