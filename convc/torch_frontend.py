@@ -149,7 +149,7 @@ def _scalar(v, what: str) -> float:
     return v
 
 
-def _spatial_axes(x: Value, dims) -> list[int]:
+def _axes(x: Value, dims) -> list[int]:
     r = len(x.shape)
     return sorted(d % r for d in (dims if isinstance(dims, (list, tuple)) else [dims]))
 
@@ -195,9 +195,9 @@ def _constant_pad(cv, node, a):
 
 
 # pools
-def _pool_args(x, a, rank_name):
-    if len(x.shape) - 2 != rank_name:
-        raise Unsupported(f"a {rank_name}D pool on a rank-{len(x.shape)} tensor")
+def _pool_args(x, a, rank):
+    if len(x.shape) - 2 != rank:
+        raise Unsupported(f"a {rank}D pool on a rank-{len(x.shape)} tensor")
     return dict(kernel_size=list(a["kernel_size"]), stride=list(a["stride"]) or None, padding=list(a["padding"]),
                 ceil_mode=bool(a["ceil_mode"]))
 
@@ -253,7 +253,7 @@ def _adaptive_avg_pool(cv, node, a):
 @converts("aten.mean.dim")
 def _mean(cv, node, a):
     x = _tensor(a["self"], "input")
-    axes = list(range(len(x.shape))) if a["dim"] is None else _spatial_axes(x, a["dim"])
+    axes = list(range(len(x.shape))) if not a["dim"] else _axes(x, a["dim"])   # (no dims: all)
     keep = bool(a["keepdim"])
     if len(x.shape) >= 3 and axes == list(range(2, len(x.shape))):
         y = global_avg_pool(x, name=cv.name(node) if keep else None)
@@ -267,7 +267,7 @@ def _sum(cv, node, a):
     x = _tensor(a["self"], "input")
     if a["dtype"] is not None:
         raise Unsupported("sum with a dtype")
-    axes = list(range(len(x.shape))) if a["dim"] is None else _spatial_axes(x, a["dim"])
+    axes = list(range(len(x.shape))) if not a["dim"] else _axes(x, a["dim"])   # (no dims: all)
     return reduce_sum(x, axes, bool(a["keepdim"]), name=cv.name(node))
 
 
@@ -471,7 +471,7 @@ def _to_copy(cv, node, a):
 
 
 # arithmetic, tensor or scalar on either side
-def _operand(v, like: Value | None, what: str):
+def _operand(v, what: str):
     if isinstance(v, Value):
         return v
     return float(_scalar(v, what))
@@ -482,7 +482,7 @@ def _arith(fn, has_alpha):
         x, y = a["self"], a["other"]
         if not isinstance(x, Value) and not isinstance(y, Value):
             raise Unsupported("no tensor operand")
-        x, y = _operand(x, None, "self"), _operand(y, None, "other")
+        x, y = _operand(x, "self"), _operand(y, "other")
         if has_alpha and a.get("alpha", 1) != 1:
             y = mul(y, float(_scalar(a["alpha"], "alpha"))) if isinstance(y, Value) else y * a["alpha"]
         if not isinstance(x, Value):            # scalar op tensor: the tensor's dtype decides
@@ -572,7 +572,7 @@ class FxConverter:
             return _POISON                  # reported at the node that caused it
         for v in _flat(a.values()):
             if isinstance(v, Value) and v.dtype not in FLOAT_DTYPES.values():
-                raise Unsupported(f"a {v.dtype} operand (convc maps float32 and float64)")
+                raise Unsupported(f"an operand of dtype {v.dtype} (convc maps float32 and float64 tensors)")
         try:
             return fn(self, node, a)
         except ConvcError as e:             # a convc rule the arguments break

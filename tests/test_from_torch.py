@@ -130,6 +130,8 @@ def record_all(dtype) -> Recorder:
     out("mean spatial", r.call(aten.mean.dim, x, [-1, -2], False))
     out("mean channels", r.call(aten.mean.dim, x, [1], True))
     out("sum", r.call(aten.sum.dim_IntList, x, [0, 2, 3], True))
+    out("sum of all", r.call(aten.sum.dim_IntList, x, []))
+    out("mean of all", r.call(aten.mean.dim, x, None))
 
     bn = [r.input(t) for t in (rnd(4), rnd(4), rnd(4), torch.rand(4, generator=gen, dtype=dtype) + 0.5)]
     out("batch_norm", r.item(r.call(aten._native_batch_norm_legit_no_training.default, x, bn[0], bn[1], bn[2],
