@@ -1210,14 +1210,18 @@ STATIC_INPUTS.update(QuantizeLinear=(1, 2), DequantizeLinear=(1, 2), QLinearConv
                      QLinearMatMul=(1, 2, 4, 5, 6, 7), MatMulInteger=(2, 3), ConvInteger=(2, 3))
 
 
-def _qparams(im, scale: str, zero_point: str, what: str, per_axis_ok: bool = True):
+def _qparams(im, scale: str, zero_point: str, what: str, per_axis_ok: bool = True, half_ok: bool = False):
     """(scales, zero points, dtype of the zero point or None) of a quantized
     tensor, from constant inputs; one entry each per tensor, or one per index
-    of an axis (1-D)."""
+    of an axis (1-D). Scales are float32; ``half_ok`` (the QLinear ops, whose
+    output is integer) also takes float16 ones, each exactly a float32 value
+    (the fixed-point multipliers are computed from the values)."""
     s = im.const(scale, f"{what}'s scale") if scale else None
-    if s is not None and (s.dtype != np.float32 or s.ndim > 1):
-        raise _Unsupported(f"{what}'s scale (input {scale!r}) must be a float32 scalar or 1-D tensor, got "
-                           f"{s.dtype} of shape {s.shape}")
+    kinds = (np.float32, np.float16) if half_ok else (np.float32,)
+    if s is not None and (s.dtype not in kinds or s.ndim > 1):
+        raise _Unsupported(f"{what}'s scale (input {scale!r}) must be a "
+                           f"{' or '.join(np.dtype(k).name for k in kinds)} scalar or 1-D tensor, got {s.dtype} of "
+                           f"shape {s.shape}")
     z = im.const(zero_point, f"{what}'s zero point") if zero_point else None
     if z is not None and (z.dtype.name not in QDTYPES or z.ndim > 1):
         raise _Unsupported(f"{what}'s zero point (input {zero_point!r}) must be an int8 or uint8 scalar or 1-D "
@@ -1279,9 +1283,9 @@ def _qlinear_conv(im, node, ins, at):
         raise _Unsupported(f"weight {w.shape} must have the rank of the input {x.shape}")
     _positive(group=at["group"])
     _, s, d, pads = _window(node, at, x.shape, w.shape[2:])
-    xs, xz, _ = _qparams(im, ins[1], ins[2], "input x", per_axis_ok=False)
-    ws, wz, _ = _qparams(im, ins[4], ins[5], "weight w")
-    ys, yz, ydt = _qparams(im, ins[6], ins[7], "output y", per_axis_ok=False)
+    xs, xz, _ = _qparams(im, ins[1], ins[2], "input x", per_axis_ok=False, half_ok=True)
+    ws, wz, _ = _qparams(im, ins[4], ins[5], "weight w", half_ok=True)
+    ys, yz, ydt = _qparams(im, ins[6], ins[7], "output y", per_axis_ok=False, half_ok=True)
     b = im.value(ins[8]) if len(node.input) > 8 and node.input[8] else None
     return [qconv(x, w, b, x_scale=xs, x_zero_point=xz, w_scale=ws, w_zero_point=wz, y_scale=ys, y_zero_point=yz,
                   dtype=ydt or "uint8", stride=s, padding=pads, dilation=d, groups=at["group"], name=im.name(node))]
@@ -1324,9 +1328,9 @@ def _matmul_2d(im, node, a: Value, b: Value, product):
 @converts("QLinearMatMul")
 def _qlinear_matmul(im, node, ins, at):
     a, b = im.value(ins[0]), im.value(ins[3])
-    as_, az, _ = _qparams(im, ins[1], ins[2], "input a", per_axis_ok=False)
-    bs, bz, _ = _qparams(im, ins[4], ins[5], "input b")
-    ys, yz, ydt = _qparams(im, ins[6], ins[7], "output y", per_axis_ok=False)
+    as_, az, _ = _qparams(im, ins[1], ins[2], "input a", per_axis_ok=False, half_ok=True)
+    bs, bz, _ = _qparams(im, ins[4], ins[5], "input b", half_ok=True)
+    ys, yz, ydt = _qparams(im, ins[6], ins[7], "output y", per_axis_ok=False, half_ok=True)
     return [_matmul_2d(im, node, a, b, lambda p, q, name: qmatmul(
         p, q, a_scale=as_, a_zero_point=az, b_scale=bs, b_zero_point=bz, y_scale=ys, y_zero_point=yz,
         dtype=ydt or "uint8", name=name))]
@@ -1346,9 +1350,10 @@ def _matmul_integer(im, node, ins, at):
 @converts("com.microsoft.QLinearAdd")
 def _qlinear_add(im, node, ins, at):
     a, b = im.value(ins[0]), im.value(ins[3])
-    as_, az, _ = _qparams(im, ins[1], ins[2], "input A", per_axis_ok=False)
-    bs, bz, _ = _qparams(im, ins[4], ins[5], "input B", per_axis_ok=False)
-    ys, yz, ydt = _qparams(im, ins[6], ins[7] if len(node.input) > 7 else "", "output C", per_axis_ok=False)
+    as_, az, _ = _qparams(im, ins[1], ins[2], "input A", per_axis_ok=False, half_ok=True)
+    bs, bz, _ = _qparams(im, ins[4], ins[5], "input B", per_axis_ok=False, half_ok=True)
+    ys, yz, ydt = _qparams(im, ins[6], ins[7] if len(node.input) > 7 else "", "output C", per_axis_ok=False,
+                           half_ok=True)
     return [qadd(a, b, a_scale=as_, a_zero_point=az, b_scale=bs, b_zero_point=bz, y_scale=ys, y_zero_point=yz,
                  dtype=ydt or a.dtype, name=im.name(node))]
 
@@ -1360,9 +1365,10 @@ def _qgemm(im, node, ins, at):
         raise _Unsupported(f"transA={at['transA']}, alpha={at['alpha']} (convc maps transA=0, alpha=1)")
     if len(node.input) < 8 or not node.input[7]:
         raise _Unsupported("QGemm without y_scale (a float output) is not supported")
-    as_, az, _ = _qparams(im, ins[1], ins[2], "input A", per_axis_ok=False)
-    bs, bz, _ = _qparams(im, ins[4], ins[5], "input B")
-    ys, yz, ydt = _qparams(im, ins[7], ins[8] if len(node.input) > 8 else "", "output Y", per_axis_ok=False)
+    as_, az, _ = _qparams(im, ins[1], ins[2], "input A", per_axis_ok=False, half_ok=True)
+    bs, bz, _ = _qparams(im, ins[4], ins[5], "input B", half_ok=True)
+    ys, yz, ydt = _qparams(im, ins[7], ins[8] if len(node.input) > 8 else "", "output Y", per_axis_ok=False,
+                           half_ok=True)
     bias = im.value(ins[6]) if ins[6] else None
     if bias is not None and (bias.dtype != "int32" or len(bias.shape) != 1):
         raise _Unsupported(f"C {bias.dtype}{list(bias.shape)} must be an int32 vector (one per output column)")
@@ -1373,13 +1379,13 @@ def _qgemm(im, node, ins, at):
 
 @converts("com.microsoft.QLinearConcat", axis=None)
 def _qlinear_concat(im, node, ins, at):
-    ys, yz, ydt = _qparams(im, node.input[0], node.input[1], "output Y", per_axis_ok=False)
+    ys, yz, ydt = _qparams(im, node.input[0], node.input[1], "output Y", per_axis_ok=False, half_ok=True)
     rest = list(node.input[2:])
     if at["axis"] is None or len(rest) % 3:
         raise _Unsupported("QLinearConcat needs axis and (tensor, scale, zero point) triples")
     xs, scales, zps = [], [], []
     for i in range(0, len(rest), 3):
-        s, z, _ = _qparams(im, rest[i + 1], rest[i + 2], f"input {i // 3}", per_axis_ok=False)
+        s, z, _ = _qparams(im, rest[i + 1], rest[i + 2], f"input {i // 3}", per_axis_ok=False, half_ok=True)
         xs.append(im.value(rest[i]))
         scales.append(s[0])
         zps.append(z[0])
@@ -1392,8 +1398,8 @@ def _qlinear_global_avg_pool(im, node, ins, at):
     if at["channels_last"]:
         raise _Unsupported("channels_last=1 is not supported (convc pools NCHW)")
     x = im.value(ins[0])
-    xs, xz, _ = _qparams(im, ins[1], ins[2], "input X", per_axis_ok=False)
-    ys, yz, ydt = _qparams(im, ins[3], ins[4], "output Y", per_axis_ok=False)
+    xs, xz, _ = _qparams(im, ins[1], ins[2], "input X", per_axis_ok=False, half_ok=True)
+    ys, yz, ydt = _qparams(im, ins[3], ins[4], "output Y", per_axis_ok=False, half_ok=True)
     return [qglobal_avg_pool(x, x_scale=xs, x_zero_point=xz, y_scale=ys, y_zero_point=yz, dtype=ydt or x.dtype,
                              name=im.name(node))]
 

@@ -63,10 +63,6 @@ CANNOT_PASS = [
      r"block_size=\d+ \(blocked quantization\) is not supported",
      ["test_dequantizelinear_blocked", "test_quantizelinear_blocked_asymmetric",
       "test_quantizelinear_blocked_symmetric"]),
-    ("float16 scales (convc's scales are float32, and these cases compute in float16)",
-     r"scale .* must be a float32 scalar or 1-D tensor, got float16",
-     ["test_qlinearmatmul_2D_int8_float16", "test_qlinearmatmul_2D_uint8_float16",
-      "test_qlinearmatmul_3D_int8_float16", "test_qlinearmatmul_3D_uint8_float16"]),
     ("ConvInteger's int32 output: qconv has no raw (unrequantized) output yet; the importer maps ConvInteger to "
      "qconv(dtype='int32') for when it does",
      r"qconv\): dtype must be one of \('int8', 'uint8'\), got 'int32'",
