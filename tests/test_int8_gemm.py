@@ -1,6 +1,6 @@
 """The int8 GEMM path of quantized convolution (convc/ops/qgemm.py, pass
-``qconv_to_gemm``; stride 1 as the implicit GEMM on the padded image, other
-strides on im2col columns): bit for bit the integers of the reference qconv on C
+``qconv_to_gemm``, an implicit GEMM on the padded image's stride phases):
+bit for bit the integers of the reference qconv on C
 with each kernel (AVX-512 VNNI, AVX-VNNI, plain C; ``CONVC_VNNI`` forces
 one, and a kernel the compiler does not target falls back to plain C) and
 on OpenCL; the pass's choice of which qconvs it takes; the int32 bound at
@@ -35,7 +35,8 @@ CASES = [
     ((1, 8, 15, 15), (12, 8, 5, 5), 1, 4, 2, "int8", True, None, True),            # dilation 2
     ((1, 10, 11, 16), (24, 10, 3, 2), (1, 2), ((2, 0), (1, 1)), 1, "int8", True, "relu", False),  # asymmetric
     ((1, 64, 7, 7), (48, 64, 3, 3), 1, 1, 1, "int8", True, None, True),            # P = 49 < one tile row
-    ((1, 10, 11, 16), (24, 10, 3, 2), 1, ((2, 0), (1, 1)), 1, "uint8", False, None, True),  # planes: asymmetric
+    ((1, 10, 11, 16), (24, 10, 3, 2), 1, ((2, 0), (1, 1)), 1, "uint8", False, None, True),  # asymmetric
+    ((1, 5, 23, 20), (16, 5, 5, 3), (3, 2), (2, 1), (1, 2), "int8", True, None, True),  # 6 phases, dilation
 ]
 if LONG:
     CASES += [
@@ -84,8 +85,7 @@ def test_gemm_is_bit_exact_on_c_with_every_kernel(case, kernel):
     g, x = qconv_graph(case, rng)
     ops, lowered = ops_after(g)
     assert "qgemm" in ops and "qconv" not in ops
-    stride1 = case[2] == 1                                # the implicit GEMM on the image, else im2col columns
-    assert ("qgemm_planes" in ops, "qgemm_columns" in ops) == (stride1, not stride1)
+    assert "qgemm_planes" in ops and "im2col" not in ops   # the implicit GEMM on the image's stride phases
     q = next(n for n in lowered.topological_order() if lowered.node(n)["op"] == "qgemm")
     assert lowered.node(q)["attrs"]["kernel"] == kernel
     assert "qgemm_weights" not in ops and "qgemm_bias" not in ops        # folded at compile time

@@ -1,34 +1,27 @@
 """The int8 GEMM that a quantized 2D convolution (``qconv``) lowers to
-(pass ``qconv_to_gemm``, convc/passes/qgemm.py): five ops whose numpy
+(pass ``qconv_to_gemm``, convc/passes/qgemm.py): four ops whose numpy
 references compute the same integers as ``qconv``'s, bit for bit.
 
 The GEMM reads its unsigned operand ``cols`` (N, L, 4) in groups of 4 taps:
-group k4 of position p is the 4 bytes ``cols[n, offsets[k4] + p]``, four
-taps of one position side by side, the operand of one u8 x s8 -> s32
-four-way dot product (AVX-512 VNNI ``vpdpbusd``), and a vector of them covers
-consecutive positions. Values are unsigned: an int8 input is shifted by
-``OFFSET`` = 128 (uint8: 0), a tap in the padding holds the shifted input
+group k4 of column p is the 4 bytes ``cols[n, offsets[k4] + p]``, four taps
+of one output pixel side by side, the operand of one u8 x s8 -> s32
+four-way dot product (AVX-512 VNNI ``vpdpbusd``), and a vector of them
+covers consecutive columns. Values are unsigned: an int8 input is shifted by
+``OFFSET`` = 128 (uint8: 0), and a tap in the padding holds the shifted input
 zero point (it then adds nothing once the bias correction below is applied).
-Two ops make ``cols``:
 
-- ``qgemm_columns`` (any stride): im2col, column-matrix row k = (c, ky, kx)
-  in group k // 4 at offset (k // 4) * PP; rows past K and positions past P
-  (up to PP, a multiple of the register tile) hold the fill value.
-- ``qgemm_planes`` (stride 1, the implicit GEMM): the zero-point-padded
-  input image, channels in groups of 4 (the 4 bytes of position q of group
-  c4 are channels 4*c4 .. 4*c4+3 at padded pixel q), each group one plane of
-  ``plane`` positions. Output position (oy, ox) is column p = oy * W + ox, W
-  the padded input width; tap (ky, kx) of it is pixel p + ky*D*W + kx*D, so
-  group (ky, kx, c4) is the plane of c4 read from offset c4 * plane + ky*D*W
-  + kx*D: no im2col copy, K times less data to write. Columns with ox >=
-  the output width are computed and dropped.
-
-and the rest:
-
+- ``qgemm_planes`` makes ``cols`` without an im2col copy (an implicit GEMM):
+  the zero-point-padded image once, channels in groups of 4 (the 4 bytes of
+  pixel q of group c4 are channels 4*c4 .. 4*c4+3), split into its stride
+  phases (those some tap reads), each phase one plane of ``plane`` pixels H2
+  x W2 (the padded sizes over the stride). Output (oy, ox) is column p = oy * W2 + ox; its tap (ky,
+  kx) is pixel p + (ky*D // S) * W2 + (kx*D // S) of phase (ky*D % S, kx*D %
+  S), so group (ky, kx, c4) is a plane read from a fixed offset. Columns with
+  ox >= the output width are computed and dropped.
 - ``qgemm_weights``: the int8 weights as a zero-padded (MP, KP) matrix, rows
-  a multiple of the register tile, the taps in the order of the groups
-  (c, ky, kx for columns; ky, kx, c for planes, channels padded to 4),
-  folded at compile time by ``fold_params``.
+  a multiple of the register tile, the taps in the order of the groups (ky,
+  kx, c with the channels padded to a multiple of 4), folded at compile time
+  by ``fold_params``.
 - ``qgemm_bias``: the int64 per-channel constant that turns the unsigned
   product into the signed one: with ``u = x + OFFSET``,
   ``sum (x - x_zp) * w = sum u * w - (x_zp + OFFSET) * sum_k w``, so
@@ -65,7 +58,6 @@ from ..ir import TensorType
 from ..quant import QDTYPES, qrange, requantize, saturate_int32
 from .columns import Im2col
 from .registry import Op, register
-from .window import axes_context
 
 KERNELS = ("vnni512", "vnni256", "portable")
 """The inner kernels of ``qgemm``: the dot-product instructions it uses."""
@@ -150,7 +142,7 @@ def _int(v, what: str, lo: int = 1) -> int:
     return int(v)
 
 
-# -- the unsigned operand: columns or planes --------------------------------
+# -- the unsigned operand ---------------------------------------------------
 def _geometry(attrs, types, what: str) -> dict:
     x = types[0]
     _check_qdtype(x, f"{what}'s input")
@@ -172,153 +164,121 @@ def _out_sizes(attrs, x: TensorType):
                                    attrs["padding"])
 
 
-@register
-class QGemmColumns(Op):
-    """x (N, C, H, W) int8/uint8 -> (N, ceil(K/4) * PP, 4) uint8, K = C *
-    kh * kw, PP = ``positions`` (>= OH * OW): the unsigned im2col (module
-    docstring); group k4 starts at k4 * PP."""
-    name = "qgemm_columns"
-
-    def normalize(self, attrs, types):
-        return dict(_geometry(attrs, types, "qgemm_columns"), positions=_int(attrs["positions"], "positions"))
-
-    def infer(self, attrs, types):
-        x = types[0]
-        _check_qdtype(x, "qgemm_columns' input")
-        p = shapes.prod(_out_sizes(attrs, x))
-        if attrs["positions"] < p:
-            raise RuleError(f"positions {attrs['positions']} < the {p} output positions")
-        k = x.shape[1] * shapes.prod(attrs["kernel_size"])
-        return TensorType((x.shape[0], -(-k // 4) * attrs["positions"], 4), "uint8")
-
-    def reference(self, attrs, x):
-        off, zp, pp = offset(str(x.dtype)), attrs["x_zero_point"], attrs["positions"]
-        cols = Im2col().reference(dict(attrs, flip=False), x.astype(np.int32) - zp)   # (N, C, kh, kw, OH, OW)
-        n, k, p = x.shape[0], x.shape[1] * shapes.prod(attrs["kernel_size"]), shapes.prod(cols.shape[4:])
-        k4 = -(-k // 4)
-        full = np.zeros((n, k4 * 4, pp), np.int32)                 # every filler is x's zero point
-        full[:, :k, :p] = cols.reshape(n, k, p)
-        u = full + zp + off                                         # shifted to [0, 255]
-        return u.reshape(n, k4, 4, pp).transpose(0, 1, 3, 2).reshape(n, k4 * pp, 4).astype(np.uint8)
-
-    def context(self, attrs, types, out):
-        x = types[0]
-        k = x.shape[1] * shapes.prod(attrs["kernel_size"])
-        k4 = -(-k // 4)
-        return dict(N=x.shape[0], C=x.shape[1], K=k, K4=k4, PP=attrs["positions"],
-                    OFFSET=offset(x.dtype), FILL=attrs["x_zero_point"] + offset(x.dtype),
-                    par=[("n", "N", x.shape[0]), ("k4", "K4", k4)],
-                    axes=axes_context(x.shape[2:], _out_sizes(attrs, x), attrs["kernel_size"], attrs["stride"],
-                                      attrs["dilation"], attrs["padding"]))
+def phases(attrs) -> tuple:
+    """The stride phases (py, px) some kernel tap reads: (ky*D % S, kx*D %
+    S) over the taps; all S_Y x S_X of them for a 3x3 stride-2 window, only
+    (0, 0) for a 1x1 one (``qgemm_planes`` writes no others)."""
+    (kh, kw), (sy, sx), (dy, dx) = attrs["kernel_size"], attrs["stride"], attrs["dilation"]
+    return tuple(sorted({(ky * dy % sy, kx * dx % sx) for ky in range(kh) for kx in range(kw)}))
 
 
 def planes_layout(attrs, x: TensorType, nr: int) -> dict:
-    """The geometry of ``qgemm_planes`` for a stride-1 window on x: padded
-    width W and height H, output sizes, the GEMM's columns (output rows x W,
-    rounded up to ``nr``), the plane length and each group's offset, in the
-    order (ky, kx, c4)."""
+    """The geometry of ``qgemm_planes`` for a window on x: each stride
+    phase (py, px) of the padded image is a plane of H2 x W2 pixels (H2, W2 =
+    the padded sizes over the stride, rounded up); output (oy, ox) is column
+    p = oy * W2 + ox, and its tap (ky, kx) is pixel p + (ky*D // S) * W2 +
+    (kx*D // S) of phase (ky*D % S, kx*D % S). Returns the planes' width W2,
+    the GEMM's columns (output rows x W2, rounded up to ``nr``), the plane
+    length that keeps every tap of every column inside, and each group's
+    offset, in the order (ky, kx, c4)."""
     (pt, pb), (pl, pr) = attrs["padding"]
-    (kh, kw), (dy, dx) = attrs["kernel_size"], attrs["dilation"]
-    h, w = x.shape[2] + pt + pb, x.shape[3] + pl + pr
+    (kh, kw), (sy, sx), (dy, dx) = attrs["kernel_size"], attrs["stride"], attrs["dilation"]
+    h2, w2 = -(-(x.shape[2] + pt + pb) // sy), -(-(x.shape[3] + pl + pr) // sx)
     oh, ow = _out_sizes(attrs, x)
-    cols = -(-oh * w // nr) * nr
-    plane = (kh - 1) * dy * w + (kw - 1) * dx + cols           # every tap of every column stays inside
-    c4 = -(-x.shape[1] // 4)
-    offsets = tuple(c * plane + ky * dy * w + kx * dx for ky in range(kh) for kx in range(kw) for c in range(c4))
-    return dict(H=h, W=w, OH=oh, OW=ow, columns=cols, plane=max(plane, h * w), C4=c4, offsets=offsets)
+    cols = -(-oh * w2 // nr) * nr
+    plane = max((kh - 1) * dy // sy * w2 + (kw - 1) * dx // sx + cols, h2 * w2)
+    c4, used = -(-x.shape[1] // 4), phases(attrs)
+    offsets = tuple((c * len(used) + used.index((ky * dy % sy, kx * dx % sx))) * plane + ky * dy // sy * w2
+                    + kx * dx // sx for ky in range(kh) for kx in range(kw) for c in range(c4))
+    return dict(W=w2, OH=oh, OW=ow, columns=cols, plane=plane, C4=c4, offsets=offsets)
 
 
 @register
 class QGemmPlanes(Op):
-    """x (N, C, H, W) int8/uint8 -> (N, ceil(C/4) * ``plane``, 4) uint8:
-    the unsigned, zero-point-padded image of a stride-1 window, channels in
-    groups of 4 (module docstring); ``plane`` >= the padded H x W."""
+    """x (N, C, H, W) int8/uint8 -> (N, ceil(C/4) * F * ``plane``, 4)
+    uint8: the unsigned, zero-point-padded image, channels in groups of 4,
+    split into the F stride phases the taps read (:func:`phases`; module
+    docstring): channel 4*c4 + t of padded pixel (py + SY * r, px + SX * q)
+    of phase f = (py, px) is at ``[(c4 * F + f) * plane + r * W2 + q][t]``;
+    ``plane`` >= H2 x W2."""
     name = "qgemm_planes"
 
     def normalize(self, attrs, types):
-        geo = _geometry(attrs, types, "qgemm_planes")
-        if any(s != 1 for s in geo["stride"]):
-            raise RuleError(f"the planes of the implicit GEMM need stride 1, got {geo['stride']}")
-        return dict(geo, plane=_int(attrs["plane"], "plane"))
+        return dict(_geometry(attrs, types, "qgemm_planes"), plane=_int(attrs["plane"], "plane"))
 
-    def _hw(self, attrs, x):
+    def _phase(self, attrs, x):
+        """(H2, W2): a stride phase's rows and columns."""
         (pt, pb), (pl, pr) = attrs["padding"]
-        return x.shape[2] + pt + pb, x.shape[3] + pl + pr
+        (sy, sx) = attrs["stride"]
+        return -(-(x.shape[2] + pt + pb) // sy), -(-(x.shape[3] + pl + pr) // sx)
 
     def infer(self, attrs, types):
         x = types[0]
         _check_qdtype(x, "qgemm_planes' input")
         _out_sizes(attrs, x)
-        h, w = self._hw(attrs, x)
-        if attrs["plane"] < h * w:
-            raise RuleError(f"plane {attrs['plane']} < the {h} x {w} padded image")
-        return TensorType((x.shape[0], -(-x.shape[1] // 4) * attrs["plane"], 4), "uint8")
+        h2, w2 = self._phase(attrs, x)
+        if attrs["plane"] < h2 * w2:
+            raise RuleError(f"plane {attrs['plane']} < a stride phase's {h2} x {w2} pixels")
+        return TensorType((x.shape[0], -(-x.shape[1] // 4) * len(phases(attrs)) * attrs["plane"], 4), "uint8")
 
     def reference(self, attrs, x):
         n, c = x.shape[:2]
         (pt, pb), (pl, pr) = attrs["padding"]
+        (sy, sx), (h2, w2) = attrs["stride"], self._phase(attrs, x)
         fill = attrs["x_zero_point"] + offset(str(x.dtype))
         c4 = -(-c // 4)
-        img = np.full((n, c4 * 4) + self._hw(attrs, x), fill, np.int32)
+        img = np.full((n, c4 * 4, h2 * sy, w2 * sx), fill, np.int32)     # padded, and rounded up to the stride
         img[:, :c, pt:pt + x.shape[2], pl:pl + x.shape[3]] = x.astype(np.int32) + offset(str(x.dtype))
-        flat = np.full((n, c4 * 4, attrs["plane"]), fill, np.int32)
-        flat[:, :, :img.shape[2] * img.shape[3]] = img.reshape(n, c4 * 4, -1)
-        return flat.reshape(n, c4, 4, -1).transpose(0, 1, 3, 2).reshape(n, -1, 4).astype(np.uint8)
+        used = phases(attrs)
+        out = np.full((n, c4, 4, len(used), attrs["plane"]), fill, np.int32)
+        for f, (py, px) in enumerate(used):
+            out[:, :, :, f, :h2 * w2] = img[:, :, py::sy, px::sx].reshape(n, c4, 4, h2 * w2)
+        return out.transpose(0, 1, 3, 4, 2).reshape(n, -1, 4).astype(np.uint8)
 
     def context(self, attrs, types, out):
         x = types[0]
         (pt, _), (pl, _) = attrs["padding"]
-        h, w = self._hw(attrs, x)
+        (sy, sx), (h2, w2) = attrs["stride"], self._phase(attrs, x)
         c4 = -(-x.shape[1] // 4)
-        return dict(N=x.shape[0], C=x.shape[1], C4=c4, IN_Y=x.shape[2], IN_X=x.shape[3], H=h, W=w, PT=pt, PL=pl,
-                    PLANE=attrs["plane"], OFFSET=offset(x.dtype), FILL=attrs["x_zero_point"] + offset(x.dtype),
-                    par=[("n", "N", x.shape[0]), ("c4", "C4", c4)])
+        return dict(N=x.shape[0], C=x.shape[1], C4=c4, IN_Y=x.shape[2], IN_X=x.shape[3], H2=h2, W2=w2, SY=sy, SX=sx,
+                    phases=[list(f) for f in phases(attrs)],
+                    PT=pt, PL=pl, PLANE=attrs["plane"], OFFSET=offset(x.dtype),
+                    FILL=attrs["x_zero_point"] + offset(x.dtype), par=[("n", "N", x.shape[0]), ("c4", "C4", c4)])
 
 
 # -- qgemm_weights / qgemm_bias (weight-only: folded at compile time) -------
 @register
 class QGemmWeights(Op):
     """w (M, C, *k) int8 -> (``rows``, ``depth``) int8: w as an M x K matrix,
-    zero-padded to rows >= M and depth >= K, depth a multiple of 4; with
-    ``taps_first`` the K axis runs (ky, kx, c) with C padded to a multiple of
-    4 (the order of ``qgemm_planes``' groups), else (c, ky, kx)."""
+    K running (ky, kx, c) with C padded to a multiple of 4 (the order of
+    ``qgemm_planes``' groups), zero-padded to rows >= M and depth >= K."""
     name = "qgemm_weights"
 
     def normalize(self, attrs, types):
-        from .registry import flag
-        return dict(rows=_int(attrs["rows"], "rows"), depth=_int(attrs["depth"], "depth"),
-                    taps_first=flag(attrs.get("taps_first", False), "taps_first"))
-
-    def _k(self, attrs, w: TensorType) -> int:
-        if attrs["taps_first"]:
-            return -(-w.shape[1] // 4) * 4 * shapes.prod(w.shape[2:])
-        return shapes.prod(w.shape[1:])
+        return dict(rows=_int(attrs["rows"], "rows"), depth=_int(attrs["depth"], "depth"))
 
     def infer(self, attrs, types):
         w = types[0]
         if w.dtype != "int8" or len(w.shape) < 2:
             raise RuleError(f"weights must be int8 (C_out, C_in, *k), got {w}")
-        k = self._k(attrs, w)
+        k = -(-w.shape[1] // 4) * 4 * shapes.prod(w.shape[2:])
         if attrs["rows"] < w.shape[0] or attrs["depth"] < k or attrs["depth"] % 4:
             raise RuleError(f"rows {attrs['rows']} x depth {attrs['depth']} must hold the {w.shape[0]} x {k} "
                             f"weight matrix, depth a multiple of 4")
         return TensorType((attrs["rows"], attrs["depth"]), "int8")
 
     def reference(self, attrs, w):
+        wp = np.zeros((w.shape[0], -(-w.shape[1] // 4) * 4) + w.shape[2:], np.int8)
+        wp[:, :w.shape[1]] = w
+        taps = np.moveaxis(wp, 1, -1).reshape(w.shape[0], -1)           # (M, ky, kx, C padded)
         out = np.zeros((attrs["rows"], attrs["depth"]), np.int8)
-        if attrs["taps_first"]:
-            c4 = -(-w.shape[1] // 4) * 4
-            wp = np.zeros((w.shape[0], c4) + w.shape[2:], np.int8)
-            wp[:, :w.shape[1]] = w
-            w = np.moveaxis(wp, 1, -1)                      # (M, *k, C padded)
-        out[:w.shape[0], :shapes.prod(w.shape[1:])] = w.reshape(w.shape[0], -1)
+        out[:w.shape[0], :taps.shape[1]] = taps
         return out
 
     def context(self, attrs, types, out):
         w = types[0]
         return dict(M=w.shape[0], C=w.shape[1], C4P=-(-w.shape[1] // 4) * 4, KSIZE=shapes.prod(w.shape[2:]),
-                    K=shapes.prod(w.shape[1:]), MP=attrs["rows"], KP=attrs["depth"], taps_first=attrs["taps_first"],
-                    par=[("m", "MP", attrs["rows"])])
+                    MP=attrs["rows"], KP=attrs["depth"], par=[("m", "MP", attrs["rows"])])
 
 
 @register

@@ -1,6 +1,7 @@
 """``qconv_to_gemm``: the fast path of quantized convolution. A 2D ``qconv``
-becomes the int8 GEMM of convc/ops/qgemm.py: ``qgemm_columns`` (im2col into
-the dot-product layout), ``qgemm_weights`` and ``qgemm_bias`` (weight-only,
+becomes the int8 GEMM of convc/ops/qgemm.py: ``qgemm_planes`` (the padded
+image in the dot-product layout, split into its stride phases: an implicit
+GEMM, no im2col), ``qgemm_weights`` and ``qgemm_bias`` (weight-only,
 folded at compile time by ``fold_params``) and ``qgemm`` (u8 x s8 products
 in int32, then qconv's own requantization), with the same integers as the
 direct loop, bit for bit."""
@@ -49,8 +50,7 @@ def eligible(g: Graph, n: str) -> str | None:
         return "grouped"
     if w.dtype != "int8" or any(z != 0 for z in a["w_zero_point"]):
         return "weights not symmetric int8"
-    k = max(-(-shapes.prod(w.shape[1:]) // 4), -(-w.shape[1] // 4) * shapes.prod(w.shape[2:])) * 4
-    if not Q.acc_fits(k):           # the longer of the two tap orders (channels padded to 4 per tap)
+    if not Q.acc_fits(-(-w.shape[1] // 4) * 4 * shapes.prod(w.shape[2:])):      # taps with channels padded to 4
         return "too many taps for an int32 accumulator of u8 x s8 products"
     d = g.node(n)
     if get_op("qconv").macs(a, [x.type, w.type], d["type"]) < MIN_MACS:
@@ -66,25 +66,17 @@ def _qconv(g: Graph, n: str):
     out = g.node(n)["type"].shape
     kernel = kernel_choice()
     mr, nr = Q.tile(kernel, rows=w.shape[0])
-    m, k = w.shape[0], shapes.prod(w.shape[1:])
+    m = w.shape[0]
     window = dict(kernel_size=w.shape[2:], stride=a["stride"], padding=a["padding"], dilation=a["dilation"],
                   x_zero_point=a["x_zero_point"])
-    if all(s == 1 for s in a["stride"]):
-        # the implicit GEMM: the padded image once, each tap a shifted view of it (no im2col copy)
-        lay = Q.planes_layout(dict(a, kernel_size=w.shape[2:]), x.type, nr)
-        cols = g.add("qgemm_planes", [x], dict(window, plane=lay["plane"]), fresh(g, f"{n}.planes"))
-        offsets, width, taps_first = lay["offsets"], lay["W"], True
-        depth = lay["C4"] * 4 * shapes.prod(w.shape[2:])
-    else:
-        p = shapes.prod(out[2:])
-        pp = -(-p // nr) * nr
-        cols = g.add("qgemm_columns", [x], dict(window, positions=pp), fresh(g, f"{n}.columns"))
-        offsets, width, taps_first = tuple(i * pp for i in range(-(-k // 4))), out[3], False
-        depth = -(-k // 4) * 4
-    wm = g.add("qgemm_weights", [w], dict(rows=-(-m // mr) * mr, depth=depth, taps_first=taps_first),
-               fresh(g, f"{n}.w_matrix"))
+    # the implicit GEMM: the padded image once, split into its stride phases; each tap is a shifted
+    # view of one phase (no im2col copy)
+    lay = Q.planes_layout(dict(a, kernel_size=w.shape[2:]), x.type, nr)
+    cols = g.add("qgemm_planes", [x], dict(window, plane=lay["plane"]), fresh(g, f"{n}.planes"))
+    depth = lay["C4"] * 4 * shapes.prod(w.shape[2:])
+    wm = g.add("qgemm_weights", [w], dict(rows=-(-m // mr) * mr, depth=depth), fresh(g, f"{n}.w_matrix"))
     bias = g.add("qgemm_bias", [w, *b], dict(offset=a["x_zero_point"] + Q.offset(x.dtype)), fresh(g, f"{n}.bias"))
-    return g.add("qgemm", [cols, wm, bias], dict(channels=m, spatial=out[2:], width=width, offsets=offsets,
+    return g.add("qgemm", [cols, wm, bias], dict(channels=m, spatial=out[2:], width=lay["W"], offsets=lay["offsets"],
                                                  multiplier=a["multiplier"], shift=a["shift"],
                                                  y_zero_point=a["y_zero_point"], dtype=a["dtype"], clamp=a["clamp"],
                                                  kernel=kernel, mr=mr, nr=nr), fresh(g, f"{n}.gemm"))
@@ -94,8 +86,8 @@ def _qconv(g: Graph, n: str):
 def qconv_to_gemm(g: Graph) -> Graph:
     """Every 2D, ungrouped qconv with symmetric int8 weights and at least
     ``MIN_MACS`` multiply-accumulates becomes the int8 GEMM: the unsigned
-    operand in the dot-product layout (stride 1: the padded image once, the
-    implicit GEMM; else im2col columns), padded weight matrix and corrected
+    operand in the dot-product layout (the padded image once, split into its
+    stride phases: an implicit GEMM, no im2col), padded weight matrix and corrected
     bias (both weight-only, folded at compile time), and ``qgemm`` with the
     host's dot-product kernel (AVX-512 VNNI, AVX-VNNI or plain C;
     ``CONVC_VNNI`` overrides). Grouped, depthwise, 1D and 3D qconvs stay on
