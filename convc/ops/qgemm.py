@@ -40,10 +40,13 @@ never saturates) can overflow, whatever order the taps are summed in. The
 kernel never uses ``vpmaddubsw``, whose int16 pair sums saturate.
 
 The kernel (``kernel`` attribute, chosen by the pass): "vnni512" (AVX-512
-VNNI intrinsics), "vnni256" (AVX-VNNI) or "portable" (plain C the compiler
-vectorises). The intrinsics are guarded by the compiler's own macros, with the
-portable code in the ``#else``, so the same source builds anywhere (the
-embedded export, ARM); OpenCL always gets the portable code.
+VNNI ``vpdpbusd`` and an AVX-512 requantization epilogue), "vnni256"
+(AVX-VNNI) or "portable" (plain C the compiler vectorises). The x86 code is
+guarded by the compiler's own macros, with the portable code in the
+``#else``, so the same source builds anywhere (the embedded export, ARM);
+OpenCL always gets the portable code. The AVX-512 epilogue repeats
+``convc_requant``'s steps on vectors (tests check it bit for bit, with
+saturating biases, left shifts and ties).
 """
 from __future__ import annotations
 
