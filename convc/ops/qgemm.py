@@ -60,6 +60,7 @@ from ..host import Host, probe
 from ..ir import TensorType
 from ..quant import QDTYPES, qrange, requantize, saturate_int32
 from .columns import Im2col
+from .quantized import ACC_LIMIT
 from .registry import Op, register
 
 KERNELS = ("vnni512", "vnni256", "portable")
@@ -71,9 +72,6 @@ KERNEL_LANES = {"vnni512": 16, "vnni256": 8}
 TILE_VECTORS = 2
 """Accumulator vectors per row of the register tile (NR = 2 x lanes), as in
 the float GEMM's tile (``tuning.GEMM_NV``)."""
-
-ACC_LIMIT = 2**31 - 1
-
 
 def offset(dtype: str) -> int:
     """What makes an activation unsigned for the u8 x s8 dot product: 128
