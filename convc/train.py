@@ -69,7 +69,9 @@ class Trainer:
     param that reaches ``loss``. ``optimizer``: :class:`SGD` or :class:`Adam`.
     ``step(batch)`` runs forward + backward + update in generated code and
     returns the loss; ``params`` returns numpy copies; ``predict(inputs)`` runs
-    the graph's own outputs with the trained weights.
+    the graph's own outputs with the trained weights. A Trainer pickles
+    (weights, optimizer state, step count; rebuilt through ``cc.compile`` in
+    the process that unpickles it) and continues exactly where it was.
     """
 
     def __init__(self, graph: Graph, loss: Value, params=None, optimizer=None, target: str = "c", **compile_args):
