@@ -5,7 +5,9 @@
    and call it on numpy arrays -- no PyTorch needed at run time.
 2. ``torch.compile(model, backend="convc")``: keep writing PyTorch; the
    graph TorchDynamo captures runs as convc C (ops convc lacks stay in
-   PyTorch), and with autograd the backward graph does too.
+   PyTorch), and with autograd the backward graph does too. After ``pip
+   install convc`` torch finds the backend by its entry point: nothing
+   imports convc.torch_backend before the torch.compile calls below.
 
 Run: python examples/from_torch.py
 """
@@ -14,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 import convc as cc
-from convc import torch_backend
 from convc.bench_torch import resnet_style
 
 torch.manual_seed(0)
@@ -48,6 +49,7 @@ for step in range(5):
     loss.backward()
     opt.step()
     print(f"step {step}: loss {loss.item():.4f}")
+from convc import torch_backend  # noqa: E402  (only now: what the backend made of the graphs)
 forward, backward = torch_backend.reports[-2:]
 print(f"convc parts: forward {forward.parts}, backward {backward.parts} (nodes each); "
       f"left to PyTorch: {sorted(forward.eager) + sorted(backward.eager)}")
