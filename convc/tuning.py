@@ -288,9 +288,18 @@ def choice(g, n: str, mine=ALGORITHMS) -> dict | None:
                                     if e.get("gemm") else "") + \
                 (" with register tile " + ", ".join(f"{k}={v}" for k, v in e["blocking"].items())
                  if e.get("blocking") else "")
-            secs = f", {e['seconds'] * 1e3:.3g} ms measured" if isinstance(e.get("seconds"), (int, float)) else ""
-            sink.append(f"'{n}' ({g.node(n)['op']}): tuned -> {how}{secs}")
+            sink.append(f"'{n}' ({g.node(n)['op']}): tuned -> {how}{_measured(e)}")
     return e
+
+
+def _measured(e: dict) -> str:
+    return f", {e['seconds'] * 1e3:.3g} ms measured" if isinstance(e.get("seconds"), (int, float)) else ""
+
+
+def chose_other(e: dict) -> str:
+    """The decline reason of a pass whose algorithm tuning entry ``e`` (from
+    :func:`choice`) did not choose."""
+    return f"the tuning database chose {e['algorithm']!r} for it{_measured(e)}"
 
 
 def algorithm(g, n: str, mine=ALGORITHMS) -> str | None:
