@@ -176,17 +176,18 @@ def check_tile(tile) -> int:
 
 def winograd_rule(x: TensorType, w: TensorType, attrs: dict) -> str | None:
     """Why a conv with (normalised) ``attrs`` on ``x`` and ``w`` is not a
-    Winograd F(m×m, 3×3) case (for any tile m), or None if it is."""
+    Winograd F(m×m, 3×3) case (for any tile m), or None if it is. The
+    reason reads both as an op error and as conv_to_winograd's decline."""
     if len(x.shape) != 4:
-        return f"winograd_conv is 2D (input rank 4), got input rank {len(x.shape)}"
+        return f"input rank {len(x.shape)}; Winograd is 2D (input rank 4)"
     if tuple(w.shape[2:]) != (3, 3):
-        return f"winograd_conv needs a 3×3 kernel, got {tuple(w.shape[2:])}"
+        return f"kernel {tuple(w.shape[2:])}; Winograd needs a 3×3 kernel"
     if tuple(attrs["stride"]) != (1, 1):
-        return f"winograd_conv needs stride 1, got {attrs['stride']}"
+        return f"stride {tuple(attrs['stride'])}; Winograd needs stride 1"
     if tuple(attrs["dilation"]) != (1, 1):
-        return f"winograd_conv needs dilation 1, got {attrs['dilation']}"
+        return f"dilation {tuple(attrs['dilation'])}; Winograd needs dilation 1"
     if attrs["groups"] != 1:
-        return f"winograd_conv needs groups=1, got {attrs['groups']}"
+        return f"groups {attrs['groups']}; Winograd needs groups=1"
     return None
 
 

@@ -8,30 +8,40 @@ from ..ops import activations, epilogue
 from ..ops.blocked import (block_size, block_weights, from_blocked, global_avg_pool_nchwc, max_pool_nchwc,
                            to_blocked)
 from ..shapes import ceil_div
-from .manager import register
-from .rewrite import attrs, fresh, ins, operands, rewrite
+from .manager import decline, register
+from .rewrite import an, attrs, fresh, ins, operands, rewrite
+
+
+def blocked_ineligible(g: Graph, n: str) -> str | None:
+    """Why conv node ``n`` cannot run as ``conv_nchwc``, or None if it can:
+    the ONE place that decides (the tuner may take it over). Today's rule:
+    a 2D float conv, groups 1 or depthwise (one input and one output channel
+    per group), no bias or a tied one, and at most half of its output lanes
+    padding (ceil(C_out / c)·c <= 2·C_out: a conv with few output channels
+    would waste most of its vectors)."""
+    d = g.node(n)
+    if d["op"] != "conv":
+        return f"{an(d['op'])}, not a conv"
+    x, w, *b = operands(g, n)
+    if len(x.shape) != 4:
+        return f"input rank {len(x.shape)}; NCHWc is 2D (rank 4)"
+    if x.dtype not in ("float32", "float64"):
+        return f"dtype {x.dtype}; NCHWc takes float32 or float64"
+    groups, (c_out, c_in_g) = d["attrs"]["groups"], w.shape[:2]
+    if groups != 1 and not (groups == x.shape[1] == c_out and c_in_g == 1):
+        return f"groups {groups} of {c_in_g} input channel(s); NCHWc takes groups 1 or depthwise"
+    if b and len(b[0].shape) != 1:
+        return f"untied bias {b[0].shape}; NCHWc takes one bias per channel"
+    c = block_size(x.dtype)
+    lanes = ceil_div(c_out, c) * c
+    if lanes > 2 * c_out:
+        return f"{c_out} output channels in blocks of {c}: {lanes - c_out} of {lanes} lanes would be padding"
+    return None
 
 
 def blocked_eligible(g: Graph, n: str) -> bool:
-    """Whether conv node ``n`` runs as ``conv_nchwc``: the ONE place that
-    decides (the tuner may take it over). Today's rule: a 2D float conv,
-    groups 1 or depthwise (one input and one output channel per group), no
-    bias or a tied one, and at most half of its output lanes padding
-    (ceil(C_out / c)·c <= 2·C_out: a conv with few output channels would
-    waste most of its vectors)."""
-    d = g.node(n)
-    if d["op"] != "conv":
-        return False
-    x, w, *b = operands(g, n)
-    if len(x.shape) != 4 or x.dtype not in ("float32", "float64"):
-        return False
-    groups, (c_out, c_in_g) = d["attrs"]["groups"], w.shape[:2]
-    if groups != 1 and not (groups == x.shape[1] == c_out and c_in_g == 1):
-        return False
-    if b and len(b[0].shape) != 1:
-        return False
-    c = block_size(x.dtype)
-    return ceil_div(c_out, c) * c <= 2 * c_out
+    """Whether conv node ``n`` runs as ``conv_nchwc`` (see :func:`blocked_ineligible`)."""
+    return blocked_ineligible(g, n) is None
 
 
 def _blocked(g: Graph, v: Value, c: int) -> Value:
@@ -42,28 +52,52 @@ def _blocked(g: Graph, v: Value, c: int) -> Value:
     return to_blocked(v, c, name=fresh(g, f"{v.name}.blocked"))
 
 
-def reads_plain_input(g: Graph, n: str) -> bool:
-    """Whether conv ``n`` is a stem for the blocked kernel: not depthwise, with
-    fewer input channels than a block, on an input not already blocked, so
-    ``conv_nchwc`` reads the NCHW image as it is (no reorder on the way in)."""
+def plain_input_declined(g: Graph, n: str) -> str | None:
+    """Why conv ``n`` is not a stem for the blocked kernel, or None if it is:
+    a stem is not depthwise and has fewer input channels than a block, on
+    an input not already blocked, so ``conv_nchwc`` reads the NCHW image as
+    it is (no reorder on the way in)."""
     d = g.node(n)
     x = operands(g, n)[0]
-    return d["attrs"]["groups"] == 1 and x.shape[1] < block_size(x.dtype) and x.op != "from_blocked"
+    if d["attrs"]["groups"] != 1:
+        return f"groups {d['attrs']['groups']}"
+    if x.shape[1] >= block_size(x.dtype):
+        return f"{x.shape[1]} input channels, not fewer than a block of {block_size(x.dtype)}"
+    if x.op == "from_blocked":
+        return "its input is blocked already"
+    return None
+
+
+def reads_plain_input(g: Graph, n: str) -> bool:
+    """Whether conv ``n`` is a stem for the blocked kernel (see :func:`plain_input_declined`)."""
+    return plain_input_declined(g, n) is None
+
+
+def blocked_unpaid(g: Graph, n: str) -> str | None:
+    """Why the default pipeline's rule (without a tuning entry) leaves conv
+    ``n`` in NCHW, or None when the blocked layout pays: for a stem, i.e. a
+    conv with a kernel bigger than 1×1 on a graph input that
+    :func:`reads_plain_input` (the image). Its direct kernel broadcasts one
+    input value into whole output-channel vectors and runs at the FMA peak,
+    where the im2col + GEMM it replaces has a K of only C_in·K_Y·K_X (147
+    for ResNet's 7×7 stem) and pays for the column copy: ResNet-18's stem
+    went from about 5 ms to 1.6 ms, the whole model from 1.39× to 1.21× ONNX
+    Runtime's time (one thread, Xeon AVX-512). Other convs lose to
+    Winograd, the GEMM or the depthwise row kernel unless a chain of them
+    stays blocked, which the tuner measures per conv."""
+    x, w = operands(g, n)[:2]
+    if x.op != "input":
+        return f"not a stem: its input '{x.name}' is {an(x.op)}, not a graph input"
+    if max(w.shape[2:]) <= 1:
+        return "not a stem: a 1×1 kernel"
+    why = plain_input_declined(g, n)
+    return f"not a stem: {why}" if why else None
 
 
 def blocked_pays(g: Graph, n: str) -> bool:
     """The default pipeline's rule for taking conv ``n`` into NCHWc without a
-    tuning entry: a stem, i.e. a conv with a kernel bigger than 1×1 on a
-    graph input that :func:`reads_plain_input` (the image). Its direct kernel
-    broadcasts one input value into whole output-channel vectors and runs at
-    the FMA peak, where the im2col + GEMM it replaces has a K of only
-    C_in·K_Y·K_X (147 for ResNet's 7×7 stem) and pays for the column copy:
-    ResNet-18's stem went from about 5 ms to 1.6 ms, the whole model from
-    1.39× to 1.21× ONNX Runtime's time (one thread, Xeon AVX-512). Other
-    convs lose to Winograd, the GEMM or the depthwise row kernel unless a
-    chain of them stays blocked, which the tuner measures per conv."""
-    x, w = operands(g, n)[:2]
-    return x.op == "input" and max(w.shape[2:]) > 1 and reads_plain_input(g, n)
+    tuning entry (see :func:`blocked_unpaid`)."""
+    return blocked_unpaid(g, n) is None
 
 
 def _rule_conv(everywhere: bool):
@@ -71,11 +105,15 @@ def _rule_conv(everywhere: bool):
     conv (to_blocked_layout), else those :func:`blocked_pays` picks
     (choose_blocked_layout); a tuning entry decides either way."""
     def rule(g: Graph, n: str):
-        if not blocked_eligible(g, n):
-            return None
+        why = blocked_ineligible(g, n)
+        if why:
+            return decline(n, why)
         tuned = tuning.choice(g, n, mine=("blocked",))
-        take = tuned["algorithm"] == "blocked" if tuned is not None else everywhere or blocked_pays(g, n)
-        return _conv(g, n, tuned) if take else None
+        if tuned is not None:
+            why = None if tuned["algorithm"] == "blocked" else tuning.chose_other(tuned)
+        elif not everywhere:
+            why = blocked_unpaid(g, n)
+        return decline(n, why) if why else _conv(g, n, tuned)
     return rule
 
 
@@ -127,6 +165,10 @@ def _elementwise(g: Graph, n: str):
     element on the blocked data."""
     src = _sources(g, n)
     if src is None:
+        plain = [v for v in ins(g, n) if v.op != "from_blocked"]
+        if len(plain) < len(ins(g, n)):           # some input blocked: say why the layout ends here
+            decline(n, f"input '{plain[0].name}' is NCHW ({an(plain[0].op)}): reordered back here" if plain else
+                    "its blocked inputs differ in shape: reordered back here")
         return None
     y = g.add(g.node(n)["op"], src, attrs(g, n), fresh(g, f"{n}.nchwc"))
     return from_blocked(y, g.node(n)["type"].shape[1], name=fresh(g, f"{n}.nchw"))

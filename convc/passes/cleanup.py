@@ -7,7 +7,7 @@ import networkx as nx
 import numpy as np
 
 from ..ir import Graph
-from .manager import register
+from .manager import decline, register
 from .rewrite import fresh, prune, replace_uses
 
 
@@ -55,7 +55,12 @@ def fold_constants(g: Graph) -> Graph:
         if d["op"] in ("input", "param"):
             continue
         srcs = out.inputs_of(n)
-        if srcs and all(out.node(s)["op"] == "param" and out.node(s).get("const") for s in srcs):
+        if not srcs or not all(out.node(s)["op"] == "param" for s in srcs):
+            continue
+        trainable = [s for s in srcs if not out.node(s).get("const")]
+        if trainable:
+            decline(n, f"reads trainable param '{trainable[0]}', which must stay settable")
+        else:
             value = values(out, {}, nodes=[n])[n]
             c = out.const(np.asarray(value), d["type"].dtype)
             replace_uses(out, n, c.name)
@@ -104,10 +109,15 @@ def fold_params(g: Graph) -> Graph:
     assigned = set(g.assigns)
     for n in g.topological_order():
         d = out.node(n)
-        if d["op"] in ("input", "param") or d["op"] in FOLD_ALIASES or n in out.outputs.values():
-            continue
         srcs = out.inputs_of(n)
-        if not srcs or not all(out.node(s)["op"] == "param" and s not in assigned for s in srcs):
+        if d["op"] in ("input", "param") or not srcs or not all(out.node(s)["op"] == "param" for s in srcs):
+            continue
+        why = (f"{d['op']} of params: an alias of their buffer, a folded copy would only cost bytes"
+               if d["op"] in FOLD_ALIASES else
+               "a graph output" if n in out.outputs.values() else
+               next((f"reads '{s}', which the graph assigns (a training update)" for s in srcs if s in assigned), None))
+        if why:
+            decline(n, why)
             continue
         value = values(out, {}, nodes=[n])[n]
         c = out.param(fresh(out, f"{n}.folded"), np.asarray(value), d["type"].dtype)

@@ -5,20 +5,29 @@ import numpy as np
 
 from ..ir import Graph
 from ..ops.conv import spatial_separable_conv
-from .manager import register
-from .rewrite import attrs, fresh, ins, is_const, operands, reactivate, rewrite
+from .manager import decline, register
+from .rewrite import an, attrs, fresh, is_const, operands, reactivate, rewrite
 
 RTOL = 1e-6      # second singular value / first below this counts as rank 1
 
 
+def rank1_split(k2d: np.ndarray, rtol: float = RTOL):
+    """((column, row), None) with column ⊗ row == k2d, or (None, why not):
+    k2d is rank 1 when its second singular value is within ``rtol`` of the
+    largest (by SVD)."""
+    u, s, vt = np.linalg.svd(k2d.astype(np.float64))
+    if s[0] == 0:
+        return None, "is all zeros"
+    if len(s) > 1 and s[1] > rtol * s[0]:
+        return None, f"has rank > 1: singular values {s[0]:.3g}, {s[1]:.3g} (ratio {s[1] / s[0]:.2g} > {rtol:g})"
+    root = np.sqrt(s[0])
+    return (u[:, 0] * root, vt[0] * root), None
+
+
 def rank1_factors(k2d: np.ndarray, rtol: float = RTOL):
     """(column, row) with column ⊗ row == k2d, or None if k2d is not rank 1
-    (by SVD, within ``rtol`` of the largest singular value)."""
-    u, s, vt = np.linalg.svd(k2d.astype(np.float64))
-    if s[0] == 0 or (len(s) > 1 and s[1] > rtol * s[0]):
-        return None
-    root = np.sqrt(s[0])
-    return u[:, 0] * root, vt[0] * root
+    (see :func:`rank1_split`)."""
+    return rank1_split(k2d, rtol)[0]
 
 
 def _factor(g: Graph, n: str):
@@ -26,19 +35,23 @@ def _factor(g: Graph, n: str):
         return None
     a = attrs(g, n)
     x, w, *b = operands(g, n)
-    if len(w.shape) != 4 or not is_const(g, w) or w.shape[1] != 1 or min(w.shape[2:]) < 2:
-        return None
     c_out = w.shape[0]
-    if not (a["groups"] == x.shape[1] == c_out):          # one kernel per channel (or 1 -> 1)
-        return None
+    if len(w.shape) != 4:
+        return decline(n, f"{len(w.shape) - 2}D kernel; the factoring is 2D")
+    if min(w.shape[2:]) < 2:
+        return decline(n, f"kernel {w.shape[2:]}: nothing to factor")
+    if w.shape[1] != 1 or not (a["groups"] == x.shape[1] == c_out):      # one kernel per channel (or 1 -> 1)
+        return decline(n, f"groups {a['groups']} for {x.shape[1]} -> {c_out} channels: not one kernel per channel")
+    if not is_const(g, w):
+        return decline(n, f"kernel '{w.name}' is computed ({an(w.op)}), not a param")
     wv = g.node(w.name)["value"]
     if a["flip"]:
         wv = wv[:, :, ::-1, ::-1]
     cols, rows = [], []
     for c in range(c_out):
-        f = rank1_factors(wv[c, 0])
+        f, why = rank1_split(wv[c, 0])
         if f is None:
-            return None
+            return decline(n, f"channel {c}'s kernel {why}")
         cols.append(f[0])
         rows.append(f[1])
     kh, kw = w.shape[2:]

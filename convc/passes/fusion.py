@@ -4,15 +4,15 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir import Graph, Value
-from ..ops import activations
+from ..ops import activations, get_op
 from ..ops.conv import conv
 from ..ops.elementwise import hardswish, silu
 from ..ops.epilogue import PRODUCERS
 from ..ops.norm import BatchNorm
 from ..ops.tensor import reshape
 from ..shapes import prod
-from .manager import register
-from .rewrite import attrs, fresh, ins, is_const, only_user, operands, rewrite
+from .manager import decline, register
+from .rewrite import an, attrs, fresh, ins, is_const, only_user, operands, rewrite, shared
 
 
 def _conv_args(a):
@@ -20,16 +20,33 @@ def _conv_args(a):
                 flip=a["flip"])
 
 
+def _bn_declined(g: Graph, x: Value, stats: list[Value]) -> str | None:
+    """Why a batch_norm of ``x`` with ``stats`` (mean, var, gamma, beta)
+    cannot fold into the conv before it, or None."""
+    if x.op != "conv":
+        return f"follows {an(x.op)} ('{x.name}'), not a conv"
+    why = shared(g, x.name)
+    if why:
+        return f"conv {why}"
+    a = attrs(g, x.name)
+    if a.get("activation"):
+        return f"conv '{x.name}' applies {a['activation']} before it"
+    if a.get("residual"):
+        return f"conv '{x.name}' adds a residual before it"
+    for v in stats + ins(g, x.name)[1:]:
+        if not is_const(g, v):
+            return f"'{v.name}' is computed ({an(v.op)}), not a param"
+    return None
+
+
 def _fold_bn(g: Graph, n: str):
     if g.node(n)["op"] != "batch_norm":
         return None
     x, mean, var, gamma, beta = ins(g, n)
-    if x.op != "conv" or only_user(g, x.name) != n or attrs(g, x.name).get("activation") \
-            or attrs(g, x.name).get("residual"):
-        return None
+    why = _bn_declined(g, x, [mean, var, gamma, beta])
+    if why:
+        return decline(n, why)
     cx, w, *b = ins(g, x.name)
-    if not all(is_const(g, v) for v in (mean, var, gamma, beta, w, *b)):
-        return None
     val = lambda v: g.node(v.name)["value"]  # noqa: E731
     scale, shift = BatchNorm.scale_shift(attrs(g, n), val(mean), val(var), val(gamma), val(beta))
     wv = val(w) * scale.reshape((-1,) + (1,) * (len(w.shape) - 1))
@@ -50,19 +67,19 @@ def fold_batch_norm(g: Graph) -> Graph:
 
 
 # -- fuse_epilogues ---------------------------------------------------------------
-def _producer(g: Graph, v: Value, consumer: str):
+def _producer(g: Graph, v: Value, consumer: str) -> tuple[str | None, str | None]:
     """The epilogue producer behind ``v`` as ``consumer`` sees it, through
-    reshapes (aliases, no code), each step used only by the next: its name,
-    or None."""
-    if only_user(g, v.name) != consumer:
-        return None
+    reshapes (aliases, no code), each step used only by the next: (its
+    name, None), or (None, why there is none)."""
     n = v.name
-    while g.node(n)["op"] == "reshape":
-        (src,) = g.inputs_of(n)
-        if only_user(g, src) != n:
-            return None
-        n = src
-    return n if g.node(n)["op"] in PRODUCERS else None
+    why = shared(g, n)
+    while why is None and g.node(n)["op"] == "reshape":
+        (n,) = g.inputs_of(n)
+        why = shared(g, n)
+    if why:
+        return None, why
+    op = g.node(n)["op"]
+    return (n, None) if op in PRODUCERS else (None, f"'{n}' is {an(op)}, which has no epilogue")
 
 
 def _rebuild(g: Graph, p: str, inputs: list[Value], new_attrs: dict, like: Value, what: str) -> Value:
@@ -117,35 +134,45 @@ def _fuse_add(g: Graph, n: str):
     """``add`` after a producer: its bias (one number per channel) or a residual."""
     a, b = ins(g, n)
     out_type = g.node(n)["type"]
+    whys = []
     for v, other in ((a, b), (b, a)):
-        p = _producer(g, v, n)
+        p, why = _producer(g, v, n)
         if p is None or v.name == other.name:
+            whys.append(why or f"adds '{v.name}' to itself")
             continue
         pa = attrs(g, p)
         if pa.get("activation") or pa.get("residual"):
+            whys.append(f"'{p}' applies {pa['activation']} first" if pa.get("activation")
+                        else f"'{p}' adds a residual already")
             continue
         xs = ins(g, p)
         if other.type == out_type and v.type == out_type:              # a residual
             r = other if other.shape == g.node(p)["type"].shape else \
                 reshape(other, g.node(p)["type"].shape, name=fresh(g, f"{other.name}.as_residual"))
             return _rebuild(g, p, xs + [r], dict(pa, residual=True), v, "residual")
-        if v.type == out_type and not _has_bias(g, p):
+        if v.type != out_type:
+            whys.append(f"'{v.name}' {v.shape} is broadcast to {out_type.shape}")
+        elif _has_bias(g, p):
+            whys.append(f"'{p}' has a bias already and '{other.name}' {other.shape} is no residual")
+        else:
             bias = _bias_input(g, p, other, v)
             if bias is not None:
                 return _rebuild(g, p, xs + [bias], dict(pa, bias=True) if g.node(p)["op"] in BIAS_ATTR else pa,
                                 v, "bias")
-    return None
+            whys.append(f"'{other.name}' {other.shape} is neither a residual nor one number per channel "
+                        f"of '{p}'")
+    return decline(n, "; ".join(dict.fromkeys(whys)))
 
 
 def _fuse_activation(g: Graph, n: str):
     """An activation after a producer runs in the producer's epilogue."""
     (v,) = ins(g, n)
-    p = _producer(g, v, n)
+    p, why = _producer(g, v, n)
     if p is None:
-        return None
+        return decline(n, why)
     pa = attrs(g, p)
     if pa.get("activation"):
-        return None
+        return decline(n, f"'{p}' applies {pa['activation']} already")
     kind = g.node(n)["op"]
     return _rebuild(g, p, ins(g, p), dict(pa, **activations.fused_attrs(kind, attrs(g, n))), v, kind)
 
@@ -154,15 +181,22 @@ def _fuse_gated(g: Graph, n: str):
     """x * sigmoid(x) is silu(x); x * hardsigmoid(x) with PyTorch's alpha and
     beta is hardswish(x) (how exporters write them)."""
     a, b = ins(g, n)
+    whys = []
     for x, gate in ((a, b), (b, a)):
-        if only_user(g, gate.name) != n or g.inputs_of(gate.name) != [x.name]:
+        if gate.op not in ("sigmoid", "hardsigmoid") or g.inputs_of(gate.name) != [x.name]:
+            continue
+        why = shared(g, gate.name)
+        if why:
+            whys.append(why)
             continue
         if gate.op == "sigmoid":
             return silu(x, name=fresh(g, f"{gate.name}.silu"))
         ga = attrs(g, gate.name)
-        if gate.op == "hardsigmoid" and abs(ga["alpha"] - 1 / 6) < 1e-7 and ga["beta"] == 0.5:
+        if abs(ga["alpha"] - 1 / 6) < 1e-7 and ga["beta"] == 0.5:
             return hardswish(x, name=fresh(g, f"{gate.name}.hardswish"))
-    return None
+        whys.append(f"hardsigmoid '{gate.name}' has alpha {ga['alpha']:g}, beta {ga['beta']:g}, "
+                    f"not hardswish's 1/6, 0.5")
+    return decline(n, "; ".join(whys) or "not x·sigmoid(x) or x·hardsigmoid(x)")
 
 
 EPILOGUE_RULES = {"add": _fuse_add, "mul": _fuse_gated,
@@ -183,45 +217,99 @@ def fuse_epilogues(g: Graph) -> Graph:
 MAX_TILE_BYTES = 64 << 10
 
 
-def _is_pointwise(g, n):
-    if g.node(n)["op"] != "conv":
-        return False
+def _pointwise_declined(g: Graph, n: str) -> str | None:
+    """Why conv ``n`` is not the pointwise half of a separable pair (a 2D,
+    unit-stride, unpadded, ungrouped 1×1 conv), or None."""
     a, w = attrs(g, n), ins(g, n)[1]
-    return (len(w.shape) == 4 and w.shape[2:] == (1, 1) and a["stride"] == (1, 1) and a["groups"] == 1
-            and a["padding"] == ((0, 0), (0, 0)))
+    if len(w.shape) != 4:
+        return f"{len(w.shape) - 2}D, not 2D"
+    for what, got, want in (("kernel", w.shape[2:], (1, 1)), ("stride", a["stride"], (1, 1)),
+                            ("groups", a["groups"], 1), ("padding", a["padding"], ((0, 0), (0, 0)))):
+        if got != want:
+            return f"{what} {got}, not {want}"
+    return None
 
 
-def _is_depthwise(g, n):
+def _depthwise_declined(g: Graph, n: str) -> str | None:
+    """Why node ``n`` is not a 2D depthwise conv (one kernel per input
+    channel), or None."""
     if g.node(n)["op"] != "conv":
-        return False
+        return f"is {an(g.node(n)['op'])}, not a conv"
     x, w = ins(g, n)[:2]
-    return len(x.shape) == 4 and attrs(g, n)["groups"] == x.shape[1] and w.shape[1] == 1
+    if len(x.shape) != 4:
+        return f"is {len(x.shape) - 2}D, not 2D"
+    if attrs(g, n)["groups"] != x.shape[1] or w.shape[1] != 1:
+        return f"has groups {attrs(g, n)['groups']} for {x.shape[1]} input channels"
+    return None
+
+
+def _macs(g: Graph, n: str) -> int:
+    d = g.node(n)
+    return get_op(d["op"]).macs(d["attrs"], [g.node(i)["type"] for i in g.inputs_of(n)], d["type"])
+
+
+def _depthwise_alone(g: Graph, n: str) -> str | None:
+    """Why depthwise conv ``n`` has no pointwise conv to fuse with (through
+    one activation), or None when it has one (which then gives its own
+    reason if the pair stays apart)."""
+    why = shared(g, n)
+    if why:
+        return why
+    user = only_user(g, n)
+    if g.node(user)["op"] in activations.ACTIVATIONS:
+        why = shared(g, user)
+        if why:
+            return why
+        user = only_user(g, user)
+    op = g.node(user)["op"]
+    if op == "reshape" and only_user(g, user) and g.node(only_user(g, user))["op"] == "matmul":
+        mm = only_user(g, user)                  # a 1x1 conv that conv_to_gemm lowered, or a user's GEMM
+        return f"it feeds the GEMM '{mm}' ({_macs(g, mm):,} MACs) through a reshape, not a 1×1 conv"
+    if op != "conv":
+        return f"'{user}' after it is {an(op)}, not a 1×1 conv"
+    why = _pointwise_declined(g, user)
+    return f"conv '{user}' after it has {why}" if why else None
 
 
 def _fuse_sep(g: Graph, n: str):
-    if not _is_pointwise(g, n):
+    if g.node(n)["op"] != "conv":
         return None
+    why = _pointwise_declined(g, n)
+    if why:
+        dw_why = _depthwise_declined(g, n)
+        if dw_why:
+            return decline(n, f"neither pointwise ({why}) nor depthwise ({dw_why})")
+        why = _depthwise_alone(g, n)
+        return decline(n, f"depthwise, but {why}") if why else None
     mid, w_pw, *b_pw = ins(g, n)
     act = None
     dw = mid
     if attrs(g, n).get("residual"):
-        return None
+        return decline(n, "adds a residual; the fused kernel has none")
     if mid.op in activations.ACTIVATIONS:
-        if only_user(g, mid.name) != n:
-            return None
+        why = shared(g, mid.name)
+        if why:
+            return decline(n, why)
         act = activations.fused_attrs(mid.op, attrs(g, mid.name))
         (dw,) = ins(g, mid.name)
-    if not _is_depthwise(g, dw.name) or only_user(g, dw.name) != (mid.name if act else n):
-        return None
+    why = _depthwise_declined(g, dw.name)
+    if why:
+        return decline(n, f"its input '{dw.name}' {why}")
+    why = shared(g, dw.name)
+    if why:
+        return decline(n, f"its input {why}")
     tile = w_pw.shape[1] * g.node(dw.name)["type"].shape[3] * (8 if w_pw.dtype == "float64" else 4)
     if tile > MAX_TILE_BYTES:                    # the row tile lives on the stack
-        return None
+        return decline(n, f"row tile of {w_pw.shape[1]} channels × {g.node(dw.name)['type'].shape[3]} columns = "
+                          f"{tile:,} B, above MAX_TILE_BYTES {MAX_TILE_BYTES:,} (on the stack)")
     da = attrs(g, dw.name)
-    if (act and da.get("activation")) or da.get("residual"):
-        return None
+    if act and da.get("activation"):
+        return decline(n, f"'{dw.name}' applies {da['activation']} and '{mid.name}' follows it: two activations")
+    if da.get("residual"):
+        return decline(n, f"'{dw.name}' adds a residual; the fused kernel has none")
     x, w_dw, *b_dw = ins(g, dw.name)
     if any(len(b.shape) != 1 for b in b_dw + b_pw):       # the fused kernel takes tied biases only
-        return None
+        return decline(n, "an untied bias; the fused kernel takes one bias per channel")
     dw_act = act or (activations.fused_attrs(*activations.fused(da)) if da.get("activation") else {})
     pa = attrs(g, n)
     pw_act = activations.fused_attrs(*activations.fused(pa)) if pa.get("activation") else {}

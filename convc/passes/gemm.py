@@ -11,7 +11,7 @@ from ..ops.columns import col2im, im2col
 from ..ops.linear import dense, matmul
 from ..ops.tensor import reduce_sum, reshape, transpose
 from .im2col import _conv as _conv_im2col
-from .manager import register
+from .manager import decline, register
 from .rewrite import attrs, fresh, ins, operands, reactivate, rewrite
 from .transposed import _bias
 
@@ -30,13 +30,19 @@ def _prod(v):
     return p
 
 
-def _worth_it(g: Graph, n: str, c_in_g: int, c_out_g: int) -> bool:
+def gemm_declined(g: Graph, n: str, c_in_g: int, c_out_g: int) -> str | None:
+    """Why conv_to_gemm's default rule leaves node ``n`` direct (too few
+    MACs, or depthwise-like), or None if the GEMM pays."""
     d = g.node(n)
     types = [g.node(i)["type"] for i in g.inputs_of(n)]
     macs = get_op(d["op"]).macs(d["attrs"], types, d["type"])
+    if macs < MIN_MACS:
+        return f"{macs:,} MACs, below MIN_MACS {MIN_MACS:,}: the im2col copy and the call would eat the gain"
     # a depthwise conv (one channel per group) is a tiny GEMM per group: direct is better
-    depthwise = d["attrs"]["groups"] > 1 and min(c_in_g, c_out_g) == 1
-    return macs >= MIN_MACS and not depthwise
+    if d["attrs"]["groups"] > 1 and min(c_in_g, c_out_g) == 1:
+        return (f"groups {d['attrs']['groups']} of {c_in_g} input and {c_out_g} output channel(s): "
+                f"one tiny GEMM per group, the direct loops are faster")
+    return None
 
 
 def _pointwise(a) -> bool:
@@ -47,8 +53,9 @@ def _forward(g: Graph, n: str, blocks=None, tuned=False):
     a = attrs(g, n)
     x, w, *b = operands(g, n)
     c_out, c_in_g, *k = w.shape
-    if not tuned and not _worth_it(g, n, c_in_g, c_out // a["groups"]):
-        return None
+    why = None if tuned else gemm_declined(g, n, c_in_g, c_out // a["groups"])
+    if why:
+        return decline(n, why)
     if all(kk == 1 for kk in k) and _pointwise(a):        # 1x1: x is already the column matrix
         groups, out = a["groups"], g.node(n)["type"].shape
         xm = reshape(x, (x.shape[0], groups, c_in_g, _prod(out[2:])), name=fresh(g, f"{n}.x_matrix"))
@@ -68,8 +75,9 @@ def _grad_kernel(g: Graph, n: str, blocks=None, tuned=False):
     gy, v = ins(g, n)
     c_out, c_in_g, *k = g.node(n)["type"].shape
     groups = a["groups"]
-    if not tuned and not _worth_it(g, n, c_in_g, c_out // groups):
-        return None
+    why = None if tuned else gemm_declined(g, n, c_in_g, c_out // groups)
+    if why:
+        return decline(n, why)
     nb, pp, ck = gy.shape[0], _prod(gy.shape[2:]), c_in_g * _prod(k)
     cols = im2col(v, k, a["stride"], a["padding"], a["dilation"], a["flip"], name=fresh(g, f"{n}.im2col"))
     if groups == 1 and c_out < NARROW:
@@ -96,12 +104,13 @@ def _grad_input(g: Graph, n: str, blocks=None, tuned=False):
     group plus the scatter of every tap into place."""
     a = attrs(g, n)
     if a["flip"]:
-        return None
+        return decline(n, "flip=True; the col2im lowering is written for cross-correlation")
     w, gy = ins(g, n)
     c_out, c_in_g, *k = w.shape
     groups = a["groups"]
-    if not tuned and not _worth_it(g, n, c_in_g, c_out // groups):
-        return None
+    why = None if tuned else gemm_declined(g, n, c_in_g, c_out // groups)
+    if why:
+        return decline(n, why)
     nb, sizes = gy.shape[0], gy.shape[2:]
     wm = reshape(w, (groups, c_out // groups, c_in_g * _prod(k)), name=fresh(g, f"{n}.w_matrix"))
     gm = reshape(gy, (nb, groups, c_out // groups, _prod(sizes)), name=fresh(g, f"{n}.g_matrix"))
@@ -114,13 +123,13 @@ _RULES = {"conv": _forward, "conv_grad_kernel": _grad_kernel, "conv_grad_input":
 
 
 def gemm_choice(g: Graph, n: str):
-    """(use the GEMM?, its cache blocks or None) from the tuning database:
-    None when it has no entry for ``n`` (the default rule decides)."""
+    """(the tuning database's entry, the GEMM's cache blocks or None): None
+    when it has no entry for ``n`` (the default rule decides)."""
     e = tuning.choice(g, n, mine=("gemm", "direct"))
     if e is None:
         return None
     blocks = tuple(e["gemm"][k] for k in tuning.GEMM_KNOBS) if e.get("gemm") else None
-    return e["algorithm"] == "gemm", blocks
+    return e, blocks
 
 
 def _rule(g: Graph, n: str):
@@ -130,8 +139,10 @@ def _rule(g: Graph, n: str):
     tuned = gemm_choice(g, n)
     if tuned is None:
         return rule(g, n)
-    use, blocks = tuned
-    return rule(g, n, blocks, tuned=True) if use else None
+    e, blocks = tuned
+    if e["algorithm"] != "gemm":
+        return decline(n, tuning.chose_other(e))
+    return rule(g, n, blocks, tuned=True)
 
 
 @register

@@ -5,13 +5,15 @@ from ..ir import Graph
 from ..ops.conv import conv
 from ..ops.layout import dilate
 from ..ops.tensor import concat, slice_axis
-from .manager import register
-from .rewrite import attrs, fresh, ins, operands, reactivate, rewrite
+from .manager import decline, register
+from .rewrite import attrs, fresh, operands, reactivate, rewrite
 
 
 def _split(g: Graph, n: str):
-    if g.node(n)["op"] != "conv" or attrs(g, n)["groups"] == 1:
+    if g.node(n)["op"] != "conv":
         return None
+    if attrs(g, n)["groups"] == 1:
+        return decline(n, "groups 1: nothing to split")
     a = attrs(g, n)
     x, w, *b = operands(g, n)
     groups = a["groups"]
@@ -34,8 +36,10 @@ def grouped_to_split(g: Graph) -> Graph:
 
 
 def _dense(g: Graph, n: str):
-    if g.node(n)["op"] != "conv" or all(d == 1 for d in attrs(g, n)["dilation"]):
+    if g.node(n)["op"] != "conv":
         return None
+    if all(d == 1 for d in attrs(g, n)["dilation"]):
+        return decline(n, f"dilation {attrs(g, n)['dilation']}: dense already")
     a = attrs(g, n)
     x, w, *b = operands(g, n)
     wd = dilate(w, a["dilation"], name=fresh(g, f"{n}.dilated_kernel"))   # zeros between the taps

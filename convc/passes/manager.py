@@ -180,7 +180,7 @@ _DECLINES: contextvars.ContextVar = contextvars.ContextVar("convc_pass_declines"
 def decline(node: str, reason: str) -> None:
     """Record why the running pass examined ``node`` and left it alone: a
     short reason with the numbers that decided ("stride (2, 2); Winograd
-    needs 1"). :func:`run` puts the reasons in ``PassReport.declines`` (the
+    needs stride 1"). :func:`run` puts the reasons in ``PassReport.declines`` (the
     last one given for a node, if a rewrite sweeps several times; none for a
     node the pass did rewrite in the end) and ``CONVC_DEBUG=1`` prints them.
     Outside a pass run it does nothing, so passes stay plain functions.

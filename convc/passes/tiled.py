@@ -8,7 +8,7 @@ from ..ops.conv import conv
 from ..ops.elementwise import add
 from ..ops.layout import dilate, downsample, pad
 from ..ops.tensor import slice_axis, reshape
-from .manager import register
+from .manager import decline, register
 from .rewrite import attrs, fresh, ins, rewrite
 from .transposed import _bias
 
@@ -26,7 +26,7 @@ def _tiled(g: Graph, n: str):
     out = g.node(n)["type"].shape[2:]
     pieces = list(itertools.product(*[range(min(t, o)) for t, o in zip(tile, out)]))
     if len(pieces) > MAX_PIECES:
-        return None
+        return decline(n, f"a tile of {len(pieces)} kernels, more than MAX_PIECES {MAX_PIECES} convs")
     total = None
     for offs in pieces:
         tag = "_".join(map(str, offs))

@@ -10,7 +10,7 @@ from ..ops.elementwise import add
 from ..ops.layout import dilate, pad
 from ..ops.linear import matmul
 from ..ops.tensor import reshape, transpose
-from .manager import register
+from .manager import decline, register
 from .rewrite import attrs, fresh, ins, rewrite
 
 
@@ -58,11 +58,13 @@ def _to_matmul(g: Graph, n: str):
         return None
     tuned = tuning.choice(g, n, mine=("gemm", "direct"))
     if tuned is not None and tuned["algorithm"] != "gemm":
-        return None
+        return decline(n, tuning.chose_other(tuned))
     blocks = tuple(tuned["gemm"][k] for k in tuning.GEMM_KNOBS) if tuned and tuned.get("gemm") else None
     a = attrs(g, n)
     if any(op >= s for op, s in zip(a["output_padding"], a["stride"])):
-        return None          # col2im's positions cover only what a strided conv of the output reaches
+        # col2im's positions cover only what a strided conv of the output reaches
+        return decline(n, f"output_padding {a['output_padding']} not below stride {a['stride']}: "
+                          f"col2im covers only what a strided conv of the output reaches")
     x, w, *b = ins(g, n)
     out = g.node(n)["type"].shape
     groups = a["groups"]

@@ -5,12 +5,26 @@ from __future__ import annotations
 from .. import shapes, tuning
 from ..ir import Graph, TensorType
 from ..ops.winograd import TILES, arithmetic, winograd_rule
-from .manager import register
+from .manager import decline, register
 from .rewrite import attrs, fresh, ins, rewrite
 
 MIN_CHANNELS = 8
 """Below this many input or output channels the direct conv is faster: the
 transforms then cost more than the 36 → 16 multiplications save."""
+
+
+def winograd_declined(x: TensorType, w: TensorType, attrs: dict) -> str | None:
+    """Why conv_to_winograd leaves a conv with (normalised) ``attrs`` on
+    ``x`` and ``w`` direct (:func:`winograd_rule`'s reason, or fewer than
+    MIN_CHANNELS input or output channels), or None if Winograd takes it."""
+    why = winograd_rule(x, w, attrs)
+    if why:
+        return why
+    for what, c in (("input", x.shape[1]), ("output", w.shape[0])):
+        if c < MIN_CHANNELS:
+            return (f"{c} {what} channels, below MIN_CHANNELS {MIN_CHANNELS}: the transforms "
+                    f"would cost more than the products save")
+    return None
 
 
 def winograd_tile(x: TensorType, w: TensorType, attrs: dict) -> int | None:
@@ -43,23 +57,26 @@ def winograd_tile(x: TensorType, w: TensorType, attrs: dict) -> int | None:
       measured choice (a tuning database consulted by the caller), not for
       a constant here.
     """
-    if winograd_rule(x, w, attrs) or min(x.shape[1], w.shape[0]) < MIN_CHANNELS:
+    if winograd_declined(x, w, attrs):
         return None
     out = shapes.window_out_sizes(x.shape[2:], (3, 3), attrs["stride"], attrs["dilation"], attrs["padding"])
     cost = {t: arithmetic(*out, x.shape[1], w.shape[0], t) for t in TILES}
     return min(TILES, key=lambda t: (cost[t], t))
 
 
-def _chosen_tile(g: Graph, n: str, x: TensorType, w: TensorType, a: dict) -> int | None:
-    """The tuning database's choice for node ``n`` where it has one
-    (``winograd`` → 2, ``winograd4`` → 4, another algorithm → None), else
-    :func:`winograd_tile`'s rule."""
-    tuned = tuning.algorithm(g, n, mine=("winograd", "winograd4"))
+def _chosen_tile(g: Graph, n: str, x: TensorType, w: TensorType, a: dict) -> tuple[int | None, str | None]:
+    """(tile, None), or (None, why not Winograd): the tuning database's
+    choice for node ``n`` where it has one (``winograd`` → 2, ``winograd4``
+    → 4, another algorithm → None), else :func:`winograd_tile`'s rule."""
+    e = tuning.choice(g, n, mine=("winograd", "winograd4"))
+    tuned = e["algorithm"] if e else None
     if tuned is None:
-        return winograd_tile(x, w, a)
-    if not tuned.startswith("winograd") or winograd_rule(x, w, a):
-        return None
-    return 4 if tuned == "winograd4" else 2
+        why = winograd_declined(x, w, a)
+        return (None, why) if why else (winograd_tile(x, w, a), None)
+    why = winograd_rule(x, w, a)              # what Winograd cannot do comes first, whatever the entry says
+    if why or not tuned.startswith("winograd"):
+        return None, why or tuning.chose_other(e)
+    return 4 if tuned == "winograd4" else 2, None
 
 
 def _winograd(g: Graph, n: str):
@@ -67,9 +84,9 @@ def _winograd(g: Graph, n: str):
         return None
     a = attrs(g, n)
     x, w, *b = ins(g, n)
-    tile = _chosen_tile(g, n, x.type, w.type, a)
+    tile, why = _chosen_tile(g, n, x.type, w.type, a)
     if tile is None:
-        return None
+        return decline(n, why)
     u = g.add("winograd_kernel", [w], dict(flip=a["flip"], tile=tile), fresh(g, f"{n}.winograd_kernel"))
     return g.add("winograd_conv", [x, w, u, *b], dict(a, tile=tile), fresh(g, f"{n}.winograd"))
 
