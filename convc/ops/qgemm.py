@@ -400,7 +400,8 @@ class QGemm(Op):
         (oh, ow), width = attrs["spatial"], attrs["width"]
         m_blocks, n_blocks = -(-min(mp, attrs["channels"]) // mc), -(-pc // nc)
         return dict(N=n, M=attrs["channels"], MP=mp, L=cols.shape[1], OH=oh, OW=ow, W=width, P=oh * ow,
-                    PR=oh * width, PC=pc, K4=len(attrs["offsets"]), KP=w.shape[1], MR=mr, NR=nr,
+                    PR=oh * width, PC=pc, K4=len(attrs["offsets"]), KP=w.shape[1], ACC_BOUND=w.shape[1] * 255 * 128,
+                    MR=mr, NR=nr,
                     NV=TILE_VECTORS, LANES=nr // TILE_VECTORS, MC=mc, NC=nc, M_BLOCKS=m_blocks, N_BLOCKS=n_blocks,
                     YZP=attrs["y_zero_point"], LO=lo, HI=hi, kernel=attrs["kernel"], offsets=list(attrs["offsets"]),
                     mult=list(attrs["multiplier"]), shift=list(attrs["shift"]),
