@@ -211,8 +211,12 @@ def test_what_stays_on_the_direct_loop(what):
     y = cc.qconv(x, w, x_scale=0.02, x_zero_point=3, w_scale=0.01, w_zero_point=5 if what == "weight zero point"
                  else 0, y_scale=0.1, dtype="int8", padding=1, groups=groups)
     g.output(y, "y")
-    from convc.passes.qgemm import eligible
-    assert eligible(g, y.name) is not None
+    from convc.passes import report
+    _, (rep,) = report(g, ["qconv_to_gemm"])
+    why = {"grouped": "groups=2;", "depthwise": "groups=16;", "1d": "1D; the int8 GEMM is 2D only",
+           "3d": "3D; the int8 GEMM is 2D only", "weight zero point": "zero points [5]",
+           "small": "< MIN_MACS=65536"}[what]
+    assert rep.declines == [(y.name, rep.declines[0][1])] and why in rep.declines[0][1]
     ops, _ = ops_after(g)
     assert "qconv" in ops and "qgemm" not in ops
     xv = rng.integers(-128, 128, xs).astype(np.int8)

@@ -16,7 +16,7 @@ from ..ir import Graph
 from ..ops import get_op
 from ..ops import qgemm as Q
 from .gemm import MIN_MACS
-from .manager import register
+from .manager import decline, register
 from .rewrite import attrs, fresh, ins, rewrite
 
 KERNEL_ENV = "CONVC_VNNI"
@@ -41,26 +41,30 @@ def kernel_choice() -> str:
 
 
 def eligible(g: Graph, n: str) -> str | None:
-    """Why qconv ``n`` stays on the direct loop, or None when the GEMM takes it."""
+    """Why qconv ``n`` stays on the direct loop (with the numbers that
+    decided), or None when the GEMM takes it."""
     a = attrs(g, n)
     x, w = ins(g, n)[:2]
     if len(x.shape) != 4:
-        return "not 2D"
+        return f"{len(x.shape) - 2}D; the int8 GEMM is 2D only"
     if a["groups"] != 1:
-        return "grouped"
+        return f"groups={a['groups']}; the int8 GEMM takes ungrouped convs (grouped and depthwise stay direct)"
     if w.dtype != "int8" or any(z != 0 for z in a["w_zero_point"]):
-        return "weights not symmetric int8"
-    if not Q.acc_fits(-(-w.shape[1] // 4) * 4 * shapes.prod(w.shape[2:])):      # taps with channels padded to 4
-        return "too many taps for an int32 accumulator of u8 x s8 products"
-    d = g.node(n)
-    if get_op("qconv").macs(a, [x.type, w.type], d["type"]) < MIN_MACS:
-        return "too small"
+        return (f"{w.dtype} weights with zero points {sorted(set(a['w_zero_point']))}; the int8 GEMM needs "
+                f"symmetric int8 weights (zero point 0)")
+    taps = -(-w.shape[1] // 4) * 4 * shapes.prod(w.shape[2:])         # taps with channels padded to 4
+    if not Q.acc_fits(taps):
+        return f"{taps} taps x 255 x 128 > 2**31 - 1: u8 x s8 sums could overflow the int32 accumulator"
+    macs = get_op("qconv").macs(a, [x.type, w.type], g.node(n)["type"])
+    if macs < MIN_MACS:
+        return f"{macs} multiply-accumulates < MIN_MACS={MIN_MACS}"
     return None
 
 
 def _qconv(g: Graph, n: str):
-    if eligible(g, n) is not None:
-        return None
+    why = eligible(g, n)
+    if why is not None:
+        return decline(n, why)
     a = attrs(g, n)
     x, w, *b = ins(g, n)
     out = g.node(n)["type"].shape
