@@ -175,7 +175,7 @@ def test_debug_flag_catches_a_broken_pass(tmp_path):
         @cc.passes.register
         def break_weights(g):
             out = g.copy()
-            out.node("w")["value"] *= 2
+            out.node("w")["value"] = out.node("w")["value"] * 2
             return out
     """))
     r = convc_cli(tmp_path, path, "--passes", "break_weights", "--debug")
