@@ -145,6 +145,85 @@ def c_literals(a: np.ndarray, per_line: int = 8) -> list[str]:
     return [", ".join(vals[i:i + per_line]) for i in range(0, len(vals), per_line)]
 
 
+# The unsigned word that carries each element size's bit patterns in the "hex" form.
+WORDS = {4: "uint32_t", 8: "uint64_t"}
+WEIGHT_FORMATS = ("bytes", "hex", "decimal")
+
+
+def c_words(a: np.ndarray, per_line: int = 8) -> list[str]:
+    """The bit patterns of ``a``'s elements (4 or 8 bytes each) as C hex
+    constants of the same width (``0x3f800000`` for 1.0f), ``per_line`` to a
+    string: the "hex" form of the export's weights, read back through a
+    union as the original values bit for bit on a target of any byte order.
+    Built with numpy, not a Python loop per value."""
+    flat = np.ascontiguousarray(a).reshape(-1)
+    size = flat.dtype.itemsize
+    if size not in WORDS:
+        raise ConvcError(f"c_words: {flat.dtype} has {size}-byte elements; hex words are for 4- and 8-byte types")
+    if flat.size == 0:
+        return ["0"]                    # C has no empty arrays; the length is 1 then
+    digits = 2 * size
+    # big-endian bytes print most significant digit first: the constant's value is the element's bits
+    hexes = np.frombuffer(flat.view(f"u{size}").astype(f">u{size}").tobytes().hex().encode(), np.uint8)
+    cells = np.empty((flat.size, digits + 4), np.uint8)       # "0x" + digits + ", "
+    cells[:, 0], cells[:, 1] = ord("0"), ord("x")
+    cells[:, 2:2 + digits] = hexes.reshape(-1, digits)
+    cells[:, -2], cells[:, -1] = ord(","), ord(" ")
+    text = cells.tobytes().decode("ascii")
+    step = per_line * (digits + 4)
+    return [text[i:i + step].removesuffix(", ") for i in range(0, len(text), step)]
+
+
+def _escapes() -> np.ndarray:
+    """How each byte appears in a C string literal: printable ASCII as itself
+    (but backslash, quote and ``?``, which could start a trigraph), the rest
+    as the shortest octal escape (row 0) or the three-digit one (row 1), which
+    a following octal digit cannot extend."""
+    short, full = [], []
+    for b in range(256):
+        c = chr(b)
+        raw = 0x20 <= b < 0x7f and c not in '\\"?'
+        short.append(c if raw else "\\" + format(b, "o"))
+        full.append(c if raw else "\\" + format(b, "03o"))
+    return np.array(short + full, dtype=object)
+
+
+_ESCAPES = _escapes()
+
+
+def c_string(data: bytes, per_line: int = 64) -> list[str]:
+    """``data`` as C string literals of ``per_line`` bytes each (adjacent
+    literals concatenate into one): the "bytes" form of the export's weights.
+    One token per line instead of one per value makes big weight arrays
+    compile several times faster than initializer lists."""
+    b = np.frombuffer(data, np.uint8)
+    if b.size == 0:
+        return ['""']
+    octal_next = np.zeros(b.size, np.intp)      # 1 where the next byte prints as an octal digit 0-7
+    octal_next[:-1] = (b[1:] >= 0x30) & (b[1:] <= 0x37)
+    pieces = _ESCAPES[b.astype(np.intp) + 256 * octal_next].tolist()
+    return ['"' + "".join(pieces[i:i + per_line]) + '"' for i in range(0, b.size, per_line)]
+
+
+def weight_init(a: np.ndarray, weight_format: str = "bytes") -> dict:
+    """The template fields of one weight array: ``word`` (the element type of
+    the union's first member, "" for a plain array of one literal per value),
+    ``string`` (the first member is initialized by string literals) and
+    ``lines``. "bytes": the values' little-endian bytes as string literals
+    (any dtype); "hex": 4- and 8-byte elements as hex words of their bits
+    (1- and 2-byte integers stay decimal: packing them into words would
+    depend on the target's byte order); "decimal": one C literal per value."""
+    if weight_format not in WEIGHT_FORMATS:
+        raise ConvcError(f"weight format {weight_format!r}: expected one of {', '.join(WEIGHT_FORMATS)}")
+    a = np.asarray(a)
+    if weight_format == "bytes" and a.size:
+        return dict(word="unsigned char", string=True, length_bytes=a.nbytes,
+                    lines=c_string(np.ascontiguousarray(a, a.dtype.newbyteorder("<")).tobytes()))
+    if weight_format == "hex" and a.dtype.itemsize in WORDS:
+        return dict(word=WORDS[a.dtype.itemsize], string=False, length_bytes=0, lines=c_words(a))
+    return dict(word="", string=False, length_bytes=0, lines=c_literals(a))
+
+
 def literal_bytes(elements: int) -> int:
     """Host memory ``c_literals`` takes for ``elements`` values at its peak: a
     Python str per value (the longest, a float64 ``repr``), its slot in the
@@ -184,15 +263,19 @@ class Library:
     tensors: dict[str, list[dict]] = field(default_factory=dict)   # "inputs"/"outputs" -> entry arguments
 
 
-def render(graph: Graph, name: str = "model", weights_file: bool = False, passes="embedded") -> Library:
+def render(graph: Graph, name: str = "model", weights_file: bool = False, passes="embedded",
+           weight_format: str = "bytes") -> Library:
     """Render ``NAME.h``, ``NAME.c`` (and ``NAME_weights.c``) for ``graph``
     after the pass pipeline ``passes`` ("embedded": the default's cleanups
     and fusions without the GEMM/Winograd lowerings, whose scratch costs RAM;
-    the node functions are the ones the runtime renders)."""
+    the node functions are the ones the runtime renders). ``weight_format``:
+    see :func:`export_c`."""
     from .passes import run as run_passes
 
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise ConvcError(f"export name {name!r} must be a C identifier (letters, digits, _)")
+    if weight_format not in WEIGHT_FORMATS:
+        raise ConvcError(f"weight format {weight_format!r}: expected one of {', '.join(WEIGHT_FORMATS)}")
     graph.verify()
     if graph.assigns:
         raise ConvcError(f"graph '{graph.name}' assigns params ({', '.join(graph.assigns)}): it is a training "
@@ -231,9 +314,10 @@ def render(graph: Graph, name: str = "model", weights_file: bool = False, passes
     params = []
     for n in plan.params:
         t = g.node(n)["type"]
-        var[n] = ident(n, f"{name}_p_")
-        params.append(dict(T=CTYPES[t.dtype], var=var[n], length=max(t.size, 1), note=f"{n} {t}",
-                           lines=c_literals(g.node(n)["value"])))
+        sym = ident(n, f"{name}_p_")
+        init = weight_init(g.node(n)["value"], weight_format)
+        var[n] = f"{sym}.v" if init["word"] else sym       # packed: the node functions read the typed member
+        params.append(dict(T=CTYPES[t.dtype], var=sym, length=max(t.size, 1), note=f"{n} {t}", **init))
     arena_ptrs = bind_buffers(g, plan, ident, var, out_var)
     functions, calls = node_functions(g, plan, ident, var, parallel=True)   # OpenMP only where built with -fopenmp
     copies = output_copies(g, var, out_var)
@@ -256,10 +340,11 @@ def render(graph: Graph, name: str = "model", weights_file: bool = False, passes
     files = {f"{name}.h": env.get_template("c/export.h.j2").render(ctx),
              f"{name}.c": env.get_template("c/export.c.j2").render(ctx)}
     if weights_file:
-        ctx["needs_stdint"] = any(p["T"].endswith("_t") for p in params)
+        ctx["needs_stdint"] = any(p["T"].endswith("_t") or p["word"].endswith("_t") for p in params)
         files[f"{name}_weights.c"] = env.get_template("c/export_weights.c.j2").render(ctx)
-    return Library(name, g, files, plan, {c["node"]: c["fn"] for c in calls}, {n: var[n] for n in plan.params},
-                   arena_align, weight_bytes, tensors)
+    symbols = {n: p["var"] for n, p in zip(plan.params, params)}      # the C objects (unions when packed)
+    return Library(name, g, files, plan, {c["node"]: c["fn"] for c in calls}, symbols, arena_align, weight_bytes,
+                   tensors)
 
 
 def render_harness(graph: Graph, lib: Library, test_inputs=None, tests: int = 2, seed: int = 0,
@@ -365,12 +450,18 @@ class Export:
 
 def export_c(graph: Graph, out_dir, name: str = "model", weights_file: bool = False, passes="embedded",
              harness: bool = True, test_inputs=None, tests: int = 2, seed: int = 0, int8: bool = False,
-             calibration=None) -> Export:
+             calibration=None, weight_format: str = "bytes") -> Export:
     """Write ``NAME.h``, ``NAME.c`` (weights inside, or in ``NAME_weights.c``
     with ``weights_file=True``) and the test harness ``NAME_test.c`` into
     ``out_dir`` (created if needed). ``passes``: the pipeline run first, as in
     ``cc.compile`` ("embedded" by default: no im2col or Winograd scratch;
     "default" for speed where RAM allows, "none", or a list of pass names).
+    ``weight_format``: how the weights are written, always as const data
+    read bit-exact by the node functions: "bytes" (default) as string
+    literals of their little-endian bytes in a const union with the typed
+    array (the fastest to compile: one token per 64 bytes; a big-endian
+    target stops at an ``#error``), "hex" as hex words of their bits in such
+    a union (any byte order), "decimal" as one C literal per value.
 
     ``int8=True`` exports the graph quantized first (:func:`int8_graph`, with
     ``calibration``: an ``.npz`` file, a dict of arrays or a list of feeds); a
@@ -388,7 +479,7 @@ def export_c(graph: Graph, out_dir, name: str = "model", weights_file: bool = Fa
     elif calibration is not None:
         raise ConvcError("export_c(): calibration data is for int8=True (--int8); without it the graph exports "
                          "as it is")
-    lib = render(graph, name, weights_file, passes)
+    lib = render(graph, name, weights_file, passes, weight_format)
     files = dict(lib.files)
     if harness:
         files[f"{name}_test.c"] = render_harness(graph, lib, test_inputs, tests, seed, weights_file)
@@ -715,7 +806,8 @@ def cmd_export(args) -> int:
     g = load_model(args.model)
     q = int8_graph(g, args.calibration) if args.int8 else None
     if args.out is not None:
-        print(export_c(q or g, args.out, name=args.name, weights_file=args.weights_file, passes=args.pipeline))
+        print(export_c(q or g, args.out, name=args.name, weights_file=args.weights_file, passes=args.pipeline,
+                       weight_format=args.weight_format))
         objs = " ".join(f"{args.out}/{f}" for f in [f"{args.name}.c"] + ([f"{args.name}_weights.c"]
                                                                          if args.weights_file else []))
         print(f"check it: cc -std=c99 -O2 {args.out}/{args.name}_test.c {objs} -lm && ./a.out")
@@ -738,6 +830,10 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", metavar="DIR", help="directory to write the files into")
     p.add_argument("--name", default="model", help="C prefix of the API and the file names (default: model)")
     p.add_argument("--weights-file", action="store_true", help="put the weights in NAME_weights.c")
+    p.add_argument("--weight-format", choices=WEIGHT_FORMATS, default="bytes",
+                   help="bytes (default): the weights' little-endian bytes as C string literals in a const union "
+                        "(bit-exact, compiles fastest); hex: 32/64-bit hex words of their bits (any byte order); "
+                        "decimal: one C literal per value")
     p.add_argument("--size", action="store_true",
                    help="compile the library (arm-none-eabi-gcc for a Cortex-M4F if installed, else the host "
                         "compiler) and report flash (code + const data) and RAM (arena + stack) per node")

@@ -34,9 +34,10 @@ FLASH_MARGIN = 0.01     # README "Embedded": --size and arm-none-eabi-size agree
 ALLOWED_UNDEFINED = {"memcpy", "memset", "memmove"} | {
     f + s for f in ("exp", "log", "tanh", "sqrt", "fabs", "pow", "floor", "ceil", "fmax", "fmin", "expm1",
                     "log1p", "erf") for s in ("", "f")}
-# id -> (builder, export name, weights in NAME_weights.c, pass pipeline)
-MODELS = {"lenet5": (lenet5, "lenet", False, "embedded"), "mobilenet_tiny": (mobilenet_tiny, "mnet", True, "embedded"),
-          "mobilenet_tiny-unfused": (mobilenet_tiny, "mnet", False, "none")}
+# id -> (builder, export name, weights in NAME_weights.c, pass pipeline, weight format)
+MODELS = {"lenet5": (lenet5, "lenet", False, "embedded", "hex"),
+          "mobilenet_tiny": (mobilenet_tiny, "mnet", True, "embedded", "hex"),
+          "mobilenet_tiny-unfused": (mobilenet_tiny, "mnet", False, "none", "decimal")}
 
 
 def sh(cmd, cwd, check=True):
@@ -77,11 +78,12 @@ def lib_sources(exp):
 def exported(request, tmp_path_factory):
     """(graph, Export): LeNet with its weights inside NAME.c, the MobileNet-style
     net with them in NAME_weights.c (after the default pipeline: fused conv +
-    ReLU, fused separable blocks), and the MobileNet-style net unfused."""
-    build, name, weights_file, passes = MODELS[request.param]
+    ReLU, fused separable blocks), and the MobileNet-style net unfused (its
+    weights as decimal literals, the others' as hex words)."""
+    build, name, weights_file, passes, weight_format = MODELS[request.param]
     g = build()
     out = tmp_path_factory.mktemp(f"export-{name}")
-    return g, export_c(g, out, name=name, weights_file=weights_file, passes=passes)
+    return g, export_c(g, out, name=name, weights_file=weights_file, passes=passes, weight_format=weight_format)
 
 
 def test_harness_builds_strict_and_matches_reference(exported):
@@ -102,8 +104,10 @@ def test_harness_detects_a_wrong_result(exported, tmp_path):
     weights = tmp_path / (f"{exp.name}_weights.c" if (tmp_path / f"{exp.name}_weights.c").exists()
                           else f"{exp.name}.c")
     text = weights.read_text()
-    first = re.search(r"= \{   /\* .*\n    (-?[0-9.e+-]+f)", text)
-    weights.write_text(text[:first.start(1)] + "9.0f" + text[first.end(1):])
+    # the first weight: a decimal literal, or a float's bits as a hex word in the packed form (9.0f: 0x41100000)
+    first = re.search(r"= \{ ?\{?   /\* .*\n    (-?[0-9.e+-]+f|0x[0-9a-f]{8})", text)
+    weights.write_text(text[:first.start(1)] + ("0x41100000" if first.group(1).startswith("0x") else "9.0f")
+                       + text[first.end(1):])
     sh([gcc(), "-std=c99", "-O2", "-o", "harness", f"{exp.name}_test.c", *lib_sources(exp), "-lm"], tmp_path)
     run = sh(["./harness"], tmp_path, check=False)
     assert run.returncode == 1 and "FAIL" in run.stdout and max_error(run.stdout) > TOLERANCE, run.stdout
@@ -224,7 +228,7 @@ def test_float64_and_int64_io(tmp_path):
     exp = export_c(g, tmp_path, name="mixed", weights_file=True, test_inputs=feeds)
     lib = (tmp_path / "mixed.c").read_text()
     assert "const int64_t *restrict labels" in lib and "double *restrict loss" in lib
-    assert "const double mixed_p_w[27]" in (tmp_path / "mixed_weights.c").read_text()
+    assert "const union { unsigned char bytes[216]; double v[27]; } mixed_p_w" in (tmp_path / "mixed_weights.c").read_text()
     sh([gcc(), *STRICT, "-O2", "-o", "harness", "mixed_test.c", "mixed.c", "mixed_weights.c", "-lm"], tmp_path)
     run = sh(["./harness"], tmp_path)
     assert max_error(run.stdout) <= 1e-12, run.stdout
