@@ -142,6 +142,7 @@ QCONV_CASES = [
     ((1, 3, 17), (5, 3, 4), 3, 2, 1, 1, "int8", True, True, None),                   # 1D
     ((1, 2, 5, 6, 4), (3, 2, 2, 3, 2), 1, 1, 1, 1, "uint8", True, True, None),       # 3D
     ((1, 8, 6, 6), (16, 8, 1, 1), 1, 0, 1, 1, "int8", True, True, "relu"),           # pointwise
+    ((1, 16, 5, 5), (8, 16, 3, 3), 1, 1, 1, 1, "uint8", True, True, None),           # uint8, zero point 128
 ]
 
 
@@ -154,7 +155,7 @@ def _qconv_graph(case, rng, w_zero_point=0, bias_scale=2000):
     b = g.param("b", rng.integers(-bias_scale, bias_scale, ws[0]), "int32") if bias else None
     w_scale = (rng.uniform(0.002, 0.02, ws[0]) if per_channel else np.array([0.01])).tolist()
     y_scale, y_zp = 0.05, (-3 if xdt == "int8" else 120)
-    x_zp = 5 if xdt == "int8" else 131
+    x_zp = 5 if xdt == "int8" else (128 if xs[1] == 16 else 131)     # 128: see qmacros.product
     clamp = quant_clamp(act, y_scale, y_zp, xdt)
     y = cc.qconv(x, w, b, x_scale=0.02, x_zero_point=x_zp, w_scale=w_scale, w_zero_point=w_zero_point,
                  y_scale=y_scale, y_zero_point=y_zp, dtype=xdt, clamp=clamp, stride=stride, padding=padding,
@@ -270,3 +271,31 @@ def test_qconv_refuses_an_accumulator_that_could_overflow_int32():
     w = g.param("w", np.ones((1, 70000, 1, 1)), "int8")
     with pytest.raises(ValidationError, match="overflow the int32 accumulator"):
         cc.qconv(x, w, x_scale=0.1, w_scale=0.1, y_scale=0.1)
+
+
+@pytest.mark.parametrize("target", helpers.__getattr__("TARGETS")[1:])
+def test_qconv_int32_output_is_the_raw_sum(target):
+    """dtype="int32" (ONNX's ConvInteger): the int32 sums themselves, bias
+    included; no scales needed. Checked against torch's float64 conv of the
+    same integers (exact below 2**53)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(8)
+    g = cc.Graph("raw")
+    x = g.input("x", (1, 3, 7, 6), "uint8")
+    w = rng.integers(-128, 128, (4, 3, 3, 3))
+    y = cc.qconv(x, g.param("w", w, "int8"), g.param("b", [5, -7, 2**31 - 1, 0], "int32"), x_zero_point=128,
+                 w_zero_point=[0, 3, -2, 1], dtype="int32", padding=1, stride=(2, 1))
+    g.output(y, "y")
+    xa = rng.integers(0, 256, (1, 3, 7, 6)).astype(np.uint8)
+    got = cc.compile(g, target=target)(x=xa)
+    want = cc.compile(g, target="numpy")(x=xa)
+    assert got.dtype == np.int32 and np.array_equal(got, want)
+    xt = torch.tensor(xa.astype(np.float64) - 128)
+    wt = torch.tensor(w.astype(np.float64) - np.array([0, 3, -2, 1]).reshape(-1, 1, 1, 1))
+    acc = torch.nn.functional.conv2d(xt, wt, None, (2, 1), 1).numpy().astype(np.int64)
+    acc += np.array([5, -7, 2**31 - 1, 0]).reshape(1, -1, 1, 1)
+    assert np.array_equal(want, np.clip(acc, -2**31, 2**31 - 1))
+    with pytest.raises(ValidationError, match="raw accumulator"):
+        cc.qconv(x, g.param("w2", w, "int8"), dtype="int32", y_scale=0.5)
+    with pytest.raises(ValidationError, match="x_scale is required"):
+        cc.qconv(x, g.param("w3", w, "int8"), dtype="int8", y_scale=0.5)

@@ -203,15 +203,17 @@ class Dequantize(Op):
 
 # -- qconv -------------------------------------------------------------------
 @builder("x")
-def qconv(x: Value, w: Value, bias: Value | None = None, *, x_scale, x_zero_point=0, w_scale, w_zero_point=0,
-          y_scale, y_zero_point=0, dtype: str = "int8", clamp=None, stride=1, padding=0, dilation=1, groups=1,
-          name=None) -> Value:
+def qconv(x: Value, w: Value, bias: Value | None = None, *, x_scale=None, x_zero_point=0, w_scale=None,
+          w_zero_point=0, y_scale=None, y_zero_point=None, dtype: str = "int8", clamp=None, stride=1, padding=0,
+          dilation=1, groups=1, name=None) -> Value:
     """Quantized convolution: int8/uint8 ``x`` and ``w`` (C_out, C_in/groups,
     *k), optional int32 ``bias`` (C_out,) of scale ``x_scale * w_scale``;
     ``acc = bias + sum (x - x_zero_point) * (w - w_zero_point)`` in int32,
     then requantized to (``y_scale``, ``y_zero_point``, ``dtype``) and
     clamped to ``clamp`` (default: the dtype's range). ``w_scale`` and
-    ``w_zero_point`` are per tensor or per output channel. Geometry as
+    ``w_zero_point`` are per tensor or per output channel. ``dtype="int32"``
+    returns the raw accumulators (ONNX's ConvInteger: no y_scale, y zero
+    point or clamp, and the scales may be left out). Geometry as
     :func:`convc.conv` (no flip)."""
     g = x.graph
     ins = [x, w] + ([bias] if bias is not None else [])
@@ -239,22 +241,24 @@ class QConv(Op):
         _quant_check(w, "qconv's weight w")
         geo, out = conv_geometry(dict(attrs), x, w)
         c_out = w.shape[0]
-        dtype = _qdtype(attrs["dtype"], "dtype")
-        x_scale = _scales(attrs["x_scale"], "x_scale")
-        y_scale = _scales(attrs["y_scale"], "y_scale")
-        if len(x_scale) != 1 or len(y_scale) != 1:
-            raise RuleError("x_scale and y_scale must be one number each (activations are per tensor)")
-        w_scale = _per_channel(_scales(attrs["w_scale"], "w_scale"), c_out, "w_scale")
-        x_zp = _zero_points(attrs["x_zero_point"], "x_zero_point", x.dtype)
-        y_zp = _zero_points(attrs["y_zero_point"], "y_zero_point", dtype)
-        if len(x_zp) != 1 or len(y_zp) != 1:
-            raise RuleError("x_zero_point and y_zero_point must be one integer each")
+        outq = _out_qparams(attrs, raw_ok=True)
+        raw = outq["dtype"] == "int32"
+        x_zp = _one_zero_point(attrs["x_zero_point"], "x_zero_point", x.dtype)
         w_zp = _per_channel(_zero_points(attrs["w_zero_point"], "w_zero_point", w.dtype), c_out, "w_zero_point")
-        real = [x_scale[0] * ws / y_scale[0] for ws in (w_scale if len(w_scale) == c_out else w_scale * c_out)]
-        mult, shift = multipliers(real)
+        if raw and attrs.get("x_scale") is None and attrs.get("w_scale") is None:
+            x_scale, w_scale, mult, shift = None, None, (), ()        # ConvInteger: integers in, integers out
+        else:
+            for k in ("x_scale", "w_scale"):
+                if attrs.get(k) is None:
+                    raise RuleError(f"{k} is required (only an int32 output may go without scales)")
+            x_scale = _one_scale(attrs["x_scale"], "x_scale")
+            w_scale = _per_channel(_scales(attrs["w_scale"], "w_scale"), c_out, "w_scale")
+            if raw:
+                mult, shift = (), ()
+            else:
+                mult, shift = multipliers([x_scale * ws / outq["y_scale"] for ws in _per(w_scale, c_out)])
         return dict(stride=geo["stride"], padding=geo["padding"], dilation=geo["dilation"], groups=geo["groups"],
-                    x_scale=x_scale[0], x_zero_point=x_zp[0], w_scale=w_scale, w_zero_point=w_zp,
-                    y_scale=y_scale[0], y_zero_point=y_zp[0], dtype=dtype, clamp=_clamp(attrs.get("clamp"), dtype),
+                    x_scale=x_scale, x_zero_point=x_zp, w_scale=w_scale, w_zero_point=w_zp, **outq,
                     multiplier=mult, shift=shift)
 
     def infer(self, attrs, types):
@@ -283,23 +287,22 @@ class QConv(Op):
         acc = Conv.convolve(geo, x.astype(np.int64) - attrs["x_zero_point"], w.astype(np.int64) - wz)
         if b is not None:
             acc = saturate_int32(acc + b.astype(np.int64).reshape((1, c_out) + (1,) * (x.ndim - 2)))
+        if attrs["dtype"] == "int32":
+            return _finish(acc, attrs, None, None)
         per_c = (1, c_out) + (1,) * (x.ndim - 2)
-        m = np.broadcast_to(np.asarray(attrs["multiplier"], np.int64), (c_out,)).reshape(per_c)
-        s = np.broadcast_to(np.asarray(attrs["shift"], np.int64), (c_out,)).reshape(per_c)
-        lo, hi = attrs["clamp"]
-        y = np.clip(requantize(acc, m, s) + attrs["y_zero_point"], lo, hi)
-        return y.astype(attrs["dtype"])
+        m = np.asarray(attrs["multiplier"], np.int64).reshape(per_c)
+        s = np.asarray(attrs["shift"], np.int64).reshape(per_c)
+        return _finish(acc, attrs, m, s)
 
     def context(self, attrs, types, out):
         x, w = types[:2]
         g = attrs["groups"]
         c_out = w.shape[0]
-        per = lambda v: list(v) * (c_out if len(v) == 1 else 1)     # noqa: E731
-        lo, hi = attrs["clamp"]
         return dict(par=[("n", "N", x.shape[0]), ("co", "C_OUT", c_out)], N=x.shape[0], C_IN=x.shape[1],
                     C_OUT=c_out, GROUPS=g, C_IN_G=x.shape[1] // g, C_OUT_G=c_out // g, bias=len(types) == 3,
-                    XZP=attrs["x_zero_point"], YZP=attrs["y_zero_point"], LO=lo, HI=hi,
-                    wzp=per(attrs["w_zero_point"]), mult=list(attrs["multiplier"]), shift=list(attrs["shift"]),
+                    XZP=attrs["x_zero_point"], **_out_context(attrs),
+                    wzp=_per(attrs["w_zero_point"], c_out), mult=list(attrs["multiplier"]),
+                    shift=list(attrs["shift"]),
                     KSIZE=shapes.prod(w.shape[2:]),
                     axes=axes_context(x.shape[2:], out.shape[2:], w.shape[2:], attrs["stride"],
                                       attrs["dilation"], attrs["padding"]))

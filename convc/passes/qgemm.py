@@ -47,6 +47,8 @@ def eligible(g: Graph, n: str) -> str | None:
     x, w = ins(g, n)[:2]
     if len(x.shape) != 4:
         return f"{len(x.shape) - 2}D; the int8 GEMM is 2D only"
+    if a["dtype"] == "int32":
+        return "int32 output (raw accumulators, ONNX's ConvInteger); the int8 GEMM requantizes"
     if a["groups"] != 1:
         return f"groups={a['groups']}; the int8 GEMM takes ungrouped convs (grouped and depthwise stay direct)"
     if w.dtype != "int8" or any(z != 0 for z in a["w_zero_point"]):
