@@ -263,6 +263,21 @@ def notes():
         _NOTES.reset(token)
 
 
+def note(text: str) -> None:
+    """Add a line to the notes of the pass that is running (its
+    ``PassReport.notes``: the tuning entries it used, a quantized layer's
+    scales); nothing outside a pass run."""
+    sink = _NOTES.get()
+    if sink is not None:
+        sink.append(text)
+
+
+def noting() -> bool:
+    """True while a pass runs under the pass manager, which keeps its notes
+    (work that only feeds notes can be skipped otherwise)."""
+    return _NOTES.get() is not None
+
+
 def entry_key(sig: str, threads: int) -> str:
     """Entries are measured at a thread count: the key says which."""
     return f"{sig} @{threads} threads"
@@ -282,13 +297,12 @@ def choice(g, n: str, mine=ALGORITHMS) -> dict | None:
     if e is not None and e["algorithm"] == "default":
         return None                                 # measured: the rules' own choice is the fastest
     if e is not None and e["algorithm"] in mine:
-        sink = _NOTES.get()
-        if sink is not None:
+        if noting():
             how = e["algorithm"] + (" with GEMM tile rows {MR}, blocks {MC}x{NC}x{KC}".format(**e["gemm"])
                                     if e.get("gemm") else "") + \
                 (" with register tile " + ", ".join(f"{k}={v}" for k, v in e["blocking"].items())
                  if e.get("blocking") else "")
-            sink.append(f"'{n}' ({g.node(n)['op']}): tuned -> {how}{_measured(e)}")
+            note(f"'{n}' ({g.node(n)['op']}): tuned -> {how}{_measured(e)}")
     return e
 
 

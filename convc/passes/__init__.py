@@ -1,6 +1,7 @@
 """Lowering passes. Each pass is a named ``Graph -> Graph`` function in its
 own module; ``run`` applies a pipeline (see ``PIPELINES``)."""
-from .manager import PASSES, PIPELINES, PassError, PassReport, register, report, resolve, run  # noqa: F401
+from .manager import PASSES, PIPELINES, PassError, PassReport, decline, register, report, resolve, run  # noqa: F401
+from ..tuning import note  # noqa: F401,E402  (a line for the running pass's report notes)
 from . import cleanup, factor, fft, fusion, gemm, grouped, im2col, strided, tiled, transposed  # noqa: F401,E402  (registers the passes)
 from . import winograd  # noqa: F401,E402  (registers conv_to_winograd)
 from . import blocked  # noqa: F401,E402  (registers to_blocked_layout)

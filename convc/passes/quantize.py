@@ -64,9 +64,7 @@ DTYPE = "int8"
 def _note(text: str) -> None:
     """A line for this pass's PassReport notes (``convc passes`` shows them)."""
     from .. import tuning
-    sink = tuning._NOTES.get()
-    if sink is not None:
-        sink.append(text)
+    tuning.note(text)
 
 
 def qparams_of(g: Graph, n: str) -> tuple[float, int]:
@@ -438,7 +436,7 @@ def _error_notes(gf: Graph, g8: Graph) -> None:
     from .. import tuning
     from ..calibration import measure
 
-    if tuning._NOTES.get() is None:
+    if not tuning.noting():
         return
     feeds = {n: gf.node(n).get("calibration") for n in gf.input_names}
     if any(v is None for v in feeds.values()) or not feeds:
