@@ -4,8 +4,11 @@ this machine's measured FMA peak.
 
     convc bench [--quick] [--cases PATTERN] [--models [PATTERN]] [--profile [N]]
                 [--threads 1,2] [--under-load] [--repeat-seconds S] [--min-runs N]
-                [--json FILE] [--markdown] [--list]
-    python -m convc.bench --quick
+                [--int8] [--torch] [--json FILE] [--markdown] [--list]
+    python -m convc bench --quick
+
+(The options are defined in :mod:`convc.cli`; ``--torch`` runs
+:mod:`convc.bench_torch` instead of the suite.)
 
 How it measures:
 
@@ -47,7 +50,6 @@ threads fare on a machine someone else is using (see
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fnmatch
 import json
@@ -62,6 +64,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import timing
 from .errors import ConvcError
 from .host import FmaPeak, cpu_mhz, cpu_model, isa_flags
 
@@ -105,31 +108,16 @@ class Settings:
 def median_time(fn: Callable[[], object], settings: Settings) -> float:
     """Median seconds of ``fn()`` after ``settings.warmup`` warm-up calls,
     over at least ``min_runs`` runs and ``repeat_seconds`` of running (or
-    three runs once ``max_seconds`` have passed, for slow cases)."""
-    for _ in range(settings.warmup):
-        t = time.perf_counter()
-        fn()
-        if time.perf_counter() - t > settings.max_seconds / 4:
-            break                                   # one warm-up is enough for a slow case
-    times: list[float] = []
-    start = time.perf_counter()
-    while True:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-        elapsed = time.perf_counter() - start
-        if len(times) >= settings.min_runs and elapsed >= settings.repeat_seconds:
-            break
-        if len(times) >= min(3, settings.min_runs) and elapsed >= settings.max_seconds:
-            break
-    return statistics.median(times)
+    three runs once ``max_seconds`` have passed, for slow cases):
+    :func:`convc.timing.median_time`."""
+    return timing.median_time(fn, settings.min_runs, settings.repeat_seconds, settings.max_seconds,
+                              warmup=settings.warmup)[0]
 
 
 def median_times_in_turn(fns: list[Callable[[], object]], settings: Settings) -> list[float]:
     """Median seconds of each of ``fns``, run in turn round by round
-    (:func:`convc.tuner.median_times_in_turn`) for the settings' runs and time."""
-    from .tuner import median_times_in_turn as in_turn
-    return in_turn(fns, settings.min_runs, settings.repeat_seconds, settings.max_seconds)
+    (:func:`convc.timing.median_times_in_turn`) for the settings' runs and time."""
+    return timing.median_times_in_turn(fns, settings.min_runs, settings.repeat_seconds, settings.max_seconds)
 
 
 # -- the suite ------------------------------------------------------------------------------------
@@ -1686,35 +1674,6 @@ def tuning_db_path() -> str:
     return str(db_path())
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="shrink every case and repeat count (a few seconds)")
-    p.add_argument("--cases", metavar="PATTERN",
-                   help="comma-separated case names, globs (resnet*) or substrings (lenet); --list shows the names")
-    p.add_argument("--models", metavar="PATTERN", nargs="?", const="*",
-                   help="the models section: torchvision classifiers through ONNX against ORT and PyTorch; alone, "
-                        "every model, else names, globs or substrings (resnet18,mobilenet*); without --cases only "
-                        f"the models run. Models: {', '.join(m.name for m in MODELS)}")
-    p.add_argument("--profile", metavar="N", nargs="?", type=int, const=10, default=0,
-                   help="after each row, the N slowest nodes of a profile=True build (default N: 10)")
-    p.add_argument("--threads", metavar="N,M", help="thread counts (default: 1 and all cores)")
-    p.add_argument("--under-load", action="store_true",
-                   help=f"time beside one busy process per core and report each case's time at N threads over its "
-                        f"time at 1 thread (target <= {LOAD_TARGET:g}x); the processes stop when the bench ends")
-    p.add_argument("--tune", type=float, metavar="SECONDS",
-                   help="tune each case's graph on this host first (cc.tune with this budget; the winners go to the "
-                        "tuning database) and time the untuned build beside the tuned one "
-                        f"(target: untuned <= {UNTUNED_TARGET:g}x tuned)")
-    p.add_argument("--repeat-seconds", type=float, metavar="S", help="time each case for at least S seconds "
-                                                                     "(default 0.2; quick 0.01)")
-    p.add_argument("--min-runs", type=int, metavar="N", help="at least N timed runs per case (default 5)")
-    p.add_argument("--int8", action="store_true",
-                   help="the int8 rows: quantized ResNet-18 / MobileNetV2 layers, convc int8 against convc float32 "
-                        "and PyTorch's quantized conv (with --cases: those layers; alone: only the int8 rows)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    p.add_argument("--list", action="store_true", help="list the cases and exit")
-
-
 def cmd_bench(args) -> int:
     """``convc bench``: run, print the table, optionally write JSON. Exit 1 if a case FAILED."""
     if args.list:
@@ -1732,25 +1691,3 @@ def cmd_bench(args) -> int:
         with open(args.json, "w") as f:
             json.dump(report.to_json(), f, indent=1)
     return 1 if report.failed else 0
-
-
-def add_cli(sub) -> None:
-    """Register ``convc bench`` on the ``convc`` command's subparsers."""
-    b = sub.add_parser("bench", help="time a fixed suite against PyTorch and ONNX Runtime, with the FMA peak")
-    add_arguments(b)
-    b.set_defaults(fn=cmd_bench)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m convc.bench", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return cmd_bench(args)
-    except ConvcError as e:
-        print(f"convc bench: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

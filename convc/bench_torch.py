@@ -8,17 +8,18 @@ inductor, eager, ...) and reports medians, so load from other processes
 on the machine hits all three alike; the spread (interquartile range over
 the median) says how noisy the run was.
 
-``run(...)`` returns the rows; ``main()`` prints them (the hook for
-``convc bench --torch``).
+``run(...)`` returns the rows; ``cmd_bench_torch`` prints them
+(``convc bench --torch [--repeats N] [--no-inductor] [--size S] [--net NAME]``).
 """
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .timing import median_iqr, times_in_turn
 
 
 # -- the nets ---------------------------------------------------------------------------
@@ -113,11 +114,6 @@ NETS = {"resnet18-style": (resnet_style, (1, 3, 224, 224)), "mobilenet_v2-style"
 
 
 # -- timing --------------------------------------------------------------------------
-def _median_iqr(ts):
-    q = statistics.quantiles(ts, n=4)
-    return statistics.median(ts), q[2] - q[0]
-
-
 def run(nets=None, repeats: int = 30, inductor: bool = True, size: int | None = None) -> list[dict]:
     """Time every net at batch 1: eager, convc and (``inductor``) inductor,
     interleaved; ``repeats`` timed calls each after warm-up. ``size``: the
@@ -144,19 +140,15 @@ def run(nets=None, repeats: int = 30, inductor: bool = True, size: int | None = 
                 t = time.perf_counter()
                 out[k] = f(x)
                 compile_s[k] = time.perf_counter() - t
-                for _ in range(2):
-                    f(x)
-            times = {k: [] for k in fns}
-            for _ in range(repeats):
-                for k, f in fns.items():
-                    t = time.perf_counter()
-                    f(x)
-                    times[k].append(time.perf_counter() - t)
+            # exactly `repeats` rounds of one call each, after two warm-up rounds
+            samples = times_in_turn([lambda f=f: f(x) for f in fns.values()], min_rounds=repeats, seconds=0.0,
+                                    warmup=2, max_rounds=repeats)
+            times = dict(zip(fns, samples))
         reports = torch_backend.reports[first_report:]
         for k in fns:
-            med, iqr = _median_iqr(times[k])
+            med, iqr = median_iqr(times[k])
             rows.append(dict(net=name, backend=k, ms=med * 1e3, iqr_ms=iqr * 1e3,
-                             vs_eager=med / _median_iqr(times["eager"])[0],
+                             vs_eager=med / median_iqr(times["eager"])[0],
                              max_diff=float((out[k] - out["eager"]).abs().max()),
                              first_call_s=compile_s[k] if k != "eager" else 0.0,
                              convc_parts=sum(len(r.parts) for r in reports) if k == "convc" else None,
@@ -175,25 +167,15 @@ def format_rows(rows) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    """``convc bench --torch`` / ``python -m convc.bench_torch [--repeats N] [--no-inductor] [--size S]``."""
-    import argparse
+def cmd_bench_torch(args) -> int:
+    """``convc bench --torch``: time the nets (options --repeats, --no-inductor,
+    --size, --net; see :mod:`convc.cli`) and print the Markdown table."""
     import platform
 
     from . import torch_backend
     torch_backend.register()                # (the string works without the entry point too)
-    p = argparse.ArgumentParser(prog="convc bench --torch", description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--no-inductor", action="store_true")
-    p.add_argument("--size", type=int, default=None)
-    p.add_argument("--net", action="append", choices=sorted(NETS))
-    a = p.parse_args(argv)
-    rows = run(a.net, a.repeats, not a.no_inductor, a.size)
+    rows = run(args.net, args.repeats, not args.no_inductor, args.size)
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}")
     print(format_rows(rows))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

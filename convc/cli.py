@@ -1,7 +1,16 @@
-"""The ``convc`` command line."""
+"""The ``convc`` command line: one parser, one :func:`main`.
+
+Every command is a ``cmd_*(args) -> int`` function: the general ones here
+(demo, run, compile, passes, tune, quantize, devices, cache), the others
+beside what they drive (:func:`convc.export.cmd_export`,
+:func:`convc.bench.cmd_bench`, :func:`convc.bench_torch.cmd_bench_torch`;
+``convc explain`` registers itself from :mod:`convc.explain`), imported only
+when their command runs. ``python -m convc COMMAND ...`` is the same.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import tempfile
@@ -9,17 +18,17 @@ import time
 
 import numpy as np
 
+from .errors import ConvcError
+from .timing import median_time
 
-def _timeit(fn, min_time=0.3, min_runs=5):
-    fn()
-    runs, t0 = 0, time.perf_counter()
-    times = []
-    while runs < min_runs or time.perf_counter() - t0 < min_time:
-        s = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - s)
-        runs += 1
-    return float(np.median(times))
+
+def _lazy(module: str, name: str):
+    """The command ``module.name``, imported when it runs (``convc --help``
+    does not import torch, the ONNX package or the bench suite)."""
+    def run(args) -> int:
+        return getattr(importlib.import_module(module), name)(args)
+    run.__name__ = name
+    return run
 
 
 def cmd_demo(args) -> int:
@@ -52,8 +61,8 @@ def cmd_demo(args) -> int:
     x = np.random.default_rng(1).standard_normal((args.batch, 1, 28, 28)).astype(np.float32)
     got, want = mod(x=x), ref(x=x)
     err = float(np.max(np.abs(got - want)) / max(1e-12, float(np.max(np.abs(want)))))
-    t_c = _timeit(lambda: mod(x=x)) / args.batch
-    t_np = _timeit(lambda: ref(x=x)) / args.batch
+    t_c = median_time(lambda: mod(x=x), seconds=0.3)[0] / args.batch
+    t_np = median_time(lambda: ref(x=x), seconds=0.3)[0] / args.batch
     if args.target == "opencl":
         print(f"OpenCL device: {mod.device} (choose with CONVC_OPENCL_DEVICE; list with `convc devices`)")
     print(f"target {args.target}: compile {cold * 1e3:.0f} ms cold, {warm * 1e3:.1f} ms cached "
@@ -164,7 +173,7 @@ def cmd_passes(args) -> int:
     from pathlib import Path
 
     from convc import passes
-    from convc.export import load_model
+    from convc.loading import load_model
 
     g = load_model(args.model)
     if args.compare:
@@ -208,7 +217,7 @@ def cmd_passes(args) -> int:
 
 def cmd_tune(args) -> int:
     import convc as cc
-    from convc.export import load_model
+    from convc.loading import load_model
 
     g = load_model(args.model)
     if args.threads is not None:
@@ -226,7 +235,7 @@ def cmd_quantize(args) -> int:
     import convc as cc
     from convc import calibration as cal
     from convc import passes
-    from convc.export import load_model
+    from convc.loading import load_model
 
     g = load_model(args.model)
     gc = cal.calibrate(g, args.calibration, observer=args.observer, percentile=args.percentile, engine=args.engine)
@@ -251,6 +260,133 @@ def cmd_quantize(args) -> int:
         cc.to_onnx(g8, path=args.onnx)
         print(f"wrote {args.onnx}")
     return 0
+
+
+def _onnx_inputs(path: str) -> list[str]:
+    from convc.onnx.importer import _onnx
+
+    onnx = _onnx()
+    try:
+        m = onnx.load(path, load_external_data=False)
+    except FileNotFoundError:
+        raise ConvcError(f"ONNX model {path!r}: no such file") from None
+    except Exception as e:      # noqa: BLE001
+        raise ConvcError(f"ONNX model {path!r} cannot be read: {type(e).__name__}: {e}") from None
+    inits = {i.name for i in m.graph.initializer}
+    return [i.name for i in m.graph.input if i.name not in inits]
+
+
+def _parse_inputs(specs, names: list[str]) -> dict[str, np.ndarray]:
+    feeds = {}
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            if len(names) != 1:
+                raise ConvcError(f"--input {spec}: the model has {len(names)} inputs {names}; "
+                                 f"say which with --input NAME=FILE.npy")
+            name, path = names[0], spec
+        if name not in names:
+            raise ConvcError(f"--input {spec}: the model has no input {name!r}; its inputs are {names}")
+        try:
+            feeds[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ConvcError(f"--input {spec}: cannot read {path!r} as a .npy file: {e}") from None
+    missing = [n for n in names if n not in feeds]
+    if missing:
+        raise ConvcError(f"no array for input(s) {missing}; give --input NAME=FILE.npy for each")
+    return feeds
+
+
+def _compile(g, target: str, pipeline: str):
+    from convc.api import TARGETS, compile as cc_compile
+    if target not in TARGETS:
+        if target == "opencl":
+            raise ConvcError("the opencl target is not available in this build")
+        raise ConvcError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+    return cc_compile(g, target=target, passes=pipeline)
+
+
+def cmd_run(args) -> int:
+    """``convc run MODEL -i [NAME=]FILE.npy ... -o DIR``: import or load,
+    compile, run, write every output as DIR/NAME.npy, print the timings."""
+    from pathlib import Path
+
+    from convc.loading import load_model
+    from convc.onnx import from_onnx, node_name
+
+    onnx_model = str(args.model).lower().endswith(".onnx")
+    if onnx_model:
+        names = _onnx_inputs(args.model)
+        feeds = _parse_inputs(args.input, names)
+        g = from_onnx(args.model, input_shapes={n: a.shape for n, a in feeds.items()})
+        feeds = {node_name(n, "input"): a for n, a in feeds.items()}
+    else:
+        g = load_model(args.model)
+        feeds = _parse_inputs(args.input, g.input_names)
+    t0 = time.perf_counter()
+    mod = _compile(g, args.target, args.pipeline)
+    t_compile = time.perf_counter() - t0
+    res = mod.run(feeds)
+    t_run, runs = median_time(lambda: mod.run(feeds), max_runs=1000)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, arr in res.items():
+        np.save(out / f"{name}.npy", arr)
+        print(f"wrote {out / (name + '.npy')}  {arr.dtype}{list(arr.shape)}")
+    print(f"target {args.target}: compile {t_compile * 1e3:.0f} ms, run {t_run * 1e3:.3f} ms "
+          f"(median of {runs})")
+    return 0
+
+
+def _parse_shapes(specs) -> dict:
+    shapes = {}
+    for spec in specs or []:
+        name, sep, dims = spec.partition("=")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ConvcError(f"--shape {spec}: write NAME=D0,D1,... (e.g. x=1,3,224,224)")
+    return shapes
+
+
+def cmd_compile(args) -> int:
+    """``convc compile MODEL``: print the IR and the cost table, then compile."""
+    from convc.cost import cost
+    from convc.loading import load_model
+
+    shapes = _parse_shapes(args.shape)
+    g = load_model(args.model, shapes) if str(args.model).lower().endswith(".onnx") else load_model(args.model)
+    print(g)
+    print()
+    print(cost(g).table())
+    if args.target != "none":
+        t0 = time.perf_counter()
+        _compile(g, args.target, args.pipeline)
+        print(f"\ncompiled for {args.target} in {(time.perf_counter() - t0) * 1e3:.0f} ms")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """``convc bench``: the suite (:func:`convc.bench.cmd_bench`), or with
+    ``--torch`` the torch.compile comparison (:func:`convc.bench_torch.cmd_bench_torch`)."""
+    torch_only = {"--repeats": args.repeats is not None, "--no-inductor": args.no_inductor, "--size": args.size is not None,
+                  "--net": bool(args.net)}
+    if args.torch:
+        from convc.bench_torch import NETS
+        unknown = [n for n in args.net or [] if n not in NETS]
+        if unknown:
+            raise ConvcError(f"convc bench --torch: unknown --net {', '.join(unknown)}; the nets are "
+                             f"{', '.join(NETS)}")
+        args.repeats = 30 if args.repeats is None else args.repeats
+        if args.repeats < 1:
+            raise ConvcError(f"convc bench --torch: --repeats must be >= 1, got {args.repeats}")
+        return _lazy("convc.bench_torch", "cmd_bench_torch")(args)
+    given = [k for k, v in torch_only.items() if v]
+    if given:
+        raise ConvcError(f"convc bench: {', '.join(given)} {'is' if len(given) == 1 else 'are'} for --torch")
+    return _lazy("convc.bench", "cmd_bench")(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -299,15 +435,98 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--engine", default="c", choices=["c", "reference"],
                    help="run the float graph compiled (c, default) or on the numpy interpreter")
     q.set_defaults(fn=cmd_quantize)
-    from convc.export import add_cli as add_export_cli
+    model_help = "an ONNX file (MODEL.onnx), a bundled model name (lenet5) or a Python file defining build()"
+    r = sub.add_parser("run", help="compile a model (e.g. MODEL.onnx) and run it on .npy inputs; "
+                                   "writes each output as OUT/NAME.npy and prints timings",
+                       description="Import or load MODEL, compile it for --target, run it on the "
+                                   "--input arrays, write every output as DIR/NAME.npy and print the "
+                                   "compile time and the median run time.")
+    r.add_argument("model", metavar="MODEL", help=model_help)
+    r.add_argument("-i", "--input", action="append", metavar="[NAME=]FILE.npy",
+                   help="an input array (repeat for several inputs; NAME= may be left out for one input)")
+    r.add_argument("--target", default="c", choices=["c", "opencl", "numpy"], help="default: c")
+    r.add_argument("-o", "--out", default=".", metavar="DIR", help="where to write the outputs (default: .)")
+    r.add_argument("--pipeline", default="default", help="pass pipeline (default: default)")
+    r.set_defaults(fn=cmd_run)
+    cp = sub.add_parser("compile", help="import or load a model (e.g. MODEL.onnx), print its IR and cost "
+                                        "and compile it",
+                        description="Print MODEL's IR and its cost table (MACs, params, bytes per node), "
+                                    "then compile it for --target.")
+    cp.add_argument("model", metavar="MODEL", help=model_help)
+    cp.add_argument("--shape", action="append", metavar="NAME=D0,D1,...",
+                    help="static shape for an ONNX input with symbolic dims (repeatable)")
+    cp.add_argument("--target", default="c", choices=["c", "opencl", "numpy", "none"],
+                    help="compile for this target after printing (default: c; none: only print)")
+    cp.add_argument("--pipeline", default="default", help="pass pipeline (default: default)")
+    cp.set_defaults(fn=cmd_compile)
+    from convc.export import CALIBRATION_SAMPLES, WEIGHT_FORMATS
 
-    add_export_cli(sub)
-    from convc.onnx import add_cli as add_onnx_cli
+    e = sub.add_parser(
+        "export", help="write a standalone C99 library (NAME.h, NAME.c) with static memory, and its test harness",
+        description="Export MODEL as NAME.h + NAME.c (+ NAME_weights.c) and a test harness NAME_test.c; "
+                    "--size reports flash and RAM per node and in total; --int8 quantizes the model first.")
+    e.add_argument("model", metavar="MODEL",
+                   help="lenet5 or mobilenet_tiny (bundled), or a Python file defining build() -> convc.Graph "
+                        "(or a module-level `graph`)")
+    e.add_argument("-o", "--out", metavar="DIR", help="directory to write the files into")
+    e.add_argument("--name", default="model", help="C prefix of the API and the file names (default: model)")
+    e.add_argument("--weights-file", action="store_true", help="put the weights in NAME_weights.c")
+    e.add_argument("--weight-format", choices=WEIGHT_FORMATS, default="bytes",
+                   help="bytes (default): the weights' little-endian bytes as C string literals in a const union "
+                        "(bit-exact, compiles fastest); hex: 32/64-bit hex words of their bits (any byte order); "
+                        "decimal: one C literal per value")
+    e.add_argument("--size", action="store_true",
+                   help="compile the library (arm-none-eabi-gcc for a Cortex-M4F if installed, else the host "
+                        "compiler) and report flash (code + const data) and RAM (arena + stack) per node")
+    e.add_argument("--int8", action="store_true",
+                   help="quantize the model to int8 first (the quantize_int8 pass: int8_t weights, int32_t biases, "
+                        "int8 activations); with --size, the float and int8 figures side by side")
+    e.add_argument("--calibration", metavar="FILE.npz",
+                   help=f"calibration inputs for --int8: arrays keyed by input name, N samples stacked on the batch "
+                        f"axis (default: {CALIBRATION_SAMPLES} random inputs, a weak calibration)")
+    e.add_argument("--pipeline", default="embedded",
+                   help="pass pipeline run before rendering, as in cc.compile (default: embedded, which leaves out "
+                        "the GEMM/Winograd lowerings that need scratch RAM; none: as given)")
+    e.set_defaults(fn=_lazy("convc.export", "cmd_export"))
+    from convc.bench import LOAD_TARGET, MODELS, UNTUNED_TARGET
 
-    add_onnx_cli(sub)
-    from convc.bench import add_cli as add_bench_cli
-
-    add_bench_cli(sub)
+    b = sub.add_parser("bench", help="time a fixed suite against PyTorch and ONNX Runtime, with the FMA peak; "
+                                     "--torch: torch.compile(backend='convc') beside eager and inductor")
+    b.add_argument("--quick", action="store_true", help="shrink every case and repeat count (a few seconds)")
+    b.add_argument("--cases", metavar="PATTERN",
+                   help="comma-separated case names, globs (resnet*) or substrings (lenet); --list shows the names")
+    b.add_argument("--models", metavar="PATTERN", nargs="?", const="*",
+                   help="the models section: torchvision classifiers through ONNX against ORT and PyTorch; alone, "
+                        "every model, else names, globs or substrings (resnet18,mobilenet*); without --cases only "
+                        f"the models run. Models: {', '.join(m.name for m in MODELS)}")
+    b.add_argument("--profile", metavar="N", nargs="?", type=int, const=10, default=0,
+                   help="after each row, the N slowest nodes of a profile=True build (default N: 10)")
+    b.add_argument("--threads", metavar="N,M", help="thread counts (default: 1 and all cores)")
+    b.add_argument("--under-load", action="store_true",
+                   help=f"time beside one busy process per core and report each case's time at N threads over its "
+                        f"time at 1 thread (target <= {LOAD_TARGET:g}x); the processes stop when the bench ends")
+    b.add_argument("--tune", type=float, metavar="SECONDS",
+                   help="tune each case's graph on this host first (cc.tune with this budget; the winners go to the "
+                        "tuning database) and time the untuned build beside the tuned one "
+                        f"(target: untuned <= {UNTUNED_TARGET:g}x tuned)")
+    b.add_argument("--repeat-seconds", type=float, metavar="S", help="time each case for at least S seconds "
+                                                                     "(default 0.2; quick 0.01)")
+    b.add_argument("--min-runs", type=int, metavar="N", help="at least N timed runs per case (default 5)")
+    b.add_argument("--int8", action="store_true",
+                   help="the int8 rows: quantized ResNet-18 / MobileNetV2 layers, convc int8 against convc float32 "
+                        "and PyTorch's quantized conv (with --cases: those layers; alone: only the int8 rows)")
+    b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    b.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    b.add_argument("--list", action="store_true", help="list the cases and exit")
+    t = b.add_argument_group("--torch", "batch-1 latency of torch.compile(backend='convc') beside PyTorch eager "
+                                        "and inductor (convc.bench_torch), instead of the suite")
+    t.add_argument("--torch", action="store_true", help="run this comparison")
+    t.add_argument("--repeats", type=int, default=None, help="timed calls per backend, interleaved (default 30)")
+    t.add_argument("--no-inductor", action="store_true", help="leave out torch.compile's inductor")
+    t.add_argument("--size", type=int, default=None, help="input height and width (default 224)")
+    t.add_argument("--net", action="append", metavar="NET",
+                   help="resnet18-style or mobilenet_v2-style (repeatable; default: both)")
+    b.set_defaults(fn=cmd_bench)
     from convc.explain import add_cli as add_explain_cli
 
     add_explain_cli(sub)
@@ -321,8 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from convc.errors import ConvcError
-
+    """``convc COMMAND ...`` (``python -m convc COMMAND ...``): parse, run the
+    command; a :class:`ConvcError` prints as ``convc: error: ...``, exit 2."""
     p = build_parser()
     args = p.parse_args(argv)
     if not getattr(args, "fn", None):

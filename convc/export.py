@@ -18,10 +18,8 @@ Cortex-M4F when it is installed, else the host compiler) and reports flash
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import runpy
 import shutil
 import subprocess
 import sys
@@ -36,6 +34,7 @@ from .codegen.c import bind_buffers, node_functions, output_copies
 from .codegen.env import CTYPES, Namer, cfloat, environment
 from .errors import CompileError, ConvcError
 from .ir import INT_DTYPES, Graph, require_graph
+from .loading import load_model  # noqa: F401  (its home was here: explain.py and older callers import it)
 from .schedule import Plan, _align, plan as make_plan
 
 # The Cortex-M4F of the CI check (Debian package gcc-arm-none-eabi).
@@ -45,65 +44,6 @@ ARM_FLAGS = ["-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d1
 # code can be measured and apportioned (identical functions are not folded).
 SIZE_FLAGS = ["-std=c99", "-Os", "-fno-inline-functions-called-once", "-fno-inline-small-functions",
               "-fno-ipa-icf", "-ffunction-sections", "-fdata-sections"]
-
-
-# -- loading a model ----------------------------------------------------------
-def load_model(spec: str) -> Graph:
-    """The graph named by ``spec``: a builder in :mod:`convc.models`
-    (``lenet5``, ``mobilenet_tiny``), an ONNX file (``.onnx``, to the ONNX
-    importer), or a Python source file (``.py``, a regular file, not a zip
-    archive) that defines ``build()`` returning a :class:`Graph`, or a
-    module-level ``graph``. Nothing else is run: any other file (``.pb``,
-    ``.npy``, ``model.onnx.bak``, a zip or a directory with ``__main__.py``)
-    is a :class:`ConvcError` that lists what is accepted."""
-    import zipfile
-
-    if str(spec).lower().endswith(".onnx"):
-        from .onnx import from_onnx
-        return from_onnx(spec)
-    from . import models
-
-    bundled = {n: f for n, f in vars(models).items()
-               if callable(f) and not n.startswith("_") and getattr(f, "__module__", "") == models.__name__}
-    if spec in bundled:
-        return _checked(bundled[spec](), f"convc.models.{spec}()")
-    accepted = (f"a bundled model name ({', '.join(sorted(bundled))}), an ONNX file (*.onnx) or a Python file "
-                f"(*.py) defining build() -> Graph or a module-level `graph`")
-    path = Path(spec)
-    if path.suffix.lower() != ".py":
-        if not path.exists():
-            raise ConvcError(f"model {spec!r}: not a bundled model name and no such file; give {accepted}")
-        raise ConvcError(f"model {spec!r}: {'a directory' if path.is_dir() else 'a file'} convc does not load "
-                         f"(only *.py files are run as Python, only *.onnx files imported); give {accepted}")
-    if not path.exists():
-        raise ConvcError(f"model {spec!r}: no such file; give {accepted}")
-    if not path.is_file():
-        raise ConvcError(f"model {spec!r}: not a regular file (a directory?); give {accepted}")
-    if zipfile.is_zipfile(path):
-        raise ConvcError(f"model {spec!r}: a zip archive, not Python source; convc does not run archives; "
-                         f"give {accepted}")
-    try:
-        ns = runpy.run_path(str(path), run_name="__convc_model__")
-    except ConvcError:
-        raise
-    except Exception as e:                      # the user's file: report, don't crash
-        raise ConvcError(f"model {spec}: running it raised {type(e).__name__}: {e}") from e
-    if callable(ns.get("build")):
-        try:
-            return _checked(ns["build"](), f"{spec}: build()")
-        except ConvcError:
-            raise
-        except Exception as e:
-            raise ConvcError(f"model {spec}: build() raised {type(e).__name__}: {e}") from e
-    if "graph" in ns:
-        return _checked(ns["graph"], f"{spec}: graph")
-    raise ConvcError(f"model {spec}: defines neither build() nor a module-level `graph`")
-
-
-def _checked(g, what) -> Graph:
-    if not isinstance(g, Graph):
-        raise ConvcError(f"{what} must be a convc.Graph, got {type(g).__name__}")
-    return g
 
 
 # -- memory figures -----------------------------------------------------------
@@ -816,51 +756,3 @@ def cmd_export(args) -> int:
                else size_report(g, name=args.name, passes=args.pipeline))
         print(rep.table())
     return 0
-
-
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Register ``convc export`` on a ``argparse`` subparsers object."""
-    p = subparsers.add_parser(
-        "export", help="write a standalone C99 library (NAME.h, NAME.c) with static memory, and its test harness",
-        description="Export MODEL as NAME.h + NAME.c (+ NAME_weights.c) and a test harness NAME_test.c; "
-                    "--size reports flash and RAM per node and in total; --int8 quantizes the model first.")
-    p.add_argument("model", metavar="MODEL",
-                   help="lenet5 or mobilenet_tiny (bundled), or a Python file defining build() -> convc.Graph "
-                        "(or a module-level `graph`)")
-    p.add_argument("-o", "--out", metavar="DIR", help="directory to write the files into")
-    p.add_argument("--name", default="model", help="C prefix of the API and the file names (default: model)")
-    p.add_argument("--weights-file", action="store_true", help="put the weights in NAME_weights.c")
-    p.add_argument("--weight-format", choices=WEIGHT_FORMATS, default="bytes",
-                   help="bytes (default): the weights' little-endian bytes as C string literals in a const union "
-                        "(bit-exact, compiles fastest); hex: 32/64-bit hex words of their bits (any byte order); "
-                        "decimal: one C literal per value")
-    p.add_argument("--size", action="store_true",
-                   help="compile the library (arm-none-eabi-gcc for a Cortex-M4F if installed, else the host "
-                        "compiler) and report flash (code + const data) and RAM (arena + stack) per node")
-    p.add_argument("--int8", action="store_true",
-                   help="quantize the model to int8 first (the quantize_int8 pass: int8_t weights, int32_t biases, "
-                        "int8 activations); with --size, the float and int8 figures side by side")
-    p.add_argument("--calibration", metavar="FILE.npz",
-                   help=f"calibration inputs for --int8: arrays keyed by input name, N samples stacked on the batch "
-                        f"axis (default: {CALIBRATION_SAMPLES} random inputs, a weak calibration)")
-    p.add_argument("--pipeline", default="embedded",
-                   help="pass pipeline run before rendering, as in cc.compile (default: embedded, which leaves out "
-                        "the GEMM/Winograd lowerings that need scratch RAM; none: as given)")
-    p.set_defaults(fn=cmd_export)
-    return p
-
-
-def main(argv=None) -> int:
-    """``python -m convc.export MODEL -o DIR [--size]``."""
-    parser = argparse.ArgumentParser(prog="convc")
-    add_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.fn(args)
-    except ConvcError as e:
-        print(f"convc: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

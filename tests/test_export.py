@@ -19,8 +19,9 @@ import pytest
 
 import convc as cc
 from convc.codegen.c import generate
-from convc.export import (add_cli, c_literals, export_c, live_bytes, load_model, main, peak_live_bytes, size_report,
-                          toolchain)
+from convc.cli import build_parser, main as cli_main
+from convc.export import c_literals, export_c, live_bytes, peak_live_bytes, size_report, toolchain
+from convc.loading import load_model
 from convc.models import lenet5, mobilenet_tiny
 from convc.passes import run as run_passes
 from convc.schedule import plan as make_plan
@@ -267,11 +268,13 @@ def test_arm_cross_compile_and_size_agree(exported, tmp_path):
     assert f"flash: {rep.flash:,} bytes" in table and f"RAM:   {rep.ram:,} bytes" in table
 
 
-def test_cli(tmp_path, capsys):
-    import argparse
+def main(argv) -> int:
+    """``convc export ARGV...`` through the one command line."""
+    return cli_main(["export", *argv])
 
-    parser = argparse.ArgumentParser(prog="convc")
-    add_cli(parser.add_subparsers(dest="command"))
+
+def test_cli(tmp_path, capsys):
+    parser = build_parser()
     args = parser.parse_args(["export", "lenet5", "-o", str(tmp_path / "a"), "--name", "net", "--weights-file"])
     assert args.fn(args) == 0
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["net.c", "net.h", "net_test.c", "net_weights.c"]

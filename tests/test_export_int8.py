@@ -20,7 +20,8 @@ import pytest
 
 import convc as cc
 from convc import quant
-from convc.export import (SizeComparison, export_c, int8_graph, main, random_inputs, size_comparison, size_report,
+from convc.cli import main as cli_main
+from convc.export import (SizeComparison, export_c, int8_graph, random_inputs, size_comparison, size_report,
                           toolchain)
 from convc.models import lenet5
 from convc.ops.quantized import activation_clamp
@@ -32,6 +33,11 @@ from test_export import ARM, STRICT, gcc, lib_sources, max_error, need_arm, sh
 def need_quantize_pass():
     if getattr(cc.quantize, "__module__", "") == "convc.ops.quantized":
         pytest.skip("cc.quantize(graph, calibration) (the quantize_int8 pass) is not in this convc")
+
+
+def main(argv) -> int:
+    """``convc export ARGV...`` through the one command line."""
+    return cli_main(["export", *argv])
 
 
 FLASH_TARGET = 70_000       # issue 15: LeNet-5 int8 on the Cortex-M4F

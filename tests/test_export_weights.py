@@ -18,7 +18,8 @@ import pytest
 import convc as cc
 from convc.codegen.env import CTYPES, environment
 from convc.errors import ConvcError
-from convc.export import WEIGHT_FORMATS, c_string, c_words, export_c, main, weight_init
+from convc.cli import main
+from convc.export import WEIGHT_FORMATS, c_string, c_words, export_c, weight_init
 
 STRICT = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic"]
 
@@ -82,7 +83,7 @@ def test_forms_are_what_they_say():
 @pytest.mark.parametrize("fmt", ["hex", "decimal"])
 def test_cli_weight_format(fmt, tmp_path, capsys):
     """``convc export --weight-format``: the chosen form lands in NAME.c."""
-    assert main(["lenet5", "-o", str(tmp_path), "--name", "l", "--weight-format", fmt]) == 0
+    assert main(["export", "lenet5", "-o", str(tmp_path), "--name", "l", "--weight-format", fmt]) == 0
     text = (tmp_path / "l.c").read_text()
     assert bool(re.search(r"union \{ uint32_t bits\[150\]; float v\[150\]; \} l_p_conv1_w", text)) == (fmt == "hex")
     assert bool(re.search(r"static const float l_p_conv1_w\[150\] = \{", text)) == (fmt == "decimal")

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import convc as cc
 from convc import onnx as convc_onnx
-from convc import onnx_validate
+from convc.onnx import validate as onnx_validate
 from convc.onnx import OnnxImportError, from_onnx
 
 

@@ -1,4 +1,4 @@
-"""``convc run`` / ``convc compile`` (``convc.onnx.add_cli``) on an ONNX file
+"""``convc run`` / ``convc compile`` (``convc.cli``) on an ONNX file
 exported from PyTorch, ``convc export MODEL.onnx``, and -- in a brand-new
 virtual environment with only ``pip install '.[onnx]'`` -- ``convc run`` end
 to end."""
@@ -18,7 +18,7 @@ from helpers import REPO, assert_close, subprocess_env
 from torch import nn
 
 from convc.api import TARGETS
-from convc.onnx import main
+from convc.cli import main
 
 
 def _net():

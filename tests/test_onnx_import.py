@@ -3,7 +3,7 @@
 * Conformance: every backend node test case of the onnx package for the ops
   of issue 8, one test each, on the C target (and OpenCL when the build has
   it). The cases that cannot pass are strict xfails whose error must carry the
-  documented reason (``convc.onnx_conformance.EXPECTED_FAILURES``), and
+  documented reason (``convc.onnx.conformance.EXPECTED_FAILURES``), and
   README.md's ONNX section must state the same numbers.
 * Hand-made models for what those cases leave out (SAME_LOWER, pools padded
   past PyTorch's rule, ConvTranspose outputs beyond output_padding, opset < 13
@@ -28,7 +28,7 @@ from onnx.reference import ReferenceEvaluator
 import convc as cc
 from convc.api import TARGETS
 from convc.onnx import OnnxImportError, from_onnx
-from convc.onnx_conformance import EXPECTED_FAILURES, OPS, run_case, select_cases
+from convc.onnx.conformance import EXPECTED_FAILURES, OPS, run_case, select_cases
 
 CASES = {c.name: c for c in select_cases()}
 CONFORMANCE_TARGETS = ["c"] + (["opencl"] if "opencl" in TARGETS else [])

@@ -461,7 +461,7 @@ DEPARTS = {"test_resize_downsample_scales_linear_align_corners":
 
 @pytest.mark.parametrize("name", sorted(NODE_TESTS))
 def test_onnx_node_test(name):
-    from convc.onnx_conformance import run_case, static_bindings
+    from convc.onnx.conformance import run_case, static_bindings
     expected = next((why for pattern, why in UNSUPPORTED_NODE_TESTS if re.search(pattern, name)), None)
     if name in DEPARTS:
         case = NODE_TESTS[name]

@@ -13,7 +13,7 @@ slot (:data:`convc.onnx.STATIC_INPUTS`: Reshape's shape, Pad's pads, Clip's
 bounds, Dropout's ratio and mode) are bound as constants from the case's data;
 every other input is fed at run time.
 
-    python -m convc.onnx_conformance [--target c] [--write FILE]   # the Markdown of README's ONNX section
+    python -m convc.onnx.conformance [--target c] [--write FILE]   # the Markdown of README's ONNX section
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import warnings
 
 import numpy as np
 
-from .errors import ConvcError
+from ..errors import ConvcError
 
 # The ops of issue 8, in its order, then the quantized ops of issue 15.
 OPS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "Relu", "LeakyRelu", "Clip",
@@ -86,7 +86,7 @@ def select_cases(ops=OPS):
 def static_bindings(model, inputs) -> tuple[dict, dict]:
     """Split a case's input arrays into compile-time ``constants`` (inputs in
     a STATIC_INPUTS slot) and run-time feeds, both by ONNX input name."""
-    from .onnx import STATIC_INPUTS
+    from . import STATIC_INPUTS
 
     inits = {i.name for i in model.graph.initializer}
     names = [i.name for i in model.graph.input if i.name not in inits]
@@ -104,8 +104,8 @@ def static_bindings(model, inputs) -> tuple[dict, dict]:
 def run_case(case, target: str = "c") -> None:
     """Import, compile and run one case; returns if it passes, else raises
     ConvcError (convc cannot take it) or AssertionError (wrong numbers)."""
-    from .api import compile as cc_compile
-    from .onnx import from_onnx, node_name
+    from ..api import compile as cc_compile
+    from . import from_onnx, node_name
 
     for inputs, expected in case.data_sets:
         constants, feeds = static_bindings(case.model, inputs)
@@ -122,7 +122,7 @@ def run_case(case, target: str = "c") -> None:
 
 def outcome(case, target: str = "c") -> tuple[bool, str]:
     """(passed, reason): for an import error, every problem it lists."""
-    from .onnx import OnnxImportError
+    from . import OnnxImportError
 
     try:
         run_case(case, target)
@@ -177,7 +177,7 @@ def report(target: str = "c") -> str:
         "",
         f"The backend node tests of onnx {onnx.__version__} for the {len(OPS)} ops convc imports, run on the "
         f"`{target}` target: **{passed} of {len(results)} pass**. Regenerate this section with "
-        f"`python -m convc.onnx_conformance --target {target}`; `tests/test_onnx_import.py` runs every case.",
+        f"`python -m convc.onnx.conformance --target {target}`; `tests/test_onnx_import.py` runs every case.",
         "",
         "Inputs that convc needs at compile time (Reshape's shape, Pad's pads, Clip's bounds, Dropout's ratio "
         "and training mode, the quantized ops' scales and zero points) are bound as constants from the case's "
@@ -202,7 +202,7 @@ def report(target: str = "c") -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m convc.onnx_conformance", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m convc.onnx.conformance", description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default="c", help="convc target (default: c)")
     p.add_argument("--write", metavar="FILE", help="write the Markdown to FILE instead of printing it")
     args = p.parse_args(argv)

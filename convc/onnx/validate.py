@@ -24,7 +24,7 @@ import warnings
 
 import numpy as np
 
-from .errors import ConvcError
+from ..errors import ConvcError
 
 NEWEST_OPSET = 25
 """The newest default-domain opset convc's importer was checked against: the
@@ -87,7 +87,7 @@ def memory_cap() -> tuple[int, str]:
     """Bytes an import may allocate for folded constants and initializers,
     and where the number comes from: :func:`convc.schedule.memory_cap`
     (``CONVC_MAX_MEMORY``, else the memory available now)."""
-    from .schedule import memory_cap as module_cap
+    from ..schedule import memory_cap as module_cap
 
     cap, source = module_cap()
     return (cap, source) if cap is not None else (1 << 62, "no cap: the available memory is unknown")
