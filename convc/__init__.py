@@ -31,6 +31,7 @@ from .calibration import calibrate, quantize  # noqa: F811  (on a Graph: post-tr
 # compiling, costing, differentiating, training, passes, interchange
 from .api import compile  # noqa: A001
 from .runtime.threads import get_num_threads, set_num_threads
+from .runtime.module import StateVersionError  # a pickled module or Trainer from another convc release
 from .cost import cost
 from .explain import explain
 from .tuner import tune
