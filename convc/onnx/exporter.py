@@ -36,7 +36,7 @@ def to_onnx(graph: Graph, opset: int = 17, path=None):
     onnx = _onnx()
     from onnx import helper
 
-    from .schedule import live_nodes
+    from ..schedule import live_nodes
 
     if not isinstance(graph, Graph):
         raise ConvcError(f"to_onnx() takes a convc.Graph, got {type(graph).__name__}")
@@ -71,7 +71,7 @@ def to_onnx(graph: Graph, opset: int = 17, path=None):
             ex.node("Identity", [ex.tensor[n]], [o])
         t = graph.node(n)["type"]
         outputs.append(helper.make_tensor_value_info(o, _ELEM_OF_DTYPE[t.dtype], t.shape))
-    from . import __version__
+    from .. import __version__
 
     g = helper.make_graph(ex.nodes, graph.name, ex.inputs, outputs, ex.initializers)
     ops = [helper.make_opsetid("", opset)]

@@ -174,7 +174,7 @@ def from_onnx(model, input_shapes: dict | None = None, constants: dict | None = 
         check_model(model, lambda problems: OnnxImportError(model.graph.name or "?", problems, invalid=True))
     g = _Importer(model, dict(input_shapes or {}), dict(constants or {}), name, opset).run()
     if fold_qdq and any(g.node(n)["op"] == "quantize" for n in g.nx.nodes):
-        from .passes.qdq import fold_qdq as fold
+        from ..passes.qdq import fold_qdq as fold
         g = fold(g).verify()
     return g
 
