@@ -28,6 +28,15 @@ def report():
     return bench.run(cases=CASES, threads=[1], quick=True)
 
 
+class BenchParser:
+    """``convc bench``'s options, parsed by the one parser of convc.cli."""
+
+    @staticmethod
+    def parse_args(argv):
+        from convc.cli import build_parser
+        return build_parser().parse_args(["bench", *argv])
+
+
 def _row(report, name):
     (row,) = [r for r in report.rows if r.case == name]
     return row
@@ -102,9 +111,7 @@ def test_model_layer_cases_are_listed_and_selected(capsys):
         assert name in cases
     assert cases["resnet3x3_s1"].description.endswith(f"batch {bench.FORWARD_BATCH}")
     assert cases["resnet3x3_s1:dw"].description.endswith(f"batch {bench.GRAD_BATCH}")
-    import argparse
-    p = argparse.ArgumentParser()
-    bench.add_arguments(p)
+    p = BenchParser()
     assert bench.cmd_bench(p.parse_args(["--list", "--cases", "r18"])) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 10 and out[0].startswith("r18_3x3_64_b1 ") and "batch 1" in out[0]
@@ -314,9 +321,7 @@ def test_choose_models_and_the_command_line(capsys):
     assert [c.name for c in bench.choose()] == [c.name for c in bench.suite()]
     with pytest.raises(ConvcError, match="no case matches 'nosuchnet'"):
         bench.choose(models="nosuchnet")
-    import argparse
-    p = argparse.ArgumentParser()
-    bench.add_arguments(p)
+    p = BenchParser()
     args = p.parse_args(["--models", "--quick"])
     assert args.models == "*" and args.quick and args.profile == 0
     args = p.parse_args(["--models", "resnet18", "--profile"])
