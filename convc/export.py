@@ -3,8 +3,10 @@
 ``export_c(graph, out_dir, name)`` writes ``NAME.h`` (the API: ``NAME_run``,
 ``NAME_run_with_arena``, size macros, shapes and layout), ``NAME.c`` (one
 static function per node, rendered from the same ``templates/c/<op>.c.j2``
-and the same memory plan as the runtime, plus the weights as ``static const``
-arrays unless ``weights_file``, which moves them to ``NAME_weights.c``) and
+and the same memory plan as the runtime, plus the weights as const data --
+by default string literals of their bytes in a union with the typed array,
+see ``weight_format`` -- unless ``weights_file``, which moves them to
+``NAME_weights.c``) and
 ``NAME_test.c``, a host harness that embeds test vectors computed by the
 reference interpreter and prints the maximum error.
 

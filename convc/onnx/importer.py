@@ -145,7 +145,7 @@ def from_onnx(model, input_shapes: dict | None = None, constants: dict | None = 
     params keep their ONNX names where convc allows them (see
     :func:`node_name`), outputs become C identifiers (:func:`c_name`).
     Raises :class:`OnnxImportError` listing every unsupported node, or every
-    way the model breaks ONNX's rules (see :mod:`convc.onnx_validate`: names,
+    way the model breaks ONNX's rules (see :mod:`convc.onnx.validate`: names,
     topological order, versions, tensor sizes); constants folded at import
     are capped (``CONVC_MAX_MEMORY``). External data needs the model's path.
 
