@@ -291,8 +291,11 @@ class WinogradKernel(Op):
         if attrs["flip"]:
             w = w[:, :, ::-1, ::-1]
         g = TRANSFORMS[attrs["tile"]].g
-        u = np.einsum("ik,ockl,jl->ijoc", g, w.astype(np.float64), g)
-        return u.astype(w.dtype)
+        # G w G^T of every (o, c) kernel as one matmul: u[(i, j)] = sum over (k, l) of
+        # (G kron G)[(i, j), (k, l)] w[o, c, k, l], already in the (T, T, C_out, C_in) layout
+        o, c, r, _ = w.shape
+        u = np.kron(g, g) @ w.reshape(o * c, r * r).T.astype(np.float64)
+        return u.reshape(g.shape[0], g.shape[0], o, c).astype(w.dtype)
 
     def context(self, attrs, types, out):
         (w,) = types
