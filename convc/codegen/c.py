@@ -3,6 +3,7 @@ rendered from ``templates/c/<op>.c.j2``, plus one exported entry point that
 calls them in schedule order on buffers from the planned arena."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .. import __version__
@@ -15,13 +16,20 @@ from .env import CL_TYPES, CTYPES, Namer, environment
 
 @dataclass
 class CSource:
-    text: str                                   # the C translation unit
+    text: str                                   # the C source: every file, the entry point's first
     entry: str                                  # exported function name
     signature: str                              # its prototype (also the cffi cdef)
     inputs: list[tuple[str, TensorType]]        # in argument order
     outputs: list[tuple[str, TensorType]]
     plan: Plan
     profile_signature: str | None = None        # set when built with per-node timers
+    files: dict[str, str] | None = None         # several translation units: file name -> text (entry first)
+
+    @property
+    def units(self) -> dict[str, str]:
+        """The translation units to compile into one library: file name ->
+        text, ``module.c`` (the entry point) first."""
+        return self.files or {"module.c": self.text}
 
 
 def describe(g: Graph, n: str) -> str:
@@ -31,10 +39,19 @@ def describe(g: Graph, n: str) -> str:
     return f"{n}: {d['op']}({args}) {attrs} -> {d['type']}".replace("*/", "* /")
 
 
-def generate(g: Graph, plan: Plan | None = None, profile: bool = False) -> CSource:
-    """Render ``g`` as one C translation unit. ``profile`` adds a timer around
-    every node call and an exported ``<graph>_profile()`` returning the
-    accumulated seconds per node (in schedule order)."""
+def generate(g: Graph, plan: Plan | None = None, profile: bool = False, parts: int | None = None) -> CSource:
+    """Render ``g`` as C: one static function per node, one exported entry
+    point. ``profile`` adds a timer around every node call and an exported
+    ``<graph>_profile()`` returning the accumulated seconds per node (in
+    schedule order).
+
+    Nodes whose functions are identical but for their names share one
+    function. A big module is split into several translation units that the
+    build compiles in parallel (``runtime/build.py``): ``module.c`` with the
+    entry point, and ``module_part<k>.c`` files holding the node functions,
+    spread by size. ``parts``: how many function files at most (default
+    :func:`unit_count`: one per core, each at least :data:`SPLIT_BYTES` of
+    C); 1 keeps one translation unit."""
     g.verify()
     plan = plan or make_plan(g)
     name = Namer(reserved=("params", "arena"))
@@ -62,19 +79,119 @@ def generate(g: Graph, plan: Plan | None = None, profile: bool = False) -> CSour
         param_ptrs.append(dict(T=ctype(n), var=var[n], offset=off, note=f"{n} {g.node(n)['type']}",
                                const="" if n in g.assigns else "const "))
     arena_ptrs = bind_buffers(g, plan, name, var, out_var)
-    functions, calls = node_functions(g, plan, name, var, parallel=True)
+    functions, calls = share_identical(*node_functions(g, plan, name, var, parallel=True))
     copies = output_copies(g, var, out_var)
     for p, n in g.assigns.items():      # after every node has run: no reader sees a new value early
         copies.append(dict(dst=var[p], src=var[n], size=g.node(n)["type"].size, what=f"assign {p}"))
 
-    text = environment().get_template("c/module.c.j2").render(
-        version=__version__, graph=g.name, hash=g.structure_hash(), signature=signature,
-        functions=functions, param_ptrs=param_ptrs, arena_ptrs=arena_ptrs, calls=calls, copies=copies,
+    env, hash_ = environment(), g.structure_hash()
+    groups = split_units(functions, unit_count(functions) if parts is None else parts)
+    externs = [] if len(groups) == 1 else [prototype(fn, f) for fn, f in functions]
+    text = env.get_template("c/module.c.j2").render(
+        version=__version__, graph=g.name, hash=hash_, signature=signature,
+        functions=[f for _, f in functions] if len(groups) == 1 else [], externs=externs, parts=len(groups),
+        param_ptrs=param_ptrs, arena_ptrs=arena_ptrs, calls=calls, copies=copies,
         arena_bytes=plan.arena_bytes, params_bytes=plan.params_bytes, state=bool(g.assigns),
         inputs=[(var[n], t) for n, t in inputs], outputs=[(out_var[o], t) for o, t in outputs],
         profile=profile, profile_fn=f"{entry[:-4]}_profile")
+    files = None
+    if len(groups) > 1:
+        files = {"module.c": text}
+        for k, group in enumerate(groups, 1):
+            files[f"module_part{k}.c"] = env.get_template("c/module_part.c.j2").render(
+                version=__version__, graph=g.name, hash=hash_, part=k, parts=len(groups),
+                functions=[external(fn, f) for fn, f in group])
+        text = "\n".join(f"/* ===== {fname} ===== */\n{t}" for fname, t in files.items())
     return CSource(text, entry, signature, inputs, outputs, plan,
-                   f"double *{entry[:-4]}_profile(void)" if profile else None)
+                   f"double *{entry[:-4]}_profile(void)" if profile else None, files)
+
+
+# -- sharing identical functions, splitting into translation units ----------
+_COMMENT = re.compile(r"/\*.*?\*/", re.S)
+
+
+def _head(function: str, fn: str):
+    """The definition line of node function ``fn`` in its text: groups
+    (return type, name, parameters)."""
+    m = re.search(rf"^static (void|int) ({fn})\(([^)]*)\)\n\{{", function, re.M)
+    if m is None:
+        raise RuntimeError(f"node function {fn} has no 'static void|int {fn}(...)' line: {function[:200]!r}")
+    return m
+
+
+def share_identical(functions: list[str], calls: list[dict]) -> tuple[list[tuple[str, str]], list[dict]]:
+    """Nodes whose functions are the same code (the same text but for the
+    function's name and comments: e.g. the equal 3x3 convolutions of a
+    DenseNet block) call one function, the first one's; the C compiler then
+    compiles it once. A shared function says which nodes call it. Returns
+    the (name, text) of each function kept, and ``calls`` updated."""
+    first: dict[str, int] = {}
+    users: dict[int, list[str]] = {}
+    kept: list[tuple[str, str]] = []
+    for f, c in zip(functions, calls):
+        fn = c["fn"]
+        key = _COMMENT.sub("", f).replace(fn, "@fn@")
+        if key in first:
+            k = first[key]
+            users[k].append(c["node"])
+            c["fn"] = kept[k][0]
+            continue
+        first[key] = len(kept)
+        users[len(kept)] = [c["node"]]
+        kept.append((fn, f))
+    for k, nodes in users.items():
+        if len(nodes) > 1:
+            fn, f = kept[k]
+            at = _head(f, fn).start()
+            names = ", ".join(n.replace("*/", "* /") for n in nodes[1:])
+            kept[k] = fn, f"{f[:at]}/* Also called for {len(nodes) - 1} other node(s) with the same code: {names}. */\n{f[at:]}"
+    return kept, calls
+
+
+SPLIT_BYTES = 1 << 16
+"""Generated C per translation unit below which a module is not split: a
+unit of its own costs a compiler process and a parse of the prelude (tens of
+milliseconds), which a much smaller share of the functions would not win
+back. The number of units is also bounded by the cores (``unit_count``)."""
+
+
+def unit_count(functions: list[tuple[str, str]]) -> int:
+    """How many files of node functions to compile in parallel: one per core
+    of this host, but no more than there are :data:`SPLIT_BYTES` of C."""
+    from ..host import probe
+
+    size = sum(len(f) for _, f in functions)
+    return max(1, min(probe().cores, size // SPLIT_BYTES))
+
+
+def split_units(functions: list[tuple[str, str]], parts: int) -> list[list[tuple[str, str]]]:
+    """Spread ``functions`` over at most ``parts`` groups of about the same
+    size (the largest function first into the smallest group), each keeping
+    schedule order; one group when ``parts`` <= 1."""
+    parts = max(1, min(parts, len(functions)))
+    if parts == 1:
+        return [functions]
+    load = [0] * parts
+    where: list[list[int]] = [[] for _ in range(parts)]
+    for i in sorted(range(len(functions)), key=lambda i: (-len(functions[i][1]), i)):
+        k = min(range(parts), key=lambda k: (load[k], k))
+        load[k] += len(functions[i][1])
+        where[k].append(i)
+    return [[functions[i] for i in sorted(idx)] for idx in where if idx]
+
+
+def prototype(fn: str, function: str) -> str:
+    """The declaration of node function ``fn`` (defined by ``function``), as
+    ``module.c`` sees it when it is defined in another translation unit."""
+    m = _head(function, fn)
+    return f"CONVC_NODE {m.group(1)} {m.group(2)}({m.group(3)});"
+
+
+def external(fn: str, function: str) -> str:
+    """Node function ``fn`` as another translation unit calls it: not
+    ``static``, but hidden (not exported from the shared library)."""
+    m = _head(function, fn)
+    return function[:m.start()] + "CONVC_NODE" + function[m.start() + len("static"):]
 
 
 # -- pieces shared with the embedded export (convc/export.py) ----------------
