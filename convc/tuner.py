@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -389,7 +388,7 @@ def _pipeline_prefix(names: list[str]) -> list[str]:
 
 
 def tune(graph: Graph, budget: float = 120.0, passes=None, progress: bool = True, save: bool = True,
-         database: tuning.Database | None = None, seed: int = 0) -> TuneReport:
+         database: tuning.Database | None = None, seed: int = 0, quiet: bool = False) -> TuneReport:
     """Measure the candidate implementations of every distinct conv-like
     node of ``graph`` on this machine, at the current thread count
     (``cc.set_num_threads``), and save the fastest correct one per op
@@ -397,8 +396,19 @@ def tune(graph: Graph, budget: float = 120.0, passes=None, progress: bool = True
     ``database``). ``budget``: seconds for the whole search (compiles
     included); ``passes``: the pipeline the graph will be compiled with
     (default: "train" for a graph that updates params, else "default");
-    ``progress``: one line per signature on stderr. Returns a
-    :class:`TuneReport` (print it for the table)."""
+    ``progress``: one line per signature on stderr. ``quiet``: neither
+    those lines nor the progress line (``convc.progress``: the signature
+    being measured, rewritten in place, when stderr is a terminal). Returns
+    a :class:`TuneReport` (print it for the table)."""
+    from .progress import Progress
+
+    with Progress(f"tune '{getattr(graph, 'name', '?')}'", quiet=quiet) as line:
+        return _tune(graph, budget, passes, progress and not quiet, save, database, seed, line)
+
+
+def _tune(graph, budget, passes, progress, save, database, seed, line) -> TuneReport:
+    """:func:`tune`, reporting each op signature it measures to ``line``
+    (a ``convc.progress.Progress``)."""
     from .passes import manager
     from .reference import evaluate
     from .runtime.threads import get_num_threads
@@ -412,7 +422,7 @@ def tune(graph: Graph, budget: float = 120.0, passes=None, progress: bool = True
     names = manager.resolve(pipeline)
     host, threads = probe(), get_num_threads()
     db = database if database is not None else tuning.Database.load(host)
-    say = (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
+    say = line.say if progress else (lambda s: None)
     with tuning.using(None):
         lowered = manager.run(graph, _pipeline_prefix(names))
     from .ops import get_op
@@ -433,6 +443,7 @@ def tune(graph: Graph, budget: float = 120.0, passes=None, progress: bool = True
     # time per candidate: enough runs for a stable median, within a share of the budget
     for k, sig in enumerate(order):
         n = groups[sig][0]
+        line.update(f"[{k + 1}/{len(order)}] {n}")
         t = OpTuning(sig, lowered.node(n)["op"], n, len(groups[sig]), macs(n), peak_gflops=peak)
         results.append(t)
         share = clock.left / (len(order) - k)

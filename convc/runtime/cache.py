@@ -67,10 +67,10 @@ MARKER_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n"
                "# For information about cache directory tags see https://bford.info/cachedir/\n")
 _KEY = re.compile(r"[0-9a-f]{64}")
 #: names convc itself creates directly under the root (besides the key shards)
-OWN_SUBDIRS = ("probes", "tuning", "bench-onnx")
+OWN_SUBDIRS = ("probes", "tuning", "bench-onnx", "modules")
 #: files a build leaves in an entry while it runs: the compiler's output (and
-#: its pre-``.build-`` name), the manifest being written
-_STALE = (re.compile(r"\.build-[^/]*\.so"), re.compile(r"tmp[A-Za-z0-9_]{8}\.so"), re.compile(r"manifest\.json\.\d+"))
+#: its pre-``.build-`` name), the object files of a several-unit build, the manifest being written
+_STALE = (re.compile(r"\.build-[^/]*\.so"), re.compile(r"\.build-[^/]*\.o"), re.compile(r"tmp[A-Za-z0-9_]{8}\.so"), re.compile(r"manifest\.json\.\d+"))
 _MAX_MANIFEST = 1 << 20
 
 
@@ -437,7 +437,8 @@ def clean_entry(d: Path) -> list[str]:
         st = os.lstat(p)
         if any(r.fullmatch(name) for r in _STALE) and not stat.S_ISDIR(st.st_mode):
             os.unlink(p)
-        elif name in ("module.so", "manifest.json", "module.c") and not stat.S_ISREG(st.st_mode):
+        elif (name in ("module.so", "manifest.json", "module.c") or re.fullmatch(r"module_part\d+\.c", name)) \
+                and not stat.S_ISREG(st.st_mode):
             if stat.S_ISDIR(st.st_mode):
                 shutil.rmtree(p)            # never follows symbolic links inside
             else:
@@ -544,7 +545,8 @@ def _remove_entry(d: Path) -> bool:
 
 
 _OWN_FILES = {"probes": re.compile(r"threads-[0-9a-f]{16}(\.so|\.\d+\.(c|tmp))"),
-              "bench-onnx": re.compile(r"[A-Za-z0-9._-]+\.onnx(\.\d+\.tmp)?")}
+              "bench-onnx": re.compile(r"[A-Za-z0-9._-]+\.onnx(\.\d+\.tmp)?"),
+              "modules": re.compile(r"[0-9a-f]{64}\.(json|npz)(\.\d+\.tmp)?")}     # runtime/module_cache.py
 
 
 def clear(root: Path | None = None) -> tuple[list[Path], list[Path]]:
