@@ -20,7 +20,7 @@ import pytest
 import convc as cc
 from convc.codegen.c import generate
 from convc.cli import build_parser, main as cli_main
-from convc.export import c_literals, export_c, live_bytes, peak_live_bytes, size_report, toolchain
+from convc.export import c_literals, c_string, export_c, live_bytes, peak_live_bytes, size_report, toolchain
 from convc.loading import load_model
 from convc.models import lenet5, mobilenet_tiny
 from convc.passes import run as run_passes
@@ -36,7 +36,7 @@ ALLOWED_UNDEFINED = {"memcpy", "memset", "memmove"} | {
     f + s for f in ("exp", "log", "tanh", "sqrt", "fabs", "pow", "floor", "ceil", "fmax", "fmin", "expm1",
                     "log1p", "erf") for s in ("", "f")}
 # id -> (builder, export name, weights in NAME_weights.c, pass pipeline, weight format)
-MODELS = {"lenet5": (lenet5, "lenet", False, "embedded", "hex"),
+MODELS = {"lenet5": (lenet5, "lenet", False, "embedded", "bytes"),
           "mobilenet_tiny": (mobilenet_tiny, "mnet", True, "embedded", "hex"),
           "mobilenet_tiny-unfused": (mobilenet_tiny, "mnet", False, "none", "decimal")}
 
@@ -79,8 +79,8 @@ def lib_sources(exp):
 def exported(request, tmp_path_factory):
     """(graph, Export): LeNet with its weights inside NAME.c, the MobileNet-style
     net with them in NAME_weights.c (after the default pipeline: fused conv +
-    ReLU, fused separable blocks), and the MobileNet-style net unfused (its
-    weights as decimal literals, the others' as hex words)."""
+    ReLU, fused separable blocks), and the MobileNet-style net unfused; the
+    weights in each of the three forms (bytes, hex words, decimal literals)."""
     build, name, weights_file, passes, weight_format = MODELS[request.param]
     g = build()
     out = tmp_path_factory.mktemp(f"export-{name}")
@@ -105,10 +105,17 @@ def test_harness_detects_a_wrong_result(exported, tmp_path):
     weights = tmp_path / (f"{exp.name}_weights.c" if (tmp_path / f"{exp.name}_weights.c").exists()
                           else f"{exp.name}.c")
     text = weights.read_text()
-    # the first weight: a decimal literal, or a float's bits as a hex word in the packed form (9.0f: 0x41100000)
-    first = re.search(r"= \{ ?\{?   /\* .*\n    (-?[0-9.e+-]+f|0x[0-9a-f]{8})", text)
-    weights.write_text(text[:first.start(1)] + ("0x41100000" if first.group(1).startswith("0x") else "9.0f")
-                       + text[first.end(1):])
+    # the first weight becomes 9.0f: a decimal literal, a float's bits as a hex word (0x41100000), or the
+    # first four bytes of the first string literal (decoded: raw characters and octal escapes; re-encoded)
+    first = re.search(r"= \{ ?\{?   /\* .*\n    (-?[0-9.e+-]+f|0x[0-9a-f]{8}|\"[^\n]*\")", text)
+    old = first.group(1)
+    if old.startswith('"'):
+        data = re.sub(r"\\([0-7]{1,3})", lambda m: chr(int(m.group(1), 8)), old[1:-1]).encode("latin-1")
+        assert c_string(data) == [old]                  # the decoding is right: it encodes back to the same line
+        new = c_string(np.float32(9.0).tobytes() + data[4:])[0]
+    else:
+        new = "0x41100000" if old.startswith("0x") else "9.0f"
+    weights.write_text(text[:first.start(1)] + new + text[first.end(1):])
     sh([gcc(), "-std=c99", "-O2", "-o", "harness", f"{exp.name}_test.c", *lib_sources(exp), "-lm"], tmp_path)
     run = sh(["./harness"], tmp_path, check=False)
     assert run.returncode == 1 and "FAIL" in run.stdout and max_error(run.stdout) > TOLERANCE, run.stdout
