@@ -63,10 +63,6 @@ CANNOT_PASS = [
      r"block_size=\d+ \(blocked quantization\) is not supported",
      ["test_dequantizelinear_blocked", "test_quantizelinear_blocked_asymmetric",
       "test_quantizelinear_blocked_symmetric"]),
-    ("ConvInteger's int32 output: qconv has no raw (unrequantized) output yet; the importer maps ConvInteger to "
-     "qconv(dtype='int32') for when it does",
-     r"qconv\): dtype must be one of \('int8', 'uint8'\), got 'int32'",
-     ["test_convinteger_with_padding", "test_convinteger_without_padding"]),
 ]
 EXPECTED_FAILURES: dict[str, tuple[str, str]] = {case: (why, pattern) for why, pattern, cases in CANNOT_PASS
                                                  for case in cases}
