@@ -402,12 +402,12 @@ def tune(graph: Graph, budget: float = 120.0, passes=None, progress: bool = True
     a :class:`TuneReport` (print it for the table)."""
     from .progress import Progress
 
-    with Progress(f"tune '{getattr(graph, 'name', '?')}'", quiet=quiet) as line:
-        return _tune(graph, budget, passes, progress and not quiet, save, database, seed, line)
+    with Progress(f"tune '{getattr(graph, 'name', '?')}'", quiet=quiet) as bar:
+        return _tune(graph, budget, passes, progress and not quiet, save, database, seed, bar)
 
 
-def _tune(graph, budget, passes, progress, save, database, seed, line) -> TuneReport:
-    """:func:`tune`, reporting each op signature it measures to ``line``
+def _tune(graph, budget, passes, progress, save, database, seed, bar) -> TuneReport:
+    """:func:`tune`, reporting each op signature it measures to ``bar``
     (a ``convc.progress.Progress``)."""
     from .passes import manager
     from .reference import evaluate
@@ -422,7 +422,7 @@ def _tune(graph, budget, passes, progress, save, database, seed, line) -> TuneRe
     names = manager.resolve(pipeline)
     host, threads = probe(), get_num_threads()
     db = database if database is not None else tuning.Database.load(host)
-    say = line.say if progress else (lambda s: None)
+    say = bar.say if progress else (lambda s: None)
     with tuning.using(None):
         lowered = manager.run(graph, _pipeline_prefix(names))
     from .ops import get_op
@@ -443,7 +443,7 @@ def _tune(graph, budget, passes, progress, save, database, seed, line) -> TuneRe
     # time per candidate: enough runs for a stable median, within a share of the budget
     for k, sig in enumerate(order):
         n = groups[sig][0]
-        line.update(f"[{k + 1}/{len(order)}] {n}")
+        bar.update(f"[{k + 1}/{len(order)}] {n}")
         t = OpTuning(sig, lowered.node(n)["op"], n, len(groups[sig]), macs(n), peak_gflops=peak)
         results.append(t)
         share = clock.left / (len(order) - k)

@@ -110,14 +110,14 @@ def _digest(a: np.ndarray) -> str:
 def _enc(v):
     """``v`` as JSON that :func:`_dec` turns back into an equal value of the
     same type (tuples stay tuples, numpy scalars keep their dtype)."""
+    if isinstance(v, np.generic):           # first: np.float64 is also a float
+        return {"np": v.dtype.str, "v": _enc(v.item())}
     if v is None or isinstance(v, (bool, str)):
         return v
     if isinstance(v, int):
         return v
     if isinstance(v, float):
         return v if np.isfinite(v) else {"float": repr(v)}
-    if isinstance(v, np.generic):
-        return {"np": v.dtype.str, "v": _enc(v.item())}
     if isinstance(v, np.ndarray):
         return {"arr": v.dtype.str, "shape": list(v.shape), "v": [_enc(x) for x in v.reshape(-1).tolist()]}
     if isinstance(v, tuple):
@@ -209,18 +209,24 @@ class _Reader:
             for slot, src in enumerate(r["inputs"]):
                 g.nx.add_edge(src, r["name"], key=slot, slot=slot)
         g.outputs, g.assigns, g._counter = dict(rec["outputs"]), dict(rec["assigns"]), dict(rec["counter"])
+        folds = []
         for r in rec["nodes"]:
             if "folded" in r:
                 recipe = self.recipes[r["folded"]]
                 f = Folded(self.graph(recipe["graph"]), recipe["node"], tuple(recipe["roots"]))
-                d = g.nx.nodes[r["name"]]
-                d["folded"] = f
-                value = f.recompute({n: f.graph.node(n)["value"] for n in f.roots})
-                d["value"] = _frozen(np.asarray(value, dtype=d["type"].dtype))
+                g.nx.nodes[r["name"]]["folded"] = f
+                folds.append((g.nx.nodes[r["name"]], f))
             elif "value" in r:
                 v = r["value"]
                 g.nx.nodes[r["name"]]["value"] = (self.source.node(v["source"])["value"] if "source" in v
                                                   else _frozen(self.arrays[v["npz"]]))
+
+        def refold(job):
+            d, f = job
+            value = f.recompute({n: f.graph.node(n)["value"] for n in f.roots})
+            d["value"] = _frozen(np.asarray(value, dtype=d["type"].dtype))
+        for job in folds:
+            refold(job)
         return g
 
 
