@@ -92,3 +92,20 @@ def test_cli_weight_format(fmt, tmp_path, capsys):
 def test_bad_weight_format_is_refused(tmp_path):
     with pytest.raises(ConvcError, match="weight format 'words'.*bytes, hex, decimal"):
         export_c(cc.models.lenet5(), tmp_path, weight_format="words")
+
+
+def test_big_endian_target_stops_at_the_bytes_form(tmp_path):
+    """A big-endian target (arm-none-eabi-gcc -mbig-endian) cannot compile the
+    bytes form (its little-endian bytes would be read wrong): an #error that
+    says to use hex; the hex form compiles there."""
+    from test_export import need_arm
+    need_arm()
+    g = cc.models.lenet5()
+    flags = ["arm-none-eabi-gcc", "-mcpu=cortex-m4", "-mthumb", "-mbig-endian", *STRICT, "-Os", "-c"]
+    for fmt, ok in (("bytes", False), ("hex", True)):
+        export_c(g, tmp_path / fmt, name="net", weights_file=True, harness=False, weight_format=fmt)
+        run = subprocess.run([*flags, "net_weights.c", "-o", "w.o"], cwd=tmp_path / fmt, capture_output=True,
+                             text=True)
+        assert (run.returncode == 0) == ok, run.stderr
+        if not ok:
+            assert "export with --weight-format hex for a big-endian target" in run.stderr
