@@ -339,3 +339,16 @@ def test_the_vnni_source_builds_for_a_cortex_m4(tmp_path, monkeypatch):
     objdump = shutil.which("arm-none-eabi-objdump")
     if objdump:
         assert "vpdpbusd" not in subprocess.run([objdump, "-d", str(out)], capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize("target", helpers.__getattr__("TARGETS")[1:])
+def test_weight_ops_run_unfolded(target):
+    """Without fold_params (a custom pass list, the explain page's steps)
+    qgemm_weights and qgemm_bias run as nodes in the generated code."""
+    rng = np.random.default_rng(12)
+    g, x = qconv_graph(CASES[0], rng)
+    lowered = run_passes(g, ["qconv_to_gemm"])
+    ops = [lowered.node(n)["op"] for n in lowered.topological_order()]
+    assert "qgemm_weights" in ops and "qgemm_bias" in ops
+    want = cc.compile(g, target="numpy")(x=x)
+    assert np.array_equal(cc.compile(lowered, target=target, passes="none")(x=x), want)

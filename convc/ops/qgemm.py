@@ -254,6 +254,7 @@ class QGemmWeights(Op):
     K running (ky, kx, c) with C padded to a multiple of 4 (the order of
     ``qgemm_planes``' groups), zero-padded to rows >= M and depth >= K."""
     name = "qgemm_weights"
+    inputs = ("w",)
 
     def normalize(self, attrs, types):
         return dict(rows=_int(attrs["rows"], "rows"), depth=_int(attrs["depth"], "depth"))
