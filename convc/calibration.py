@@ -481,7 +481,7 @@ def save_python(g: Graph, path) -> tuple[Path, Path]:
     params = {f"p{i}": g.node(n)["value"] for i, n in enumerate(g.param_names)}
     key = {n: f"p{i}" for i, n in enumerate(g.param_names)}
     lines = [f'"""The graph \'{g.name}\' as written by convc (calibrate.save_python); its params are in',
-             f'{npz.name}. Load it with convc.export.load_model or any convc command taking a MODEL."""',
+             f'{npz.name}. Load it with convc.loading.load_model or any convc command taking a MODEL."""',
              "from pathlib import Path", "", "import numpy as np", "", "import convc as cc", "",
              'inf, nan = float("inf"), float("nan")', "", "",
              "def build() -> cc.Graph:",

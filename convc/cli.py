@@ -3,9 +3,8 @@
 Every command is a ``cmd_*(args) -> int`` function: the general ones here
 (demo, run, compile, passes, tune, quantize, devices, cache), the others
 beside what they drive (:func:`convc.export.cmd_export`,
-:func:`convc.bench.cmd_bench`, :func:`convc.bench_torch.cmd_bench_torch`;
-``convc explain`` registers itself from :mod:`convc.explain`), imported only
-when their command runs. ``python -m convc COMMAND ...`` is the same.
+:func:`convc.bench.cmd_bench`, :func:`convc.bench_torch.cmd_bench_torch`,
+:func:`convc.explain.cmd_explain`), imported only when their command runs. ``python -m convc COMMAND ...`` is the same.
 """
 from __future__ import annotations
 
@@ -527,9 +526,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--net", action="append", metavar="NET",
                    help="resnet18-style or mobilenet_v2-style (repeatable; default: both)")
     b.set_defaults(fn=cmd_bench)
-    from convc.explain import add_cli as add_explain_cli
-
-    add_explain_cli(sub)
+    ex = sub.add_parser("explain", help="write one HTML page that shows what every pass did to a model: IR diff, "
+                                        "graph, cost, measured error, decline reasons, memory plan, per-node "
+                                        "time and C")
+    ex.add_argument("model", help="an ONNX file, a bundled model name such as lenet5, or a Python file defining "
+                                  "build() -> Graph")
+    ex.add_argument("-o", "--output", default="report.html", help="the page to write (default report.html)")
+    ex.add_argument("--pipeline", default="default", help=f"pipeline name: {', '.join(PIPELINES)} (default: default)")
+    ex.add_argument("--passes", help="comma-separated pass names instead of a pipeline")
+    ex.add_argument("--inputs", metavar="FILE.npz", help="inputs to measure the error on (default: random)")
+    ex.add_argument("--no-compiled", action="store_true", help="measure each step on the reference only (faster: "
+                                                                "no C compile per step)")
+    ex.add_argument("--no-timing", action="store_true", help="do not time the nodes on this machine")
+    ex.add_argument("--quiet", action="store_true", help="no progress line")
+    ex.set_defaults(fn=_lazy("convc.explain", "cmd_explain"))
     dv = sub.add_parser("devices", help="list the OpenCL devices and the one the opencl target picks")
     dv.set_defaults(fn=cmd_devices)
     c = sub.add_parser("cache", help="show (or --clear) the compile cache")

@@ -258,16 +258,16 @@ def explain(g: Graph, pipeline="default", inputs=None, compiled: bool = True, ti
 
 
 def node_times(g: Graph, feeds: dict, runs: int = 20, budget: float = 2.0) -> dict[str, float]:
-    """Median-ish seconds per call of each node of ``g`` (as given: no
-    passes), from the per-node timers of a profiled build: total over the
-    runs divided by their number (at most ``budget`` seconds of runs)."""
+    """Mean seconds per call of each node of ``g`` (as given: no passes),
+    from the per-node timers of a profiled build: their totals over ``runs``
+    calls (fewer, at least 3, once ``budget`` seconds have passed) divided
+    by the number of calls."""
     from .api import compile as cc_compile
+    from .timing import times_in_turn
 
     mod = cc_compile(g, target="c", passes="none", profile=True)
-    t0, n = time.perf_counter(), 0
-    while n < runs and (n == 0 or time.perf_counter() - t0 < budget):
-        mod.run(feeds)
-        n += 1
+    n = len(times_in_turn([lambda: mod.run(feeds)], min_rounds=runs, seconds=0.0, max_seconds=budget,
+                          max_rounds=runs, warmup=0)[0])
     return {k: v / n for k, v in mod.profile().items()}
 
 
@@ -550,29 +550,9 @@ def _pass_doc(name: str) -> str:
 
 
 # -- the command ---------------------------------------------------------------------
-def add_cli(subparsers):
-    """Register ``convc explain`` on an ``argparse`` subparsers object."""
-    from .passes import PIPELINES
-
-    p = subparsers.add_parser(
-        "explain", help="write one HTML page that shows what every pass did to a model: IR diff, graph, cost, "
-                        "measured error, decline reasons, memory plan, per-node time and C")
-    p.add_argument("model", help="an ONNX file, a bundled model name such as lenet5, or a Python file defining "
-                                 "build() -> Graph")
-    p.add_argument("-o", "--output", default="report.html", help="the page to write (default report.html)")
-    p.add_argument("--pipeline", default="default", help=f"pipeline name: {', '.join(PIPELINES)} (default: default)")
-    p.add_argument("--passes", help="comma-separated pass names instead of a pipeline")
-    p.add_argument("--inputs", metavar="FILE.npz", help="inputs to measure the error on (default: random)")
-    p.add_argument("--no-compiled", action="store_true", help="measure each step on the reference only (faster: "
-                                                               "no C compile per step)")
-    p.add_argument("--no-timing", action="store_true", help="do not time the nodes on this machine")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
-    p.set_defaults(fn=_cmd)
-    return p
-
-
-def _cmd(args) -> int:
-    from .export import load_model
+def cmd_explain(args) -> int:
+    """``convc explain MODEL -o report.html`` (its options are in convc/cli.py)."""
+    from .loading import load_model
 
     g = load_model(args.model)
     pipeline = [s.strip() for s in args.passes.split(",") if s.strip()] if args.passes else args.pipeline
