@@ -345,6 +345,9 @@ def tensor_array(t, cap: int) -> np.ndarray:
         raise Refusal(f"onnx cannot read it: {type(e).__name__}: {e}") from None
     if tuple(arr.shape) != dims:
         raise Refusal(f"its data has shape {tuple(arr.shape)}, its dims say {dims}")
+    if not (arr.flags.owndata and arr.flags.c_contiguous):
+        arr = np.array(arr, order="C")      # (onnx returns a view; one tensor's copy, its base freed at once)
+    arr.flags.writeable = False             # immutable: a param made of it shares it (ir.frozen), no second copy
     return arr
 
 
