@@ -372,6 +372,12 @@ def cmd_bench(args) -> int:
     ``--torch`` the torch.compile comparison (:func:`convc.bench_torch.cmd_bench_torch`)."""
     torch_only = {"--repeats": args.repeats is not None, "--no-inductor": args.no_inductor, "--size": args.size is not None,
                   "--net": bool(args.net)}
+    if args.compile:
+        from convc.compile_timing import MODELS
+        if args.repeats is not None or args.no_inductor or args.size is not None or args.torch:
+            raise ConvcError("convc bench --compile takes only --net (torchvision model names, default "
+                             f"{', '.join(MODELS)})")
+        return _lazy("convc.compile_timing", "cmd_bench_compile")(args)
     if args.torch:
         from convc.bench_torch import NETS
         unknown = [n for n in args.net or [] if n not in NETS]
@@ -520,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = b.add_argument_group("--torch", "batch-1 latency of torch.compile(backend='convc') beside PyTorch eager "
                                         "and inductor (convc.bench_torch), instead of the suite")
     t.add_argument("--torch", action="store_true", help="run this comparison")
+    b.add_argument("--compile", action="store_true",
+                   help="instead of the suite: cold and cached compile time and peak RSS of torchvision models "
+                        "via ONNX, each compile in a fresh process (--net NAME: which; default vgg11, densenet121)")
     t.add_argument("--repeats", type=int, default=None, help="timed calls per backend, interleaved (default 30)")
     t.add_argument("--no-inductor", action="store_true", help="leave out torch.compile's inductor")
     t.add_argument("--size", type=int, default=None, help="input height and width (default 224)")
