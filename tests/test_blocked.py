@@ -5,6 +5,8 @@ where a device is present), whole nets through ``passes="blocked"`` against
 the default pipeline, the pass's structure and the rules' errors."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -150,7 +152,8 @@ def test_kernels_use_vectors_and_tiles():
     g, _, _ = conv_graph("float32")
     from convc.codegen.c import generate
     src = generate(g).text
-    tile = src[src.index("node_conv_tile_3x2_last("):]
+    head = re.search(r"node_conv_tile_3x2_last\([^;{]*\)\n\{", src)      # the definition (not a prototype)
+    tile = src[head.start():]
     tile = tile[:tile.index("\n}\n")]
     assert "vector_size(" in src and "enum { UR = 5 };" in src
     assert "_tile(xn, wg, bg, yg, rg, oy, ox, 5, NB, 0)" in tile          # the interior, 2 blocks of 3

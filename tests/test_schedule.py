@@ -419,7 +419,10 @@ def arena_pointer(src, var):
 
 
 def call_args(src, node):
-    m = re.search(rf"^\s*node_{node}\((.*)\);$", src, re.M)
+    """The arguments of node ``node``'s call (its own function, or one it
+    shares with a node of the same code: the call then names it)."""
+    m = re.search(rf"^\s*node_{node}\((.*)\);$", src, re.M) or \
+        re.search(rf"^\s*node_\w+\((.*)\);   /\* node {node} \*/$", src, re.M)
     assert m, f"no call of node_{node}"
     return [a.strip() for a in m.group(1).split(",")]
 

@@ -123,7 +123,8 @@ def share_identical(functions: list[str], calls: list[dict]) -> tuple[list[tuple
     """Nodes whose functions are the same code (the same text but for the
     function's name and comments: e.g. the equal 3x3 convolutions of a
     DenseNet block) call one function, the first one's; the C compiler then
-    compiles it once. A shared function says which nodes call it. Returns
+    compiles it once. A shared function says which nodes call it, and each
+    such call names its node in a comment. Returns
     the (name, text) of each function kept, and ``calls`` updated."""
     first: dict[str, int] = {}
     users: dict[int, list[str]] = {}
@@ -135,6 +136,7 @@ def share_identical(functions: list[str], calls: list[dict]) -> tuple[list[tuple
             k = first[key]
             users[k].append(c["node"])
             c["fn"] = kept[k][0]
+            c["shared"] = True          # the call says whose it is: /* node <name> */
             continue
         first[key] = len(kept)
         users[len(kept)] = [c["node"]]
