@@ -25,7 +25,6 @@ the untuned defaults, and the report says so.
 from __future__ import annotations
 
 import concurrent.futures
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +34,7 @@ from . import tuning
 from .errors import ConvcError
 from .host import Host, fma_peak, probe
 from .ir import Graph
+from .timing import median_times_in_turn
 from .passes.blocked import blocked_eligible
 
 CHOICE_PASSES = ("conv_to_winograd", "conv_to_gemm", "transposed_to_matmul", "to_blocked_layout",
@@ -237,32 +237,9 @@ class _Clock:
         return self.budget - self.elapsed
 
 
-def median_times_in_turn(fns: list, min_rounds: int, seconds: float, max_seconds: float | None = None,
-                         at_least: int = 3) -> list[float]:
-    """Median seconds of each of ``fns``, run in turn (one call of each per
-    round, after a warm-up round) for at least ``min_rounds`` rounds and
-    ``seconds``, or ``at_least`` rounds once ``max_seconds`` have passed: a
-    change in the machine's speed during the runs moves all of them alike.
-    The tuner and ``convc bench --tune`` time with it."""
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    start = time.perf_counter()
-    while True:
-        for k, fn in enumerate(fns):
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-        elapsed, rounds = time.perf_counter() - start, len(times[0])
-        if rounds >= min_rounds and elapsed >= seconds:
-            break
-        if max_seconds is not None and rounds >= min(at_least, min_rounds) and elapsed >= max_seconds:
-            break
-    return [statistics.median(t) for t in times]
-
-
 def _time_modules(mods: list, feeds: dict, seconds: float) -> list[float]:
-    """Median seconds of each module's run on ``feeds``, in turn."""
+    """Median seconds of each module's run on ``feeds``, in turn
+    (:func:`convc.timing.median_times_in_turn`)."""
     return median_times_in_turn([lambda mod=mod: mod.run(feeds) for mod in mods], 5, seconds)
 
 
