@@ -25,3 +25,16 @@ def convc_cache_dir(tmp_path_factory):
         os.environ.pop("CONVC_CACHE_DIR", None)
     else:
         os.environ["CONVC_CACHE_DIR"] = old
+
+
+@pytest.fixture(autouse=True)
+def restore_thread_count():
+    """A test that sets convc's thread count (``convc tune --threads 1`` run
+    in-process, the bench's thread sweep) gives the next test in its worker
+    the count it found: what a compile consults (the module cache's key, the
+    tuner) must not depend on which test ran before."""
+    from convc.runtime.threads import get_num_threads, set_num_threads
+    n = get_num_threads()
+    yield
+    if get_num_threads() != n:
+        set_num_threads(n)
