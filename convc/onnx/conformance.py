@@ -102,10 +102,13 @@ def run_case(case, target: str = "c") -> None:
     ConvcError (convc cannot take it) or AssertionError (wrong numbers)."""
     from ..api import compile as cc_compile
     from . import from_onnx, node_name
+    from .validate import OnnxOpsetWarning
 
     for inputs, expected in case.data_sets:
         constants, feeds = static_bindings(case.model, inputs)
-        g = from_onnx(case.model, constants=constants)
+        with warnings.catch_warnings():      # the suite's newest cases are past the opset convc checked: known
+            warnings.simplefilter("ignore", OnnxOpsetWarning)
+            g = from_onnx(case.model, constants=constants)
         mod = cc_compile(g, target=target)
         got = mod.run({node_name(n, "input"): a for n, a in feeds.items()})
         assert len(got) == len(expected), f"{len(got)} outputs, expected {len(expected)}"
