@@ -366,32 +366,15 @@ def graph_svg(g: Graph, added=(), rewritten=(), link=()) -> str | None:
     dot = shutil.which("dot")
     if dot is None:
         return None
-    lines = [f'digraph "{g.name}" {{', '  rankdir=TB; bgcolor="transparent";',
-             '  node [shape=box, fontname="monospace", fontsize=10, style=filled, fillcolor="white"];']
-    for n in g.topological_order():
-        d = g.node(n)
-        fill = "#b7e4a8" if n in added else ("#ffd27f" if n in rewritten else "white")
-        shape = ", shape=ellipse" if d["op"] in ("input", "param") else ""
-        url = f', URL="#c-{_anchor(n)}", tooltip="generated C of {_q(n)}"' if n in link else ""
-        lines.append(f'  "{_q(n)}" [label="{_q(n)}\\n{d["op"]}\\n{d["type"]}", fillcolor="{fill}"{shape}{url}];')
-    for src, dst, slot in sorted(g.nx.edges(data="slot")):
-        lines.append(f'  "{_q(src)}" -> "{_q(dst)}";')
-    for out, n in g.outputs.items():
-        lines.append(f'  "out:{_q(out)}" [shape=doubleoctagon, label="{_q(out)}"];')
-        lines.append(f'  "{_q(n)}" -> "out:{_q(out)}";')
-    lines.append("}")
+    source = g.to_dot(highlight=rewritten, added=added, links={n: f"#c-{_anchor(n)}" for n in link})
     try:
-        res = subprocess.run([dot, "-Tsvg"], input="\n".join(lines), capture_output=True, text=True, timeout=60)
+        res = subprocess.run([dot, "-Tsvg"], input=source, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if res.returncode != 0:
         return None
     svg = res.stdout
     return svg[svg.index("<svg"):] if "<svg" in svg else None
-
-
-def _q(s: str) -> str:
-    return s.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _anchor(n: str) -> str:

@@ -284,14 +284,19 @@ class Graph:
 
     __repr__ = __str__
 
-    def to_dot(self, highlight=()) -> str:
-        """Graphviz source: one box per node labelled with op and shape."""
+    def to_dot(self, highlight=(), added=(), links=None) -> str:
+        """Graphviz source: one box per node labelled with op and shape;
+        nodes in ``highlight`` filled orange, in ``added`` green; ``links``
+        (node -> URL) makes those boxes links (the explain page's C)."""
         lines = [f'digraph "{self.name}" {{', "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
         for n in self.topological_order():
             d = self.nx.nodes[n]
-            style = ', style=filled, fillcolor="#ffd27f"' if n in highlight else ""
+            fill = "#b7e4a8" if n in added else ("#ffd27f" if n in highlight else None)
+            style = f', style=filled, fillcolor="{fill}"' if fill else ""
             if d["op"] in ("input", "param"):
                 style += ", shape=ellipse"
+            if links and n in links:
+                style += f', URL="{links[n]}", tooltip="generated C of {n}"'
             lines.append(f'  "{n}" [label="{n}\\n{d["op"]}\\n{d["type"]}"{style}];')
         for src, dst, slot in sorted(self.nx.edges(data="slot")):
             lines.append(f'  "{src}" -> "{dst}" [label="{slot}"];')
