@@ -109,34 +109,39 @@ def _out(q: dict, clamp) -> dict:
     return dict(y_scale=q["scale"][0], y_zero_point=q["zero_point"][0], dtype=q["dtype"], clamp=clamp)
 
 
-def _conv(g, n, src, q, clamp):
-    a = attrs(g, src.name)
-    if a.get("flip") or epilogue.active(a):
-        return None
+def _weighted(g, src):
+    """The integer operands of a conv or dense whose input and weight are
+    dequantized (input per tensor, weight per output channel or tensor) and
+    whose bias is a constant: (x dequantize, w dequantize, int32 bias or
+    None), or None when the op is not of that form."""
     x, w, *b = ins(g, src.name)
     dx, dw = _dq(g, x), _weight(g, w, 0)
     if dx is None or not dx.per_tensor or dw is None:
         return None
     bq = _bias(g, b, w.shape[0], dx.scale[0], dw.scale)
-    if bq is False:
+    return None if bq is False else (dx, dw, bq)
+
+
+def _int_weights(dx, dw) -> dict:
+    return dict(x_scale=dx.scale, x_zero_point=dx.zero_point, w_scale=dw.scale, w_zero_point=dw.zero_point)
+
+
+def _conv(g, n, src, q, clamp):
+    a = attrs(g, src.name)
+    ops = None if a.get("flip") or epilogue.active(a) else _weighted(g, src)
+    if ops is None:
         return None
-    return qconv(dx.q, dw.q, bq, x_scale=dx.scale, x_zero_point=dx.zero_point, w_scale=dw.scale,
-                 w_zero_point=dw.zero_point, stride=a["stride"], padding=a["padding"], dilation=a["dilation"],
-                 groups=a["groups"], name=fresh(g, f"{n}.qconv"), **_out(q, clamp))
+    dx, dw, bq = ops
+    return qconv(dx.q, dw.q, bq, **_int_weights(dx, dw), stride=a["stride"], padding=a["padding"],
+                 dilation=a["dilation"], groups=a["groups"], name=fresh(g, f"{n}.qconv"), **_out(q, clamp))
 
 
 def _dense(g, n, src, q, clamp):
-    if epilogue.active(attrs(g, src.name)):
+    ops = None if epilogue.active(attrs(g, src.name)) else _weighted(g, src)
+    if ops is None:
         return None
-    x, w, *b = ins(g, src.name)
-    dx, dw = _dq(g, x), _weight(g, w, 0)
-    if dx is None or not dx.per_tensor or dw is None:
-        return None
-    bq = _bias(g, b, w.shape[0], dx.scale[0], dw.scale)
-    if bq is False:
-        return None
-    return qdense(dx.q, dw.q, bq, x_scale=dx.scale, x_zero_point=dx.zero_point, w_scale=dw.scale,
-                  w_zero_point=dw.zero_point, name=fresh(g, f"{n}.qdense"), **_out(q, clamp))
+    dx, dw, bq = ops
+    return qdense(dx.q, dw.q, bq, **_int_weights(dx, dw), name=fresh(g, f"{n}.qdense"), **_out(q, clamp))
 
 
 def _matmul(g, n, src, q, clamp):
