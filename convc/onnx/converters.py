@@ -17,7 +17,7 @@ from ..ops.tensor import concat, expand, reduce_sum, reshape, slice_axis, transp
 from ..ops.transpose import conv_transpose
 from ..shapes import ceil_div, prod
 from .importer import (STATIC_INPUTS, _WINDOW, _Unsupported, _axis, _matmul_2d, _onnx_attr_names, _pad_pairs, _positive,
-                       _spatial, _window, converts)
+                       _spatial, _conv_window, _window, converts)
 
 
 @converts("Identity")
@@ -358,10 +358,7 @@ def _pad_axis(im, node, x: Value, axis: int, lo: int, hi: int, value: float) -> 
 @converts("Conv", dilations=None, group=1, **_WINDOW)
 def _conv(im, node, ins, at):
     x, w = im.value(ins[0]), im.value(ins[1])
-    if len(w.shape) != len(x.shape):
-        raise _Unsupported(f"weight {w.shape} must have the rank of the input {x.shape}")
-    _positive(group=at["group"])
-    _, s, d, pads = _window(node, at, x.shape, w.shape[2:])
+    s, d, pads = _conv_window(node, at, x, w)
     b = im.value(ins[2]) if ins[2] else None
     return [conv(x, w, b, stride=s, padding=pads, dilation=d, groups=at["group"], name=im.name(node))]
 

@@ -685,6 +685,17 @@ def _window(node, at, x_shape, w_spatial=None):
     return tuple(k), s, d, pads
 
 
+def _conv_window(node, at, x: Value, w: Value):
+    """Stride, dilation and (lo, hi) pads of a Conv-like node (Conv,
+    QLinearConv, ConvInteger) on input ``x`` with weight ``w``, after its
+    rules: the weight has the input's rank, group is at least 1."""
+    if len(w.shape) != len(x.shape):
+        raise _Unsupported(f"weight {w.shape} must have the rank of the input {x.shape}")
+    _positive(group=at["group"])
+    _, s, d, pads = _window(node, at, x.shape, w.shape[2:])
+    return s, d, pads
+
+
 def _positive(**given) -> None:
     """Window sizes, strides, dilations (and group): each at least 1."""
     for what, values in given.items():

@@ -9,8 +9,8 @@ import numpy as np
 from ..ops.quantized import dequantize, qadd, qconcat, qconv, qdense, qglobal_avg_pool, qmatmul, quantize
 from ..quant import QDTYPES
 from ..ops.tensor import transpose
-from .importer import (STATIC_INPUTS, _DTYPE_OF_ELEM, _WINDOW, _Unsupported, _axis, _elem_name, _matmul_2d, _positive,
-                       _window, converts)
+from .importer import (STATIC_INPUTS, _DTYPE_OF_ELEM, _WINDOW, _Unsupported, _axis, _elem_name, _matmul_2d,
+                       _conv_window, converts)
 
 
 # -- quantized ops (issue 15) -----------------------------------------------------------
@@ -92,10 +92,7 @@ def _dequantize_linear(im, node, ins, at):
 @converts("QLinearConv", dilations=None, group=1, **_WINDOW)
 def _qlinear_conv(im, node, ins, at):
     x, w = im.value(ins[0]), im.value(ins[3])
-    if len(w.shape) != len(x.shape):
-        raise _Unsupported(f"weight {w.shape} must have the rank of the input {x.shape}")
-    _positive(group=at["group"])
-    _, s, d, pads = _window(node, at, x.shape, w.shape[2:])
+    s, d, pads = _conv_window(node, at, x, w)
     xs, xz, _ = _qparams(im, ins[1], ins[2], "input x", per_axis_ok=False, half_ok=True)
     ws, wz, _ = _qparams(im, ins[4], ins[5], "weight w", half_ok=True)
     ys, yz, ydt = _qparams(im, ins[6], ins[7], "output y", per_axis_ok=False, half_ok=True)
@@ -109,10 +106,7 @@ def _conv_integer(im, node, ins, at):
     """qconv's raw int32 output (no requantization): the sums of (x - x_zp)
     * (w - w_zp), zero-padded (the scales are placeholders: 1)."""
     x, w = im.value(ins[0]), im.value(ins[1])
-    if len(w.shape) != len(x.shape):
-        raise _Unsupported(f"weight {w.shape} must have the rank of the input {x.shape}")
-    _positive(group=at["group"])
-    _, s, d, pads = _window(node, at, x.shape, w.shape[2:])
+    s, d, pads = _conv_window(node, at, x, w)
     _, xz, _ = _qparams(im, "", ins[2], "input x", per_axis_ok=False)
     _, wz, _ = _qparams(im, "", ins[3], "weight w")
     return [qconv(x, w, None, x_scale=1.0, x_zero_point=xz, w_scale=1.0, w_zero_point=wz, y_scale=None,
