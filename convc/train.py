@@ -62,6 +62,33 @@ class Adam:
             g.assign(p, adam_step(p, m1, v1, t1, self.lr, self.beta1, self.beta2, self.eps))
 
 
+def training_graph(graph: Graph, loss: Value, params=None, optimizer=None) -> tuple[Graph, list[str]]:
+    """The training step of ``loss`` as one graph (what :class:`Trainer`
+    compiles and ``export_c(train=True)`` exports): a copy of ``graph`` whose
+    only output is ``loss``, with the gradients (``cc.grad``) and the
+    optimizer's update as ``assign``s of the params and of the optimizer's
+    state. ``params``: Values or names to train, default every non-constant
+    float param that reaches ``loss``. Returns (the graph, the names of the
+    trained params); ``graph`` is not changed."""
+    if not isinstance(loss, Value) or loss.graph is not graph:
+        raise GraphError("Trainer: loss must be a Value of the given graph")
+    if loss.type.size != 1:
+        raise GraphError(f"Trainer: loss %{loss.name} must be a scalar, got shape {loss.shape}")
+    if params is None:
+        up = nx.ancestors(graph.nx, loss.name)
+        names = [n for n in graph.param_names if n in up and not graph.node(n).get("const")
+                 and graph.node(n)["type"].dtype != "int64"]
+    else:
+        names = [p.name if isinstance(p, Value) else str(p) for p in params]
+    if not names:
+        raise GraphError("Trainer: no params to train")
+    tg = graph.copy(f"{graph.name}_train")
+    tg.outputs = {"loss": loss.name}
+    ps = [tg.value(n) for n in names]
+    (optimizer or SGD()).build(tg, ps, grad(tg.value(loss.name), ps))
+    return tg, names
+
+
 class Trainer:
     """Train the params of ``graph`` that ``loss`` depends on.
 
@@ -77,32 +104,14 @@ class Trainer:
     def __init__(self, graph: Graph, loss: Value, params=None, optimizer=None, target: str = "c", **compile_args):
         from .api import compile
 
-        if not isinstance(loss, Value) or loss.graph is not graph:
-            raise GraphError("Trainer: loss must be a Value of the given graph")
-        if loss.type.size != 1:
-            raise GraphError(f"Trainer: loss %{loss.name} must be a scalar, got shape {loss.shape}")
         self.graph = graph
         self.optimizer = optimizer or SGD()
-        if params is None:
-            up = nx.ancestors(graph.nx, loss.name)
-            names = [n for n in graph.param_names if n in up and not graph.node(n).get("const")
-                     and graph.node(n)["type"].dtype != "int64"]
-        else:
-            names = [p.name if isinstance(p, Value) else str(p) for p in params]
-        if not names:
-            raise GraphError("Trainer: no params to train")
-        self.param_names = names
-
-        tg = graph.copy(f"{graph.name}_train")
+        tg, self.param_names = training_graph(graph, loss, params, self.optimizer)
         # what a pickled Trainer carries besides the step module's params: the
         # given graph is the part of tg that grad and the optimizer did not add
         self._given = dict(name=graph.name, nodes=list(graph.nx), outputs=dict(graph.outputs),
                            assigns=dict(graph.assigns), counter=dict(graph._counter), loss=loss.name,
                            target=target, compile_args=dict(compile_args))
-        tg.outputs = {"loss": loss.name}
-        ps = [tg.value(n) for n in names]
-        grads = grad(tg.value(loss.name), ps)
-        self.optimizer.build(tg, ps, grads)
         self.train_graph = tg
         compile_args.setdefault("passes", "train")
         self.step_module = compile(tg, target=target, **compile_args)
