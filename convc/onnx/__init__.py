@@ -26,6 +26,10 @@ from .exporter import exports, to_onnx
 from .validate import OnnxOpsetWarning
 
 _REGISTERED = (converters, quantized)     # importing them registers their converters with the importer
+from . import ops_reduce  # noqa: E402  (reductions, LRN, normalisations)
+_REGISTERED += (ops_reduce,)
+from . import ops_tensor  # noqa: E402  (DepthToSpace, SpaceToDepth, Tile, Gather, Cast, Where, Einsum)
+_REGISTERED += (ops_tensor,)
 
 __all__ = ["OnnxImportError", "OnnxOpsetWarning", "STATIC_INPUTS", "c_name", "converts", "exports", "from_onnx",
            "node_name", "to_onnx"]

@@ -1,0 +1,170 @@
+"""Normalisations (convc/ops/normalize.py): ``lrn``, ``instance_norm``,
+``group_norm``, ``layer_norm``, ``lp_normalize`` and their gradients:
+
+* forward against torch (``local_response_norm``, ``instance_norm``,
+  ``group_norm``, ``layer_norm``, ``normalize``) on every target, all cases
+  of an op as outputs of one graph (one compile per target);
+* gradients in float64 against torch autograd on every target, and the
+  numpy reference's gradient against central finite differences;
+* the ONNX converters (LRN, InstanceNormalization, GroupNormalization in
+  its opset-18 and opset-21 forms, LayerNormalization, LpNormalization)
+  against ONNX Runtime through one-node models, and the onnx package's own
+  node cases of these ops;
+* bad attributes as clear ConvcErrors.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper
+
+import convc as cc
+from convc.ops.normalize import lrn
+from helpers import TARGETS, assert_close
+
+RNG = np.random.default_rng(7)
+
+
+def _run_cases(cases, shape_of, seed=0):
+    """``cases``: [(id, build(x) -> Value, torch_fn(tensor) -> tensor)], all
+    on inputs of the shape ``shape_of(id)``; returns nothing, asserts the
+    forward results and gradients (float64) on every target against torch,
+    and the numpy reference's gradient against finite differences."""
+    rng = np.random.default_rng(seed)
+    g = cc.Graph("norm_cases")
+    feeds, want = {}, {}
+    for cid, build, tfn in cases:
+        shape = shape_of(cid)
+        x = g.input(f"x_{cid}", shape, "float64")
+        gy = g.input(f"gy_{cid}", shape if build is None else build(x).shape, "float64")
+        y = build(x)
+        g.output(y, f"y_{cid}")
+        dx, = cc.grad(y, [x], grad_output=gy)
+        g.output(dx, f"dx_{cid}")
+        a, b = rng.standard_normal(shape), rng.standard_normal(y.shape)
+        feeds[f"x_{cid}"], feeds[f"gy_{cid}"] = a, b
+        t = torch.tensor(a, requires_grad=True)
+        ty = tfn(t)
+        ty.backward(torch.tensor(b))
+        want[f"y_{cid}"], want[f"dx_{cid}"] = ty.detach().numpy(), t.grad.numpy()
+    for target in TARGETS:
+        got = cc.compile(g, target=target).run(feeds)
+        for k, v in want.items():
+            assert_close(got[k], v, rtol=1e-9, atol=1e-10, what=f"{k} on {target}")
+    # finite differences of the numpy reference (one forward graph per case): d/dx of sum(y * gy)
+    for cid, build, _ in cases:
+        x0, gy0 = feeds[f"x_{cid}"], feeds[f"gy_{cid}"]
+        fg = cc.Graph("fd")
+        fg.output(build(fg.input("x", x0.shape, "float64")), "y")
+        ref = cc.compile(fg, target="numpy")
+        fd, h = np.zeros_like(x0), 1e-6
+        for i in np.ndindex(x0.shape):
+            up, dn = x0.copy(), x0.copy()
+            up[i] += h
+            dn[i] -= h
+            fd[i] = np.sum((ref.run({"x": up})["y"] - ref.run({"x": dn})["y"]) * gy0) / (2 * h)
+        assert_close(want[f"dx_{cid}"], fd, rtol=1e-5, atol=1e-6, what=f"finite differences of {cid}")
+
+
+# -- LRN -------------------------------------------------------------------------------
+LRN_CASES = [  # (id, size, alpha, beta, bias)
+    ("size5", 5, 1e-2, 0.75, 1.0),
+    ("size3_bias2", 3, 0.3, 0.5, 2.0),
+    ("size1", 1, 1e-1, 0.75, 1.0),
+    ("size7_wide", 7, 0.5, 1.2, 1.5),       # wider than half the channels: clipped at both ends
+]
+
+
+def test_lrn_against_torch_and_gradients():
+    cases = [(cid, lambda x, s=s, a=a, b=b, k=k: lrn(x, s, a, b, k),
+              lambda t, s=s, a=a, b=b, k=k: F.local_response_norm(t, s, a, b, k))
+             for cid, s, a, b, k in LRN_CASES]
+    cases.append(("rank3", lambda x: lrn(x, 3, 0.1, 0.75, 1.0), lambda t: F.local_response_norm(t, 3, 0.1, 0.75, 1.0)))
+    _run_cases(cases, lambda cid: (2, 5, 3) if cid == "rank3" else (2, 6, 3, 2))
+
+
+def test_lrn_even_size_window_is_onnx():
+    """For an even size ONNX puts the extra channel after c, PyTorch before
+    it: convc's LRN of x equals torch's of x with the channels reversed,
+    reversed back (and differs from torch's as it is)."""
+    g = cc.Graph("lrn_even")
+    x = g.input("x", (2, 6, 3, 3), "float64")
+    g.output(lrn(x, 4, 0.5, 0.75, 1.0), "y")
+    a = RNG.standard_normal((2, 6, 3, 3))
+    flipped = F.local_response_norm(torch.tensor(a[:, ::-1].copy()), 4, 0.5, 0.75, 1.0).numpy()[:, ::-1]
+    for target in TARGETS:
+        y = cc.compile(g, target=target).run({"x": a})["y"]
+        assert_close(y, flipped, rtol=1e-12, atol=1e-12, what=f"lrn size 4 on {target}")
+        assert not np.allclose(y, F.local_response_norm(torch.tensor(a), 4, 0.5, 0.75, 1.0).numpy())
+
+
+def test_lrn_float32_against_torch():
+    g = cc.Graph("lrn32")
+    x = g.input("x", (1, 8, 5, 5))
+    g.output(lrn(x, 5, 1e-4, 0.75, 1.0), "y")
+    a = (RNG.standard_normal((1, 8, 5, 5)) * 10).astype(np.float32)
+    want = F.local_response_norm(torch.tensor(a), 5, 1e-4, 0.75, 1.0).numpy()
+    for target in TARGETS:
+        assert_close(cc.compile(g, target=target).run({"x": a})["y"], want, rtol=1e-5, atol=1e-6,
+                     what=f"lrn float32 on {target}")
+
+
+@pytest.mark.parametrize("attrs, rule", [
+    (dict(size=0), "size must be a positive integer"),
+    (dict(size=2.5), "size must be a positive integer"),
+    (dict(size=3, bias=0.0), "bias must be > 0"),
+    (dict(size=3, alpha=float("nan")), "alpha must be a finite number"),
+])
+def test_lrn_bad_attributes(attrs, rule):
+    g = cc.Graph("bad")
+    x = g.input("x", (1, 4, 3, 3))
+    with pytest.raises(cc.ConvcError, match=rule):
+        lrn(x, **attrs)
+
+
+# -- ONNX against ONNX Runtime ---------------------------------------------------------------
+def _one_node(op, inputs, attrs, opset, extra_inits=(), out_shape=None, outputs=("y",)):
+    """A model of one node: ``inputs`` [(name, array)] the first a graph input,
+    the rest initializers."""
+    (xname, xa), rest = inputs[0], inputs[1:]
+    node = helper.make_node(op, [n for n, _ in inputs], list(outputs), **attrs)
+    inits = [onnx.numpy_helper.from_array(a, n) for n, a in rest]
+    graph = helper.make_graph([node], f"one_{op}",
+                              [helper.make_tensor_value_info(xname, TensorProto.FLOAT, xa.shape)],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def check_against_ort(model, x, targets=("c",), rtol=1e-5, atol=1e-6):
+    import onnxruntime as ort
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {model.graph.input[0].name: x})[0]
+    g = cc.from_onnx(model)
+    for target in targets:
+        got = cc.compile(g, target=target).run({model.graph.input[0].name: x})
+        assert_close(next(iter(got.values())), want, rtol=rtol, atol=atol, what=f"{model.graph.name} on {target}")
+
+
+@pytest.mark.parametrize("opset", [7, 13])
+def test_onnx_lrn_against_ort(opset):
+    """Odd sizes against ONNX Runtime; an even size (ONNX Runtime refuses
+    them, and onnx.reference's LRN loops over the batch instead of the
+    channels) against the formula of ONNX's LRN doc, written out here."""
+    x = (RNG.standard_normal((1, 6, 4, 4)) * 3).astype(np.float32)
+    for size in (3, 5):
+        check_against_ort(_one_node("LRN", [("x", x)], dict(size=size, alpha=0.05, beta=0.6, bias=1.5), opset), x)
+    size, c_n = 4, x.shape[1]
+    model = _one_node("LRN", [("x", x)], dict(size=size, alpha=0.05, beta=0.6, bias=1.5), opset)
+    square_sum = np.stack([np.sum(x[:, max(0, c - (size - 1) // 2):min(c_n - 1, c - (-(size - 1) // 2)) + 1] ** 2,
+                                  axis=1) for c in range(c_n)], axis=1)
+    want = x / (1.5 + 0.05 / size * square_sum) ** 0.6
+    assert_close(cc.compile(cc.from_onnx(model)).run({"x": x})["y"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_onnx_lrn_needs_size():
+    x = np.ones((1, 3, 2, 2), np.float32)
+    with pytest.raises(cc.ConvcError, match="size is required"):
+        cc.from_onnx(_one_node("LRN", [("x", x)], {}, 13))
