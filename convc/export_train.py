@@ -1,0 +1,424 @@
+"""Training export: the training step of a graph as a standalone C99 library.
+
+``export_train(model, out_dir, name)`` (``cc.export_c(model, out_dir,
+train=True)``, ``convc export MODEL --train``) writes ``NAME.h``, ``NAME.c``
+and the harness ``NAME_test.c`` for the graph :func:`convc.train.training_graph`
+builds -- forward, loss, the gradients ``g``/``h``, the SGD or Adam update --
+rendered from the same node templates and memory plan as the runtime and the
+inference export (:mod:`convc.export`):
+
+- the trained params and the optimizer's state are ``static`` arrays in RAM,
+  initialised from the graph's values (zero state in .bss); params training
+  does not change stay ``const`` (flash);
+- ``NAME_train_step`` runs one step on one static arena and commits the new
+  params and state after every node has run (a rejected batch changes nothing);
+- ``NAME_predict`` runs the inference graph on the same params and arena
+  (node functions identical to the step's are shared, not copied);
+- ``NAME_get_params``/``NAME_set_params`` copy the params and state to and from
+  a checkpoint of ``NAME_PARAMS_BYTES`` bytes (layout in ``NAME.h``).
+
+``NAME_test.c`` runs a few steps on batches the reference interpreter trained
+on and checks every step's loss, the params and state after them, predict
+before and after, the checkpoint round trip, and the rejection of bad labels.
+
+>>> from convc.models import lenet5
+>>> export_train(lenet5(batch=4), "out", name="lenet_train",
+...              optimizer=cc.SGD(lr=0.01, momentum=0.9))          # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .codegen.c import bind_buffers, node_functions, output_copies, share_identical
+from .codegen.env import CTYPES, Namer, environment
+from .errors import ConvcError
+from .ir import INT_DTYPES, Graph, require_graph
+from .schedule import Plan, plan as make_plan
+
+TRAIN_PASSES = ["eliminate_dead_code", "eliminate_common_subexpressions", "fold_constants", "fuse_epilogues",
+                "fuse_separable", "eliminate_dead_code"]
+"""The training export's pipeline: the embedded one without ``fold_batch_norm``
+(both bake trained weights into new constants, which would go stale after a
+step) and, as there, without the GEMM/Winograd lowerings whose scratch costs RAM."""
+FOLDING = ("fold_batch_norm", "fold_params")
+LOSSES = ("cross_entropy", "mse")
+STEPS = 3
+"""Training steps the harness runs by default."""
+TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
+"""The harness's tolerance on |got - want| / max(1, |want|) by the graph's float
+type: the C code sums in another order than numpy, and errors grow over steps."""
+
+
+# -- the graphs -----------------------------------------------------------------
+def training_graphs(model, loss: str | None = None, optimizer=None, params=None) -> tuple[Graph, Graph, list[str]]:
+    """(the training step graph, the inference graph, the names of the trained
+    params) for ``model``: a :class:`convc.Trainer` (its step graph with the
+    weights and optimizer state it holds now) or an inference Graph with one
+    output, to which ``loss`` ("cross_entropy": an int64 input ``labels`` of
+    class indices, the default; "mse": an input ``targets`` shaped like the
+    output) and ``optimizer`` (default ``SGD()``) are added exactly as
+    :class:`convc.Trainer` adds them. The inference graph is the step graph
+    with the model's own outputs and no assigns: the same param names."""
+    from .ops.loss import cross_entropy, mse_loss
+    from .train import Trainer, training_graph
+
+    if isinstance(model, Trainer):
+        if loss is not None or optimizer is not None or params is not None:
+            raise ConvcError("export_c(trainer, train=True): the Trainer already has its loss, optimizer and "
+                             "params; pass loss/optimizer/params only with a Graph")
+        step = model.step_module.source_graph()         # the values training left
+        outputs, trained = dict(model.graph.outputs), list(model.param_names)
+    else:
+        require_graph(model, "export_c(train=True)")
+        model.verify()
+        if model.assigns:
+            raise ConvcError(f"graph '{model.name}' assigns params ({', '.join(model.assigns)}) already: give "
+                             f"export_c(train=True) the inference graph, or a cc.Trainer built on it")
+        if len(model.outputs) != 1:
+            raise ConvcError(f"graph '{model.name}' has {len(model.outputs)} outputs "
+                             f"({', '.join(model.outputs) or 'none'}); train=True adds the loss to one output: "
+                             f"build the loss yourself and export cc.Trainer(graph, loss, optimizer)")
+        loss = loss or "cross_entropy"
+        (label, node), = model.outputs.items()
+        t = model.node(node)["type"]
+        g = model.copy()
+        y = g.value(node)
+        if loss == "cross_entropy":
+            if len(t.shape) != 2 or t.dtype not in ("float32", "float64"):
+                raise ConvcError(f"graph '{model.name}': output '{label}' (node '{node}', {g.node(node)['op']}) "
+                                 f"is {t}; the cross_entropy loss needs float logits of shape (batch, classes)")
+            value = cross_entropy(y, g.input("labels", (t.shape[0],), "int64"))
+        elif loss == "mse":
+            value = mse_loss(y, g.input("targets", t.shape, t.dtype))
+        else:
+            raise ConvcError(f"loss {loss!r}: expected one of {', '.join(LOSSES)}")
+        step, trained = training_graph(g, value, params, optimizer)
+        outputs = dict(model.outputs)
+    predict = step.copy(step.name.removesuffix("_train"))
+    predict.outputs, predict.assigns = outputs, {}
+    return step, predict, trained
+
+
+def train_pipeline(passes) -> list[str]:
+    """The pass list for a training export: "embedded" (the default of
+    ``export_c``) means :data:`TRAIN_PASSES`; a pipeline that folds weights
+    into constants is refused."""
+    from .passes import resolve
+
+    names = list(TRAIN_PASSES) if passes == "embedded" else resolve(passes)
+    folding = [n for n in names if n in FOLDING]
+    if folding:
+        raise ConvcError(f"pipeline {passes!r} runs {', '.join(folding)}, which bakes trained params into new "
+                         f"constants (stale after a step); a training export needs a pipeline without it "
+                         f"(default: {', '.join(TRAIN_PASSES)})")
+    return names
+
+
+# -- rendering ------------------------------------------------------------------
+@dataclass
+class TrainLibrary:
+    """The rendered sources of one training export and what they are made of."""
+    name: str
+    step: Graph                      # the step graph rendered (after the pipeline)
+    predict: Graph                   # the inference graph rendered
+    files: dict[str, str]
+    step_plan: Plan
+    predict_plan: Plan
+    state: list[dict]                # the checkpoint's items in order: name, offset, nbytes, T, dtype, shape
+    arena_bytes: int                 # the one arena: the larger of the two plans'
+    arena_align: int
+    const_bytes: int                 # params that stay const (flash)
+    tensors: dict[str, dict[str, list[dict]]] = field(default_factory=dict)   # entry -> inputs/outputs
+
+    @property
+    def state_bytes(self) -> int:
+        """NAME_PARAMS_BYTES: the trained params and the optimizer's state."""
+        return sum(s["nbytes"] for s in self.state)
+
+    @property
+    def trained_bytes(self) -> int:
+        return sum(s["nbytes"] for s in self.state if s["trained"])
+
+
+def _entry_tensors(g: Graph, plan: Plan, names: Namer, macro, P: str, var: dict, out_var: dict) -> dict:
+    """The arguments of one entry point: the inputs its graph reads (in graph
+    order), then its outputs; their C names in ``var``/``out_var``."""
+    tensors = {"inputs": [], "outputs": []}
+    for role, items in (("inputs", [(n, n) for n in g.input_names if n in plan.storage]),
+                        ("outputs", list(g.outputs.items()))):
+        for label, node in items:
+            t = g.node(node)["type"]
+            v = names(label, fallback="in_" if role == "inputs" else "out_")
+            (var.__setitem__(node, v) if role == "inputs" else out_var.__setitem__(label, v))
+            T = CTYPES[t.dtype]
+            const = "const " if role == "inputs" else ""
+            tensors[role].append(dict(var=v, label=label, type=t, dtype=t.dtype, shape=str(t.shape), size=t.size,
+                                      T=T, macro=macro(label, t), private=f"{const}{T} *restrict {v}",
+                                      public=f"{const}{T} *{v}"))
+    return tensors
+
+
+def render_train(step: Graph, predict: Graph, trained: list[str], name: str = "model", passes="embedded",
+                 weight_format: str = "bytes") -> TrainLibrary:
+    """Render ``NAME.h`` and ``NAME.c`` for the training ``step`` graph and
+    the ``predict`` graph over the same params (see the module docstring);
+    ``trained``: the params the step trains (first in the checkpoint)."""
+    from .export import WEIGHT_FORMATS, weight_init
+    from .passes import run as run_passes
+
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ConvcError(f"export name {name!r} must be a C identifier (letters, digits, _)")
+    if weight_format not in WEIGHT_FORMATS:
+        raise ConvcError(f"weight format {weight_format!r}: expected one of {', '.join(WEIGHT_FORMATS)}")
+    step.verify()
+    pipeline = train_pipeline(passes)
+    gs, gp = run_passes(step, pipeline), run_passes(predict, pipeline)
+    ps, pp = make_plan(gs), make_plan(gp)
+    for g in (gs, gp):
+        for n in trained:
+            if n not in g.nx:
+                continue
+            d = g.node(n)
+            if d["op"] != "param":
+                raise ConvcError(f"graph '{g.name}': trained param '{n}' is a {d['op']} after the pipeline")
+    lost = [n for n in step.assigns if n not in gs.assigns]
+    if lost:
+        raise ConvcError(f"graph '{step.name}': the pipeline dropped the update of {', '.join(lost)}")
+    order = [n for n in trained if n in gs.assigns] + [n for n in gs.assigns if n not in trained]
+    P = name.upper()
+    entries = {e: f"{name}_{e}" for e in ("train_step", "predict", "get_params", "set_params")}
+    ident = Namer(reserved=("arena", "base", "i", "dst", "src", "s", "convc_first", "convc_last", "CONVC_SIMD_SUM",
+                            f"{name}_arena", *entries.values()))
+    fixed = [f"{P}_{s}" for s in ("H", "ARENA_BYTES", "ARENA_ALIGN", "PARAMS_BYTES", "TRAINED_BYTES", "CONST_BYTES",
+                                  "NO_STATIC_ARENA", "TEST_TOLERANCE")]
+    macros = Namer(reserved=fixed, mangle=False)
+    sizes: dict[str, tuple] = {}
+
+    def macro(label, t):                # one NAME_<LABEL>_SIZE per tensor name (x: both entries')
+        if label not in sizes or sizes[label][1] != t.size:
+            sizes[label] = (macros(f"{P}_{re.sub(r'[^A-Za-z0-9_]', '_', label).upper()}_SIZE"), t.size)
+        return sizes[label][0]
+
+    # entry arguments: each entry has its own scope, but no argument may hide a file-scope name
+    vs, vp, outs_s, outs_p = {}, {}, {}, {}
+    taken = set(ident.used)
+    tensors = {"train_step": _entry_tensors(gs, ps, ident, macro, P, vs, outs_s)}
+    own = Namer(reserved=taken)
+    tensors["predict"] = _entry_tensors(gp, pp, own, macro, P, vp, outs_p)
+    ident.used |= own.used
+
+    # params: the state (trained params, optimizer state) in RAM, the rest const; one symbol per name
+    symbols: dict[str, dict] = {}
+    params, state, offset = [], [], 0
+    for g, plan, var in ((gs, ps, vs), (gp, pp, vp)):
+        for n in plan.params:
+            d = g.node(n)
+            t, value = d["type"], np.asarray(d["value"])
+            known = symbols.get(n)
+            if known is None or known["type"] != t or not np.array_equal(known["value"], value, equal_nan=True):
+                ram = n in gs.assigns
+                sym = ident(n, f"{name}_s_" if ram else f"{name}_p_")
+                zero = ram and not np.ascontiguousarray(value).view(np.uint8).any()
+                init = dict(word="", string=False, length_bytes=0, lines=[]) if zero else \
+                    weight_init(value, weight_format)
+                known = dict(type=t, value=value, var=f"{sym}.v" if init["word"] else sym)
+                symbols[n] = known
+                params.append(dict(T=CTYPES[t.dtype], var=sym, length=max(t.size, 1), note=f"{n} {t}", ram=ram,
+                                   zero=zero, nbytes=t.nbytes, **init))
+            var[n] = known["var"]
+    for n in order:
+        t = gs.node(n)["type"]
+        state.append(dict(name=n, var=symbols[n]["var"], offset=offset, nbytes=t.nbytes, T=CTYPES[t.dtype],
+                          dtype=t.dtype, shape=str(t.shape), size=t.size, trained=n in trained))
+        offset += t.nbytes
+
+    # node functions of both graphs, identical ones shared; calls in each entry's schedule
+    arena_s = bind_buffers(gs, ps, ident, vs, outs_s)
+    arena_p = bind_buffers(gp, pp, ident, vp, outs_p)
+    fs, cs = node_functions(gs, ps, ident, vs, parallel=True)
+    fp, cp = node_functions(gp, pp, ident, vp, parallel=True)
+    functions, calls = share_identical(fs + fp, cs + cp)
+    calls_s, calls_p = calls[:len(cs)], calls[len(cs):]
+    copies_s, copies_p = output_copies(gs, vs, outs_s), output_copies(gp, vp, outs_p)
+    commits = [dict(dst=vs[p], src=vs[n], size=gs.node(n)["type"].size, what=f"{p} <- {n}")
+               for p, n in gs.assigns.items()]
+    for n in gs.assigns.values():
+        if ps.storage.get(n, ("",))[0] != "arena" and n not in ps.aliases:
+            raise ConvcError(f"graph '{gs.name}': the new value of a param, node '{n}' ({gs.node(n)['op']}), "
+                             f"is not computed in the arena; the training export commits from there")
+    arena_bytes = max(ps.arena_bytes, pp.arena_bytes)
+    dtypes = [g.node(n)["type"].dtype for g, p in ((gs, ps), (gp, pp)) for n in p.order]
+    arena_align = max((np.dtype(d).itemsize for d in dtypes), default=1)
+    const_bytes = sum(p["nbytes"] for p in params if not p["ram"])
+    floats = {gs.node(n)["type"].dtype for n in gs.outputs.values()}
+    sig = {e: [t["private"] for t in v["inputs"] + v["outputs"]] for e, v in tensors.items()}
+    pub = {e: [t["public"] for t in v["inputs"] + v["outputs"]] for e, v in tensors.items()}
+    ptrs = {e: [t["var"] for t in v["inputs"] + v["outputs"]] for e, v in tensors.items()}
+    everything = [t for v in tensors.values() for ts in v.values() for t in ts]
+    ctx = dict(version=__version__, graph=step.name, hash=gs.structure_hash(), name=name, P=P, guard=f"{P}_H",
+               tensors=tensors, sig=sig, pub=pub, ptrs=ptrs, params=params, state=state,
+               functions=[f for _, f in functions], calls_s=calls_s, calls_p=calls_p, copies_s=copies_s,
+               copies_p=copies_p, commits=commits, arena_s=arena_s, arena_p=arena_p,
+               arena_bytes=arena_bytes, arena_align=arena_align, step_arena=ps.arena_bytes,
+               predict_arena=pp.arena_bytes, const_bytes=const_bytes,
+               state_bytes=offset, trained_bytes=sum(s["nbytes"] for s in state if s["trained"]),
+               optimizer_bytes=sum(s["nbytes"] for s in state if not s["trained"]),
+               float_type=sorted(floats)[0] if floats else "float32",
+               sizes=sorted(sizes.values(), key=lambda m: m[0]),
+               needs_stdint=any(t["dtype"] in INT_DTYPES for t in everything))
+    env = environment()
+    files = {f"{name}.h": env.get_template("c/export_train.h.j2").render(ctx),
+             f"{name}.c": env.get_template("c/export_train.c.j2").render(ctx)}
+    return TrainLibrary(name, gs, gp, files, ps, pp, state, arena_bytes, arena_align, const_bytes, tensors)
+
+
+# -- the harness ------------------------------------------------------------------
+def train_batches(step: Graph, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``count`` feeds for the step graph: :func:`convc.export.random_inputs`,
+    with every input a node checks (class labels) drawn uniformly over its
+    valid range instead of zeros, so the steps see every class."""
+    from .export import random_inputs
+    from .ops import get_op
+
+    feeds = random_inputs(step, count, seed)
+    rng = np.random.default_rng(seed + 1)
+    ranges = {}
+    for n in step.topological_order():
+        d = step.node(n)
+        if d["op"] in ("input", "param"):
+            continue
+        ins = step.inputs_of(n)
+        for j, (lo, hi) in get_op(d["op"]).value_ranges(d["attrs"], [step.node(i)["type"] for i in ins]).items():
+            if step.node(ins[j])["op"] == "input":
+                ranges.setdefault(ins[j], (lo, hi))
+    for f in feeds:
+        for n, (lo, hi) in ranges.items():
+            f[n] = rng.integers(lo, hi, step.node(n)["type"].shape).astype(step.node(n)["type"].dtype)
+    return feeds
+
+
+def reference_steps(step: Graph, predict: Graph, state: list[str], feeds: list[dict]) -> dict:
+    """What the reference interpreter computes for the harness: the step
+    graph's outputs on each feed in turn (assigns applied after each), the
+    state after them, and the predict graph's outputs on the first feed
+    before and after the steps."""
+    from .reference import evaluate, run_step
+
+    params = {n: np.array(step.node(n)["value"]) for n in state}
+    pin = [n for n in predict.input_names if n in feeds[0]]
+
+    def pred():
+        return evaluate(predict, {n: feeds[0][n] for n in pin}, {k: v for k, v in params.items() if k in predict.nx})
+    before = pred()
+    outputs = [run_step(step, f, params) for f in feeds]
+    return dict(outputs=outputs, state=params, predict=[before, pred()])
+
+
+def render_train_harness(step: Graph, predict: Graph, lib: TrainLibrary, steps: int = STEPS, seed: int = 0,
+                         feeds=None) -> str:
+    """``NAME_test.c`` for a training export: ``steps`` batches
+    (:func:`train_batches`, or ``feeds``) and what the reference computed for
+    them (:func:`reference_steps`, from the graphs as given: the oracle checks
+    the passes too). Plain C99 with stdio and malloc only: it also runs on a
+    board (no files, no host calls but printf)."""
+    from .export import c_literals
+    from .ops import get_op
+    from .runtime.module import NumpyModule
+
+    if feeds is None:
+        feeds = train_batches(step, steps, seed)
+    if not feeds:
+        raise ConvcError("the training harness needs at least one batch")
+    check = NumpyModule(step)
+    feeds = [check.check_inputs(f) for f in feeds]
+    ref = reference_steps(step, predict, [s["name"] for s in lib.state], feeds)
+    names = Namer(reserved=("main", "state", "moved", "worst", "failures", "v", "s", "i", "rc", "e", "err", "error",
+                            "check", "check_state", "predict_check", "STEPS", "bad", "side"))
+    rows = {}
+    for entry, role, values in (("train_step", "inputs", feeds), ("train_step", "outputs", ref["outputs"]),
+                                ("predict", "outputs", ref["predict"])):
+        rows[(entry, role)] = [dict(t, var=names(t["var"], "", "v_"),
+                                    data=names(t["var"], "test_" if role == "inputs" else f"want_{entry}_"),
+                                    exact=t["dtype"] in INT_DTYPES,
+                                    vectors=[c_literals(np.asarray(v[t["label"]])) for v in values])
+                               for t in lib.tensors[entry][role]]
+    train_in = {t["label"]: t for t in rows[("train_step", "inputs")]}
+    pred_in = []
+    for t in lib.tensors["predict"]["inputs"]:
+        if t["label"] not in train_in:
+            raise ConvcError(f"predict reads input '{t['label']}', which the training step does not")
+        pred_in.append(dict(t, var=train_in[t["label"]]["var"], data=train_in[t["label"]]["data"]))
+    state = [dict(s, data=names(s["name"], "want_state_"), lines=c_literals(ref["state"][s["name"]]))
+             for s in lib.state]
+    rejects = []
+    for k, n in enumerate(lib.step_plan.order):
+        d = lib.step.node(n)
+        ins = lib.step.inputs_of(n)
+        for j, (lo, hi) in get_op(d["op"]).value_ranges(d["attrs"], [lib.step.node(i)["type"] for i in ins]).items():
+            src = lib.step_plan.aliases.get(ins[j], ins[j])
+            t = train_in.get(src)
+            if t is not None and all(r["var"] != t["var"] for r in rejects):
+                rejects.append(dict(t, lo=lo, hi=hi, status=k + 1, node=n))
+    dtypes = {s["dtype"] for s in lib.state if s["trained"]}
+    tolerance = max(TOLERANCE.get(d, TOLERANCE["float32"]) for d in dtypes) if dtypes else TOLERANCE["float32"]
+    ctx = dict(version=__version__, graph=step.name, hash=step.structure_hash(), name=lib.name,
+               P=lib.name.upper(), steps=len(feeds), train_in=rows[("train_step", "inputs")],
+               train_out=rows[("train_step", "outputs")], pred_in=pred_in, pred_out=rows[("predict", "outputs")],
+               state=state, rejects=rejects, tolerance=f"{tolerance:g}", arena_bytes=lib.arena_bytes)
+    return environment().get_template("c/export_train_test.c.j2").render(ctx)
+
+
+# -- export_c(train=True) -------------------------------------------------------------
+@dataclass
+class TrainExport:
+    """What ``export_c(..., train=True)`` wrote."""
+    name: str
+    dir: Path
+    files: list[Path]
+    passes: list[str]
+    library: TrainLibrary
+    step: Graph                  # the step graph as given (before the pipeline): the oracle
+    predict: Graph
+
+    @property
+    def arena_bytes(self) -> int:
+        return self.library.arena_bytes
+
+    @property
+    def params_bytes(self) -> int:
+        return self.library.state_bytes
+
+    def __str__(self):
+        lib = self.library
+        return (f"wrote {', '.join(str(f) for f in self.files)}\n"
+                f"training RAM {lib.state_bytes + lib.arena_bytes:,} bytes = params {lib.trained_bytes:,} + "
+                f"optimizer state {lib.state_bytes - lib.trained_bytes:,} + arena {lib.arena_bytes:,} "
+                f"(train step {lib.step_plan.arena_bytes:,}, predict {lib.predict_plan.arena_bytes:,}); "
+                f"const params {lib.const_bytes:,} bytes")
+
+
+def export_train(model, out_dir, name: str = "model", passes="embedded", harness: bool = True, steps: int = STEPS,
+                 seed: int = 0, feeds=None, loss: str | None = None, optimizer=None, params=None,
+                 weight_format: str = "bytes") -> TrainExport:
+    """Write the training export of ``model`` (a :class:`convc.Trainer`, or
+    an inference Graph to which :func:`training_graphs` adds ``loss`` and
+    ``optimizer``) into ``out_dir``: ``NAME.h``, ``NAME.c`` and, with
+    ``harness``, ``NAME_test.c`` running ``steps`` reference-checked steps
+    (or ``feeds``: a list of {input name: array})."""
+    step, predict, trained = training_graphs(model, loss, optimizer, params)
+    lib = render_train(step, predict, trained, name, passes, weight_format)
+    files = dict(lib.files)
+    if harness:
+        files[f"{name}_test.c"] = render_train_harness(step, predict, lib, steps, seed, feeds)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fname, text in files.items():
+        (out / fname).write_text(text)
+        paths.append(out / fname)
+    return TrainExport(name, out, paths, train_pipeline(passes), lib, step, predict)
