@@ -221,7 +221,8 @@ def render(graph: Graph, name: str = "model", weights_file: bool = False, passes
     graph.verify()
     if graph.assigns:
         raise ConvcError(f"graph '{graph.name}' assigns params ({', '.join(graph.assigns)}): it is a training "
-                         f"step; export the inference graph (weights are const in the library)")
+                         f"step; export the inference graph (weights are const in the library), or its "
+                         f"training step with export_c(inference graph or cc.Trainer, train=True)")
     g = run_passes(graph, passes)
     plan = make_plan(g)
     _check_host_memory(f"rendering the export of graph '{g.name}' on this host",
@@ -392,7 +393,8 @@ class Export:
 
 def export_c(graph: Graph, out_dir, name: str = "model", weights_file: bool = False, passes="embedded",
              harness: bool = True, test_inputs=None, tests: int = 2, seed: int = 0, int8: bool = False,
-             calibration=None, weight_format: str = "bytes") -> Export:
+             calibration=None, weight_format: str = "bytes", train: bool = False, loss: str | None = None,
+             optimizer=None, steps: int | None = None):
     """Write ``NAME.h``, ``NAME.c`` (weights inside, or in ``NAME_weights.c``
     with ``weights_file=True``) and the test harness ``NAME_test.c`` into
     ``out_dir`` (created if needed). ``passes``: the pipeline run first, as in
@@ -411,11 +413,27 @@ def export_c(graph: Graph, out_dir, name: str = "model", weights_file: bool = Fa
     with int8_t weights and int32_t biases, without the flag. The harness's
     oracle is then the quantized graph, which the library matches bit for bit.
 
+    ``train=True`` exports the training step instead (``graph``: a
+    ``cc.Trainer``, or an inference Graph to which ``loss`` -- "cross_entropy"
+    or "mse" -- and ``optimizer`` are added): see :mod:`convc.export_train`;
+    the harness then runs ``steps`` steps on ``test_inputs`` or random batches.
+    Returns an :class:`Export`, or a ``TrainExport`` with ``train=True``.
+
     >>> cc.export_c(lenet5(), "build/lenet", name="lenet")   # doctest: +SKIP
     >>> cc.export_c(lenet5(), "build/qlenet", name="qlenet", int8=True, calibration="digits.npz")  # doctest: +SKIP
+    >>> cc.export_c(lenet5(batch=8), "build/tlenet", name="tlenet", train=True, optimizer=cc.Adam())  # doctest: +SKIP
     """
+    if train:
+        from .export_train import STEPS, export_train
+        if int8 or weights_file or calibration is not None:
+            raise ConvcError("export_c(train=True): int8, weights_file and calibration are for inference exports")
+        return export_train(graph, out_dir, name, passes, harness, steps or STEPS, seed, test_inputs, loss,
+                            optimizer, weight_format=weight_format)
+    if loss is not None or optimizer is not None or steps is not None:
+        raise ConvcError("export_c(): loss, optimizer and steps are for train=True")
     if not isinstance(graph, Graph):
-        raise ConvcError(f"export_c() takes a convc.Graph, got {type(graph).__name__}")
+        hint = " (a cc.Trainer exports with train=True)" if type(graph).__name__ == "Trainer" else ""
+        raise ConvcError(f"export_c() takes a convc.Graph, got {type(graph).__name__}{hint}")
     if int8:
         graph = int8_graph(graph, calibration, seed=seed)
     elif calibration is not None:
