@@ -492,6 +492,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pipeline", default="embedded",
                    help="pass pipeline run before rendering, as in cc.compile (default: embedded, which leaves out "
                         "the GEMM/Winograd lowerings that need scratch RAM; none: as given)")
+    from convc.qemu import BOARDS
+
+    e.add_argument("--board", choices=sorted(BOARDS), default=None,
+                   help="also write board support for this board beside the library (startup code, linker "
+                        "script, semihosting output, Makefile): mps2-an386 is QEMU's Arm MPS2 AN386, a Cortex-M4F")
+    e.add_argument("--run-qemu", action="store_true",
+                   help="build the harness for --board (default mps2-an386) with arm-none-eabi-gcc, run it under "
+                        "qemu-system-arm, check that it passes and print the instructions per call (emulated, "
+                        "indicative)")
+    e.add_argument("--qemu-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="stop a --run-qemu run that takes longer than this (default: 120)")
     e.set_defaults(fn=_lazy("convc.export", "cmd_export"))
     from convc.bench import LOAD_TARGET, MODELS, UNTUNED_TARGET
 

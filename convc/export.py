@@ -775,4 +775,9 @@ def cmd_export(args) -> int:
         rep = (size_comparison(g, q, name=args.name, passes=args.pipeline) if q is not None
                else size_report(g, name=args.name, passes=args.pipeline))
         print(rep.table())
+    if args.board or args.run_qemu:
+        from .qemu import cmd_board
+
+        args.board = args.board or "mps2-an386"
+        cmd_board(args)
     return 0
