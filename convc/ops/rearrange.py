@@ -8,6 +8,7 @@ op, the shapes and the rule."""
 from __future__ import annotations
 
 import re
+import string
 
 from ..errors import RuleError
 from ..ir import Value
@@ -95,59 +96,81 @@ def tile(x: Value, repeats, name=None) -> Value:
 
 
 # -- einsum -----------------------------------------------------------------------
-def parse_einsum(equation: str, ranks: list[int]) -> tuple[list[str], str]:
-    """The operands' labels and the output's (implicit output: the labels
-    seen once, in alphabetical order, as numpy). Raises RuleError on what
-    convc's einsum does not take: ellipses, a label repeated within an
-    operand (a diagonal) or in the output, an output label no operand has."""
+def parse_einsum(equation: str, ranks: list[int]) -> tuple[list[str], str, str]:
+    """The operands' labels, the output's, and the labels that stand for the
+    ellipsis (``...``: the same trailing-aligned axes in every term, which
+    broadcast). The implicit output is the ellipsis, then the labels seen
+    once in alphabetical order (upper case first), as numpy and ONNX. Raises
+    RuleError on a malformed equation."""
     eq = equation.replace(" ", "")
-    if "..." in eq:
-        raise RuleError(f"einsum {equation!r}: ellipsis ('...') is not supported")
+    if not re.fullmatch(r"[A-Za-z.,]*(->[A-Za-z.]*)?", eq):
+        raise RuleError(f"einsum {equation!r}: labels must be letters, terms separated by ',' and one '->'")
     lhs, arrow, out = eq.partition("->")
     terms = lhs.split(",")
-    if not re.fullmatch(r"[A-Za-z,]*(->[A-Za-z]*)?", eq):
-        raise RuleError(f"einsum {equation!r}: labels must be letters, terms separated by ',' and one '->'")
     if len(terms) != len(ranks):
         raise RuleError(f"einsum {equation!r} has {len(terms)} terms for {len(ranks)} operands")
+    if any(t.replace("...", "").count(".") for t in terms + [out]) or any(t.count("...") > 1 for t in terms + [out]):
+        raise RuleError(f"einsum {equation!r}: a term may hold one ellipsis '...' and no other '.'")
+    free = [c for c in string.ascii_letters if c not in eq]
+    widths = [r - len(t.replace("...", "")) for t, r in zip(terms, ranks) if "..." in t]
+    k = max(widths, default=0)
+    if min(widths, default=0) < 0:
+        raise RuleError(f"einsum {equation!r}: an ellipsis term has more labels than its operand's rank")
+    ell = "".join(free[:k])
+    full = []
     for t, r in zip(terms, ranks):
+        if "..." in t:
+            t = t.replace("...", ell[k - (r - len(t.replace("...", ""))):])
         if len(t) != r:
             raise RuleError(f"einsum {equation!r}: term {t!r} has {len(t)} labels for an operand of rank {r}")
-        if len(set(t)) != len(t):
-            raise RuleError(f"einsum {equation!r}: term {t!r} repeats a label (a diagonal); not supported")
-    if not arrow:
-        seen = "".join(terms)
-        out = "".join(sorted(c for c in set(seen) if seen.count(c) == 1))
-    if len(set(out)) != len(out) or not set(out) <= set("".join(terms)):
+        full.append(t)
+    if arrow:
+        out = out.replace("...", ell)
+    else:
+        seen = "".join(full)
+        out = ell + "".join(sorted(c for c in set(seen) if seen.count(c) == 1 and c not in ell))
+    if len(set(out)) != len(out) or not set(out) <= set("".join(full)):
         raise RuleError(f"einsum {equation!r}: output {out!r} must name distinct labels of the operands")
-    return terms, out
+    return full, out, ell
 
 
 def einsum(equation: str, *operands: Value, name=None) -> Value:
-    """``numpy.einsum`` of one or more Values for equations without
-    ellipses or diagonals: matrix products ('ij,jk->ik', batched
-    'bij,bjk->bik'), transposes ('ij->ji'), channel mixing
-    ('nchw,oc->nohw'), outer products ('i,j->ij'), sums ('ij->i').
-    Operands are contracted left to right: each pair becomes one batched
-    ``matmul`` between transposes and reshapes; a label only one operand
-    has and the result does not need is summed out first."""
+    """``numpy.einsum`` of one or more Values: matrix products ('ij,jk->ik',
+    batched 'bij,bjk->bik' or '...ij,...jk'), transposes ('ij->ji'),
+    channel mixing ('nchw,oc->nohw'), outer products ('i,j->ij'), sums
+    ('ij->i'), diagonals ('ii->i'). A repeated label in a term first takes
+    its diagonal (a ``take`` of the merged axes); labels only one operand has
+    and nothing later needs are summed out; then operands are contracted
+    left to right, each pair as one batched ``matmul`` between transposes
+    and reshapes. Ellipsis axes of size 1 broadcast (an ``expand``)."""
     if not operands or not all(isinstance(v, Value) for v in operands):
         from ..errors import GraphError
         raise GraphError(f"einsum {equation!r}: the operands must be convc Values, got "
                          f"{[type(v).__name__ for v in operands]}")
     with rules("einsum", name, **{f"x{i}": v for i, v in enumerate(operands)}):
-        terms, out = parse_einsum(equation, [len(v.shape) for v in operands])
+        terms, out, ell = parse_einsum(equation, [len(v.shape) for v in operands])
         sizes: dict[str, int] = {}
         for t, v in zip(terms, operands):
             for c, n in zip(t, v.shape):
+                if c in ell and n == 1:
+                    continue
                 if sizes.setdefault(c, n) != n:
                     raise RuleError(f"einsum {equation!r}: label {c!r} is {sizes[c]} and {n}")
-    parts = list(zip(terms, operands))
+        for c in ell:
+            sizes.setdefault(c, 1)
     step = 0
 
     def part_name():
         nonlocal step
         step += 1
         return _named(name, f"s{step}")
+
+    parts = []
+    for t, v in zip(terms, operands):
+        want = tuple(sizes[c] for c in t)
+        if v.shape != want:                      # an ellipsis axis of size 1 broadcast
+            v = expand(v, want, name=part_name())
+        parts.append(_diagonal(t, v, part_name))
 
     def needed(i):        # the labels the result or a later operand still needs, after operand i
         return set(out).union(*(t for t, _ in parts[i + 1:]))
@@ -159,6 +182,25 @@ def einsum(equation: str, *operands: Value, name=None) -> Value:
     if term != out:
         acc = transpose(acc, tuple(term.index(c) for c in out), name=part_name())
     return reshape(acc, acc.shape, name=name) if name is not None else acc
+
+
+def _diagonal(term: str, v: Value, part_name):
+    """A term with repeated labels -> its diagonal: the m axes of a label
+    moved last, merged (n**m entries) and the n entries i*(1 + n + ... +
+    n**(m-1)) taken; one label at a time."""
+    from .indexing import take
+    while len(set(term)) != len(term):
+        c = next(c for c in term if term.count(c) > 1)
+        at = [i for i, l in enumerate(term) if l == c]
+        rest = [i for i, l in enumerate(term) if l != c]
+        n, m = v.shape[at[0]], len(at)
+        if rest + at != list(range(len(term))):
+            v = transpose(v, tuple(rest + at), name=part_name())
+        v = reshape(v, tuple(v.shape[:len(rest)]) + (n ** m,), name=part_name())
+        step = sum(n ** j for j in range(m))
+        v = take(v, [i * step for i in range(n)], axis=len(rest), name=part_name())
+        term = "".join(term[i] for i in rest) + c
+    return term, v
 
 
 def _sum_out(term: str, v: Value, keep: set, part_name):
