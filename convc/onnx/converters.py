@@ -13,7 +13,7 @@ from ..ops.linear import dense, matmul, softmax
 from ..ops.norm import batch_norm
 from ..ops.pool import avg_pool, global_avg_pool, max_pool
 from ..ops.resize import COORDINATE_MODES, resize
-from ..ops.tensor import concat, expand, reduce_sum, reshape, slice_axis, transpose
+from ..ops.tensor import concat, expand, reshape, slice_axis, transpose
 from ..ops.transpose import conv_transpose
 from ..shapes import ceil_div, prod
 from .importer import (STATIC_INPUTS, _WINDOW, _Unsupported, _axis, _matmul_2d, _onnx_attr_names, _pad_pairs, _positive,
@@ -223,31 +223,6 @@ def _expand(im, node, ins, at):
     except ValueError:
         raise _Unsupported(f"shape {list(target)} does not broadcast with the input's {x.shape}") from None
     return [expand(x, shape, name=im.name(node)) if shape != x.shape else x]
-
-
-@converts("ReduceSum", keepdims=1, axes=None, noop_with_empty_axes=0)
-def _reduce_sum(im, node, ins, at):
-    x = im.value(ins[0])
-    axes = at["axes"] if im.opset < 13 else (im.ints(ins[1], "axes").tolist() if ins[1] else None)
-    if not axes and at["noop_with_empty_axes"]:
-        return [x]
-    return [reduce_sum(x, None if not axes else tuple(int(a) for a in axes), bool(at["keepdims"]),
-                       name=im.name(node))]
-
-
-@converts("ReduceMean", keepdims=1, axes=None, noop_with_empty_axes=0)
-def _reduce_mean(im, node, ins, at):
-    x = im.value(ins[0])
-    rank = len(x.shape)
-    axes = at["axes"] if im.opset < 18 else (im.ints(ins[1], "axes").tolist() if ins[1] else None)
-    if not axes and at["noop_with_empty_axes"]:
-        return [x]
-    axes = sorted({_axis(a, rank, "axes entry") for a in axes} if axes else range(rank))
-    if axes == list(range(2, rank)) and 3 <= rank <= 5:       # x.mean((2, 3)): a global average pool
-        y = global_avg_pool(x, name=im.name(node) if at["keepdims"] else im.name(node, "pool"))
-        return [y if at["keepdims"] else reshape(y, x.shape[:2], name=im.name(node))]
-    total = reduce_sum(x, tuple(axes), bool(at["keepdims"]), name=im.name(node, "sum"))
-    return [mul(total, 1.0 / prod(x.shape[a] for a in axes), name=im.name(node))]
 
 
 @converts("Transpose", perm=None)

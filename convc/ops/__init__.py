@@ -8,5 +8,6 @@ from . import blocked  # noqa: F401,E402  (registers to_blocked, from_blocked, b
 from . import quantized  # noqa: F401,E402  (registers quantize, dequantize, qconv)
 from . import qgemm  # noqa: F401,E402  (registers qgemm_columns, qgemm_weights, qgemm_bias, qgemm)
 from . import normalize  # noqa: F401,E402  (registers lrn, standardize and their gradients)
+from . import reduce  # noqa: F401,E402  (registers reduce, reduce_grad)
 from . import indexing  # noqa: F401,E402  (registers cast, where, take, take_grad)
 from . import rearrange  # noqa: F401,E402  (depth_to_space, space_to_depth, tile, einsum: composites)
