@@ -156,8 +156,10 @@ def build_plan(lib_dir, name: str, board: str = "mps2-an386", opt: str = OPT, ha
                              f"(convc export MODEL -o {lib_dir} --name {name})")
     entries = entry_points(lib_dir, name) if entries is None else entries
     compile_flags = [*b.cpu_flags, opt, "-ffunction-sections", "-fdata-sections"]
-    link_flags = ["-nostartfiles", "--specs=nano.specs", "-T", "board.ld", "-Wl,--gc-sections",
-                  "-u", "_printf_float", *[f"-Wl,--wrap={e}" for e in entries], "-lm"]
+    # The full newlib, not newlib-nano: the harnesses print int64 values with %lld,
+    # which nano's printf does not know (flash is plentiful on this board).
+    link_flags = ["-nostartfiles", "-T", "board.ld", "-Wl,--gc-sections",
+                  *[f"-Wl,--wrap={e}" for e in entries], "-lm"]
     return BuildPlan(b, name, sources, opt, compile_flags, link_flags)
 
 
@@ -198,7 +200,7 @@ def missing_tools() -> list[str]:
 
 def _has_newlib() -> bool:
     try:
-        proc = subprocess.run([ARM_CC, *ARM_FLAGS, "--specs=nano.specs", "-print-file-name=libc_nano.a"],
+        proc = subprocess.run([ARM_CC, *ARM_FLAGS, "-print-file-name=libc.a"],
                               capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return False

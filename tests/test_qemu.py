@@ -1,7 +1,7 @@
 """Runs on an emulated Cortex-M4 (``convc/qemu.py``): the exported harness,
 built for QEMU's Arm MPS2 AN386 board with the board support convc writes,
 passes under ``qemu-system-arm`` for LeNet (float and int8) and a training
-step; a wrong expected value fails the run, a hang is cut by the timeout, a
+step (export_c(train=True)); a wrong expected value fails the run, a hang is cut by the timeout, a
 fault ends the run with its name, and the per-call counts are instructions
 (a loop of a known length).
 
@@ -17,7 +17,7 @@ import shutil
 
 import pytest
 
-from convc.cli import build_parser, main as cli_main
+from convc.cli import main as cli_main
 from convc.errors import ConvcError
 from convc.export import export_c
 from convc.models import lenet5
@@ -101,22 +101,16 @@ def test_lenet_int8_runs_on_the_board(tmp_path):
     print(res.table())
 
 
-def test_training_steps_run_on_the_board(tmp_path, capsys):
-    """A few training steps of LeNet (convc export --train, Helper T's
-    training export) pass their harness on the board."""
-    if not _has_train_export():
-        pytest.skip("convc export --train (the training export of issue 19, item 1) is not in this tree yet")
-    out = cli(["export", "lenet5", "--train", "-o", str(tmp_path), "--name", "tlenet", "--run-qemu"], capsys)
-    assert "the harness printed OK" in out, out
-    calls, low, high = counts(out, "tlenet_train_step")
-    assert calls >= 2 and low > 1e6, out
-    print(out)
-
-
-def _has_train_export() -> bool:
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    return any("--train" in a.option_strings for a in sub.choices["export"]._actions)
+def test_training_steps_run_on_the_board(tmp_path):
+    """A few training steps of LeNet (export_c(train=True)) pass their
+    harness on the board: every step's loss, the params after the steps,
+    predict and the checkpoint round trip, against the reference."""
+    export_c(lenet5(), tmp_path, name="tlenet", train=True)
+    res = run(tmp_path, name="tlenet", timeout=120)
+    assert re.search(r"^step 2: loss ", res.output, re.M) and "checkpoint round trip: ok" in res.output, res.output
+    steps = [n for n in res.instructions("tlenet_train_step") if n > 1e6]     # rejected batches return at once
+    assert len(steps) >= 3 and max(res.instructions("tlenet_predict")) > 1e6, res.table()
+    print(res.table())
 
 
 def small_library(path, body: str, harness: str):
