@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import networkx as nx
 import numpy as np
 
 from . import __version__
@@ -38,7 +39,7 @@ from .codegen.c import bind_buffers, node_functions, output_copies, share_identi
 from .codegen.env import CTYPES, Namer, environment
 from .errors import ConvcError
 from .ir import INT_DTYPES, Graph, require_graph
-from .schedule import Plan, plan as make_plan
+from .schedule import ALIAS_OPS, Plan, plan as make_plan
 
 TRAIN_PASSES = ["eliminate_dead_code", "eliminate_common_subexpressions", "fold_constants", "fuse_epilogues",
                 "fuse_separable", "eliminate_dead_code"]
@@ -119,6 +120,147 @@ def train_pipeline(passes) -> list[str]:
     return names
 
 
+# -- committing the update early -------------------------------------------------------
+COMMIT = "__commit__"
+"""Prefix of the output labels that stand for a param's new value (see :func:`early_commits`)."""
+
+
+def _readers(g: Graph, n: str) -> set[str]:
+    """Nodes that read ``n``'s memory: its successors, through reshapes that
+    are second names for it (``schedule.ALIAS_OPS``)."""
+    out, todo = set(), [n]
+    while todo:
+        for u in g.nx.successors(todo.pop()):
+            if g.node(u)["op"] in ALIAS_OPS and u not in g.outputs.values():
+                todo.append(u)
+            else:
+                out.add(u)
+    return out
+
+
+def early_commits(g: Graph) -> tuple[Graph, dict[str, str]]:
+    """``g`` (a training step after the pipeline) rewritten so that each
+    param's new value is written into the param's own memory as soon as
+    nothing reads the old value any more, instead of living in the arena
+    until a copy after the last node (what ``g.assign`` means in the runtime).
+    Returns the graph -- no assigns; one output ``__commit__<param>`` per
+    assign, which the export binds to the param's array -- and {output label:
+    param}.
+
+    The node computing the new value writes the param directly when it does
+    not read the param (restrict: one object is never both input and output
+    of a call) and no reader of the old value depends on it (the Adam and
+    momentum state); otherwise a copy node (a reshape to the same shape) takes
+    the value over after the last reader. A schedule edge puts every writer
+    after every reader of the old value and after every node that checks
+    input values, so a rejected batch (a label out of range) still changes
+    nothing. The order (``_commit_order``) runs each update as soon as its
+    gradient is ready, so gradients and new values do not pile up."""
+    from .ops import get_op
+    from .ops.tensor import reshape
+
+    out = g.copy()
+    out.assigns = {}
+    labels: dict[str, str] = {}
+    after: dict[str, set[str]] = {}                 # node -> nodes that must run before it (besides its inputs)
+    checks = [n for n in g.nx if g.node(n)["op"] not in ("input", "param")
+              and get_op(g.node(n)["op"]).value_ranges(g.node(n)["attrs"],
+                                                      [g.node(i)["type"] for i in g.inputs_of(n)])]
+    taken = [n for n in g.assigns.values()]
+    for p, n in g.assigns.items():
+        old = _readers(g, p)
+        d = g.node(n)
+        direct = (d["op"] not in ("input", "param") and taken.count(n) == 1 and n not in g.outputs.values()
+                  and n not in old and not (old & nx.descendants(g.nx, n)))
+        writer = n if direct else reshape(out.value(n), d["type"].shape, name=f"{p}.commit").name
+        label = f"{COMMIT}{p}"
+        out.outputs[label] = writer
+        labels[label] = p
+        after.setdefault(writer, set()).update(old - {writer}, checks)
+    return _commit_order(out, after), labels
+
+
+def _commit_order(g: Graph, after: dict[str, set[str]]) -> Graph:
+    """``g`` with its nodes re-inserted in a schedule that keeps few bytes
+    alive (``plan`` schedules in insertion order); ``after`` adds edges
+    (node -> nodes that must run before it). A greedy list schedule: of the
+    nodes ready to run, the one that adds the fewest bytes to the arena (its
+    output, less the buffers it reads last) runs first -- so a gradient's
+    update and commit follow it at once, and a big weight gradient waits
+    until the small ones are done -- ties going to the node enabled most
+    recently, then to the given order. A node of params alone (a weight's
+    transpose, momentum * beta) runs just before its first reader."""
+    order = g.topological_order()
+    idx = {n: i for i, n in enumerate(order)}
+    preds = {n: set(g.nx.predecessors(n)) | after.get(n, set()) for n in order}
+    succs: dict[str, set[str]] = {n: set() for n in order}
+    for n, ps in preds.items():
+        for u in ps:
+            succs[u].add(n)
+    fed, code = {}, {}
+    for n in order:
+        op = g.node(n)["op"]
+        fed[n] = op == "input" or any(fed[u] for u in preds[n])
+        code[n] = op not in ("input", "param")
+    final = set(g.outputs.values())
+    alias = {n for n in order if g.node(n)["op"] in ALIAS_OPS and n not in final}
+
+    def source(n):                          # the node whose buffer n reads (through reshapes)
+        while n in alias:
+            n = g.inputs_of(n)[0]
+        return n
+    readers: dict[str, set[str]] = {}       # arena buffer -> the nodes that read it (through reshapes)
+    for n in order:
+        if code[n] and n not in alias:
+            for i in g.inputs_of(n):
+                readers.setdefault(source(i), set()).add(n)
+    owns = {n: code[n] and n not in alias and n not in final for n in order}   # has an arena buffer
+    done: set[str] = {n for n in order if not code[n]}
+    pos: dict[str, int] = {}
+    sched: list[str] = []
+
+    def pulled(n) -> list[str]:             # n and the params-only nodes it needs first, in order
+        need, todo = [], [n]
+        while todo:
+            u = todo.pop()
+            if u in done or u in need:
+                continue
+            need.append(u)
+            todo += [v for v in preds[u] if not fed[v] and code[v]]
+        return sorted(need, key=idx.__getitem__)
+
+    def cost(nodes) -> int:
+        group = set(nodes)
+        add = sum(g.node(u)["type"].nbytes for u in nodes if owns[u])
+        freed = sum(g.node(b)["type"].nbytes for b in {source(i) for u in nodes for i in g.inputs_of(u)}
+                    if owns.get(b) and readers.get(b, set()) <= done | group)
+        return add - freed
+
+    ready = {n for n in order if code[n] and fed[n] and preds[n] <= done | {u for u in preds[n] if not fed[u]}}
+    while ready:
+        best = min(ready, key=lambda n: (cost(pulled(n)), -max((pos.get(u, -1) for u in preds[n]), default=-1),
+                                         idx[n]))
+        ready.discard(best)
+        newly = pulled(best)
+        for u in newly:
+            done.add(u)
+            pos[u] = len(sched)
+            sched.append(u)
+        for v in {w for u in newly for w in succs[u]}:
+            if v not in done and fed[v] and all(u in done or not fed[u] for u in preds[v]):
+                ready.add(v)
+    rest = [n for n in order if n not in done]        # dead code and params-only nodes nothing reads
+    h = nx.MultiDiGraph()
+    h.graph.update(g.nx.graph)
+    h.add_nodes_from((n, g.nx.nodes[n]) for n in [n for n in order if not code[n]] + sched + rest)
+    h.add_edges_from(g.nx.edges(keys=True, data=True))
+    out = g.copy()
+    out.nx = h
+    if out.topological_order() != [n for n in h.nodes]:
+        raise RuntimeError(f"graph '{g.name}': the training schedule is not a topological order")
+    return out
+
+
 # -- rendering ------------------------------------------------------------------
 @dataclass
 class TrainLibrary:
@@ -145,12 +287,13 @@ class TrainLibrary:
         return sum(s["nbytes"] for s in self.state if s["trained"])
 
 
-def _entry_tensors(g: Graph, plan: Plan, names: Namer, macro, P: str, var: dict, out_var: dict) -> dict:
+def _entry_tensors(g: Graph, plan: Plan, names: Namer, macro, var: dict, out_var: dict, outputs: dict) -> dict:
     """The arguments of one entry point: the inputs its graph reads (in graph
-    order), then its outputs; their C names in ``var``/``out_var``."""
+    order), then ``outputs`` (label -> node); their C names in
+    ``var``/``out_var``."""
     tensors = {"inputs": [], "outputs": []}
     for role, items in (("inputs", [(n, n) for n in g.input_names if n in plan.storage]),
-                        ("outputs", list(g.outputs.items()))):
+                        ("outputs", list(outputs.items()))):
         for label, node in items:
             t = g.node(node)["type"]
             v = names(label, fallback="in_" if role == "inputs" else "out_")
@@ -178,7 +321,6 @@ def render_train(step: Graph, predict: Graph, trained: list[str], name: str = "m
     step.verify()
     pipeline = train_pipeline(passes)
     gs, gp = run_passes(step, pipeline), run_passes(predict, pipeline)
-    ps, pp = make_plan(gs), make_plan(gp)
     for g in (gs, gp):
         for n in trained:
             if n not in g.nx:
@@ -190,6 +332,8 @@ def render_train(step: Graph, predict: Graph, trained: list[str], name: str = "m
     if lost:
         raise ConvcError(f"graph '{step.name}': the pipeline dropped the update of {', '.join(lost)}")
     order = [n for n in trained if n in gs.assigns] + [n for n in gs.assigns if n not in trained]
+    gc, commits = early_commits(gs)            # the step as rendered: new values written into the params
+    ps, pp = make_plan(gc), make_plan(gp)
     P = name.upper()
     entries = {e: f"{name}_{e}" for e in ("train_step", "predict", "get_params", "set_params")}
     ident = Namer(reserved=("arena", "base", "i", "dst", "src", "s", "convc_first", "convc_last", "CONVC_SIMD_SUM",
@@ -207,15 +351,16 @@ def render_train(step: Graph, predict: Graph, trained: list[str], name: str = "m
     # entry arguments: each entry has its own scope, but no argument may hide a file-scope name
     vs, vp, outs_s, outs_p = {}, {}, {}, {}
     taken = set(ident.used)
-    tensors = {"train_step": _entry_tensors(gs, ps, ident, macro, P, vs, outs_s)}
+    tensors = {"train_step": _entry_tensors(gc, ps, ident, macro, vs, outs_s,
+                                            {o: n for o, n in gc.outputs.items() if o not in commits})}
     own = Namer(reserved=taken)
-    tensors["predict"] = _entry_tensors(gp, pp, own, macro, P, vp, outs_p)
+    tensors["predict"] = _entry_tensors(gp, pp, own, macro, vp, outs_p, gp.outputs)
     ident.used |= own.used
 
     # params: the state (trained params, optimizer state) in RAM, the rest const; one symbol per name
     symbols: dict[str, dict] = {}
     params, state, offset = [], [], 0
-    for g, plan, var in ((gs, ps, vs), (gp, pp, vp)):
+    for g, plan, var in ((gc, ps, vs), (gp, pp, vp)):
         for n in plan.params:
             d = g.node(n)
             t, value = d["type"], np.asarray(d["value"])
@@ -236,23 +381,21 @@ def render_train(step: Graph, predict: Graph, trained: list[str], name: str = "m
         state.append(dict(name=n, var=symbols[n]["var"], offset=offset, nbytes=t.nbytes, T=CTYPES[t.dtype],
                           dtype=t.dtype, shape=str(t.shape), size=t.size, trained=n in trained))
         offset += t.nbytes
+    outs_s.update({label: symbols[p]["var"] for label, p in commits.items()})
 
     # node functions of both graphs, identical ones shared; calls in each entry's schedule
-    arena_s = bind_buffers(gs, ps, ident, vs, outs_s)
+    arena_s = bind_buffers(gc, ps, ident, vs, outs_s)
     arena_p = bind_buffers(gp, pp, ident, vp, outs_p)
-    fs, cs = node_functions(gs, ps, ident, vs, parallel=True)
+    fs, cs = node_functions(gc, ps, ident, vs, parallel=True)
     fp, cp = node_functions(gp, pp, ident, vp, parallel=True)
     functions, calls = share_identical(fs + fp, cs + cp)
     calls_s, calls_p = calls[:len(cs)], calls[len(cs):]
-    copies_s, copies_p = output_copies(gs, vs, outs_s), output_copies(gp, vp, outs_p)
-    commits = [dict(dst=vs[p], src=vs[n], size=gs.node(n)["type"].size, what=f"{p} <- {n}")
-               for p, n in gs.assigns.items()]
-    for n in gs.assigns.values():
-        if ps.storage.get(n, ("",))[0] != "arena" and n not in ps.aliases:
-            raise ConvcError(f"graph '{gs.name}': the new value of a param, node '{n}' ({gs.node(n)['op']}), "
-                             f"is not computed in the arena; the training export commits from there")
+    writes = {gc.outputs[label]: p for label, p in commits.items()}
+    for c in calls_s:
+        c["commit"] = writes.get(c["node"])       # the call writes this param's new value
+    copies_s, copies_p = output_copies(gc, vs, outs_s), output_copies(gp, vp, outs_p)
     arena_bytes = max(ps.arena_bytes, pp.arena_bytes)
-    dtypes = [g.node(n)["type"].dtype for g, p in ((gs, ps), (gp, pp)) for n in p.order]
+    dtypes = [g.node(n)["type"].dtype for g, p in ((gc, ps), (gp, pp)) for n in p.order]
     arena_align = max((np.dtype(d).itemsize for d in dtypes), default=1)
     const_bytes = sum(p["nbytes"] for p in params if not p["ram"])
     floats = {gs.node(n)["type"].dtype for n in gs.outputs.values()}
@@ -263,7 +406,7 @@ def render_train(step: Graph, predict: Graph, trained: list[str], name: str = "m
     ctx = dict(version=__version__, graph=step.name, hash=gs.structure_hash(), name=name, P=P, guard=f"{P}_H",
                tensors=tensors, sig=sig, pub=pub, ptrs=ptrs, params=params, state=state,
                functions=[f for _, f in functions], calls_s=calls_s, calls_p=calls_p, copies_s=copies_s,
-               copies_p=copies_p, commits=commits, arena_s=arena_s, arena_p=arena_p,
+               copies_p=copies_p, arena_s=arena_s, arena_p=arena_p,
                arena_bytes=arena_bytes, arena_align=arena_align, step_arena=ps.arena_bytes,
                predict_arena=pp.arena_bytes, const_bytes=const_bytes,
                state_bytes=offset, trained_bytes=sum(s["nbytes"] for s in state if s["trained"]),
@@ -274,7 +417,7 @@ def render_train(step: Graph, predict: Graph, trained: list[str], name: str = "m
     env = environment()
     files = {f"{name}.h": env.get_template("c/export_train.h.j2").render(ctx),
              f"{name}.c": env.get_template("c/export_train.c.j2").render(ctx)}
-    return TrainLibrary(name, gs, gp, files, ps, pp, state, arena_bytes, arena_align, const_bytes, tensors)
+    return TrainLibrary(name, gc, gp, files, ps, pp, state, arena_bytes, arena_align, const_bytes, tensors)
 
 
 # -- the harness ------------------------------------------------------------------
