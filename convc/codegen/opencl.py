@@ -29,19 +29,25 @@ class OpenCLSource:
     outputs: list[tuple[str, TensorType]]
     plan: Plan
     fp64: bool
+    kernel_file: bool = False                   # init reads the kernels from a path instead of embedding them
+    arg_names: tuple[str, ...] = ()             # the C names of the run's arguments: inputs, then outputs
+
+    def declarations(self) -> dict[str, str]:
+        """The host API's C declarations, by function: init, run,
+        read_params, write_params, error, device, release."""
+        p = self.prefix
+        path = ", const char *kernels_path" if self.kernel_file else ""
+        return dict(init=f"int {p}_init(const unsigned char *params{path});",
+                    run=self.signature.replace("restrict ", "") + ";",
+                    read_params=f"int {p}_read_params(unsigned char *dst);",
+                    write_params=f"int {p}_write_params(const unsigned char *src);",
+                    error=f"const char *{p}_error(void);",
+                    device=f"const char *{p}_device(void);",
+                    release=f"void {p}_release(void);")
 
     def cdef(self) -> str:
         """Declarations of the host API for cffi."""
-        p = self.prefix
-        return "\n".join([
-            f"int {p}_init(const unsigned char *params);",
-            self.signature.replace("restrict ", "") + ";",
-            f"int {p}_read_params(unsigned char *dst);",
-            f"int {p}_write_params(const unsigned char *src);",
-            f"const char *{p}_error(void);",
-            f"const char *{p}_device(void);",
-            f"void {p}_release(void);",
-        ])
+        return "\n".join(self.declarations().values())
 
 
 def _c_string_lines(text: str) -> list[str]:
@@ -81,12 +87,17 @@ def value_checks(g: Graph, plan: Plan, calls: list[dict], kernels: list[dict], v
     return checks
 
 
-def generate(g: Graph, plan: Plan | None = None) -> OpenCLSource:
-    """Render ``g`` as OpenCL kernels plus the C host program that runs them."""
+def generate(g: Graph, plan: Plan | None = None, prefix: str | None = None, kernel_file: bool = False,
+             header: str | None = None) -> OpenCLSource:
+    """Render ``g`` as OpenCL kernels plus the C host program that runs them.
+    The export (``convc.export_opencl``) sets ``prefix`` (the API's, else the
+    graph's name), ``kernel_file`` (``<prefix>_init`` takes the path of the
+    kernels' source and reads it at run time instead of embedding it) and
+    ``header`` (a header the host includes, which declares its API)."""
     g.verify()
     plan = plan or make_plan(g, target="opencl")
     name = Namer(reserved=("params", "arena", "i"))
-    prefix = name(g.name)
+    prefix = name(prefix or g.name)
     entry = f"{prefix}_run"
     name.used.update({entry, f"{prefix}_init", f"{prefix}_error"})
     dtypes = {g.node(n)["type"].dtype for n in g.nx.nodes}
@@ -153,5 +164,6 @@ def generate(g: Graph, plan: Plan | None = None) -> OpenCLSource:
         params_bytes=plan.params_bytes, arena_bytes=plan.arena_bytes, state=bool(g.assigns),
         inputs=[(var[n], t) for n, t in inputs], outputs=[(out_var[o], t) for o, t in outputs],
         host_checks=[c for c in checks if "host" in c], device_checks=[c for c in checks if "mem" in c],
-        build_options="", **common)
-    return OpenCLSource(host, kernel_text, prefix, entry, signature, inputs, outputs, plan, fp64)
+        build_options="", kernel_file=kernel_file, header=header, **common)
+    return OpenCLSource(host, kernel_text, prefix, entry, signature, inputs, outputs, plan, fp64, kernel_file,
+                        tuple(var[n] for n, _ in inputs) + tuple(out_var[o] for o, _ in outputs))
