@@ -34,6 +34,7 @@ from .runtime.threads import get_num_threads, set_num_threads
 from .runtime.module import StateVersionError  # a pickled module or Trainer from another convc release
 from .cost import cost
 from .explain import explain
+from .export_opencl import export_opencl
 from .tuner import tune
 from .autodiff import grad
 from .train import SGD, Adam, Trainer

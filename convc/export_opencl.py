@@ -1,0 +1,191 @@
+"""OpenCL export: a graph as a C host program, its OpenCL kernels and a
+Makefile, built and run without Python.
+
+``export_opencl(graph, out_dir, name)`` writes
+
+- ``NAME_host.c``: the OpenCL target's host program (``codegen/opencl.py``
+  and ``templates/opencl/host.c.j2``, the file the runtime builds and loads
+  under Python): it picks a device, builds the kernels, keeps the params and
+  the arena in device buffers and runs one kernel per node;
+- ``NAME_host.h``: its API -- ``NAME_init``, ``NAME_run``,
+  ``NAME_read_params``, ``NAME_write_params``, ``NAME_error``,
+  ``NAME_device``, ``NAME_release`` -- with the sizes and the params' layout;
+- ``NAME_kernels.cl``: the OpenCL C kernels, which ``NAME_init`` reads at run
+  time from the path it is given; with ``embed_kernels=True`` this file is
+  not written and the kernels are string literals in ``NAME_host.c`` (one
+  binary, nothing to find at run time; ``NAME_init`` then takes no path);
+- ``NAME_params.bin``: the params as the one byte blob ``NAME_init`` takes
+  (each param's little-endian bytes at the offset the header lists). The
+  params are a file, not C data: the device holds them in a buffer anyway,
+  the host only passes them through, and a retrained blob (written by
+  ``NAME_read_params``, or by ``Module.params_blob()`` under Python) drops
+  in without rebuilding;
+- ``NAME_test.c``: a ``main()`` that runs the test vectors the reference
+  interpreter computed and checks the outputs and the params API;
+- ``Makefile``: ``make`` builds ``NAME_test`` with ``cc ... -lOpenCL``,
+  ``make test`` runs it, ``make clean``.
+
+>>> cc.export_opencl(lenet5(), "build/lenet_cl", name="lenet")    # doctest: +SKIP
+>>> # then: make -C build/lenet_cl test
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .codegen.env import CTYPES, Namer, environment
+from .errors import ConvcError
+from .ir import INT_DTYPES, Graph, require_graph
+
+TEST_TOLERANCE = 1e-4
+"""The harness's default bound on |got - expected| / max(1, |expected|):
+float32 kernels on a device sum in another order than the reference (and
+may contract to FMA); ``-DNAME_TEST_TOLERANCE=...`` overrides it."""
+
+
+@dataclass
+class OpenCLExport:
+    """What ``export_opencl`` wrote."""
+    name: str
+    dir: Path
+    files: list[Path]
+    embed_kernels: bool
+    graph: Graph                # the graph rendered (after the pass pipeline)
+    plan: object                # the memory plan: plan.params[node] is a param's offset in the blob
+    params_bytes: int           # NAME_PARAMS_BYTES: the blob NAME_init takes
+    arena_bytes: int            # the device buffer of intermediate results
+
+    def sizes(self) -> dict[str, int]:
+        """Bytes of each file written, by file name."""
+        return {f.name: f.stat().st_size for f in self.files}
+
+    def __str__(self):
+        return (f"wrote {', '.join(str(f) for f in self.files)}\n"
+                f"params {self.params_bytes:,} bytes ({self.name}_params.bin), device arena {self.arena_bytes:,} bytes; "
+                f"kernels {'embedded in the host' if self.embed_kernels else 'read at run time'}")
+
+
+def params_blob(g: Graph, plan) -> bytes:
+    """The params of ``g`` at the offsets of ``plan``: the blob
+    ``NAME_init`` takes, each value's bytes little-endian."""
+    blob = bytearray(plan.params_bytes)
+    for n, off in plan.params.items():
+        a = np.asarray(g.node(n)["value"])
+        data = np.ascontiguousarray(a, a.dtype.newbyteorder("<")).tobytes()
+        blob[off:off + len(data)] = data
+    return bytes(blob)
+
+
+def _tensors(src, macro: Namer, P: str) -> dict[str, list[dict]]:
+    """The host API's inputs and outputs for the header and the harness:
+    C variable, graph name, type, size macro."""
+    out = {}
+    args = iter(src.arg_names)
+    for role, items in (("inputs", src.inputs), ("outputs", src.outputs)):
+        out[role] = [dict(var=next(args), label=label, type=t, dtype=t.dtype, shape=str(t.shape), size=t.size,
+                          T=CTYPES[t.dtype], exact=t.dtype in INT_DTYPES,
+                          macro=macro(f"{P}_{re.sub(r'[^A-Za-z0-9_]', '_', label).upper()}_SIZE"))
+                     for label, t in items]
+    return out
+
+
+def export_opencl(graph: Graph, out_dir, name: str = "model", embed_kernels: bool = False, passes="embedded",
+                  harness: bool = True, test_inputs=None, tests: int = 2, seed: int = 0) -> OpenCLExport:
+    """Write the OpenCL host program ``NAME_host.c`` with its API header
+    ``NAME_host.h``, the kernels ``NAME_kernels.cl`` (or, with
+    ``embed_kernels``, inside ``NAME_host.c``), the params ``NAME_params.bin``,
+    a test harness ``NAME_test.c`` with ``tests`` vectors (or ``test_inputs``)
+    and the expected outputs the reference interpreter computed from ``graph``
+    as given, and a ``Makefile`` into ``out_dir`` (created if needed).
+    ``passes``: the pipeline run first ("embedded" by default, as
+    ``export_c``: no im2col or Winograd scratch buffers; "default" is what
+    ``cc.compile(target="opencl")`` runs). The host needs an OpenCL 1.2 ICD
+    loader and its headers; nothing here needs a device.
+
+    >>> exp = cc.export_opencl(lenet5(), "build/lenet_cl", name="lenet")   # doctest: +SKIP
+    >>> exp.sizes()                                                         # doctest: +SKIP
+    """
+    from .codegen.opencl import generate
+    from .export import c_literals, random_inputs
+    from .passes import run as run_passes
+    from .reference import evaluate
+    from .runtime.module import NumpyModule
+    from .schedule import plan as make_plan
+
+    require_graph(graph, "export_opencl()")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ConvcError(f"export name {name!r} must be a C identifier (letters, digits, _)")
+    graph.verify()
+    if graph.assigns:
+        raise ConvcError(f"graph '{graph.name}' assigns params ({', '.join(graph.assigns)}): it is a training "
+                         f"step; export_opencl writes inference hosts (the harness checks outputs of fixed params)")
+    g = run_passes(graph, passes)
+    plan = make_plan(g, target="opencl")
+    files = {}
+    src = generate(g, plan, prefix=name, kernel_file=not embed_kernels, header=f"{name}_host.h")
+    if src.prefix != name:
+        raise ConvcError(f"export name {name!r} is reserved in C or in convc's generated code; choose another "
+                         f"(the host API would be {src.prefix}_init ...)")
+    P = name.upper()
+    macro = Namer(reserved=[f"{P}_{s}" for s in ("HOST_H", "PARAMS_BYTES", "ARENA_BYTES", "TEST_TOLERANCE")],
+                  mangle=False)
+    tensors = _tensors(src, macro, P)
+    env = environment()
+    ctx = dict(version=__version__, graph=g.name, hash=g.structure_hash(), name=name, P=P,
+               inputs=tensors["inputs"], outputs=tensors["outputs"], embed=embed_kernels,
+               api=src.declarations(), params_bytes=plan.params_bytes, arena_bytes=plan.arena_bytes,
+               params=[dict(name=n, type=g.node(n)["type"], offset=off) for n, off in
+                       sorted(plan.params.items(), key=lambda item: item[1])],
+               needs_stdint=any(t["exact"] for t in tensors["inputs"] + tensors["outputs"]))
+    files[f"{name}_host.h"] = env.get_template("opencl/export_host.h.j2").render(ctx)
+    files[f"{name}_host.c"] = src.host
+    if not embed_kernels:
+        files[f"{name}_kernels.cl"] = src.kernels
+    files[f"{name}_params.bin"] = params_blob(g, plan)
+    if harness:
+        if test_inputs is None:
+            test_inputs = random_inputs(graph, tests, seed)
+        if not test_inputs:
+            raise ConvcError("the test harness needs at least one test vector")
+        check = NumpyModule(graph)          # the boundary checks of Module.run: names, shapes, dtypes
+        feeds = [check.check_inputs(f) for f in test_inputs]
+        wants = [evaluate(graph, f) for f in feeds]
+        for role, values, prefix in (("inputs", feeds, "test_"), ("outputs", wants, "want_")):
+            for t in tensors[role]:
+                t["data"] = f"{prefix}{t['var']}"
+                t["vectors"] = [c_literals(v[t["label"]]) for v in values]
+        files[f"{name}_test.c"] = env.get_template("opencl/export_test.c.j2").render(
+            ctx, tests=len(feeds), tolerance=TEST_TOLERANCE, exact=any(t["exact"] for t in tensors["outputs"]),
+            inexact=not all(t["exact"] for t in tensors["outputs"]))
+        files["Makefile"] = env.get_template("opencl/export_Makefile.j2").render(ctx)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fname, data in files.items():
+        (out / fname).write_bytes(data if isinstance(data, bytes) else data.encode())
+        paths.append(out / fname)
+    return OpenCLExport(name, out, paths, embed_kernels, g, plan, plan.params_bytes, plan.arena_bytes)
+
+
+def cmd_export_opencl(args) -> int:
+    """``convc export MODEL --target opencl -o DIR [--name NAME] [--embed-kernels]``."""
+    from .loading import load_model
+
+    refused = [flag for flag, given in (("--size", args.size), ("--int8", args.int8),
+                                        ("--weights-file", args.weights_file),
+                                        ("--weight-format", args.weight_format != "bytes"),
+                                        ("--calibration", args.calibration is not None)) if given]
+    if refused:
+        raise ConvcError(f"convc export --target opencl: {', '.join(refused)} apply to the C library "
+                         f"(--target c); the OpenCL export writes a host program, kernels and a params file")
+    if args.out is None:
+        raise ConvcError("convc export --target opencl: give -o DIR to write the host program into")
+    exp = export_opencl(load_model(args.model), args.out, name=args.name, embed_kernels=args.embed_kernels,
+                        passes=args.pipeline)
+    print(exp)
+    print(f"check it: make -C {args.out} test")
+    return 0

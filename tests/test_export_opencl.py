@@ -1,0 +1,185 @@
+"""`convc export --target opencl` (convc/export_opencl.py): the host program,
+its header, kernels, params and harness, built with their Makefile under
+strict flags and run on PoCL, in both kernel modes (read at run time,
+embedded); the kernels clean under oclgrind; the CLI and the errors.
+CONVC_REQUIRE_OPENCL=1 makes the device tests fail instead of skipping;
+CONVC_LONG_TESTS=1 adds LeNet-5 and the MobileNet-style net under oclgrind."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import convc as cc
+import helpers
+from convc.export_opencl import export_opencl
+from convc.models import lenet5, mobilenet_tiny
+from convc.train import training_graph
+
+LONG = os.environ.get("CONVC_LONG_TESTS", "") not in ("", "0")
+STRICT = "-std=c99 -O2 -Wall -Wextra -Werror -pedantic"
+
+needs_opencl = pytest.mark.skipif(helpers.OPENCL_MISSING is not None and not helpers.OPENCL_REQUIRED,
+                                  reason=f"no usable OpenCL device: {helpers.OPENCL_MISSING}")
+needs_oclgrind = pytest.mark.skipif(shutil.which("oclgrind") is None and not helpers.OPENCL_REQUIRED,
+                                    reason="oclgrind is not installed (Debian package oclgrind)")
+
+
+def branches():
+    """Two branches joined by a concat, max and average pooling, two outputs."""
+    rng = np.random.default_rng(11)
+    g = cc.Graph("branches")
+    x = g.input("x", (2, 3, 10, 10))
+    a = cc.relu(cc.conv(x, g.param("wa", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)), padding=1))
+    b = cc.sigmoid(cc.conv(x, g.param("wb", rng.standard_normal((2, 3, 1, 1)).astype(np.float32)),
+                           bias=g.param("bb", rng.standard_normal(2).astype(np.float32))))
+    c = cc.concat([a, b], axis=1)
+    g.output(cc.max_pool(c, 2), "pooled")
+    h = cc.flatten(cc.avg_pool(c, 5))
+    g.output(cc.dense(h, g.param("wd", rng.standard_normal((3, 24)).astype(np.float32))), "scores")
+    return g
+
+
+MODELS = {"lenet": lenet5, "mobilenet": mobilenet_tiny, "branches": branches}
+
+
+def _make(out, *targets, timeout=300, **env):
+    return subprocess.run(["make", f"CFLAGS={STRICT}", *targets], cwd=out, capture_output=True, text=True,
+                          timeout=timeout, env=helpers.subprocess_env(**env))
+
+
+def _passed(run) -> float:
+    """The harness's max_error, after checking that it said OK."""
+    report = run.stdout + run.stderr
+    assert run.returncode == 0, report[-4000:]
+    assert run.stdout.rstrip().endswith("OK"), report[-4000:]
+    return float(re.search(r"^max_error (\S+)$", run.stdout, re.M).group(1))
+
+
+@needs_opencl
+@pytest.mark.parametrize("embed", [False, True], ids=["kernel-file", "embedded"])
+@pytest.mark.parametrize("model", ["lenet", "mobilenet"])
+def test_export_builds_strictly_and_passes_on_the_device(tmp_path, model, embed):
+    g = MODELS[model]()
+    exp = cc.export_opencl(g, tmp_path, name=model, embed_kernels=embed)
+    names = {f.name for f in exp.files}
+    assert names == {f"{model}_host.c", f"{model}_host.h", f"{model}_params.bin", f"{model}_test.c", "Makefile"} | (
+        set() if embed else {f"{model}_kernels.cl"})
+    host = (tmp_path / f"{model}_host.c").read_text()
+    assert ("__kernel void" in host) == embed         # the kernels live in the host source only when embedded
+    header = (tmp_path / f"{model}_host.h").read_text()
+    path_arg = ", const char *kernels_path" if not embed else ""
+    assert f"int {model}_init(const unsigned char *params{path_arg});" in header
+    # the params file is each param's bytes at the offset the header lists
+    blob = (tmp_path / f"{model}_params.bin").read_bytes()
+    assert len(blob) == exp.params_bytes
+    for n, off in exp.plan.params.items():
+        value = np.asarray(exp.graph.node(n)["value"])
+        assert blob[off:off + value.nbytes] == value.astype(value.dtype.newbyteorder("<")).tobytes(), n
+        assert re.search(rf"^ \* +{off}  {re.escape(n)}: ", header, re.M), n
+
+    build = _make(tmp_path)                             # `make`: host and harness under -Werror -pedantic
+    assert build.returncode == 0, build.stdout + build.stderr
+    run = _make(tmp_path, "test")                      # `make test`: the harness on the device
+    assert _passed(run) <= 1e-4
+    assert re.search(r"^device \S", run.stdout, re.M) and "vector 0 after" in run.stdout, run.stdout
+
+    # the harness can fail: a params file with one weight changed gives outputs it rejects
+    first = min(exp.plan.params.values())
+    bad = bytearray(blob)
+    bad[first:first + 4] = np.float32(1e3).tobytes()
+    (tmp_path / "bad.bin").write_bytes(bytes(bad))
+    args = [f"./{model}_test", "bad.bin"] + ([] if embed else [f"{model}_kernels.cl"])
+    run = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env=helpers.subprocess_env())
+    assert run.returncode == 1 and run.stdout.rstrip().endswith("FAIL (tolerance 0.0001)"), run.stdout + run.stderr
+    # a params file of the wrong size and a missing kernels file stop before the device runs
+    (tmp_path / "short.bin").write_bytes(blob[:-1])
+    run = subprocess.run([f"./{model}_test", "short.bin"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2 and f"is not {len(blob)} bytes" in run.stderr, run.stderr
+    if not embed:
+        run = subprocess.run([f"./{model}_test", f"{model}_params.bin", "missing.cl"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300, env=helpers.subprocess_env())
+        assert run.returncode == 2, run.stdout + run.stderr
+        assert f"{model}_init returned -4: cannot read the OpenCL kernels" in run.stderr and "missing.cl" in run.stderr
+
+    clean = _make(tmp_path, "clean")
+    assert clean.returncode == 0 and not (tmp_path / f"{model}_test").exists()
+
+
+def _oclgrind(out, name, embed):
+    """Run the built harness under oclgrind's checks: no out-of-bounds access,
+    no read of uninitialised memory, no data race, no API misuse."""
+    from test_opencl import _OCLGRIND_ERRORS
+
+    cmd = ["oclgrind", "--build-options", "-cl-opt-disable", "--check-api", "--uninitialized", "--data-races",
+           f"./{name}_test", f"{name}_params.bin"] + ([] if embed else [f"{name}_kernels.cl"])
+    run = subprocess.run(cmd, cwd=out, capture_output=True, text=True, timeout=900, env=helpers.subprocess_env())
+    assert "device Oclgrind Simulator" in run.stdout, (run.stdout + run.stderr)[-4000:]
+    _passed(run)
+    found = _OCLGRIND_ERRORS.findall(run.stderr)
+    assert not found, run.stderr[-4000:]
+
+
+@needs_opencl
+@needs_oclgrind
+def test_concat_and_pools_pass_on_the_device_and_under_oclgrind(tmp_path):
+    """A graph with a concat, max and average pooling and two outputs: the
+    harness passes on the device (both outputs checked) and under oclgrind."""
+    exp = export_opencl(branches(), tmp_path, name="branches", tests=1)
+    assert set(exp.sizes()) == {"branches_host.c", "branches_host.h", "branches_kernels.cl", "branches_params.bin",
+                                "branches_test.c", "Makefile"}
+    header = (tmp_path / "branches_host.h").read_text()
+    assert "int branches_run(const float *in_x, float *out_pooled, float *out_scores);" in header
+    assert "#define BRANCHES_POOLED_SIZE 300" in header and "#define BRANCHES_SCORES_SIZE 6" in header
+    build = _make(tmp_path)
+    assert build.returncode == 0, build.stdout + build.stderr
+    assert _passed(_make(tmp_path, "test")) <= 1e-4
+    _oclgrind(tmp_path, "branches", embed=False)
+
+
+@pytest.mark.skipif(not LONG, reason="CONVC_LONG_TESTS=1: LeNet-5 and MobileNet-style under oclgrind (~1 min)")
+@needs_opencl
+@needs_oclgrind
+@pytest.mark.parametrize("model", ["lenet", "mobilenet"])
+def test_models_clean_under_oclgrind(tmp_path, model):
+    export_opencl(MODELS[model](), tmp_path, name=model, embed_kernels=True, tests=1)
+    build = _make(tmp_path)
+    assert build.returncode == 0, build.stdout + build.stderr
+    _oclgrind(tmp_path, model, embed=True)
+
+
+def test_cli_writes_the_export(tmp_path, capsys):
+    """`convc export MODEL --target opencl` writes the files (no device
+    needed to write them); options of the C library are refused."""
+    from convc.cli import main
+
+    out = tmp_path / "cl"
+    assert main(["export", "lenet5", "--target", "opencl", "-o", str(out), "--name", "net",
+                 "--embed-kernels"]) == 0
+    said = capsys.readouterr().out
+    assert "kernels embedded in the host" in said and f"make -C {out} test" in said
+    assert sorted(p.name for p in out.iterdir()) == ["Makefile", "net_host.c", "net_host.h", "net_params.bin",
+                                                      "net_test.c"]
+    assert (out / "net_params.bin").stat().st_size == 247040
+    assert main(["export", "lenet5", "--target", "opencl", "-o", str(tmp_path / "x"), "--size"]) == 2
+    assert "--size apply to the C library" in capsys.readouterr().err
+    assert main(["export", "lenet5", "-o", str(tmp_path / "y"), "--embed-kernels"]) == 2
+    assert "--embed-kernels is for --target opencl" in capsys.readouterr().err
+
+
+def test_refuses_bad_names_and_training_graphs(tmp_path):
+    with pytest.raises(cc.ConvcError, match="must be a C identifier"):
+        export_opencl(lenet5(), tmp_path, name="le-net")
+    with pytest.raises(cc.ConvcError, match="reserved"):
+        export_opencl(lenet5(), tmp_path, name="int")
+    g = lenet5(batch=2)
+    loss = cc.cross_entropy(g.value(g.outputs["logits"]), g.input("labels", (2,), "int64"))
+    step, _ = training_graph(g, loss, None, cc.SGD(lr=0.1))
+    with pytest.raises(cc.ConvcError, match=r"assigns params .*training step"):
+        export_opencl(step, tmp_path, name="step")
