@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 
 import pytest
 
@@ -21,7 +22,7 @@ from convc.cli import main as cli_main
 from convc.errors import ConvcError
 from convc.export import export_c
 from convc.models import lenet5
-from convc.qemu import BOARDS, QemuError, QemuTimeout, missing_tools, run
+from convc.qemu import BOARDS, QemuError, QemuTimeout, missing_tools, run, write_board
 
 TOLERANCE = 1e-5
 
@@ -153,6 +154,19 @@ def test_a_fault_ends_the_run_with_its_name(tmp_path):
                         "    return tiny_run(0u);")
     with pytest.raises(QemuError, match=r"(HardFault|BusFault) exception"):
         run(lib, name="tiny", timeout=20)
+
+
+def test_the_makefile_builds_and_runs_the_same_program(tmp_path):
+    """The Makefile write_board emits holds build()'s command lines: `make
+    run` from a clean directory builds the program and QEMU runs it."""
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    lib = small_library(tmp_path, "    return (int)n - 7;", '    printf(tiny_run(7u) ? "FAIL\\n" : "OK\\n");\n    return 0;')
+    write_board(lib, "tiny")
+    proc = subprocess.run(["make", "run"], cwd=lib, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "OK\n@convc call tiny_run ticks " in proc.stdout and "@convc exit 0" in proc.stdout, proc.stdout
+    assert (lib / "tiny_mps2_an386.elf").exists()
 
 
 def test_board_files_without_a_run(tmp_path, capsys):
