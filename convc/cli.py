@@ -492,6 +492,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pipeline", default="embedded",
                    help="pass pipeline run before rendering, as in cc.compile (default: embedded, which leaves out "
                         "the GEMM/Winograd lowerings that need scratch RAM; none: as given)")
+    e.add_argument("--train", action="store_true",
+                   help="export the training step instead (convc/export_train.py): forward, loss, gradients and "
+                        "the optimizer's update as NAME_train_step, NAME_predict, NAME_get_params/NAME_set_params "
+                        "on params and state in static RAM; with --size, training RAM beside inference RAM")
+    e.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="with --train (default: sgd)")
+    e.add_argument("--lr", type=float, default=None, help="with --train: learning rate (default: sgd 0.01, adam 1e-3)")
+    e.add_argument("--momentum", type=float, default=None, help="with --train --optimizer sgd (default: 0)")
+    e.add_argument("--loss", choices=["cross_entropy", "mse"], default=None,
+                   help="with --train: the loss on the model's one output (default: cross_entropy, with int64 "
+                        "class indices 'labels'; mse: float 'targets' shaped like the output)")
+    e.add_argument("--batch", type=int, default=None, metavar="N",
+                   help="with --train: rebuild the bundled model (lenet5, mobilenet_tiny) with batch N")
     from convc.qemu import BOARDS
 
     e.add_argument("--board", choices=sorted(BOARDS), default=None,

@@ -763,6 +763,12 @@ def cmd_export(args) -> int:
         raise ConvcError("convc export: give -o DIR to write the library, or --size to measure it")
     if args.calibration is not None and not args.int8:
         raise ConvcError("convc export: --calibration is for --int8")
+    if args.train:
+        from .export_train import cmd_export_train
+        return cmd_export_train(args)
+    if args.lr is not None or args.momentum is not None or args.loss or args.batch is not None \
+            or args.optimizer != "sgd":
+        raise ConvcError("convc export: --optimizer, --lr, --momentum, --loss and --batch are for --train")
     g = load_model(args.model)
     q = int8_graph(g, args.calibration) if args.int8 else None
     if args.out is not None:

@@ -28,6 +28,7 @@ before and after, the checkpoint round trip, and the rejection of bad labels.
 from __future__ import annotations
 
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ import numpy as np
 from . import __version__
 from .codegen.c import bind_buffers, node_functions, output_copies, share_identical
 from .codegen.env import CTYPES, Namer, environment
-from .errors import ConvcError
+from .errors import CompileError, ConvcError
 from .ir import INT_DTYPES, Graph, require_graph
 from .schedule import ALIAS_OPS, Plan, plan as make_plan
 
@@ -565,3 +566,126 @@ def export_train(model, out_dir, name: str = "model", passes="embedded", harness
         (out / fname).write_text(text)
         paths.append(out / fname)
     return TrainExport(name, out, paths, train_pipeline(passes), lib, step, predict)
+
+
+# -- flash and RAM ----------------------------------------------------------------------
+@dataclass
+class TrainSizeReport:
+    """Flash and RAM of the training library beside those of the inference
+    export of the same graph (``convc export MODEL --train --size``)."""
+    name: str
+    toolchain: str
+    inference: object            # export.SizeReport of the inference export (weights const, in flash)
+    code: int                    # .text of NAME.c
+    const: int                   # .rodata: params training does not change, the kernels' tables
+    initial: int                 # .data: the initial values of the params and state (flash and RAM)
+    static_ram: int              # .data + .bss: params, optimizer state, the arena
+    state: int                   # NAME_PARAMS_BYTES
+    trained: int                 # NAME_TRAINED_BYTES
+    arena: int                   # NAME_ARENA_BYTES
+    step_arena: int              # what the train step alone needs
+    stack: int                   # the deeper entry point's frame and what is left out of line
+
+    @property
+    def flash(self) -> int:
+        return self.code + self.const + self.initial
+
+    @property
+    def ram(self) -> int:
+        return self.static_ram + self.stack
+
+    def table(self) -> str:
+        inf = self.inference
+        rows = [("", "inference", "training"),
+                ("code", inf.code, self.code),
+                ("const data", inf.const, self.const),
+                ("initial values (.data)", 0, self.initial),
+                ("flash", inf.flash, self.flash),
+                ("params (RAM)", 0, self.trained),
+                ("optimizer state", 0, self.state - self.trained),
+                ("arena", inf.arena, self.arena),
+                ("stack (estimate)", inf.stack, self.stack),
+                ("RAM", inf.ram, self.ram)]
+        cells = [tuple(v if isinstance(v, str) else f"{v:,}" for v in r) for r in rows]
+        widths = [max(len(r[i]) for r in cells) for i in range(3)]
+        lines = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+                 for r in cells]
+        lines.insert(1, "-" * len(lines[0]))
+        lines += [f"training RAM: {self.ram:,} bytes = params {self.trained:,} + optimizer state "
+                  f"{self.state - self.trained:,} + arena {self.arena:,} (the train step needs {self.step_arena:,}) "
+                  f"+ stack {self.stack:,}; static {self.static_ram:,} (.data + .bss)",
+                  f"inference RAM: {inf.ram:,} bytes (arena {inf.arena:,} + stack {inf.stack:,}); weights in flash",
+                  f"toolchain: {self.toolchain}, -Os"]
+        return "\n".join(lines)
+
+    __str__ = table
+
+
+def train_size_report(model, name: str = "model", tools=None, passes="embedded", loss: str | None = None,
+                      optimizer=None, params=None) -> TrainSizeReport:
+    """Compile the training library of ``model`` (``-std=c99 -Os``, with
+    ``arm-none-eabi-gcc`` for a Cortex-M4F when installed) and measure it:
+    code = .text, const = .rodata, initial values = .data (flash, copied to
+    RAM at start-up), static RAM = .data + .bss; the stack estimate is the
+    deeper entry point's frame plus the largest frame left out of line
+    (``-fstack-usage``). Beside it, :func:`convc.export.size_report` of the
+    inference export of the same graph."""
+    from .export import _measure, size_report, toolchain
+    from .train import Trainer
+
+    tools = tools or toolchain()
+    step, predict, trained = training_graphs(model, loss, optimizer, params)
+    lib = render_train(step, predict, trained, name, passes)
+    with tempfile.TemporaryDirectory(prefix="convc-train-size-") as tmp:
+        for fname, text in lib.files.items():
+            Path(tmp, fname).write_text(text)
+        obj = _measure(tools, tmp, name, name, ["-std=c99", "-Os"])
+    static = obj.total(".bss", ".data")
+    if static < lib.state_bytes + lib.arena_bytes:
+        raise CompileError(f"{name}.o: {static} bytes of .data + .bss, less than the params, state and arena "
+                           f"({lib.state_bytes} + {lib.arena_bytes})")
+    entries = (f"{name}_train_step", f"{name}_predict")
+    callees = [v for k, v in obj.stack.items() if k not in entries]
+    stack = max(obj.stack.get(f, 0) for f in entries) + max(callees, default=0)
+    inference = size_report(model.graph if isinstance(model, Trainer) else model, name, tools)
+    return TrainSizeReport(name, tools.label, inference, obj.total(".text"), obj.total(".rodata"),
+                           obj.total(".data"), static, lib.state_bytes, lib.trained_bytes, lib.arena_bytes,
+                           lib.step_plan.arena_bytes, stack)
+
+
+# -- command line ------------------------------------------------------------------------
+def cmd_export_train(args) -> int:
+    """``convc export MODEL --train ...``: write the training library
+    (``-o DIR``) and/or report its sizes (``--size``)."""
+    from . import models
+    from .loading import load_model
+    from .train import SGD, Adam
+
+    if args.int8 or args.weights_file or args.calibration is not None:
+        raise ConvcError("convc export --train: --int8, --weights-file and --calibration are for inference exports")
+    if args.batch is None:
+        g = load_model(args.model)
+    elif callable(getattr(models, args.model, None)):
+        g = getattr(models, args.model)(batch=args.batch)
+    else:
+        raise ConvcError(f"convc export --batch {args.batch}: --batch rebuilds a bundled model "
+                         f"(lenet5, mobilenet_tiny); build {args.model} with the batch you want")
+    if args.optimizer == "adam":
+        if args.momentum is not None:
+            raise ConvcError("convc export --train: --momentum is for --optimizer sgd (Adam has beta1)")
+        opt = Adam() if args.lr is None else Adam(lr=args.lr)
+    else:
+        opt = SGD(lr=0.01 if args.lr is None else args.lr, momentum=args.momentum or 0.0)
+    if args.out is not None:
+        exp = export_train(g, args.out, name=args.name, passes=args.pipeline, loss=args.loss, optimizer=opt,
+                           weight_format=args.weight_format)
+        print(exp)
+        print(f"check it: cc -std=c99 -O2 {args.out}/{args.name}_test.c {args.out}/{args.name}.c -lm && ./a.out")
+    if args.size:
+        print(train_size_report(g, name=args.name, passes=args.pipeline, loss=args.loss, optimizer=opt).table())
+    if args.board or args.run_qemu:                 # as for inference: board files, the run under QEMU
+        from .qemu import cmd_board
+
+        args.board = args.board or "mps2-an386"
+        cmd_board(args)
+    return 0
