@@ -515,6 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "indicative)")
     e.add_argument("--qemu-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="stop a --run-qemu run that takes longer than this (default: 120)")
+    e.add_argument("--target", choices=["c", "opencl"], default="c",
+                   help="c (default): the C99 library; opencl: NAME_host.c/.h (the OpenCL host program and its API), "
+                        "NAME_kernels.cl, NAME_params.bin, the harness NAME_test.c and a Makefile (-lOpenCL)")
+    e.add_argument("--embed-kernels", action="store_true",
+                   help="with --target opencl: the kernels as strings in NAME_host.c instead of NAME_kernels.cl "
+                        "read at run time")
     e.set_defaults(fn=_lazy("convc.export", "cmd_export"))
     from convc.bench import LOAD_TARGET, MODELS, UNTUNED_TARGET
 

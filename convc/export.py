@@ -759,6 +759,11 @@ def _tables(data: dict[str, int], lib: Library) -> dict[str, int]:
 
 # -- command line -------------------------------------------------------------
 def cmd_export(args) -> int:
+    if args.target == "opencl":
+        from .export_opencl import cmd_export_opencl
+        return cmd_export_opencl(args)
+    if args.embed_kernels:
+        raise ConvcError("convc export: --embed-kernels is for --target opencl")
     if args.out is None and not args.size:
         raise ConvcError("convc export: give -o DIR to write the library, or --size to measure it")
     if args.calibration is not None and not args.int8:
