@@ -175,13 +175,14 @@ def cmd_export_opencl(args) -> int:
     """``convc export MODEL --target opencl -o DIR [--name NAME] [--embed-kernels]``."""
     from .loading import load_model
 
-    refused = [flag for flag, given in (("--size", args.size), ("--int8", args.int8),
-                                        ("--weights-file", args.weights_file),
-                                        ("--weight-format", args.weight_format != "bytes"),
-                                        ("--calibration", args.calibration is not None)) if given]
+    c_only = {"--size": "size", "--int8": "int8", "--weights-file": "weights_file", "--calibration": "calibration",
+              "--board": "board", "--run-qemu": "run_qemu", "--train": "train", "--ram": "ram", "--flash": "flash"}
+    refused = [flag for flag, attr in c_only.items() if getattr(args, attr, None) not in (None, False)]
+    refused += ["--weight-format"] if getattr(args, "weight_format", "bytes") != "bytes" else []
     if refused:
-        raise ConvcError(f"convc export --target opencl: {', '.join(refused)} apply to the C library "
-                         f"(--target c); the OpenCL export writes a host program, kernels and a params file")
+        raise ConvcError(f"convc export --target opencl: {', '.join(refused)} {'is' if len(refused) == 1 else 'are'} "
+                         f"for the C library (--target c); the OpenCL export writes a host program, kernels and a "
+                         f"params file")
     if args.out is None:
         raise ConvcError("convc export --target opencl: give -o DIR to write the host program into")
     exp = export_opencl(load_model(args.model), args.out, name=args.name, embed_kernels=args.embed_kernels,

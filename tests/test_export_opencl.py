@@ -168,7 +168,7 @@ def test_cli_writes_the_export(tmp_path, capsys):
                                                       "net_test.c"]
     assert (out / "net_params.bin").stat().st_size == 247040
     assert main(["export", "lenet5", "--target", "opencl", "-o", str(tmp_path / "x"), "--size"]) == 2
-    assert "--size apply to the C library" in capsys.readouterr().err
+    assert "--size is for the C library (--target c)" in capsys.readouterr().err
     assert main(["export", "lenet5", "-o", str(tmp_path / "y"), "--embed-kernels"]) == 2
     assert "--embed-kernels is for --target opencl" in capsys.readouterr().err
 
