@@ -21,6 +21,8 @@ VARIANTS = [(k, {}) for k in ACTIVATIONS] + [
     ("clip", {"min": -1.0, "max": 0.5}),
     ("clip", {"min": 1.0, "max": -1.0}),                 # min > max gives max
     ("hardsigmoid", {"alpha": 0.2, "beta": 0.5}),        # ONNX's default
+    ("elu", {"alpha": 0.5}),                             # a jump in the derivative at 0
+    ("thresholded_relu", {"alpha": -0.5}),               # y < 0 between alpha and 0
 ]
 IDS = [k + "".join(f"-{p}={v:g}" for p, v in ps.items()) for k, ps in VARIANTS]
 
@@ -29,13 +31,17 @@ torch_fn = torch_activation
 
 
 KINKS = {"relu": [0], "leaky_relu": [0], "clip": [-1, 0, 0.5, 1, 6], "hardswish": [-3, 3],
-         "hardsigmoid": [-3, 3, -2.5, 2.5]}
+         "hardsigmoid": [-3, 3, -2.5, 2.5], "elu": [0], "selu": [0], "thresholded_relu": [1, -0.5],
+         "abs": [0], "reciprocal": [0], "sqrt": [0]}
+POSITIVE = ("sqrt", "log")      # defined on x > 0 only: sampled there
 
 
 def sample(shape, kind, seed):
-    """float64 values over [-5, 5], none within 0.05 of a kink (where the
-    one-sided derivatives differ and finite differences mean nothing)."""
+    """float64 values over [-5, 5] (over [0.1, 5.1] for POSITIVE), none within 0.05 of a kink
+    (where the one-sided derivatives differ and finite differences mean nothing)."""
     x = np.random.default_rng(seed).uniform(-5, 5, shape)
+    if kind in POSITIVE:
+        x = np.abs(x) + 0.1
     for k in KINKS.get(kind, []):
         near = np.abs(x - k) < 0.05
         x[near] = k + 0.1
@@ -76,6 +82,8 @@ def table_runs():
         # fused into a conv's epilogue: value and the gradients of x, w, b
         rng = np.random.default_rng(200 + i)
         ca, wa, ba = rng.standard_normal((1, 2, 5, 5)), rng.standard_normal((3, 2, 3, 3)), rng.standard_normal(3)
+        if kind in POSITIVE or kind == "reciprocal":      # a conv output > 0.1 (1 / x: away from its pole)
+            ca, wa, ba = np.abs(ca), np.abs(wa), np.abs(ba) + 0.1
         cx = g.input(f"cx{i}", ca.shape, "float64")
         w, b = g.param(f"w{i}", wa), g.param(f"b{i}", ba)
         cg = g.input(f"cg{i}", (1, 3, 5, 5), "float64")
@@ -159,7 +167,9 @@ def test_builders_cover_the_table():
     x = cc.Graph("b").input("x", (4,))
     made = {cc.relu(x).op, cc.leaky_relu(x).op, cc.clip(x, 0, 1).op, cc.relu6(x).op, cc.sigmoid(x).op,
             cc.tanh(x).op, cc.silu(x).op, cc.hardswish(x).op, cc.hardsigmoid(x).op, cc.gelu(x).op,
-            cc.gelu(x, approximate="tanh").op}
+            cc.gelu(x, approximate="tanh").op, cc.elu(x).op, cc.selu(x).op, cc.softplus(x).op, cc.softsign(x).op,
+            cc.thresholded_relu(x).op, cc.mish(x).op, cc.sqrt(x).op, cc.exp(x).op, cc.log(x).op, cc.neg(x).op,
+            cc.abs(x).op, cc.reciprocal(x).op, cc.erf(x).op}
     assert made == set(ACTIVATIONS)
     with pytest.raises(cc.ConvcError, match="approximate"):
         cc.gelu(x, approximate="erf")

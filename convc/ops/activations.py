@@ -31,6 +31,9 @@ def _erf(x: np.ndarray) -> np.ndarray:
 _SQRT_2_PI = math.sqrt(2.0 / math.pi)       # gelu's tanh form
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_TWO_SQRT_PI = 2.0 / math.sqrt(math.pi)     # erf's derivative at 0
+_SELU_ALPHA = 1.67326319217681884765625     # ONNX's Selu defaults (float32 values)
+_SELU_GAMMA = 1.05070102214813232421875
 
 
 @dataclass(frozen=True)
@@ -72,12 +75,12 @@ class Activation:
 
     def apply(self, x: np.ndarray, params: dict) -> np.ndarray:
         p = {k: x.dtype.type(v) for k, v in params.items()}
-        with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             return np.asarray(self.forward(x, **p), dtype=x.dtype)
 
     def derivative(self, t: np.ndarray, gy: np.ndarray, params: dict) -> np.ndarray:
         p = {k: t.dtype.type(v) for k, v in params.items()}
-        with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             return np.asarray(self.backward(t, gy, **p), dtype=gy.dtype)
 
     def _literals(self, params: dict, T: str) -> dict:
@@ -107,6 +110,10 @@ def _np_clip(x, min, max):  # noqa: A002
     """numpy.clip as comparisons (np.maximum would turn -0.0 into 0.0; PyTorch keeps it)."""
     x = np.where(x < min, min, x)
     return np.where(x > max, max, x)
+
+
+def _np_softplus(x):
+    return np.where(x > 0, x + np.log1p(np.exp(-x)), np.log1p(np.exp(x)))
 
 
 def _np_gelu_tanh(x):
@@ -197,7 +204,89 @@ TABLE: dict[str, Activation] = {a.name: a for a in [
         f" * cosh{{f}}(({{T}}){_SQRT_2_PI!r} * ({{t}} + ({{T}})0.044715 * {{t}} * {{t}} * {{t}})))"
         f" * ({{T}}){_SQRT_2_PI!r} * (1 + 3 * ({{T}})0.044715 * {{t}} * {{t}})))",
         onnx="Gelu", onnx_since=20),
+    Activation(
+        "elu", "x if x > 0 else alpha * (exp(x) - 1) (ONNX's and PyTorch's default alpha 1).",
+        lambda x, alpha: np.where(x > 0, x, alpha * np.expm1(x)), "({x} > 0 ? {x} : {alpha} * expm1{f}({x}))",
+        # PyTorch's elu_backward from x (its vectorised kernel: NaN gives NaN); from y would need
+        # y + alpha, which cancels where x << 0
+        lambda x, gy, alpha: np.where(x > 0, gy, gy * alpha * np.exp(x)),
+        "({t} > 0 ? {gy} : {gy} * {alpha} * {exp}({t}))",
+        params={"alpha": 1.0}, onnx="Elu", onnx_since=6),
+    Activation(
+        "selu", "gamma * elu(x, alpha); the defaults are ONNX's (float32 values; PyTorch's SELU constants "
+                "differ from the 8th digit on).",
+        lambda x, alpha, gamma: gamma * np.where(x > 0, x, alpha * np.expm1(x)),
+        "({gamma} * ({x} > 0 ? {x} : {alpha} * expm1{f}({x})))",
+        lambda x, gy, alpha, gamma: np.where(x > 0, gy * gamma, gy * gamma * alpha * np.exp(x)),
+        "({t} > 0 ? {gy} * {gamma} : {gy} * {gamma} * {alpha} * {exp}({t}))",
+        params={"alpha": _SELU_ALPHA, "gamma": _SELU_GAMMA}, onnx="Selu", onnx_since=6),
+    Activation(
+        "softplus", "log(1 + exp(x)), as max(x, 0) + log1p(exp(-|x|)): no overflow for large x.",
+        _np_softplus, "({x} > 0 ? {x} + log1p{f}({exp}(-{x})) : log1p{f}({exp}({x})))",
+        # sigmoid(x) = 1 - exp(-y): accurate at both ends (y ~ exp(x) below, y ~ x above)
+        lambda y, gy: gy * -np.expm1(-y), "({gy} * -expm1{f}(-{t}))", grad_from="y",
+        onnx="Softplus"),
+    Activation(
+        "softsign", "x / (1 + |x|) (NaN at +-inf, inf / inf, as in ONNX and PyTorch).",
+        lambda x: x / (1 + np.abs(x)), "({x} / (1 + fabs{f}({x})))",
+        # 1 / (1 + |x|)^2; the + 0 * x makes it NaN at +-inf, where the value is NaN (PyTorch's too)
+        lambda x, gy: gy / ((1 + np.abs(x)) * (1 + np.abs(x))) + 0 * x,
+        "({gy} / ((1 + fabs{f}({t})) * (1 + fabs{f}({t}))) + 0 * {t})",
+        onnx="Softsign"),
+    Activation(
+        "thresholded_relu", "x if x > alpha else 0 (ONNX's default alpha 1); NaN stays NaN, as relu "
+                            "(and torch.nn.Threshold) keep it.",
+        lambda x, alpha: np.where(x <= alpha, 0, x), "({x} <= {alpha} ? 0 : {x})",
+        lambda x, gy, alpha: np.where(x <= alpha, 0, gy), "({t} <= {alpha} ? 0 : {gy})",
+        params={"alpha": 1.0}, onnx="ThresholdedRelu", onnx_since=10),
+    Activation(
+        "mish", "x * tanh(softplus(x)) (Misra 2019).",
+        lambda x: x * np.tanh(np.log1p(np.exp(x))), "({x} * tanh{f}(log1p{f}({exp}({x}))))",
+        # PyTorch's mish_backward, tanh(sp) + x * sigmoid(x) * (1 - tanh(sp)^2), with 1 - tanh(sp)^2
+        # as 1 / cosh(sp)^2: exactly 0 where sp saturates, whatever tanh's last ulp there
+        lambda x, gy: gy * _mish_grad(x),
+        "({gy} * (tanh{f}(log1p{f}({exp}({t}))) + {t} * (1 / (1 + {exp}(-{t})))"
+        " / (cosh{f}(log1p{f}({exp}({t}))) * cosh{f}(log1p{f}({exp}({t}))))))",
+        onnx="Mish", onnx_since=18),
+    # -- the unary math of ONNX (records too: fusable, differentiable, imported and exported alike)
+    Activation(
+        "sqrt", "Square root (NaN below 0, -0.0 stays -0.0).",
+        np.sqrt, "sqrt{f}({x})",
+        lambda y, gy: gy / (2 * y), "({gy} / (2 * {t}))", grad_from="y", onnx="Sqrt", onnx_since=6),
+    Activation(
+        "exp", "e to the x.",
+        np.exp, "{exp}({x})",
+        lambda y, gy: gy * y, "({gy} * {t})", grad_from="y", onnx="Exp", onnx_since=6),
+    Activation(
+        "log", "Natural logarithm (-inf at 0, NaN below).",
+        np.log, "log{f}({x})",
+        lambda x, gy: gy / x, "({gy} / {t})", onnx="Log", onnx_since=6),
+    Activation(
+        "neg", "-x.",
+        np.negative, "(-{x})",
+        lambda t, gy: -gy, "(-{gy})", grad_from="y", onnx="Neg", onnx_since=6),
+    Activation(
+        "abs", "|x|.",
+        np.abs, "fabs{f}({x})",
+        # PyTorch's gy * sgn(x), sgn(0) = sgn(NaN) = 0
+        lambda x, gy: np.where(x > 0, gy, np.where(x < 0, -gy, 0)), "({t} > 0 ? {gy} : ({t} < 0 ? -{gy} : 0))",
+        onnx="Abs", onnx_since=6),
+    Activation(
+        "reciprocal", "1 / x.",
+        lambda x: 1 / x, "(1 / {x})",
+        lambda y, gy: -gy * (y * y), "(-{gy} * ({t} * {t}))", grad_from="y", onnx="Reciprocal", onnx_since=6),
+    Activation(
+        "erf", "The error function, 2 / sqrt(pi) * integral of exp(-t^2) from 0 to x.",
+        _erf, "erf{f}({x})",
+        lambda x, gy: gy * x.dtype.type(_TWO_SQRT_PI) * np.exp(-x * x),
+        f"({{gy}} * ({{T}}){_TWO_SQRT_PI!r} * {{exp}}(-{{t}} * {{t}}))",
+        onnx="Erf", onnx_since=9),
 ]}
+
+
+def _mish_grad(x):
+    sp = np.log1p(np.exp(x))
+    return np.tanh(sp) + x * _np_sigmoid(x) / (np.cosh(sp) * np.cosh(sp))
 
 
 def _gelu_tanh_grad(x):

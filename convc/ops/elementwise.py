@@ -93,6 +93,86 @@ def gelu(x: Value, approximate: str = "none", name=None) -> Value:
     return _activation("gelu" if approximate == "none" else "gelu_tanh", x, name)
 
 
+@builder("x")
+def elu(x: Value, alpha: float = 1.0, name=None) -> Value:
+    """x if x > 0 else alpha * (exp(x) - 1)."""
+    return _activation("elu", x, name, alpha=alpha)
+
+
+@builder("x")
+def selu(x: Value, alpha: float = 1.67326319217681884765625, gamma: float = 1.05070102214813232421875,
+         name=None) -> Value:
+    """gamma * elu(x, alpha), with ONNX's defaults (PyTorch's constants
+    differ from the 8th digit on)."""
+    return _activation("selu", x, name, alpha=alpha, gamma=gamma)
+
+
+@builder("x")
+def softplus(x: Value, name=None) -> Value:
+    """log(1 + exp(x)), computed without overflow."""
+    return _activation("softplus", x, name)
+
+
+@builder("x")
+def softsign(x: Value, name=None) -> Value:
+    """x / (1 + |x|)."""
+    return _activation("softsign", x, name)
+
+
+@builder("x")
+def thresholded_relu(x: Value, alpha: float = 1.0, name=None) -> Value:
+    """x if x > alpha else 0 (ONNX's ThresholdedRelu; NaN stays NaN)."""
+    return _activation("thresholded_relu", x, name, alpha=alpha)
+
+
+@builder("x")
+def mish(x: Value, name=None) -> Value:
+    """x * tanh(softplus(x))."""
+    return _activation("mish", x, name)
+
+
+@builder("x")
+def sqrt(x: Value, name=None) -> Value:
+    """Square root, elementwise."""
+    return _activation("sqrt", x, name)
+
+
+@builder("x")
+def exp(x: Value, name=None) -> Value:
+    """e to the x, elementwise."""
+    return _activation("exp", x, name)
+
+
+@builder("x")
+def log(x: Value, name=None) -> Value:
+    """Natural logarithm, elementwise."""
+    return _activation("log", x, name)
+
+
+@builder("x")
+def neg(x: Value, name=None) -> Value:
+    """-x."""
+    return _activation("neg", x, name)
+
+
+@builder("x")
+def abs(x: Value, name=None) -> Value:  # noqa: A001
+    """|x|, elementwise."""
+    return _activation("abs", x, name)
+
+
+@builder("x")
+def reciprocal(x: Value, name=None) -> Value:
+    """1 / x, elementwise."""
+    return _activation("reciprocal", x, name)
+
+
+@builder("x")
+def erf(x: Value, name=None) -> Value:
+    """The error function, elementwise."""
+    return _activation("erf", x, name)
+
+
 class ActivationOp(Op):
     """An elementwise op made from one record of the activation table."""
     template = "unary"
