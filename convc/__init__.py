@@ -19,6 +19,8 @@ from .ops.pool import avg_pool, global_avg_pool, max_pool
 from .ops.resize import resize
 from .ops.elementwise import (add, clip, div, gelu, hardsigmoid, hardswish, leaky_relu, mul, relu, relu6, sigmoid,
                               silu, sub, tanh)
+from .ops.elementwise import (abs, elu, erf, exp, log, mish, neg, reciprocal, selu, softplus,  # noqa: A004
+                              softsign, sqrt, thresholded_relu)
 from .ops.tensor import concat, expand, flatten, reduce_sum, reshape, slice_axis, transpose
 from .ops.linear import dense, matmul, softmax
 from .ops.norm import batch_norm
