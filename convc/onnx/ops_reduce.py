@@ -5,10 +5,14 @@ then on), GlobalMaxPool, LpPool, LRN, InstanceNormalization,
 GroupNormalization, LayerNormalization, LpNormalization."""
 from __future__ import annotations
 
-from ..ops.normalize import lrn
+import numpy as np
+
+from ..ops.normalize import group_norm, instance_norm, layer_norm, lp_normalize, lrn
 from ..ops.pool import global_avg_pool
 from ..ops.reduce import global_max_pool, reduce
-from ..ops.tensor import reshape
+from ..ops.elementwise import div, mul, sub
+from ..ops.tensor import concat, expand, reshape
+from ..shapes import prod
 from .importer import STATIC_INPUTS, _Unsupported, _axis, converts
 
 
@@ -70,3 +74,92 @@ def _global_max_pool(im, node, ins, at):
     if len(x.shape) < 3:
         raise _Unsupported(f"GlobalMaxPool takes (N, C, D1, ...), got shape {x.shape}")
     return [global_max_pool(x, name=im.name(node))]
+
+
+# -- normalisations ----------------------------------------------------------------------
+@converts("InstanceNormalization", epsilon=1e-5)
+def _instance_norm(im, node, ins, at):
+    x = im.value(ins[0])
+    if len(x.shape) < 3:
+        raise _Unsupported(f"InstanceNormalization takes (N, C, D1, ...), got shape {x.shape}")
+    for what, i in (("scale", 1), ("B", 2)):
+        if im.shape(ins[i]) != x.shape[1:2]:
+            raise _Unsupported(f"{what} must have shape ({x.shape[1]},) (one per channel), got {im.shape(ins[i])}")
+    return [instance_norm(x, im.value(ins[1]), im.value(ins[2]), at["epsilon"], name=im.name(node))]
+
+
+@converts("GroupNormalization", epsilon=1e-5, num_groups=None, stash_type=1)
+def _group_norm(im, node, ins, at):
+    """Opset 18: scale and bias hold one value per group; opset 21: one per
+    channel (18's are repeated over each group's channels)."""
+    x = im.value(ins[0])
+    groups = at["num_groups"]
+    if groups is None:
+        raise _Unsupported("attribute num_groups is required")
+    if len(x.shape) < 3 or groups < 1 or x.shape[1] % groups:
+        raise _Unsupported(f"num_groups {groups} must divide the channels of an (N, C, D1, ...) input, "
+                           f"got shape {x.shape}")
+    c = x.shape[1]
+    per = c // groups
+    params = []
+    for what, i in (("scale", 1), ("bias", 2)):
+        want = (groups,) if im.opset < 21 else (c,)
+        if im.shape(ins[i]) != want:
+            raise _Unsupported(f"GroupNormalization-{18 if im.opset < 21 else 21}: {what} must have shape "
+                               f"{want} (one per {'group' if im.opset < 21 else 'channel'}), got {im.shape(ins[i])}")
+        v = im.value(ins[i])
+        if im.opset < 21 and per > 1:
+            v = reshape(expand(reshape(v, (groups, 1), name=im.name(node, f"{what}.col")), (groups, per),
+                               name=im.name(node, f"{what}.rep")), (c,), name=im.name(node, f"{what}.per_channel"))
+        params.append(v)
+    return [group_norm(x, groups, params[0], params[1], at["epsilon"], name=im.name(node))]
+
+
+@converts("LayerNormalization", dropped="the saved mean and inverse standard deviation (training outputs)",
+          axis=-1, epsilon=1e-5, stash_type=1)
+def _layer_norm(im, node, ins, at):
+    x = im.value(ins[0])
+    rank = len(x.shape)
+    axis = _axis(at["axis"], rank, "axis")
+    bias = im.value(ins[2]) if len(ins) > 2 and ins[2] else None
+    for what, name in (("Scale", ins[1]), ("B", ins[2] if len(ins) > 2 else "")):
+        if not name:
+            continue
+        s = im.shape(name)
+        try:
+            ok = len(s) <= rank - axis and np.broadcast_shapes(s, x.shape[axis:]) == x.shape[axis:]
+        except ValueError:
+            ok = False
+        if not ok:
+            raise _Unsupported(f"{what} of shape {s} does not broadcast to the normalized axes {x.shape[axis:]}")
+    y = layer_norm(x, axis, im.value(ins[1]), bias, at["epsilon"], name=im.name(node))
+    used = [len(node.output) > i and node.output[i] in im.used for i in (1, 2)]
+    return [y] + (_layer_norm_stats(im, node, x, axis, at["epsilon"], used) if any(used) else [])
+
+
+def _layer_norm_stats(im, node, x, axis: int, eps: float, used) -> list:
+    """LayerNormalization's Mean and InvStdDev outputs (shape x.shape[:axis]
+    + 1s), when a model uses them: the mean is a reduce; 1/sqrt(var + eps) is
+    1 / the L2 norm of each row's deviations over sqrt(n), with one more
+    element, sqrt(eps), appended to the row."""
+    axes = tuple(range(axis, len(x.shape)))
+    kept = x.shape[:axis] + (1,) * len(axes)
+    mean = reduce(x, "mean", axes, True, name=im.name(node, "mean"))
+    if not used[1]:
+        return [mean]
+    rows, n = prod(x.shape[:axis]), prod(x.shape[axis:])
+    dev = reshape(mul(sub(x, mean, name=im.name(node, "dev")), 1.0 / np.sqrt(n), name=im.name(node, "dev_scaled")),
+                  (rows, n), name=im.name(node, "rows"))
+    im.allocate((rows, 1), "the epsilon column")
+    eps_col = x.graph.const(np.full((rows, 1), np.sqrt(eps)), x.dtype)
+    std = reduce(concat([dev, eps_col], 1, name=im.name(node, "with_eps")), "l2", 1, True,
+                 name=im.name(node, "std"))
+    return [mean, div(1.0, reshape(std, kept, name=im.name(node, "std_kept")), name=im.name(node, "inv_std"))]
+
+
+@converts("LpNormalization", axis=-1, p=2)
+def _lp_normalization(im, node, ins, at):
+    x = im.value(ins[0])
+    if at["p"] not in (1, 2):
+        raise _Unsupported(f"p must be 1 or 2, got {at['p']}")
+    return [lp_normalize(x, at["p"], _axis(at["axis"], len(x.shape), "axis"), name=im.name(node))]
