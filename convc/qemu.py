@@ -112,6 +112,7 @@ class BuildPlan:
     board: Board
     name: str
     sources: list[str]      # C sources: the library, the harness, board_startup.c
+    entries: list[str]      # the library's entry points, timed per call
     opt: str
     compile_flags: list[str] = field(default_factory=list)
     link_flags: list[str] = field(default_factory=list)
@@ -160,15 +161,14 @@ def build_plan(lib_dir, name: str, board: str = "mps2-an386", opt: str = OPT, ha
     # which nano's printf does not know (flash is plentiful on this board).
     link_flags = ["-nostartfiles", "-T", "board.ld", "-Wl,--gc-sections",
                   *[f"-Wl,--wrap={e}" for e in entries], "-lm"]
-    return BuildPlan(b, name, sources, opt, compile_flags, link_flags)
+    return BuildPlan(b, name, sources, entries, opt, compile_flags, link_flags)
 
 
 def board_files(lib_dir, name: str, board: str = "mps2-an386", opt: str = OPT, harness: str | None = None,
                 entries: list[str] | None = None, stack_bytes: int = STACK_BYTES) -> dict[str, str]:
     """The board support files for the library ``name`` in ``lib_dir``, by file name."""
     bp = build_plan(lib_dir, name, board, opt, harness, entries)
-    entries = entry_points(lib_dir, name) if entries is None else entries
-    ctx = dict(version=__version__, board=bp.board, name=name, entries=entries, max_calls=MAX_CALLS,
+    ctx = dict(version=__version__, board=bp.board, name=name, entries=bp.entries, max_calls=MAX_CALLS,
                stack_bytes=stack_bytes, plan=bp, objects=[_object(s) for s in bp.sources + ["board_count.S"]],
                compile=" ".join(bp.compile_flags), link=" ".join(bp.link_flags), strict=" ".join(STRICT),
                qemu=" ".join(bp.qemu_command("$<")))
