@@ -4,13 +4,16 @@ The walk takes the ONNX nodes in their (topological) order:
 
 * a node whose inputs are all known at compile time -- initializers,
   ``Constant`` nodes, the results of earlier such nodes, and ``Shape`` of any
-  tensor, since convc shapes are static -- is evaluated with
-  ``onnx.reference`` and becomes a constant; so the Shape -> Gather ->
+  tensor, since convc shapes are static -- is evaluated at import and becomes
+  a constant (:mod:`.fold`'s numpy functions, else convc's converter and
+  numpy reference, else ``onnx.reference``); so the Shape -> Gather ->
   Concat -> Reshape chains exporters write for reshape targets fold away;
 * every other node maps to convc ops through the converter registered for
   its op type with :func:`converts` (float ops in :mod:`.converters`,
   quantized ones in :mod:`.quantized`); initializers it reads become params
-  named after them;
+  named after them. Each converter says through which opset it was checked
+  (``checked``): a model whose op resolves, at the model's opset, to a
+  version of the op newer than that is refused, naming both versions;
 * a node that cannot be mapped is recorded and the walk goes on, so the
   :class:`OnnxImportError` lists every unsupported node at once.
 
@@ -21,15 +24,17 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from ..errors import ConvcError
-from ..ir import DTYPES, Graph, Value
+from ..ir import DTYPES, Graph, Value, frozen
 from ..ops.tensor import reshape
 from ..quant import QDTYPES
 from ..shapes import ceil_div, prod
-from .validate import FoldBudget, Refusal, check_model, read_model, tensor_array
+from .fold import FOLDS, FoldError
+from .validate import NEWEST_OPSET, FoldBudget, Refusal, check_model, read_model, tensor_array
 
 
 class OnnxImportError(ConvcError):
@@ -94,7 +99,16 @@ def c_name(text: str, fallback: str = "y") -> str:
 
 
 # -- import ------------------------------------------------------------------------
-_CONVERTERS: dict[str, tuple] = {}
+class _Converter(NamedTuple):
+    """A registered converter: the function, what its dropped outputs are,
+    its attributes' defaults, and the newest opset it was checked against."""
+    fn: Callable
+    dropped: str
+    defaults: dict
+    checked: int
+
+
+_CONVERTERS: dict[str, _Converter] = {}
 
 # Inputs convc needs at compile time, per op type (their values decide shapes
 # or attributes). A graph input feeding one can be bound with ``constants=``.
@@ -117,10 +131,12 @@ def _key(node) -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
 
 
-def converts(*op_types: str, dropped: str = "", **defaults):
+def converts(*op_types: str, dropped: str = "", checked: int = NEWEST_OPSET, **defaults):
     """Register a converter for ``op_types``. ``defaults``: every attribute
     the converter understands, with its ONNX default (an attribute not
-    listed is unsupported).
+    listed is unsupported). ``checked``: the newest opset whose definition
+    of the op the converter follows (default :data:`.validate.NEWEST_OPSET`);
+    a model whose opset gives the op a newer version is refused.
 
     A converter ``fn(importer, node, inputs, attrs)`` returns the node's
     outputs in order, a Value (or a constant array) each, or None for an
@@ -129,7 +145,7 @@ def converts(*op_types: str, dropped: str = "", **defaults):
     for the error when one of them is used."""
     def deco(fn):
         for t in op_types:
-            _CONVERTERS[t] = (fn, dropped, defaults)
+            _CONVERTERS[t] = _Converter(fn, dropped, defaults, checked)
         return fn
     return deco
 
@@ -180,10 +196,12 @@ def from_onnx(model, input_shapes: dict | None = None, constants: dict | None = 
 
 
 class _Importer:
-    def __init__(self, model, input_shapes, constants, name, opset):
+    def __init__(self, model, input_shapes, constants, name, opset, budget: FoldBudget | None = None,
+                 used: set | None = None):
         self.model = model
         self.opset = opset
-        self.budget = FoldBudget(sum(t.ByteSize() for t in model.graph.initializer), opset)
+        self.budget = budget or FoldBudget(sum(t.ByteSize() for t in model.graph.initializer), opset)
+        self.folding = False                            # a scratch importer folding one node (see fold)
         self.g = Graph(c_name(name or model.graph.name or "onnx_model", "onnx_model"))
         self.env: dict[str, Value | np.ndarray] = {}   # ONNX tensor -> Value (run time) or array (constant)
         self.params: dict[str, Value] = {}             # constant -> the param it became
@@ -194,7 +212,8 @@ class _Importer:
         self.input_shapes, self.constants = input_shapes, constants
         self.shapes: dict[str, tuple] = {}              # graph input -> the shape it was given
         self._inferred = None
-        self.used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+        self.used = used if used is not None else \
+            {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
 
     # -- values ------------------------------------------------------------------
     def value(self, name: str) -> Value:
@@ -391,17 +410,18 @@ class _Importer:
         args = [self.env[i] if i else None for i in node.input]
         if node.op_type in ("Shape", "Size") and args and args[0] is not None:
             return [_shape_op(node, self.shape(node.input[0]))]
-        if all(a is None or isinstance(a, np.ndarray) for a in args) and node.op_type not in _RANDOM \
-                and not _kept_dequantize(node, args):
+        if not self.folding and all(a is None or isinstance(a, np.ndarray) for a in args) \
+                and node.op_type not in _RANDOM and not _kept_dequantize(node, args):
             return self.fold(node, args)
-        if self.would_be_constant(node):        # folded, were it not for an unsupported node before it
+        if not self.folding and self.would_be_constant(node):   # folded, were it not for an unsupported node
             raise _Unsupported("an input comes from an unsupported node", consequence=True)
         entry = _CONVERTERS.get(_key(node))
         if entry is None:
             raise _Unsupported(f"op {node.op_type} is not supported" if node.domain in ("", "ai.onnx") else
                                f"op {node.op_type} of domain {node.domain!r} is not supported")
-        fn, dropped, defaults = entry
+        fn, dropped, defaults, checked = entry
         if node.domain in ("", "ai.onnx"):     # (onnx has no schemas of ONNX Runtime's contrib ops)
+            _check_version(node.op_type, self.opset, checked)
             _check_schema(node, args, self.opset)
         attrs = dict(defaults)
         for a in node.attribute:
@@ -439,21 +459,59 @@ class _Importer:
             self.unknown_constants.update(o for o in node.output if o)
 
     def fold(self, node, args):
-        from onnx.reference import ReferenceEvaluator
-
+        """The outputs of a node of constants, computed at import once the
+        budget has sized them: by :mod:`.fold`'s numpy function of the op,
+        else by convc's converter and numpy reference, else by
+        ``onnx.reference`` (see :mod:`.fold`)."""
         try:
             self.budget.check(node, args)
         except Refusal as e:
             raise _Unsupported(f"{e}") from None
+        fn = FOLDS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if fn is not None:
+            attrs = {a.name: _attr_value(a) for a in node.attribute}
+            try:
+                outs = fn(node, attrs, args, self.opset)
+            except FoldError as e:
+                raise _Unsupported(f"its inputs are constants, and {e}") from None
+            if outs is not None:
+                return [_frozen(o, args) for o in outs]
+        why = self.fold_by_converter(node, args)
+        if not isinstance(why, str):
+            return why
+        return self.fold_by_onnx_reference(node, args, why)
+
+    def fold_by_converter(self, node, args):
+        """The outputs through convc's converter into a scratch graph of
+        params, evaluated by convc's numpy reference; or why it cannot."""
+        from ..reference import values
+
+        entry = _CONVERTERS.get(_key(node))
+        if entry is None:
+            return f"convc has no converter of {node.op_type}"
+        scratch = _Importer(self.model, {}, {}, "fold", self.opset, budget=self.budget, used=self.used)
+        scratch.folding = True
+        scratch.env = {i: a for i, a in zip(node.input, args) if i}
+        try:
+            outs = scratch.convert_node(node)
+            vals = [o if o is None or isinstance(o, np.ndarray) else o.name for o in outs]
+            computed = values(scratch.g, {}, nodes=[v for v in vals if isinstance(v, str)])
+        except (_Unsupported, ConvcError) as e:
+            return f"convc's converter cannot take it ({e})"
+        return [None if v is None else _frozen(computed[v] if isinstance(v, str) else v, args) for v in vals]
+
+    def fold_by_onnx_reference(self, node, args, why_not_convc: str):
+        from onnx.reference import ReferenceEvaluator
+
         feeds = {i: a for i, a in zip(node.input, args) if i}
         try:
             outs = ReferenceEvaluator(node, opsets={"": self.opset}).run(None, feeds)
         except Exception as e:       # noqa: BLE001 -- any failure of the reference is a reason
-            raise _Unsupported(f"its inputs are constants but onnx.reference cannot evaluate it: "
-                               f"{type(e).__name__}: {e}") from None
+            raise _Unsupported(f"its inputs are constants, but {why_not_convc}, and onnx.reference cannot "
+                               f"evaluate it: {type(e).__name__}: {e}") from None
         if not all(isinstance(o, (np.ndarray, np.generic)) for o in outs):
             raise _Unsupported("it yields a non-tensor value (sequence, map or optional)")
-        return [np.asarray(o) for o in outs]
+        return [_frozen(o, args) for o in outs]
 
     def placeholder(self, name: str) -> bool:
         """Stand in for a tensor an unsupported node should have made, using
@@ -497,6 +555,32 @@ class _Importer:
             if vi.type.HasField("tensor_type") and tt.HasField("shape") and all(d > 0 for d in dims):
                 out[vi.name] = (tuple(dims), _DTYPE_OF_ELEM.get(tt.elem_type, "float32"))
         return out
+
+
+def _frozen(arr, inputs=()) -> np.ndarray:
+    """A folded result as an array no one can change (owning its memory), so
+    the param made of it shares it instead of copying (see ``ir.frozen``);
+    an input handed back (Identity) is copied unless frozen already, so a
+    caller's array (``constants=``) is never made read-only."""
+    arr = np.asarray(arr)
+    if frozen(arr):
+        return arr
+    if not (arr.flags.owndata and arr.flags.c_contiguous) or any(arr is a for a in inputs):
+        arr = np.array(arr, order="C")
+    arr.flags.writeable = False
+    return arr
+
+
+def _check_version(op_type: str, opset: int, checked: int) -> None:
+    """Refuse an op whose version at the model's opset (the ``since_version``
+    of its schema) is newer than the one its converter was checked against."""
+    schema = _schema(op_type, opset)
+    if schema is None or schema.since_version <= checked:
+        return
+    known = _schema(op_type, checked)
+    known = f"{op_type}-{known.since_version}" if known is not None else f"no version of {op_type}"
+    raise _Unsupported(f"opset {opset} makes it {op_type}-{schema.since_version}, newer than the newest convc knows "
+                       f"({known}, checked through opset {checked}); export the model at opset {checked} or lower")
 
 
 def _kept_dequantize(node, args) -> bool:

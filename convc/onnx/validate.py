@@ -14,7 +14,7 @@ graph:
   data checked against its dims before numpy sees it;
 * :class:`FoldBudget` -- what folding constant subgraphs may compute: no
   control flow (a Loop's trip count is unbounded), each result's size known
-  from ONNX shape inference before ``onnx.reference`` runs, and all results
+  from ONNX shape inference before anything is computed, and all results
   together within the cap (see :func:`memory_cap`).
 """
 from __future__ import annotations
@@ -26,10 +26,12 @@ import numpy as np
 
 from ..errors import ConvcError
 
-NEWEST_OPSET = 25
+NEWEST_OPSET = 28
 """The newest default-domain opset convc's importer was checked against: the
-onnx package's node tests (onnx 1.23 writes them up to opset 25) pass through
-its converters (tests/test_onnx_import.py)."""
+onnx package's node tests (onnx 1.23 writes them up to opset 28) pass through
+its converters (tests/test_onnx_import.py), or fail for the reasons
+conformance.CANNOT_PASS gives. It is each converter's default ``checked``
+(:func:`.importer.converts`): a model whose op has a newer version is refused."""
 
 FOLD_FLOOR = 256 << 20
 """Folding may always produce this many bytes (shape arithmetic, small
@@ -38,6 +40,11 @@ tables), whatever the size of the model's own weights."""
 FOLD_PER_WEIGHT = 8
 """... and up to this many times the bytes of the model's initializers
 (a weight cast, transposed and reshaped is a few copies of it)."""
+
+FOLD_FILLS = 1 << 30
+"""ConstantOfShape results (one value repeated) may add up to this many bytes
+besides: models with their weights stripped write each weight as one (the
+onnx wheel's light model zoo: VGG-19's are 548 MiB, from a 9 kB file)."""
 
 FOLD_MAX_MACS = 1 << 30
 """The most multiply-adds one folded node (a Conv or MatMul of constants)
@@ -354,17 +361,22 @@ def tensor_array(t, cap: int) -> np.ndarray:
 # -- folding -----------------------------------------------------------------------
 class FoldBudget:
     """What folding may compute in one import: each result's size known
-    before ``onnx.reference`` runs, and all of them within ``total`` bytes
+    before anything is computed, and all of them within ``total`` bytes
     (the larger of :data:`FOLD_FLOOR` and :data:`FOLD_PER_WEIGHT` times the
-    initializers, at most :func:`memory_cap`)."""
+    initializers, at most :func:`memory_cap`); ConstantOfShape's fills
+    within ``fill_total`` besides (:data:`FOLD_FILLS`, at most the cap)."""
 
     def __init__(self, weight_bytes: int, opset: int):
         self.cap, self.cap_source = memory_cap()
         self.total = min(self.cap, max(FOLD_FLOOR, FOLD_PER_WEIGHT * weight_bytes))
-        self.used = 0
+        self.fill_total = min(self.cap, FOLD_FILLS)
+        self.used = self.fills = 0
         self.opset = opset
 
-    def rule(self) -> str:
+    def rule(self, fill: bool = False) -> str:
+        if fill:
+            return (f"the cap on ConstantOfShape's results at import, {show_bytes(self.fill_total)}: "
+                    f"{FOLD_FILLS >> 20} MiB, at most {self.cap} bytes ({self.cap_source}; CONVC_MAX_MEMORY sets it)")
         return (f"the cap on constants computed at import, {show_bytes(self.total)}: the larger of "
                 f"{FOLD_FLOOR >> 20} MiB and {FOLD_PER_WEIGHT}x the model's initializers, at most {self.cap} bytes "
                 f"({self.cap_source}; CONVC_MAX_MEMORY sets it)")
@@ -383,10 +395,12 @@ class FoldBudget:
                 tensor_array_size(a.sparse_tensor, self, sparse=True)
         sizes = self.output_sizes(node, args)
         new = sum(b for b, _, _ in sizes)
-        if self.used + new > self.total:
+        fill = node.op_type == "ConstantOfShape"
+        used, total = (self.fills, self.fill_total) if fill else (self.used, self.total)
+        if used + new > total:
             what = ", ".join(t for _, t, _ in sizes) + f": {show_bytes(new)}" + (
-                f", with the {show_bytes(self.used)} folded before it" if self.used else "")
-            raise Refusal(f"folding it makes {what}, beyond {self.rule()}")
+                f", with the {show_bytes(used)} folded before it" if used else "")
+            raise Refusal(f"folding it makes {what}, beyond {self.rule(fill)}")
         elements = max((n for _, _, n in sizes), default=0)
         if node.op_type not in _VECTORIZED and elements > FOLD_MAX_LOOPED:
             raise Refusal(f"folding it makes {', '.join(t for _, t, _ in sizes)}: {elements} elements, beyond "
@@ -396,7 +410,10 @@ class FoldBudget:
         if macs > FOLD_MAX_MACS:
             raise Refusal(f"folding it takes {macs:.3g} multiply-adds, beyond the {FOLD_MAX_MACS:.3g} convc "
                           f"spends on one node at import")
-        self.used += new
+        if fill:
+            self.fills += new
+        else:
+            self.used += new
 
     def claim(self, nbytes: int, what: str) -> None:
         """Count ``nbytes`` of a constant made at import against the budget
