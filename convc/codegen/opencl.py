@@ -31,6 +31,7 @@ class OpenCLSource:
     fp64: bool
     kernel_file: bool = False                   # init reads the kernels from a path instead of embedding them
     arg_names: tuple[str, ...] = ()             # the C names of the run's arguments: inputs, then outputs
+    input_checks: tuple[dict, ...] = ()         # value_checks of graph inputs: the run returns `status` if out of range
 
     def declarations(self) -> dict[str, str]:
         """The host API's C declarations, by function: init, run,
@@ -166,4 +167,5 @@ def generate(g: Graph, plan: Plan | None = None, prefix: str | None = None, kern
         host_checks=[c for c in checks if "host" in c], device_checks=[c for c in checks if "mem" in c],
         build_options="", kernel_file=kernel_file, header=header, **common)
     return OpenCLSource(host, kernel_text, prefix, entry, signature, inputs, outputs, plan, fp64, kernel_file,
-                        tuple(var[n] for n, _ in inputs) + tuple(out_var[o] for o, _ in outputs))
+                        tuple(var[n] for n, _ in inputs) + tuple(out_var[o] for o, _ in outputs),
+                        tuple(c for c in checks if "host" in c))
