@@ -158,8 +158,13 @@ def export_opencl(graph: Graph, out_dir, name: str = "model", embed_kernels: boo
             for t in tensors[role]:
                 t["data"] = f"{prefix}{t['var']}"
                 t["vectors"] = [c_literals(v[t["label"]]) for v in values]
+        rows = {t["var"]: t for t in tensors["inputs"]}
+        rejects = {}                        # per checked input, the first node that checks it
+        for c in src.input_checks:
+            rejects.setdefault(c["host"], dict(rows[c["host"]], node=c["node"], status=c["status"], lo=c["lo"],
+                                               hi=c["hi"]))
         files[f"{name}_test.c"] = env.get_template("opencl/export_test.c.j2").render(
-            ctx, tests=len(feeds), tolerance=TEST_TOLERANCE, exact=any(t["exact"] for t in tensors["outputs"]),
+            ctx, tests=len(feeds), rejects=list(rejects.values()), tolerance=TEST_TOLERANCE, exact=any(t["exact"] for t in tensors["outputs"]),
             inexact=not all(t["exact"] for t in tensors["outputs"]))
         files["Makefile"] = env.get_template("opencl/export_Makefile.j2").render(ctx)
     out = Path(out_dir)
@@ -176,7 +181,8 @@ def cmd_export_opencl(args) -> int:
     from .loading import load_model
 
     c_only = {"--size": "size", "--int8": "int8", "--weights-file": "weights_file", "--calibration": "calibration",
-              "--board": "board", "--run-qemu": "run_qemu", "--train": "train", "--ram": "ram", "--flash": "flash"}
+              "--board": "board", "--run-qemu": "run_qemu", "--train": "train", "--lr": "lr", "--momentum": "momentum",
+              "--loss": "loss", "--batch": "batch", "--ram": "ram", "--flash": "flash"}
     refused = [flag for flag, attr in c_only.items() if getattr(args, attr, None) not in (None, False)]
     refused += ["--weight-format"] if getattr(args, "weight_format", "bytes") != "bytes" else []
     if refused:

@@ -16,6 +16,7 @@ import pytest
 
 import convc as cc
 import helpers
+from convc.codegen.c import module_status
 from convc.export_opencl import export_opencl
 from convc.models import lenet5, mobilenet_tiny
 from convc.train import training_graph
@@ -30,7 +31,8 @@ needs_oclgrind = pytest.mark.skipif(shutil.which("oclgrind") is None and not hel
 
 
 def branches():
-    """Two branches joined by a concat, max and average pooling, two outputs."""
+    """Two branches joined by a concat, max and average pooling, an int64
+    input (class labels, which the host checks) and three outputs."""
     rng = np.random.default_rng(11)
     g = cc.Graph("branches")
     x = g.input("x", (2, 3, 10, 10))
@@ -40,7 +42,9 @@ def branches():
     c = cc.concat([a, b], axis=1)
     g.output(cc.max_pool(c, 2), "pooled")
     h = cc.flatten(cc.avg_pool(c, 5))
-    g.output(cc.dense(h, g.param("wd", rng.standard_normal((3, 24)).astype(np.float32))), "scores")
+    scores = cc.dense(h, g.param("wd", rng.standard_normal((3, 24)).astype(np.float32)))
+    g.output(scores, "scores")
+    g.output(cc.cross_entropy(scores, g.input("labels", (2,), "int64")), "loss")
     return g
 
 
@@ -129,21 +133,30 @@ def _oclgrind(out, name, embed):
 @needs_opencl
 @needs_oclgrind
 def test_concat_and_pools_pass_on_the_device_and_under_oclgrind(tmp_path):
-    """A graph with a concat, max and average pooling and two outputs: the
-    harness passes on the device (both outputs checked) and under oclgrind."""
-    exp = export_opencl(branches(), tmp_path, name="branches", tests=1)
+    """A graph with a concat, max and average pooling, class labels and three
+    outputs: the harness passes on the device (every output checked, labels
+    out of range rejected with the loss node's status) and under oclgrind."""
+    g = branches()
+    feeds = [{"x": np.random.default_rng(4).standard_normal((2, 3, 10, 10)).astype(np.float32),
+              "labels": np.array([2, 0])}]
+    exp = export_opencl(g, tmp_path, name="branches", test_inputs=feeds)
     assert set(exp.sizes()) == {"branches_host.c", "branches_host.h", "branches_kernels.cl", "branches_params.bin",
                                 "branches_test.c", "Makefile"}
     header = (tmp_path / "branches_host.h").read_text()
-    assert "int branches_run(const float *in_x, float *out_pooled, float *out_scores);" in header
+    assert ("int branches_run(const float *in_x, const int64_t *in_labels, float *out_pooled, float *out_scores, "
+            "float *out_loss);") in header
     assert "#define BRANCHES_POOLED_SIZE 300" in header and "#define BRANCHES_SCORES_SIZE 6" in header
     build = _make(tmp_path)
     assert build.returncode == 0, build.stdout + build.stderr
-    assert _passed(_make(tmp_path, "test")) <= 1e-4
+    run = _make(tmp_path, "test")
+    assert _passed(run) <= 1e-4
+    statuses = {int(v) for v in re.findall(r"^in_labels = (?:-1|3): returned (\d+)$", run.stdout, re.M)}
+    assert len(statuses) == 1, run.stdout                # both sides rejected, by the loss node (module_status)
+    assert exp.graph.node(module_status(exp.plan, statuses.pop()))["op"] == "cross_entropy"
     _oclgrind(tmp_path, "branches", embed=False)
 
 
-@pytest.mark.skipif(not LONG, reason="CONVC_LONG_TESTS=1: LeNet-5 and MobileNet-style under oclgrind (~1 min)")
+@pytest.mark.skipif(not LONG, reason="CONVC_LONG_TESTS=1: LeNet-5 and MobileNet-style under oclgrind (~1 min each)")
 @needs_opencl
 @needs_oclgrind
 @pytest.mark.parametrize("model", ["lenet", "mobilenet"])
