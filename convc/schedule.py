@@ -11,6 +11,12 @@ a second name for its input's buffer (``Plan.aliases``), and a concat whose
 inputs can all be written straight into their slices of its output
 (``Plan.joins``; the rule is ``concat_slices``) leaves its producers writing
 there (``Plan.views``).
+
+A node may also write over one of its inputs (``Plan.inplace``): the
+memory passes (``passes/memory.py``) mark such a node with the node data
+``INPLACE`` (the input slot), and the plan gives it that input's buffer
+when nothing reads the input afterwards (the rule is ``inplace_sources``);
+otherwise it gets a buffer of its own, as any node.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ from .ir import Graph
 
 ALIGN = 64
 ALIAS_OPS = ("reshape", "flatten")      # ops that only rename their input's elements
+INPLACE = "inplace"     # node data: the input slot whose buffer the node may write over (set by a pass)
+TILE = "tile"           # node data: the tile of a patch-based stage a node computes (set by a pass)
 
 
 def _align(n: int) -> int:
@@ -60,6 +68,9 @@ class Plan:
     # starts ``offset`` bytes into the caller's array.
     views: dict[str, tuple[str, int]] = field(default_factory=dict)
     joins: list[str] = field(default_factory=list)            # concats that emit no code (all inputs are views)
+    # A node that writes over its input's buffer -> that input (resolved through
+    # reshapes); it is in ``views`` too, at offset 0 of the buffer's owner.
+    inplace: dict[str, str] = field(default_factory=dict)
 
     @property
     def intermediate_bytes(self) -> int:
@@ -74,6 +85,20 @@ def live_nodes(g: Graph) -> set[str]:
         keep.add(n)
         keep |= nx.ancestors(g.nx, n)
     return keep
+
+
+def schedule_order(g: Graph) -> list[str]:
+    """The graph's topological order (ties broken by insertion order), but
+    the nodes of a patch-based stage (node data ``TILE``: the tile's index,
+    ``passes/memory.py``) run tile by tile: among the nodes ready to run,
+    any other node first, then those of the lowest tile. So one tile's
+    chain finishes before the next one's starts, whatever order later
+    passes added its nodes in (an in-place or fused copy of a tile's node
+    is added last)."""
+    if not any(TILE in d for _, d in g.nx.nodes(data=True)):
+        return g.topological_order()
+    index = {n: i for i, n in enumerate(g.nx.nodes)}
+    return list(nx.lexicographical_topological_sort(g.nx, key=lambda n: (g.node(n).get(TILE, -1), index[n])))
 
 
 def concat_slices(g: Graph, order: list[str], aliases: dict[str, str], final: set[str]) -> dict[str, tuple[str, int]]:
@@ -127,7 +152,7 @@ def plan(g: Graph, target: str = "c") -> Plan:
     from .ops import get_op
 
     keep = live_nodes(g)
-    topo = [n for n in g.topological_order() if n in keep]
+    topo = [n for n in schedule_order(g) if n in keep]
     order = [n for n in topo if g.node(n)["op"] not in ("input", "param")]
     # A reshape is the same elements in the same order: unless it is itself an
     # output, it becomes a second name for its input's buffer (an intermediate,
@@ -155,6 +180,9 @@ def plan(g: Graph, target: str = "c") -> Plan:
     for a, src in aliases.items():
         names.setdefault(src, []).append(a)
     step = {n: i for i, n in enumerate(order)}
+    inplace = inplace_sources(g, order, step, aliases, names, views, final)
+    for n, src in inplace.items():
+        views[n] = (views[src][0] if src in views else src, 0)
     storage: dict[str, tuple[str, object]] = {}
     params, pbytes = {}, 0
     for n in topo:
@@ -182,7 +210,8 @@ def plan(g: Graph, target: str = "c") -> Plan:
         if n in g.assigns.values():          # copied into its param after the last node
             readers.append(len(order))
         start = min(step[m] for m in ms if m in step)
-        buffers.append(Buffer(n, g.node(n)["type"].nbytes, start, max(readers, default=start)))
+        nbytes = max(g.node(m)["type"].nbytes for m in ms)     # a node written in place may be the widest
+        buffers.append(Buffer(n, nbytes, start, max(readers, default=start)))
     scratch: dict[int, str] = {}          # id(Buffer) -> node whose workspace it is
     for n in order:
         d = g.node(n)
@@ -223,7 +252,52 @@ def plan(g: Graph, target: str = "c") -> Plan:
         storage[a] = storage[src]
         if src in views:
             views[a] = views[src]
-    return Plan(order, storage, arena, params, pbytes, buffers, workspace, aliases, views, joins)
+    return Plan(order, storage, arena, params, pbytes, buffers, workspace, aliases, views, joins, inplace)
+
+
+def inplace_sources(g: Graph, order: list[str], step: dict[str, int], aliases: dict[str, str],
+                    names: dict[str, list[str]], views: dict[str, tuple[str, int]], final: set[str]) -> dict[str, str]:
+    """The nodes of ``order`` marked ``INPLACE`` (node data: an input slot)
+    that write over that input's buffer: {node: input}, the input resolved
+    through reshapes (``aliases``). A marked node qualifies when
+
+    - it is computed into the arena: not a graph output or assigned (those
+      have buffers of their own), not a slice of a concat (``views``);
+    - its input is computed into the arena too (not a graph input, param or
+      output, whose memory is the caller's or the weights'), and is not a
+      slice of a concat (writing there would change the concat's value);
+      it may itself write over an earlier node's buffer (a chain);
+    - nothing reads the buffer after it: every reader of every node that
+      lived in that buffer (and of their reshapes) runs at its step or
+      before, and it reads no other node of that buffer;
+    - its output has the input's dtype.
+
+    The buffer then holds the widest of its nodes (an in-place 1x1 conv may
+    widen it). Marked nodes that do not qualify get a buffer of their own:
+    the ops compute the same values either way."""
+    owner: dict[str, str] = {}              # node written in place -> the node owning the buffer
+    members: dict[str, list[str]] = {}      # buffer owner -> the nodes that lived in it, in order
+    out: dict[str, str] = {}
+    for n in order:
+        slot = g.node(n).get(INPLACE)
+        ins = g.inputs_of(n)
+        if slot is None or not 0 <= slot < len(ins) or n in final or n in views:
+            continue
+        src = aliases.get(ins[slot], ins[slot])
+        if src not in step or src in final or src in views:
+            continue
+        if g.node(src)["type"].dtype != g.node(n)["type"].dtype:
+            continue
+        host = owner.get(src, src)
+        lived = members.get(host, [host])
+        readers = [step[u] for m in lived for v in [m, *names.get(m, ())] for u in g.nx.successors(v) if u in step]
+        others = {aliases.get(i, i) for i in ins} - {src}
+        if max(readers) > step[n] or others & set(lived):
+            continue
+        out[n] = src
+        owner[n] = host
+        members[host] = lived + [n]
+    return out
 
 
 # -- the memory cap -------------------------------------------------------------

@@ -214,7 +214,8 @@ def bind_buffers(g: Graph, plan: Plan, name: Namer, var: dict[str, str], out_var
             var[n] = f"({out_var[where]} + {at})" if at else out_var[where]
         else:
             var[n] = name(n, "t_")
-            note = f"{n} {t}" + (f", in {plan.views[n][0]} at +{plan.views[n][1]}" if n in plan.views else "")
+            note = f"{n} {t}" + (f", over {plan.inplace[n]} (in place)" if n in plan.inplace else
+                                 f", in {plan.views[n][0]} at +{plan.views[n][1]}" if n in plan.views else "")
             arena_ptrs.append(dict(T=CTYPES[t.dtype], var=var[n], offset=where, note=note))
         if n in plan.workspace:
             var[f"{n} workspace"] = name(n, "ws_")
@@ -253,8 +254,11 @@ def node_functions(g: Graph, plan: Plan, name: Namer, var: dict[str, str] | None
         types = [g.node(i)["type"] for i in ins]
         arg_names = op.arg_names(len(ins), d["attrs"])
         T = types_of[d["type"].dtype]
-        params = [f"{G}const {types_of[t.dtype]} *restrict {a}" for a, t in zip(arg_names, types)]
-        params.append(f"{G}{T} *restrict y")
+        # a node written over its input (plan.inplace) shares that buffer: no restrict on either
+        shared = {k for k, i in enumerate(ins) if plan.aliases.get(i, i) == plan.inplace.get(n)}
+        params = [f"{G}const {types_of[t.dtype]} *{'' if k in shared else 'restrict '}{a}"
+                  for k, (a, t) in enumerate(zip(arg_names, types))]
+        params.append(f"{G}{T} *{'' if shared else 'restrict '}y")
         if n in plan.workspace:
             params.append(f"{G}{T} *restrict ws")
         fn = name(n, "node_")

@@ -11,3 +11,4 @@ from . import normalize  # noqa: F401,E402  (registers lrn, standardize and thei
 from . import reduce  # noqa: F401,E402  (registers reduce, reduce_grad)
 from . import indexing  # noqa: F401,E402  (registers cast, where, take, take_grad)
 from . import rearrange  # noqa: F401,E402  (depth_to_space, space_to_depth, tile, einsum: composites)
+from . import memory  # noqa: F401,E402  (registers crop, paste, depthwise_inplace, pointwise_inplace)

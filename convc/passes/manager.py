@@ -79,6 +79,24 @@ PIPELINES: dict[str, dict[str, list[str]]] = {
         "fuse_separable",
         "eliminate_dead_code",
     ],
+    # The embedded pipeline for a small arena (passes/memory.py): the stage
+    # from the input runs tile by tile where that shrinks the arena, then
+    # depthwise and 1x1 convs, and elementwise ops, write over their input
+    # where it dies (before fuse_separable, which would fuse those convs).
+    # convc/budget.py picks among these rewrites for --ram/--flash budgets.
+    "memory": [
+        "eliminate_dead_code",
+        "eliminate_common_subexpressions",
+        "fold_constants",
+        "fold_batch_norm",
+        "fuse_epilogues",
+        "patch_first_stages",
+        "inplace_depthwise",
+        "inplace_pointwise",
+        "fuse_separable",
+        "inplace_elementwise",
+        "eliminate_dead_code",
+    ],
     # For training graphs: the default minus the passes that bake weights
     # into new constants (BN folding, fold_params), so every trained param
     # stays settable by name and weight transforms run on each step.
