@@ -8,12 +8,14 @@ from __future__ import annotations
 import numpy as np
 
 from ..ops.normalize import group_norm, instance_norm, layer_norm, lp_normalize, lrn
-from ..ops.pool import global_avg_pool
+from ..ops.layout import pad
+from ..ops.pool import global_avg_pool, lp_pool
 from ..ops.reduce import global_max_pool, reduce
 from ..ops.elementwise import div, mul, sub
 from ..ops.tensor import concat, expand, reshape
 from ..shapes import prod
-from .importer import STATIC_INPUTS, _Unsupported, _axis, converts
+from .converters import _pool_geometry
+from .importer import STATIC_INPUTS, _WINDOW, _Unsupported, _axis, converts
 
 
 @converts("LRN", size=None, alpha=1e-4, beta=0.75, bias=1.0)
@@ -163,3 +165,26 @@ def _lp_normalization(im, node, ins, at):
     if at["p"] not in (1, 2):
         raise _Unsupported(f"p must be 1 or 2, got {at['p']}")
     return [lp_normalize(x, at["p"], _axis(at["axis"], len(x.shape), "axis"), name=im.name(node))]
+
+
+@converts("LpPool", ceil_mode=0, dilations=None, p=2, **_WINDOW)
+def _lp_pool(im, node, ins, at):
+    """LpPool: p a float in opset 1, an int from 2 on; ceil_mode and
+    dilations from 18 on. Pads beyond half the kernel are explicit zeros."""
+    x = im.value(ins[0])
+    if not 3 <= len(x.shape) <= 5:
+        raise _Unsupported(f"LpPool takes (N, C, D1, ...) with 1 to 3 spatial axes, got shape {x.shape}")
+    p = at["p"]
+    if not 1 <= p < float("inf"):
+        raise _Unsupported(f"p must be a finite number >= 1, got {p}")
+    k, s, d, pads, ceil_mode, out = _pool_geometry(node, at, x.shape)
+    if all(max(pp) <= kk // 2 for pp, kk in zip(pads, k)):
+        y = lp_pool(x, p, k, s, pads, d, ceil_mode, name=im.name(node))
+    else:
+        need = [(o - 1) * ss + dd * (kk - 1) + 1 for o, ss, dd, kk in zip(out, s, d, k)]
+        xp = pad(x, [(lo, max(0, t - n - lo)) for (lo, _), t, n in zip(pads, need, x.shape[2:])], 0.0,
+                 name=im.name(node, "pad"))
+        y = lp_pool(xp, p, k, s, 0, d, False, name=im.name(node))
+    if list(y.shape[2:]) != out:
+        raise _Unsupported(f"convc's output {y.shape[2:]} differs from ONNX's {out}")
+    return [y]

@@ -1,5 +1,6 @@
 """Pools: ``max_pool``, ``avg_pool`` (1D/2D/3D, PyTorch semantics, including
-``ceil_mode`` and ``count_include_pad``) and ``global_avg_pool``.
+``ceil_mode`` and ``count_include_pad``), ``lp_pool`` (ONNX's LpPool) and
+``global_avg_pool`` (``global_max_pool`` is a reduce, in ops/reduce.py).
 ``max_pool`` takes integer tensors too (ONNX's MaxPool on int8 and uint8):
 its padding is then the dtype's smallest value, the identity of max."""
 from __future__ import annotations
@@ -31,6 +32,17 @@ def avg_pool(x: Value, kernel_size, stride=None, padding=0, ceil_mode=False, cou
     attrs = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=1, ceil_mode=ceil_mode,
                  count_include_pad=count_include_pad)
     return x.graph.add("avg_pool", [x], attrs, name)
+
+
+@builder("x")
+def lp_pool(x: Value, p: float, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+            name=None) -> Value:
+    """The p-norm of each window: ``(Σ |x|^p) ** (1/p)`` over the window's
+    taps inside the input (padding adds zeros), as ONNX's LpPool; p >= 1.
+    PyTorch's lp_pool sums x^p, not |x|^p: the same for even p or x >= 0."""
+    attrs = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
+                 ceil_mode=ceil_mode, p=p)
+    return x.graph.add("lp_pool", [x], attrs, name)
 
 
 @builder("x")
@@ -99,7 +111,7 @@ class _Pool(Op):
                     nan=not integer,                # floats: NaN propagates (integers have none to check)
                     lowest=c_int(int(np.iinfo(x.dtype).min), x.dtype) if integer else "-INFINITY",
                     interior=all(a["first"] < a["end"] for a in axes),
-                    count_include_pad=attrs.get("count_include_pad", False),
+                    count_include_pad=attrs.get("count_include_pad", False), lp=attrs.get("p"),
                     par=[("nc", "NC", nc)] + [("o" + a["l"], "OUT_" + a["U"], a["o"]) for a in axes[:-1]])
 
 
@@ -149,6 +161,31 @@ class AvgPool(_Pool):
             mask = padded(ones, full)
         count = sum(v for _, v in windows(mask, k, s, d, out))
         return total / count
+
+
+def _lp_normalize(op, attrs, types):
+    attrs = _Pool.normalize(op, attrs, types)
+    p = attrs["p"]
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or not 1 <= p < np.inf:
+        raise RuleError(f"p must be a finite number >= 1, got {p!r}")
+    return dict(attrs, p=int(p) if float(p).is_integer() else float(p))
+
+
+@register
+class LpPool(_Pool):
+    name = "lp_pool"
+
+    def normalize(self, attrs, types):
+        return _lp_normalize(self, attrs, types)
+
+    def grad(self, attrs, xs, y, gy, needs):
+        return [xs[0].graph.add("lp_pool_grad", [xs[0], y, gy], dict(attrs))]
+
+    def reference(self, attrs, x):
+        k, s, d, pads, out, extra = self._geometry(attrs, x.shape)
+        xp = padded(np.abs(x), [(lo, hi + e) for (lo, hi), e in zip(pads, extra)])
+        total = sum(view ** attrs["p"] for _, view in windows(xp, k, s, d, out))
+        return (total ** (1 / attrs["p"])).astype(x.dtype)
 
 
 @register
@@ -280,3 +317,37 @@ class AvgPoolGrad(_PoolGrad):
 
     def context(self, attrs, types, out):
         return self.grad_context(_Pool.context(self, attrs, [out], types[0]), "avg_pool")
+
+
+@register
+class LpPoolGrad(_PoolGrad):
+    """dL/dx of ``lp_pool``: each window w holding x_i adds
+    gy[w] * sign(x_i) |x_i|^(p-1) / y[w]^(p-1) (nothing from a window whose
+    norm is 0)."""
+    name = "lp_pool_grad"
+    arity = (3, 3)
+    inputs = ("x", "r", "gy")           # r: the pool's output
+    template = "pool_grad"
+
+    def normalize(self, attrs, types):
+        return _lp_normalize(self, attrs, types[:1])
+
+    def infer(self, attrs, types):
+        self.check_gy(attrs, types[0], types[2])
+        self.check_gy(attrs, types[0], types[1])
+        return types[0]
+
+    def reference(self, attrs, x, r, gy):
+        k, s, d, pads, out, extra = self._geometry(attrs, x.shape)
+        full = [(lo, hi + e) for (lo, hi), e in zip(pads, extra)]
+        p = attrs["p"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = np.where(r > 0, gy / np.where(r > 0, r, 1) ** (p - 1), 0)
+        dxp = np.zeros(padded(x, full).shape, x.dtype)
+        for _, view in windows(dxp, k, s, d, out):
+            view += share
+        crop = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, x.shape[2:]))
+        return (dxp[(slice(None), slice(None)) + crop] * np.sign(x) * np.abs(x) ** (p - 1)).astype(x.dtype)
+
+    def context(self, attrs, types, out):
+        return self.grad_context(_Pool.context(self, attrs, types[:1], types[2]), "lp_pool")
