@@ -19,7 +19,6 @@ import helpers
 from convc.codegen.c import module_status
 from convc.export_opencl import export_opencl
 from convc.models import lenet5, mobilenet_tiny
-from convc.train import training_graph
 
 LONG = os.environ.get("CONVC_LONG_TESTS", "") not in ("", "0")
 STRICT = "-std=c99 -O2 -Wall -Wextra -Werror -pedantic"
@@ -90,7 +89,7 @@ def test_export_builds_strictly_and_passes_on_the_device(tmp_path, model, embed)
     assert build.returncode == 0, build.stdout + build.stderr
     run = _make(tmp_path, "test")                      # `make test`: the harness on the device
     assert _passed(run) <= 1e-4
-    assert re.search(r"^device \S", run.stdout, re.M) and "vector 0 after" in run.stdout, run.stdout
+    assert re.search(r"^device \S", run.stdout, re.M) and "vector 1: max error" in run.stdout, run.stdout
 
     # the harness can fail: a params file with one weight changed gives outputs it rejects
     first = min(exp.plan.params.values())
@@ -182,17 +181,49 @@ def test_cli_writes_the_export(tmp_path, capsys):
     assert (out / "net_params.bin").stat().st_size == 247040
     assert main(["export", "lenet5", "--target", "opencl", "-o", str(tmp_path / "x"), "--size"]) == 2
     assert "--size is for the C library (--target c)" in capsys.readouterr().err
+    assert main(["export", "lenet5", "--target", "opencl", "-o", str(tmp_path / "x"), "--train"]) == 2
+    assert "cc.export_opencl(trainer_or_graph, DIR, train=True" in capsys.readouterr().err
     assert main(["export", "lenet5", "-o", str(tmp_path / "y"), "--embed-kernels"]) == 2
     assert "--embed-kernels is for --target opencl" in capsys.readouterr().err
 
 
-def test_refuses_bad_names_and_training_graphs(tmp_path):
+@needs_opencl
+def test_training_step_runs_and_updates_params_on_the_device(tmp_path):
+    """A cc.Trainer (SGD with momentum, one step already taken in Python)
+    exports as a host whose every run is a training step on the device: the
+    harness checks each step's loss and, after three steps, the params and the
+    momentum buffers against the reference's run_step; rejected labels update
+    nothing (the final check runs after them)."""
+    g = branches()
+    loss = g.value(g.outputs["loss"])
+    trainer = cc.Trainer(g, loss, optimizer=cc.SGD(lr=0.05, momentum=0.9), target="numpy")
+    rng = np.random.default_rng(8)
+    trainer.step({"x": rng.standard_normal((2, 3, 10, 10)).astype(np.float32), "labels": np.array([1, 2])})
+    feeds = [{"x": rng.standard_normal((2, 3, 10, 10)).astype(np.float32), "labels": np.array([k % 3, 2 - k % 3])}
+             for k in range(3)]
+    exp = export_opencl(trainer, tmp_path, name="fit", embed_kernels=True, test_inputs=feeds)
+    step = exp.graph
+    assert {"wa", "wb", "bb", "wd"} <= set(step.assigns) and len(step.assigns) == 8       # params + momenta
+    assert "int fit_run(const float *in_x, const int64_t *in_labels, float *out_loss);" in \
+        (tmp_path / "fit_host.h").read_text()
+    # the exported blob holds the values after the Python step, not the graph's initial ones
+    off = exp.plan.params["wa"]
+    assert np.frombuffer((tmp_path / "fit_params.bin").read_bytes()[off:off + 432], np.float32).tolist() == \
+        trainer.params["wa"].reshape(-1).tolist()
+    build = _make(tmp_path)
+    assert build.returncode == 0, build.stdout + build.stderr
+    run = _make(tmp_path, "test")
+    assert _passed(run) <= 1e-4
+    assert re.search(r"^step 2: max error \S+$", run.stdout, re.M), run.stdout
+    assert re.search(r"^params after 3 steps: max error \S+$", run.stdout, re.M), run.stdout
+
+
+def test_refuses_bad_names_and_options(tmp_path):
     with pytest.raises(cc.ConvcError, match="must be a C identifier"):
         export_opencl(lenet5(), tmp_path, name="le-net")
     with pytest.raises(cc.ConvcError, match="reserved"):
         export_opencl(lenet5(), tmp_path, name="int")
-    g = lenet5(batch=2)
-    loss = cc.cross_entropy(g.value(g.outputs["logits"]), g.input("labels", (2,), "int64"))
-    step, _ = training_graph(g, loss, None, cc.SGD(lr=0.1))
-    with pytest.raises(cc.ConvcError, match=r"assigns params .*training step"):
-        export_opencl(step, tmp_path, name="step")
+    with pytest.raises(cc.ConvcError, match="loss and optimizer are for train=True"):
+        export_opencl(lenet5(), tmp_path, name="net", optimizer=cc.SGD())
+    with pytest.raises(cc.ConvcError, match="has 3 outputs"):
+        export_opencl(branches(), tmp_path, name="net", train=True)
