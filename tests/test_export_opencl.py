@@ -166,6 +166,25 @@ def test_models_clean_under_oclgrind(tmp_path, model):
     _oclgrind(tmp_path, model, embed=True)
 
 
+@needs_opencl
+def test_float64_graph_passes_to_1e_10_where_the_device_has_fp64(tmp_path):
+    from convc.runtime.opencl import devices
+
+    rng = np.random.default_rng(3)
+    g = cc.Graph("f64")
+    x = g.input("x", (2, 3, 8, 8), "float64")
+    g.output(cc.tanh(cc.conv(x, g.param("w", rng.standard_normal((4, 3, 3, 3))), padding=1)), "y")
+    export_opencl(g, tmp_path, name="f64")
+    assert "#define F64_TEST_TOLERANCE 1e-10" in (tmp_path / "f64_test.c").read_text()
+    build = _make(tmp_path)
+    assert build.returncode == 0, build.stdout + build.stderr
+    run = _make(tmp_path, "test")
+    if not next(d for d in devices() if d["chosen"])["fp64"]:
+        assert run.returncode != 0 and "cl_khr_fp64" in run.stderr, run.stdout + run.stderr
+        return
+    assert _passed(run) <= 1e-10
+
+
 def test_cli_writes_the_export(tmp_path, capsys):
     """`convc export MODEL --target opencl` writes the files (no device
     needed to write them); options of the C library are refused."""
