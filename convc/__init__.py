@@ -22,6 +22,8 @@ from .ops.elementwise import (add, clip, div, gelu, hardsigmoid, hardswish, leak
 from .ops.elementwise import (abs, elu, erf, exp, log, mish, neg, reciprocal, selu, softplus,  # noqa: A004
                               softsign, sqrt, thresholded_relu)
 from .ops.tensor import concat, expand, flatten, reduce_sum, reshape, slice_axis, transpose
+from .ops.indexing import cast, take, where
+from .ops.rearrange import depth_to_space, einsum, space_to_depth, tile
 from .ops.linear import dense, matmul, softmax
 from .ops.norm import batch_norm
 from .ops.loss import cross_entropy, mse_loss
