@@ -492,6 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pipeline", default="embedded",
                    help="pass pipeline run before rendering, as in cc.compile (default: embedded, which leaves out "
                         "the GEMM/Winograd lowerings that need scratch RAM; none: as given)")
+    e.add_argument("--ram", metavar="BYTES",
+                   help="arena budget (e.g. 24576 or 24K): export the cheapest plan that fits, choosing among "
+                        "in-place ops and a patch-based schedule of the first stages (convc/budget.py), or fail "
+                        "naming the smallest arena reached and the node where it peaks")
+    e.add_argument("--flash", metavar="BYTES",
+                   help="flash budget (code + const data, measured by compiling): as --ram")
     e.add_argument("--train", action="store_true",
                    help="export the training step instead (convc/export_train.py): forward, loss, gradients and "
                         "the optimizer's update as NAME_train_step, NAME_predict, NAME_get_params/NAME_set_params "

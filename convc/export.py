@@ -384,17 +384,19 @@ class Export:
     intermediate_bytes: int     # the arena without reuse
     weight_bytes: int
     graph: Graph | None = None  # the graph rendered (after the pass pipeline; quantized with int8=True)
+    budget: object = None       # with ram= or flash=: the plan chosen (convc.budget.Choice)
 
     def __str__(self):
         return (f"wrote {', '.join(str(f) for f in self.files)}\n"
                 f"arena {self.arena_bytes:,} bytes (peak of live buffers {self.peak_live_bytes:,}; "
-                f"{self.intermediate_bytes:,} without reuse), weights {self.weight_bytes:,} bytes")
+                f"{self.intermediate_bytes:,} without reuse), weights {self.weight_bytes:,} bytes"
+                + (f"\n{self.budget.table()}" if self.budget is not None else ""))
 
 
 def export_c(graph: Graph, out_dir, name: str = "model", weights_file: bool = False, passes="embedded",
              harness: bool = True, test_inputs=None, tests: int = 2, seed: int = 0, int8: bool = False,
              calibration=None, weight_format: str = "bytes", train: bool = False, loss: str | None = None,
-             optimizer=None, steps: int | None = None):
+             optimizer=None, steps: int | None = None, ram=None, flash=None):
     """Write ``NAME.h``, ``NAME.c`` (weights inside, or in ``NAME_weights.c``
     with ``weights_file=True``) and the test harness ``NAME_test.c`` into
     ``out_dir`` (created if needed). ``passes``: the pipeline run first, as in
@@ -419,10 +421,20 @@ def export_c(graph: Graph, out_dir, name: str = "model", weights_file: bool = Fa
     the harness then runs ``steps`` steps on ``test_inputs`` or random batches.
     Returns an :class:`Export`, or a ``TrainExport`` with ``train=True``.
 
+    ``ram`` / ``flash`` (bytes; an int or a string like "24K"): budgets for
+    the arena and for code + const data. The export then renders the
+    cheapest plan of :func:`convc.budget.fit` that fits (the memory-saving
+    rewrites of ``passes/memory.py``: in place, patch-based), or raises a
+    ``BudgetError`` naming the smallest size reached and where its peak is;
+    ``Export.budget`` says what was chosen. The harness still checks against
+    ``graph`` as given.
+
     >>> cc.export_c(lenet5(), "build/lenet", name="lenet")   # doctest: +SKIP
     >>> cc.export_c(lenet5(), "build/qlenet", name="qlenet", int8=True, calibration="digits.npz")  # doctest: +SKIP
     >>> cc.export_c(lenet5(batch=8), "build/tlenet", name="tlenet", train=True, optimizer=cc.Adam())  # doctest: +SKIP
     """
+    if train and (ram is not None or flash is not None):
+        raise ConvcError("export_c(): ram and flash budgets are for inference exports, not train=True")
     if train:
         from .export_train import STEPS, export_train
         if int8 or weights_file or calibration is not None:
@@ -439,7 +451,11 @@ def export_c(graph: Graph, out_dir, name: str = "model", weights_file: bool = Fa
     elif calibration is not None:
         raise ConvcError("export_c(): calibration data is for int8=True (--int8); without it the graph exports "
                          "as it is")
-    lib = render(graph, name, weights_file, passes, weight_format)
+    choice = None
+    if ram is not None or flash is not None:        # the memory budget picks the passes (convc/budget.py)
+        from .budget import fit
+        choice = fit(graph, ram, flash, passes, name)
+    lib = render(choice.graph if choice else graph, name, weights_file, "none" if choice else passes, weight_format)
     files = dict(lib.files)
     if harness:
         files[f"{name}_test.c"] = render_harness(graph, lib, test_inputs, tests, seed, weights_file)
@@ -450,7 +466,7 @@ def export_c(graph: Graph, out_dir, name: str = "model", weights_file: bool = Fa
         (out / fname).write_text(text)
         paths.append(out / fname)
     return Export(name, out, paths, passes, lib.plan, lib.plan.arena_bytes, peak_live_bytes(lib.plan),
-                  lib.plan.intermediate_bytes, lib.weight_bytes, lib.graph)
+                  lib.plan.intermediate_bytes, lib.weight_bytes, lib.graph, choice)
 
 
 # -- int8 ---------------------------------------------------------------------
@@ -554,12 +570,14 @@ class SizeReport:
 
     def table(self) -> str:
         head = ("node", "op", "code", "const", "flash", "live arena", "stack")
-        body = [(r.node, r.op, r.code, r.const, r.code + r.const, r.live, r.stack) for r in self.rows]
-        body.append(("(entry)", f"{self.name}_run*", self.entry_code, 0, self.entry_code, 0, 0))
+        peak = max(range(len(self.rows)), key=lambda i: self.rows[i].live, default=-1)   # the step that sets it
+        body = [(r.node, r.op, r.code, r.const, r.code + r.const, f"{r.live:,}{' *' if i == peak else '  '}",
+                 r.stack) for i, r in enumerate(self.rows)]
+        body.append(("(entry)", f"{self.name}_run*", self.entry_code, 0, self.entry_code, "0  ", 0))
         if self.other_code or self.other_const:
             body.append(("(other)", "helpers, padding", self.other_code, self.other_const,
-                         self.other_code + self.other_const, 0, 0))
-        total = ("total", "", self.code, self.const, self.flash, self.static_ram, self.stack)
+                         self.other_code + self.other_const, "0  ", 0))
+        total = ("total", "", self.code, self.const, self.flash, f"{self.static_ram:,}  ", self.stack)
         rows = [head] + [tuple(v if isinstance(v, str) else f"{v:,}" for v in r) for r in body + [total]]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = ["  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
@@ -567,6 +585,8 @@ class SizeReport:
         lines.insert(1, "-" * len(lines[0]))
         lines.insert(-1, "-" * len(lines[0]))
         lines += [f"flash: {self.flash:,} bytes = code {self.code:,} + const data {self.const:,}",
+                  f"live arena: bytes of arena buffers alive while the node runs (its inputs, its output, "
+                  f"its scratch); * marks the peak, step {peak} of the schedule",
                   f"RAM:   {self.ram:,} bytes = static {self.static_ram:,} (the arena: planned {self.arena:,}, "
                   f"peak of live buffers {self.peak_live:,}) + stack {self.stack:,} (estimate)",
                   f"toolchain: {self.toolchain}, -Os; per-node code apportioned from a build with every node "
@@ -764,8 +784,12 @@ def cmd_export(args) -> int:
         return cmd_export_opencl(args)
     if args.embed_kernels:
         raise ConvcError("convc export: --embed-kernels is for --target opencl")
-    if args.out is None and not args.size:
-        raise ConvcError("convc export: give -o DIR to write the library, or --size to measure it")
+    budget = args.ram is not None or args.flash is not None
+    if args.out is None and not args.size and not budget:
+        raise ConvcError("convc export: give -o DIR to write the library, --size to measure it, or --ram/--flash "
+                         "to see the plan that fits")
+    if budget and args.train:
+        raise ConvcError("convc export: --ram/--flash budgets are for inference exports, not --train")
     if args.calibration is not None and not args.int8:
         raise ConvcError("convc export: --calibration is for --int8")
     if args.train:
@@ -776,14 +800,22 @@ def cmd_export(args) -> int:
         raise ConvcError("convc export: --optimizer, --lr, --momentum, --loss and --batch are for --train")
     g = load_model(args.model)
     q = int8_graph(g, args.calibration) if args.int8 else None
+    choice = None                                           # with budgets, the plan convc/budget.py picked
     if args.out is not None:
-        print(export_c(q or g, args.out, name=args.name, weights_file=args.weights_file, passes=args.pipeline,
-                       weight_format=args.weight_format))
+        exp = export_c(q or g, args.out, name=args.name, weights_file=args.weights_file, passes=args.pipeline,
+                       weight_format=args.weight_format, ram=args.ram, flash=args.flash)
+        print(exp)
+        choice = exp.budget
         objs = " ".join(f"{args.out}/{f}" for f in [f"{args.name}.c"] + ([f"{args.name}_weights.c"]
                                                                          if args.weights_file else []))
         print(f"check it: cc -std=c99 -O2 {args.out}/{args.name}_test.c {objs} -lm && ./a.out")
+    elif budget:
+        from .budget import fit
+        choice = fit(q or g, args.ram, args.flash, args.pipeline, args.name)
+        print(choice.table())
     if args.size:
-        rep = (size_comparison(g, q, name=args.name, passes=args.pipeline) if q is not None
+        rep = (size_report(choice.graph, name=args.name, passes="none") if choice is not None
+               else size_comparison(g, q, name=args.name, passes=args.pipeline) if q is not None
                else size_report(g, name=args.name, passes=args.pipeline))
         print(rep.table())
     if args.board or args.run_qemu:
