@@ -37,7 +37,7 @@ STATIC_INPUTS.update({op: (1,) for op in _REDUCE_KINDS})
 
 def _reduce_axes(im, node, ins, at, x_rank: int):
     """The axes a ReduceX node reduces (sorted, non-negative), or None when
-    it is the identity (no axes and noop_with_empty_axes). Before opset 13
+    it reduces nothing (no axes and noop_with_empty_axes). Before opset 13
     (ReduceSum) or 18 (the others) the axes are an attribute; from then on an
     optional input."""
     since = 13 if node.op_type == "ReduceSum" else 18
@@ -61,9 +61,9 @@ def _reduce(im, node, ins, at):
     x = im.value(ins[0])
     rank = len(x.shape)
     axes = _reduce_axes(im, node, ins, at, rank)
-    if axes is None:
-        return [x]
     kind, keep = _REDUCE_KINDS[node.op_type], bool(at["keepdims"])
+    if axes is None:        # no reduction, but the elementwise part stays (ReduceSumSquare squares)
+        return [x if kind in ("sum", "mean", "max", "min", "prod") else reduce(x, kind, (), keep, name=im.name(node))]
     if kind == "mean" and axes == list(range(2, rank)) and 3 <= rank <= 5:   # x.mean((2, 3)): a global average pool
         y = global_avg_pool(x, name=im.name(node) if keep else im.name(node, "pool"))
         return [y if keep else reshape(y, x.shape[:2], name=im.name(node))]
