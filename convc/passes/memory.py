@@ -112,24 +112,21 @@ def _candidate(g: Graph, n: str, kind: str) -> bool:
     return len(x.shape) == 4 and w.shape[2:] == (1, 1)
 
 
-def _to_inplace(g: Graph, kind) -> Graph:
+def _to_inplace(g: Graph, kind: str) -> Graph:
+    """``g`` with each conv that qualifies turned into op ``kind`` (same
+    name, inputs, attrs and type: the in-place ops are convs) and marked
+    ``INPLACE`` on its input."""
     out = g.copy()
     order = {n: i for i, n in enumerate(out.topological_order())}
-    for n in out.topological_order():
+    for n in order:
         if out.node(n)["op"] != "conv" or not _candidate(out, n, kind):
             continue
         why = _conv_rule(out, n, order, kind)
         if why is not None:
             decline(n, why)
             continue
-        v = out.add(kind, [out.value(i) for i in out.inputs_of(n)], dict(out.node(n)["attrs"]),
-                    fresh(out, f"{n}.inplace"))
-        out.node(v.name)[INPLACE] = 0
-        if TILE in out.node(n):
-            out.node(v.name)[TILE] = out.node(n)[TILE]
-        replace_uses(out, n, v.name)
-        order[v.name] = order[n]
-        out.nx.remove_node(n)
+        out.node(n)["op"] = kind        # the copy's own node data: g keeps its conv
+        out.node(n)[INPLACE] = 0
     return out
 
 
@@ -322,15 +319,26 @@ def grids(g: Graph, chain: list[str]) -> list[tuple[int, int]]:
 
 
 def patch_options(g: Graph):
-    """Every patch-based rewrite of ``g``: (stage, grid, rewritten graph)
-    for each prefix of at least two nodes of each tileable chain
-    (:func:`stages`) and each of its :func:`grids`."""
+    """Every patch-based rewrite of ``g`` that fits: (stage, grid, the
+    multiplications the stage then performs) for each prefix of at least
+    two nodes of each tileable chain (:func:`stages`) and each of its
+    :func:`grids`; :func:`patch_stage` builds one."""
+    from ..ops import get_op
     for chain in stages(g):
         for end in range(2, len(chain) + 1):
             for grid in grids(g, chain[:end]):
-                new = patch_stage(g, chain[:end], grid)
-                if new is not None:
-                    yield chain[:end], grid, new
+                tiles = tile_plan(g, chain[:end], grid)
+                if tiles is None:
+                    continue
+                macs = 0            # a window op's multiplications are a fixed number per output position
+                for _, steps in tiles:
+                    for n, region, _ in steps:
+                        d = g.node(n)
+                        full = get_op(d["op"]).macs(d["attrs"], [g.node(i)["type"] for i in g.inputs_of(n)],
+                                                    d["type"])
+                        area = (region.hi[0] - region.lo[0]) * (region.hi[1] - region.lo[1])
+                        macs += full // (d["type"].shape[2] * d["type"].shape[3]) * area
+                yield chain[:end], grid, macs
 
 
 @register
@@ -342,15 +350,15 @@ def patch_first_stages(g: Graph) -> Graph:
     smallest arena (the fewest multiplications on a tie); ``g`` unchanged if
     none is smaller than without tiles. ``convc/budget.py`` takes the
     cheapest option that fits a RAM budget instead."""
-    from ..budget import _macs
     from ..schedule import plan
 
     def arena(x: Graph) -> int:
         return plan(inplace_pointwise(inplace_depthwise(x))).arena_bytes
 
     best, key = g, (arena(g), 0)
-    for chain, grid, new in patch_options(g):
-        k = (arena(new), _macs(new))
+    for chain, grid, macs in patch_options(g):
+        new = patch_stage(g, chain, grid)
+        k = (arena(new), macs)
         if k < key:
             best, key = new, k
     if best is g:
