@@ -298,6 +298,28 @@ def test_converter_refusals_name_the_rule():
     assert "target type float16 is not supported at run time" in msg
 
 
+def test_to_onnx_against_ort():
+    """cast, where and take export as Cast, Where (after a Cast of the mask
+    to bool) and Gather; the composites as their reshapes, transposes,
+    expands and matmuls: ONNX Runtime on the exported model matches convc's
+    reference (in range: ONNX leaves out-of-range float -> int undefined)."""
+    import onnxruntime as ort
+    g = cc.Graph("export_tensor_ops")
+    x, i = g.input("x", (2, 8, 4, 6)), g.input("i", (5,), "int64")
+    outs = dict(take=take(x, [[1, -1], [0, 3]], 1), cast=cast(x, "int32"), cast_i=cast(i, "float32"),
+                where=where(np.arange(6) % 2 == 0, x, 1.5), d2s=depth_to_space(x, 2, "CRD"),
+                s2d=space_to_depth(x, 2), tile=tile(x, (1, 1, 2, 1)), einsum=einsum("nchw,nchw->nc", x, x))
+    for k, v in outs.items():
+        g.output(v, k)
+    feeds = {"x": (RNG.standard_normal((2, 8, 4, 6)) * 10).astype(np.float32), "i": np.arange(5) - 2}
+    want = cc.compile(g, target="numpy").run(feeds)
+    model = cc.to_onnx(g)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(list(outs), feeds)
+    for k, v in zip(outs, got):
+        assert v.dtype == want[k].dtype, f"{k}: ORT dtype {v.dtype}, convc {want[k].dtype}"
+        assert_close(v, want[k], rtol=1e-5, atol=1e-4, what=f"exported {k}")
+
+
 # -- the onnx package's node cases ---------------------------------------------------------------------
 MY_OPS = ("DepthToSpace", "SpaceToDepth", "Tile", "Gather", "Where", "Einsum", "Cast", "CastLike")
 

@@ -515,3 +515,26 @@ def _x_qpool(ex, n, ins, attrs, out):
                     strides=list(attrs["stride"]), pads=_pads_attr(attrs["padding"]),
                     ceil_mode=int(attrs["ceil_mode"]), count_include_pad=int(attrs["count_include_pad"]))
     _out_q(ex, n, y, attrs)
+
+
+# -- cast, where, take (convc/ops/indexing.py) ----------------------------------------
+@exports("cast")
+def _x_cast(ex, n, ins, attrs, out):
+    """ONNX's Cast (its float -> integer result out of range is undefined;
+    convc's saturates)."""
+    from onnx import helper
+    ex.node("Cast", [ex.tensor[ins[0]]], [ex.tensor[n]], to=helper.np_dtype_to_tensor_dtype(np.dtype(out.dtype)))
+
+
+@exports("where")
+def _x_where(ex, n, ins, attrs, out):
+    """convc's mask is an integer tensor, ONNX's condition a bool one: a Cast between."""
+    from onnx import TensorProto
+    cond = ex.node("Cast", [ex.tensor[ins[0]]], [ex.fresh(f"{n}.cond")], to=TensorProto.BOOL)
+    ex.node("Where", [cond, ex.tensor[ins[1]], ex.tensor[ins[2]]], [ex.tensor[n]])
+
+
+@exports("take")
+def _x_take(ex, n, ins, attrs, out):
+    idx = np.array(attrs["indices"], np.int64).reshape(attrs["index_shape"])
+    ex.node("Gather", [ex.tensor[ins[0]], ex.initializer(idx, f"{n}.indices")], [ex.tensor[n]], axis=attrs["axis"])
