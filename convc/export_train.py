@@ -47,6 +47,11 @@ TRAIN_PASSES = ["eliminate_dead_code", "eliminate_common_subexpressions", "fold_
 """The training export's pipeline: the embedded one without ``fold_batch_norm``
 (both bake trained weights into new constants, which would go stale after a
 step) and, as there, without the GEMM/Winograd lowerings whose scratch costs RAM."""
+AFTER_COMMIT = ["inplace_elementwise"]
+"""Run on the step graph after :func:`early_commits` has fixed its schedule
+(the in-place rule depends on the order): an update's elementwise chain
+(gradient * lr, param - that) writes over its own dead inputs instead of a
+new buffer each."""
 FOLDING = ("fold_batch_norm", "fold_params")
 LOSSES = ("cross_entropy", "mse")
 STEPS = 3
@@ -334,6 +339,7 @@ def render_train(step: Graph, predict: Graph, trained: list[str], name: str = "m
         raise ConvcError(f"graph '{step.name}': the pipeline dropped the update of {', '.join(lost)}")
     order = [n for n in trained if n in gs.assigns] + [n for n in gs.assigns if n not in trained]
     gc, commits = early_commits(gs)            # the step as rendered: new values written into the params
+    gc = run_passes(gc, AFTER_COMMIT)
     ps, pp = make_plan(gc), make_plan(gp)
     P = name.upper()
     entries = {e: f"{name}_{e}" for e in ("train_step", "predict", "get_params", "set_params")}

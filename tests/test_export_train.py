@@ -120,6 +120,9 @@ def test_params_live_in_ram_once_and_predict_shares_the_code(exported):
         assert not re.search(rf"^static const [^\n]*\b{sym}\b", text, re.M), sym
     assert re.search(r"^static float tnet_s_c1_w_momentum\[36\];|^static float tnet_s_c1_w_adam_m\[36\];", text,
                      re.M), "zero optimizer state is .bss (no initializer)"
+    # the updates' elementwise chains write over their dead inputs (AFTER_COMMIT: inplace_elementwise)
+    assert lib.step_plan.inplace and all(lib.step.node(n)["op"] in ("mul", "add", "sub")
+                                         for n in lib.step_plan.inplace), lib.step_plan.inplace
     # predict's forward nodes call the step's functions: fewer functions than the two schedules' nodes
     fns = re.findall(r"^static (?:void|int) (node_\w+)\(", text, re.M)
     assert len(fns) < len(lib.step_plan.order) + len(lib.predict_plan.order)
