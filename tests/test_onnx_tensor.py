@@ -266,6 +266,21 @@ def test_converters_against_ort(opset):
     _check_ort(_model(nodes, inputs, outs, opset, inits), feeds, targets=TARGETS[1:] if opset == 21 else ("c",))
 
 
+def test_tile_1_form():
+    """Tile before opset 6: the count and the axis are inputs of the input's
+    type (ONNX Runtime runs opset 7 on, so numpy's tile is the oracle)."""
+    x = RNG.standard_normal((2, 3)).astype(np.float32)
+    node = helper.make_node("Tile", ["x", "t", "a"], ["y"])
+    graph = helper.make_graph([node], "tile1", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in
+                                                (("x", x.shape), ("t", ()), ("a", ()))],
+                              [helper.make_empty_tensor_value_info("y")],
+                              [numpy_helper.from_array(np.array(3, np.float32), "t"),
+                               numpy_helper.from_array(np.array(-1, np.float32), "a")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 5)], ir_version=3)
+    got = cc.compile(cc.from_onnx(model), target="numpy").run({"x": x})["y"]
+    np.testing.assert_array_equal(got, np.tile(x, (1, 3)))
+
+
 def _import_error(nodes, inputs, outs, opset=13, inits=()):
     with pytest.raises(cc.ConvcError) as e:
         cc.from_onnx(_model(nodes, inputs, outs, opset, inits))

@@ -19,7 +19,7 @@ from .importer import _DTYPE_OF_ELEM, STATIC_INPUTS, _axis, _elem_name, _Unsuppo
 
 # Gather's indices, Tile's repeats, Where's condition (and CastLike's target_type, read for its dtype) decide the code convc
 # emits: compile-time inputs (conformance binds them from the case's data).
-STATIC_INPUTS.update(Gather=(1,), Tile=(1,), Where=(0,), CastLike=(1,))
+STATIC_INPUTS.update(Gather=(1,), Tile=(1, 2), Where=(0,), CastLike=(1,))
 
 
 def _block(at) -> int:
@@ -71,7 +71,10 @@ def _tile(im, node, ins, at):
     took the count (``tiles``) and the ``axis`` as inputs."""
     x = im.value(ins[0])
     if im.opset < 6:
-        count, axis = im.scalar(ins[1], "tiles", exact=True), im.scalar(ins[2], "axis", exact=True)
+        count, axis = im.scalar(ins[1], "tiles"), im.scalar(ins[2], "axis")
+        if not (count.is_integer() and axis.is_integer()):
+            raise _Unsupported(f"tiles {count} and axis {axis} must be whole numbers (Tile-1 gives them as tensors "
+                               f"of the input's type)")
         reps = [1] * len(x.shape)
         reps[_axis(axis, len(x.shape))] = int(count)
     else:
