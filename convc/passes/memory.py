@@ -34,7 +34,7 @@ from ..ops import get_op
 from ..ops.elementwise import ActivationOp, _Binary
 from ..ops.memory import DepthwiseInPlace, PointwiseInPlace, crop, paste
 from ..schedule import INPLACE, TILE
-from .manager import decline, register
+from .manager import decline, declines, register
 from .rewrite import an, fresh, replace_uses
 
 
@@ -191,6 +191,8 @@ def stages(g: Graph) -> list[list[str]]:
             continue
         chain, prev = [], x
         users = g.users_of(x)
+        if len(users) > 1:
+            decline(x, f"a tiled stage starts at an input read by one node; '{x}' has {len(users)} readers")
         while len(users) == 1:
             n = users[0]
             if g.inputs_of(n)[0] != prev or prev in g.inputs_of(n)[1:] or _window(g, n)[0] is None:
@@ -353,7 +355,8 @@ def patch_first_stages(g: Graph) -> Graph:
     from ..schedule import plan
 
     def arena(x: Graph) -> int:
-        return plan(inplace_pointwise(inplace_depthwise(x))).arena_bytes
+        with declines():                # theirs, not this pass's
+            return plan(inplace_pointwise(inplace_depthwise(x))).arena_bytes
 
     best, key = g, (arena(g), 0)
     for chain, grid, macs in patch_options(g):
@@ -365,4 +368,5 @@ def patch_first_stages(g: Graph) -> Graph:
         for chain in stages(g):
             decline(chain[0], f"no tiling of the stage from '{chain[0]}' makes the arena smaller "
                               f"than {key[0]:,} bytes")
+        return g.copy()                 # a pass returns a new graph
     return best
