@@ -296,6 +296,21 @@ def test_tiled_to_convs():
     assert left(g, "tiled_to_convs") == {"t9": "a tile of 81 kernels, more than MAX_PIECES 64 convs"}
 
 
+def test_memory_passes():
+    """passes/memory.py (tests/test_memory_budget.py tests what they do)."""
+    g = conv_graph()
+    assert left(g, "inplace_elementwise") == {}          # 'r' writes over the stem's buffer
+    assert left(g, "inplace_depthwise") == {}            # 'dw' over r's
+    assert left(g, "inplace_pointwise") == {"pw": "it is a graph output (its own buffer is the caller's)"}
+    assert left(g, "patch_first_stages") == {"x": "a tiled stage starts at an input read by one node; 'x' has 2 "
+                                                  "readers"}
+    h = cc.Graph("pool")
+    x = h.input("x", (1, 2, 8, 8))
+    y = cc.conv(x, param(h, "w", (2, 2, 3, 3)), padding=1, name="c")
+    h.output(cc.global_avg_pool(cc.relu(y, name="r"), name="gap"), "y")
+    assert "not a window op a tile can hold" in left(h, "patch_first_stages")["gap"]
+
+
 @pytest.mark.parametrize("name", sorted(NEVER_DECLINE))
 def test_passes_that_never_decline(name):
     g = cc.Graph("never")

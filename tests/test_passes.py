@@ -31,7 +31,9 @@ ALL_PASSES = ("strided_to_downsampled", "fuse_downsample", "transposed_to_conv",
               "fuse_epilogues", "fold_constants", "eliminate_dead_code", "eliminate_common_subexpressions",
               "conv_to_gemm", "conv_to_winograd", "fold_params", "to_blocked_layout", "choose_blocked_layout",
               # int8 (tests/test_quantize.py, test_onnx_int8.py, test_int8_gemm.py test what they do)
-              "fold_qdq", "split_int8_epilogues", "qconv_to_gemm", "cancel_requantize", "quantize_int8")
+              "fold_qdq", "split_int8_epilogues", "qconv_to_gemm", "cancel_requantize", "quantize_int8",
+              # memory (tests/test_memory_budget.py tests what they do)
+              "inplace_elementwise", "inplace_depthwise", "inplace_pointwise", "patch_first_stages")
 
 
 # ---------------------------------------------------------------------------
@@ -1149,6 +1151,10 @@ NOOP_GRAPHS = {
     "qconv_to_gemm": noop_float_conv,            # no qconv
     "cancel_requantize": noop_quantize_dequantize,
     "quantize_int8": noop_int8_only,             # nothing float left to quantize
+    "inplace_elementwise": noop_float_conv,      # the relu is the graph output: its own buffer
+    "inplace_depthwise": noop_float_conv,        # no depthwise conv
+    "inplace_pointwise": noop_float_conv,        # no 1x1 conv
+    "patch_first_stages": noop_float_conv,       # tiles of a 4x4 output need more arena than it
 }
 
 
