@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper
 
 import convc as cc
-from convc.ops.normalize import lrn
+from convc.ops.normalize import group_norm, instance_norm, layer_norm, lp_normalize, lrn
 from helpers import TARGETS, assert_close
 
 RNG = np.random.default_rng(7)
@@ -125,6 +125,71 @@ def test_lrn_bad_attributes(attrs, rule):
         lrn(x, **attrs)
 
 
+# -- instance, group, layer norm; lp_normalize ---------------------------------------------------
+W6, B6 = RNG.standard_normal(6), RNG.standard_normal(6)
+WL, BL = RNG.standard_normal((3, 4)), RNG.standard_normal(4)
+NORM_CASES = [  # (id, build, torch twin); x is (2, 6, 3, 4)
+    ("instance", lambda x: instance_norm(x, W6, B6, 1e-3),
+     lambda t: F.instance_norm(t, weight=torch.tensor(W6), bias=torch.tensor(B6), eps=1e-3)),
+    ("instance_plain", lambda x: instance_norm(x), lambda t: F.instance_norm(t)),
+    ("group3", lambda x: group_norm(x, 3, W6, B6), lambda t: F.group_norm(t, 3, torch.tensor(W6), torch.tensor(B6))),
+    ("group1_plain", lambda x: group_norm(x, 1), lambda t: F.group_norm(t, 1)),
+    ("layer_last2", lambda x: layer_norm(x, 2, WL, BL),
+     lambda t: F.layer_norm(t, (3, 4), torch.tensor(WL), torch.tensor(BL).expand(3, 4))),
+    ("layer_last", lambda x: layer_norm(x, -1, eps=1e-2), lambda t: F.layer_norm(t, (4,), eps=1e-2)),
+    ("lp2_axis1", lambda x: lp_normalize(x, 2, 1), lambda t: F.normalize(t, 2, 1)),
+    ("lp1_last", lambda x: lp_normalize(x, 1, -1), lambda t: F.normalize(t, 1, -1)),
+]
+
+
+def test_norms_against_torch_and_gradients():
+    _run_cases(NORM_CASES, lambda cid: (2, 6, 3, 4), seed=1)
+
+
+def test_norm_param_gradients():
+    """weight and bias as graph inputs: their gradients (the broadcast mul
+    and add's) against torch autograd, on every target."""
+    rng = np.random.default_rng(2)
+    g = cc.Graph("norm_params")
+    x = g.input("x", (2, 6, 3), "float64")
+    w, b = g.input("w", (6,), "float64"), g.input("b", (6,), "float64")
+    y = group_norm(x, 2, w, b)
+    gy = g.input("gy", y.shape, "float64")
+    for name, v in zip(("dx", "dw", "db"), cc.grad(y, [x, w, b], grad_output=gy)):
+        g.output(v, name)
+    feeds = {k: rng.standard_normal(s) for k, s in (("x", (2, 6, 3)), ("w", (6,)), ("b", (6,)), ("gy", (2, 6, 3)))}
+    ts = {k: torch.tensor(feeds[k], requires_grad=True) for k in ("x", "w", "b")}
+    F.group_norm(ts["x"], 2, ts["w"], ts["b"]).backward(torch.tensor(feeds["gy"]))
+    for target in TARGETS:
+        got = cc.compile(g, target=target).run(feeds)
+        for k in ("x", "w", "b"):
+            assert_close(got[f"d{k}"], ts[k].grad.numpy(), rtol=1e-10, atol=1e-12, what=f"d{k} on {target}")
+
+
+def test_lp_normalize_zero_vector_is_zero():
+    g = cc.Graph("lp_zero")
+    x = g.input("x", (2, 3))
+    g.output(lp_normalize(x, 2, 1), "y")
+    a = np.array([[0, 0, 0], [3, 0, 4]], np.float32)
+    for target in TARGETS:
+        assert_close(cc.compile(g, target=target).run({"x": a})["y"], [[0, 0, 0], [0.6, 0, 0.8]],
+                     what=f"lp_normalize on {target}")
+
+
+@pytest.mark.parametrize("build, rule", [
+    (lambda x: group_norm(x, 4), "num_groups 4 must be a positive divisor of the 6 channels"),
+    (lambda x: instance_norm(x, np.ones(5)), "weight must have 6 elements"),
+    (lambda x: layer_norm(x, 2, np.ones((4, 3))), r"weight of shape \(4, 3\) does not broadcast"),
+    (lambda x: lp_normalize(x, 3), "p must be 1 or 2"),
+    (lambda x: layer_norm(x, 4), "axis 4 is out of range"),
+])
+def test_norm_bad_arguments(build, rule):
+    g = cc.Graph("bad")
+    x = g.input("x", (2, 6, 3, 4))
+    with pytest.raises(cc.ConvcError, match=rule):
+        build(x)
+
+
 # -- ONNX against ONNX Runtime ---------------------------------------------------------------
 def _one_node(op, inputs, attrs, opset, extra_inits=(), out_shape=None, outputs=("y",)):
     """A model of one node: ``inputs`` [(name, array)] the first a graph input,
@@ -168,3 +233,55 @@ def test_onnx_lrn_needs_size():
     x = np.ones((1, 3, 2, 2), np.float32)
     with pytest.raises(cc.ConvcError, match="size is required"):
         cc.from_onnx(_one_node("LRN", [("x", x)], {}, 13))
+
+
+def _norm_model(opset):
+    """InstanceNormalization, GroupNormalization (18: per-group scale and
+    bias; 21: per channel), LayerNormalization (from 17; with its Mean and
+    InvStdDev outputs) and LpNormalization in one model."""
+    rng = np.random.default_rng(opset)
+    c, groups = 6, 3
+    arr = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = dict(s_c=arr(c), b_c=arr(c), s_g=arr(groups), b_g=arr(groups), s_l=arr(3, 4), b_l=arr(4))
+    nodes = [helper.make_node("InstanceNormalization", ["x", "s_c", "b_c"], ["inst"], epsilon=1e-3),
+             helper.make_node("LpNormalization", ["x"], ["lp2"], axis=1, p=2),
+             helper.make_node("LpNormalization", ["x"], ["lp1"], p=1)]
+    if opset >= 17:
+        nodes.append(helper.make_node("LayerNormalization", ["x", "s_l", "b_l"], ["layer", "mean", "inv_std"],
+                                      axis=-2, epsilon=1e-4))
+    if opset >= 18:
+        per = "c" if opset >= 21 else "g"
+        nodes.append(helper.make_node("GroupNormalization", ["x", f"s_{per}", f"b_{per}"], ["group"],
+                                      num_groups=groups, epsilon=1e-4))
+    outs = [o for n in nodes for o in n.output]
+    graph = helper.make_graph(nodes, f"norms_{opset}", [helper.make_tensor_value_info("x", TensorProto.FLOAT, (2, c, 3, 4))],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs],
+                              [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+@pytest.mark.parametrize("opset", [11, 18, 21])
+def test_onnx_norms_against_ort(opset):
+    import onnxruntime as ort
+    model = _norm_model(opset)
+    x = RNG.standard_normal((2, 6, 3, 4)).astype(np.float32)
+    x[1, :, 2, 3] = 0            # a zero vector for LpNormalization along the channels
+    want = dict(zip([o.name for o in model.graph.output],
+                    ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+                        None, {"x": x})))
+    g = cc.from_onnx(model)
+    for target in TARGETS[1:]:
+        got = list(cc.compile(g, target=target).run({"x": x}).values())
+        assert len(got) == len(want)
+        for (name, w), v in zip(want.items(), got):
+            assert v.shape == w.shape, f"{name}: shape {v.shape}, ONNX Runtime's {w.shape}"
+            assert_close(v, w, rtol=1e-4, atol=1e-5, what=f"{name} (opset {opset}) on {target}")
+
+
+def test_onnx_group_norm_scale_shape_checked():
+    """GroupNormalization-18 with a per-channel scale (21's form) is refused, naming the rule."""
+    x = np.ones((1, 4, 2, 2), np.float32)
+    model = _one_node("GroupNormalization", [("x", x), ("s", np.ones(4, np.float32)), ("b", np.ones(4, np.float32))],
+                      dict(num_groups=2), 18)
+    with pytest.raises(cc.ConvcError, match=r"GroupNormalization-18: scale must have shape \(2,\) \(one per group\)"):
+        cc.from_onnx(model)
