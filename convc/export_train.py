@@ -317,7 +317,7 @@ def render_train(step: Graph, predict: Graph, trained: list[str], name: str = "m
     """Render ``NAME.h`` and ``NAME.c`` for the training ``step`` graph and
     the ``predict`` graph over the same params (see the module docstring);
     ``trained``: the params the step trains (first in the checkpoint)."""
-    from .export import WEIGHT_FORMATS, weight_init
+    from .export import WEIGHT_FORMATS, _check_host_memory, literal_bytes, weight_init
     from .passes import run as run_passes
 
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
@@ -325,6 +325,9 @@ def render_train(step: Graph, predict: Graph, trained: list[str], name: str = "m
     if weight_format not in WEIGHT_FORMATS:
         raise ConvcError(f"weight format {weight_format!r}: expected one of {', '.join(WEIGHT_FORMATS)}")
     step.verify()
+    _check_host_memory(f"rendering the training export of graph '{step.name}' on this host",
+                       [(f"param '{n}' {step.node(n)['type']} as C literals", literal_bytes(step.node(n)["type"].size))
+                        for n in step.param_names])
     pipeline = train_pipeline(passes)
     gs, gp = run_passes(step, pipeline), run_passes(predict, pipeline)
     for g in (gs, gp):
@@ -476,10 +479,14 @@ def render_train_harness(step: Graph, predict: Graph, lib: TrainLibrary, steps: 
     them (:func:`reference_steps`, from the graphs as given: the oracle checks
     the passes too). Plain C99 with stdio and malloc only: it also runs on a
     board (no files, no host calls but printf)."""
-    from .export import c_literals
+    from .export import _check_host_memory, c_literals, literal_bytes
     from .ops import get_op
     from .runtime.module import NumpyModule
 
+    io = sum(step.node(n)["type"].size for n in step.input_names) + lib.state_bytes // 4
+    _check_host_memory(f"the training harness of graph '{step.name}' (export with harness=False to skip it)",
+                       [("the batches and the state after them as C literals", (steps + 1) * literal_bytes(io)),
+                        ("the reference interpreter's results", make_plan(step).intermediate_bytes)])
     if feeds is None:
         feeds = train_batches(step, steps, seed)
     if not feeds:

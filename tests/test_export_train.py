@@ -238,7 +238,11 @@ def test_trainer_exports_its_current_state(tmp_path):
     assert not np.array_equal(t.params["c1_w"], g.node("c1_w")["value"])
 
 
-def test_refusals(tmp_path):
+def test_refusals(tmp_path, monkeypatch):
+    with monkeypatch.context() as m:        # rendering is capped by this host's memory, as the inference export
+        m.setenv("CONVC_MAX_MEMORY", "64K")
+        with pytest.raises(cc.ConvcError, match="training export of graph 'small_lenet_train'.*as C literals"):
+            cc.export_c(small_lenet(), tmp_path, train=True)
     g = small_lenet()
     g.output(cc.relu(g.value(g.outputs["logits"])), "second")
     with pytest.raises(cc.ConvcError, match="2 outputs"):
