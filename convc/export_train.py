@@ -10,8 +10,11 @@ inference export (:mod:`convc.export`):
 - the trained params and the optimizer's state are ``static`` arrays in RAM,
   initialised from the graph's values (zero state in .bss); params training
   does not change stay ``const`` (flash);
-- ``NAME_train_step`` runs one step on one static arena and commits the new
-  params and state after every node has run (a rejected batch changes nothing);
+- ``NAME_train_step`` runs one step on one static arena; each param's (and
+  state's) new value is written into its array as soon as nothing reads the
+  old one, and only after every check of the inputs, so a rejected batch
+  changes nothing (:func:`early_commits`; the schedule runs each update as its
+  gradient is ready, and the update's elementwise chain works in place);
 - ``NAME_predict`` runs the inference graph on the same params and arena
   (node functions identical to the step's are shared, not copied);
 - ``NAME_get_params``/``NAME_set_params`` copy the params and state to and from
@@ -408,7 +411,6 @@ def render_train(step: Graph, predict: Graph, trained: list[str], name: str = "m
     dtypes = [g.node(n)["type"].dtype for g, p in ((gc, ps), (gp, pp)) for n in p.order]
     arena_align = max((np.dtype(d).itemsize for d in dtypes), default=1)
     const_bytes = sum(p["nbytes"] for p in params if not p["ram"])
-    floats = {gs.node(n)["type"].dtype for n in gs.outputs.values()}
     sig = {e: [t["private"] for t in v["inputs"] + v["outputs"]] for e, v in tensors.items()}
     pub = {e: [t["public"] for t in v["inputs"] + v["outputs"]] for e, v in tensors.items()}
     ptrs = {e: [t["var"] for t in v["inputs"] + v["outputs"]] for e, v in tensors.items()}
@@ -421,7 +423,6 @@ def render_train(step: Graph, predict: Graph, trained: list[str], name: str = "m
                predict_arena=pp.arena_bytes, const_bytes=const_bytes,
                state_bytes=offset, trained_bytes=sum(s["nbytes"] for s in state if s["trained"]),
                optimizer_bytes=sum(s["nbytes"] for s in state if not s["trained"]),
-               float_type=sorted(floats)[0] if floats else "float32",
                sizes=sorted(sizes.values(), key=lambda m: m[0]),
                needs_stdint=any(t["dtype"] in INT_DTYPES for t in everything))
     env = environment()
