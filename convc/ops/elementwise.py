@@ -1,8 +1,12 @@
 """Elementwise ops: one op per activation of the table in
 ``ops/activations.py`` (``relu``, ``leaky_relu``, ``clip``, ``sigmoid``,
-``tanh``, ``silu``, ``hardswish``, ``hardsigmoid``, ``gelu``), their
-gradient ``activation_grad``, and binary arithmetic (``add``, ``sub``,
-``mul``, ``div``) with numpy broadcasting.
+``tanh``, ``silu``, ``hardswish``, ``hardsigmoid``, ``gelu``, ``elu``,
+``selu``, ``softplus``, ``softsign``, ``thresholded_relu``, ``mish`` and the
+unary math ``sqrt``, ``exp``, ``log``, ``neg``, ``abs``, ``reciprocal``,
+``erf``), their gradient ``activation_grad``, and binary ops with numpy
+broadcasting: arithmetic (``add``, ``sub``, ``mul``, ``div``), ``maximum``,
+``minimum``, ``pow`` and ``prelu``, the last four with their gradient op
+``binary_grad``.
 
 Integer tensors (every integer dtype of the IR) take ``add``, ``sub``,
 ``mul``, ``div`` and ``clip``, with ONNX's (and numpy's) integer meaning:
@@ -344,17 +348,33 @@ class _Binary(Op):
         with np.errstate(over="ignore"):          # integers wrap around, as in C's unsigned arithmetic
             return np.asarray(type(self).numpy_fn(a, b), dtype=a.dtype)
 
+    def c_expr(self, attrs, types, out) -> str:
+        """The C expression of one output element from ``va`` and ``vb``."""
+        return binary_c_expr(self.name, out.dtype, "va", "vb")
+
     def context(self, attrs, types, out):
-        dims = list(out.shape)
-        same = types[0].shape == types[1].shape == out.shape
-        return dict(kind=self.name, same=same, SIZE=out.size, dims=dims,
-                    expr=binary_c_expr(self.name, out.dtype, "va", "vb"),
-                    par=[("i", "SIZE", out.size)] if same else par_outer(dims),
-                    sa=broadcast_strides(types[0].shape, out.shape),
-                    sb=broadcast_strides(types[1].shape, out.shape))
+        return dict(broadcast_context(self.inputs, types, out), kind=self.name, expr=self.c_expr(attrs, types, out))
 
     def macs(self, attrs, types, out):
-        return out.size if self.name in ("mul", "div") else 0
+        return out.size if self.name in ("mul", "div", "pow") else 0
+
+
+def broadcast_context(args, types, out) -> dict:
+    """The context of ``templates/c/binary.c.j2`` for operands ``args`` (C
+    argument names; each is read into ``v<name>``) broadcast to ``out``:
+    one flat loop when every operand has the output's shape, else a loop per
+    axis with each operand's index from its broadcast strides."""
+    dims = list(out.shape)
+    same = all(t.shape == out.shape for t in types)
+    if same:
+        return dict(same=True, SIZE=out.size, dims=dims, par=[("i", "SIZE", out.size)],
+                    loads=[(a, "i") for a in args], out_index="i")
+
+    def index(strides):
+        return " + ".join(f"i{k}" if s == 1 else f"i{k} * {s}" for k, s in enumerate(strides) if s) or "0"
+    return dict(same=False, SIZE=out.size, dims=dims, par=par_outer(dims),
+                loads=[(a, index(broadcast_strides(t.shape, out.shape))) for a, t in zip(args, types)],
+                out_index=index(broadcast_strides(out.shape, out.shape)))
 
 
 @register
@@ -404,6 +424,252 @@ class Div(_Binary):
 
     def reference(self, attrs, a, b):
         return int_div(a, b) if a.dtype.kind in "iu" else np.divide(a, b)
+
+
+# -- maximum, minimum, pow, prelu ------------------------------------------------
+def maximum(a, b, name=None) -> Value:
+    """The larger of a and b, elementwise, with numpy broadcasting (as
+    torch.maximum: NaN wins; a tie gives a, and splits the gradient evenly)."""
+    return _binary("maximum", a, b, name)
+
+
+def minimum(a, b, name=None) -> Value:
+    """The smaller of a and b, elementwise (as torch.minimum; see :func:`maximum`)."""
+    return _binary("minimum", a, b, name)
+
+
+def pow(a, b, name=None) -> Value:  # noqa: A001
+    """a ** b, elementwise with numpy broadcasting, in a's dtype (ONNX's Pow):
+    the exponent may have another dtype. Floats: C's pow with b converted
+    to a's type. Integers: exact, wrapping modulo 2**bits; a negative
+    exponent gives 1 / a**-b truncated (1 for a = 1, +-1 for a = -1, 0 for
+    any other a, 0 for a = 0 as convc's x / 0). An integer a to a float b:
+    pow in b's type, then truncated toward zero, saturated to a's range,
+    NaN -> 0."""
+    like = graph_of(a, b)
+    if not isinstance(b, Value) and isinstance(b, (int, float, np.number)) and not isinstance(b, bool):
+        if like is a and a.dtype in INT_DTYPES and not float(b).is_integer():
+            b = a.graph.const(np.asarray(b, np.float64), "float64")
+    a, b = as_value(like, a, "pow base"), as_value(like, b, "pow exponent")
+    return like.graph.add("pow", [a, b], {}, name)
+
+
+def prelu(x, slope, name=None) -> Value:
+    """x if x >= 0 else slope * x, ``slope`` broadcast to x's shape
+    (ONNX's PRelu: unidirectional numpy broadcasting; torch's per-channel
+    weight is ``slope`` of shape (C, 1, 1))."""
+    return _binary("prelu", x, slope, name)
+
+
+def _float_literal(v: float, dtype: str) -> str:
+    from ..codegen.env import cfloat
+    return cfloat(v, "float" if dtype == "float32" else "double")
+
+
+@register
+class Maximum(_Binary):
+    name = "maximum"
+
+    def reference(self, attrs, a, b):
+        return np.where((a < b) | (b != b), b, a).astype(a.dtype)
+
+    def c_expr(self, attrs, types, out):
+        # b where a < b or b is NaN, else a: NaN wins, a tie gives a (torch.maximum, std::max)
+        return "(va < vb ? vb : va)" if out.dtype in INT_DTYPES else "(va < vb || vb != vb ? vb : va)"
+
+    def grad(self, attrs, xs, y, gy, needs):
+        return _binary_grads(self.name, xs, gy, needs)
+
+
+@register
+class Minimum(_Binary):
+    name = "minimum"
+
+    def reference(self, attrs, a, b):
+        return np.where((b < a) | (b != b), b, a).astype(a.dtype)
+
+    def c_expr(self, attrs, types, out):
+        return "(vb < va ? vb : va)" if out.dtype in INT_DTYPES else "(vb < va || vb != vb ? vb : va)"
+
+    def grad(self, attrs, xs, y, gy, needs):
+        return _binary_grads(self.name, xs, gy, needs)
+
+
+@register
+class Pow(_Binary):
+    name = "pow"
+
+    def infer(self, attrs, types):
+        a, b = types
+        try:
+            out = np.broadcast_shapes(a.shape, b.shape)
+        except ValueError:
+            raise RuleError(f"shapes {a.shape} and {b.shape} do not broadcast (numpy rules)") from None
+        return TensorType(tuple(out), a.dtype)
+
+    def reference(self, attrs, a, b):
+        return pow_array(a, b)
+
+    def c_expr(self, attrs, types, out):
+        from ..codegen.env import CTYPES
+        a, b = types[0].dtype, types[1].dtype
+        if a in INT_DTYPES:
+            return f"convc_ipow_{a}_{b}(va, vb)"      # the template's helper (see context)
+        vb = "vb" if a == b else f"({CTYPES[a]})vb"
+        return f"pow{'f' if a == 'float32' else ''}(va, {vb})"
+
+    def context(self, attrs, types, out):
+        ctx = super().context(attrs, types, out)
+        a, b = types[0].dtype, types[1].dtype
+        if a in INT_DTYPES:
+            from ..codegen.env import CTYPES
+            info = np.iinfo(a)
+            ctx["pow_helper"] = dict(
+                name=f"convc_ipow_{a}_{b}", int_exponent=b in INT_DTYPES, signed_exponent=b.startswith("int"), signed=a.startswith("int"),
+                W="uint64_t" if np.dtype(a).itemsize == 8 else "uint32_t", TB=CTYPES[b],
+                f="f" if b == "float32" else "", lo=c_int(int(info.min), a), hi=c_int(int(info.max), a),
+                # the range's ends as b's floats: 2^bits-1 rounds up, so "r >= hi" saturates exactly
+                lo_f=_float_literal(float(info.min), b) if b not in INT_DTYPES else None,
+                hi_f=_float_literal(float(info.max), b) if b not in INT_DTYPES else None)
+        return ctx
+
+    def grad(self, attrs, xs, y, gy, needs):
+        a, b = xs
+        if a.dtype not in ("float32", "float64"):
+            return [None, None]
+        return _binary_grads(self.name, xs, gy, [needs[0], needs[1] and b.dtype == a.dtype])
+
+
+def pow_array(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """numpy a ** b in a's dtype as :func:`pow` defines it (the reference)."""
+    with np.errstate(all="ignore"):
+        if a.dtype.kind == "f":
+            return np.power(a, b.astype(a.dtype)).astype(a.dtype)
+        if b.dtype.kind == "f":          # integer base, float exponent: in b's type, truncated, saturated
+            info = np.iinfo(a.dtype)
+            r = np.trunc(np.power(a.astype(b.dtype), b))
+            r = np.where(r != r, 0, r)
+            big = r >= b.dtype.type(info.max)
+            small = r <= b.dtype.type(info.min)
+            safe = np.where(big | small, 0, r).astype(a.dtype)
+            return np.where(big, info.max, np.where(small, info.min, safe)).astype(a.dtype)
+        a, b = np.broadcast_arrays(a, b)
+        neg = b < 0
+        e = np.where(neg, 0, b).astype(np.uint64)
+        r = np.ones(a.shape, np.uint64)
+        p = a.astype(np.int64).astype(np.uint64) if a.dtype.kind == "i" else a.astype(np.uint64)
+        while e.any():                  # square and multiply, modulo 2**64 (then a's width)
+            r = np.where(e & np.uint64(1), r * p, r)
+            p = p * p
+            e = e >> np.uint64(1)
+        out = r.astype(a.dtype)
+        if neg.any():
+            odd = (b % 2) != 0
+            inv = np.where(a == 1, 1, np.where(a == -1, np.where(odd, -1, 1), 0)) if a.dtype.kind == "i" \
+                else np.where(a == 1, 1, 0)
+            out = np.where(neg, inv, out).astype(a.dtype)
+        return out
+
+
+@register
+class PRelu(_Binary):
+    name = "prelu"
+
+    def infer(self, attrs, types):
+        out = super().infer(attrs, types)
+        float_dtype(types[0], "x")
+        if out.shape != types[0].shape:
+            raise RuleError(f"slope {types[1].shape} must broadcast to x's shape {types[0].shape} "
+                            f"(ONNX's unidirectional broadcasting)")
+        return out
+
+    def reference(self, attrs, x, slope):
+        return np.where(x < 0, slope * x, x).astype(x.dtype)
+
+    def c_expr(self, attrs, types, out):
+        return "(va < 0 ? vb * va : va)"
+
+    def grad(self, attrs, xs, y, gy, needs):
+        return _binary_grads(self.name, xs, gy, needs)
+
+    def macs(self, attrs, types, out):
+        return out.size
+
+
+# -- gradients of maximum, minimum, pow, prelu ------------------------------------
+_GRADS = {
+    # kind: (numpy of operand 0's and operand 1's contribution, C of them), over va, vb, vgy.
+    # maximum/minimum as torch: a tie gives each side gy / 2, NaN passes gy to both.
+    "maximum": ((lambda a, b, g: np.where(a == b, g / 2, np.where(a < b, 0, g)),
+                 lambda a, b, g: np.where(a == b, g / 2, np.where(a > b, 0, g))),
+                ("(va == vb ? vgy / 2 : (va < vb ? 0 : vgy))", "(va == vb ? vgy / 2 : (va > vb ? 0 : vgy))")),
+    "minimum": ((lambda a, b, g: np.where(a == b, g / 2, np.where(a > b, 0, g)),
+                 lambda a, b, g: np.where(a == b, g / 2, np.where(a < b, 0, g))),
+                ("(va == vb ? vgy / 2 : (va > vb ? 0 : vgy))", "(va == vb ? vgy / 2 : (va < vb ? 0 : vgy))")),
+    # pow as torch: b * a^(b - 1), 0 where b == 0; a^b * log(a), 0 where a == 0 and b >= 0
+    "pow": ((lambda a, b, g: np.where(b == 0, 0, g * (b * np.power(a, b - 1))),
+             lambda a, b, g: np.where((a == 0) & (b >= 0), 0, g * (np.power(a, b) * np.log(a)))),
+            ("(vb == 0 ? 0 : vgy * (vb * pow{f}(va, vb - 1)))",
+             "(va == 0 && vb >= 0 ? 0 : vgy * (pow{f}(va, vb) * log{f}(va)))")),
+    # prelu as torch's prelu_backward: gy where x > 0, else slope * gy; the slope's: x * gy where x <= 0
+    "prelu": ((lambda a, b, g: np.where(a > 0, g, b * g),
+               lambda a, b, g: np.where(a > 0, 0, a * g)),
+              ("(va > 0 ? vgy : vb * vgy)", "(va > 0 ? 0 : va * vgy)")),
+}
+
+
+def _binary_grads(kind: str, xs, gy: Value, needs) -> list:
+    """Each needed operand's gradient: its elementwise contribution at the
+    broadcast shape, summed down to the operand's shape."""
+    from .tensor import sum_to
+    a, b = xs
+    return [sum_to(gy.graph.add("binary_grad", [a, b, gy], {"kind": kind, "wrt": i}), x.shape) if need else None
+            for i, (x, need) in enumerate(zip(xs, needs))]
+
+
+@register
+class BinaryGrad(Op):
+    """One operand's gradient contribution of maximum, minimum, pow or prelu
+    at the broadcast shape (``wrt`` 0: a, 1: b), before it is summed down to
+    the operand's shape."""
+    name = "binary_grad"
+    arity = (3, 3)
+    inputs = ("a", "b", "gy")
+    template = "binary"
+
+    def normalize(self, attrs, types):
+        if attrs.get("kind") not in _GRADS:
+            raise RuleError(f"kind must be one of {tuple(_GRADS)}, got {attrs.get('kind')!r}")
+        if attrs.get("wrt") not in (0, 1):
+            raise RuleError(f"wrt must be 0 or 1, got {attrs.get('wrt')!r}")
+        return {"kind": attrs["kind"], "wrt": int(attrs["wrt"])}
+
+    def infer(self, attrs, types):
+        a, b, gy = types
+        # (pow's exponent may be an integer tensor; its own gradient then is not asked for)
+        same_dtype([a, gy] if attrs["kind"] == "pow" and attrs["wrt"] == 0 else types, "a, b and gy")
+        float_dtype(gy, "gy")
+        try:
+            shape = np.broadcast_shapes(a.shape, b.shape)
+        except ValueError:
+            raise RuleError(f"shapes {a.shape} and {b.shape} do not broadcast (numpy rules)") from None
+        if tuple(shape) != gy.shape:
+            raise RuleError(f"gy {gy.shape} must have the broadcast shape {tuple(shape)} of a and b")
+        return gy
+
+    def reference(self, attrs, a, b, gy):
+        with np.errstate(all="ignore"):
+            return np.asarray(_GRADS[attrs["kind"]][0][attrs["wrt"]](a, b.astype(a.dtype), gy), gy.dtype)
+
+    def context(self, attrs, types, out):
+        from ..codegen.env import CTYPES
+        expr = _GRADS[attrs["kind"]][1][attrs["wrt"]].format(f="f" if out.dtype == "float32" else "")
+        if types[1].dtype != out.dtype:         # an integer exponent, as the base's type
+            expr = expr.replace("vb", f"(({CTYPES[out.dtype]})vb)")
+        return dict(broadcast_context(self.inputs, types, out), kind=attrs["kind"], expr=expr)
+
+    def macs(self, attrs, types, out):
+        return out.size
 
 
 
