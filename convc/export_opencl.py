@@ -108,7 +108,8 @@ def export_opencl(model, out_dir, name: str = "model", embed_kernels: bool = Fal
     a test harness ``NAME_test.c`` with ``tests`` vectors (default 2; or
     ``test_inputs``) and the expected outputs the reference interpreter
     computed from the graph as given, and a ``Makefile`` into ``out_dir``
-    (created if needed). ``passes``: the pipeline run first ("embedded" by
+    (created if needed; ``harness=False`` writes neither the harness nor the
+    Makefile, which builds it). ``passes``: the pipeline run first ("embedded" by
     default, as ``export_c``: no im2col or Winograd scratch buffers;
     "default" is what ``cc.compile(target="opencl")`` runs). The host needs
     an OpenCL 1.2 ICD loader and its headers; nothing here needs a device.
