@@ -21,6 +21,7 @@ from .ops.elementwise import (add, clip, div, gelu, hardsigmoid, hardswish, leak
                               silu, sub, tanh)
 from .ops.elementwise import (abs, elu, erf, exp, log, mish, neg, reciprocal, selu, softplus,  # noqa: A004
                               softsign, sqrt, thresholded_relu)
+from .ops.elementwise import maximum, minimum, pow, prelu  # noqa: A004
 from .ops.tensor import concat, expand, flatten, reduce_sum, reshape, slice_axis, transpose
 from .ops.indexing import cast, take, where
 from .ops.rearrange import depth_to_space, einsum, space_to_depth, tile

@@ -30,6 +30,8 @@ from . import ops_reduce  # noqa: E402  (reductions, LRN, normalisations)
 _REGISTERED += (ops_reduce,)
 from . import ops_tensor  # noqa: E402  (DepthToSpace, SpaceToDepth, Tile, Gather, Cast, Where, Einsum)
 _REGISTERED += (ops_tensor,)
+from . import ops_math  # noqa: E402  (Pow, PRelu, Sum, Mean, Max, Min; the unary math is the activation table's)
+_REGISTERED += (ops_math,)
 
 __all__ = ["OnnxImportError", "OnnxOpsetWarning", "STATIC_INPUTS", "c_name", "converts", "exports", "from_onnx",
            "node_name", "to_onnx"]
