@@ -306,7 +306,10 @@ def _entry_tensors(g: Graph, plan: Plan, names: Namer, macro, var: dict, out_var
         for label, node in items:
             t = g.node(node)["type"]
             v = names(label, fallback="in_" if role == "inputs" else "out_")
-            (var.__setitem__(node, v) if role == "inputs" else out_var.__setitem__(label, v))
+            if role == "inputs":
+                var[node] = v
+            else:
+                out_var[label] = v
             T = CTYPES[t.dtype]
             const = "const " if role == "inputs" else ""
             tensors[role].append(dict(var=v, label=label, type=t, dtype=t.dtype, shape=str(t.shape), size=t.size,
@@ -484,7 +487,7 @@ def render_train_harness(step: Graph, predict: Graph, lib: TrainLibrary, steps: 
     from .ops import get_op
     from .runtime.module import NumpyModule
 
-    io = sum(step.node(n)["type"].size for n in step.input_names) + lib.state_bytes // 4
+    io = sum(step.node(n)["type"].size for n in step.input_names) + sum(s["size"] for s in lib.state)
     _check_host_memory(f"the training harness of graph '{step.name}' (export with harness=False to skip it)",
                        [("the batches and the state after them as C literals", (steps + 1) * literal_bytes(io)),
                         ("the reference interpreter's results", make_plan(step).intermediate_bytes)])
@@ -679,7 +682,7 @@ def cmd_export_train(args) -> int:
         raise ConvcError("convc export --train: --int8, --weights-file and --calibration are for inference exports")
     if args.batch is None:
         g = load_model(args.model)
-    elif callable(getattr(models, args.model, None)):
+    elif getattr(getattr(models, args.model, None), "__module__", "") == models.__name__:   # a bundled builder
         g = getattr(models, args.model)(batch=args.batch)
     else:
         raise ConvcError(f"convc export --batch {args.batch}: --batch rebuilds a bundled model "
