@@ -7,12 +7,14 @@ convc/ops/pool.py) and their ONNX converters (convc/onnx/ops_reduce.py):
   min split the gradient evenly, as torch.amax/amin) and finite differences;
 * NaN propagation through max/min, log_sum_exp on huge and -inf inputs,
   prod's gradient with zeros;
-* ``lp_pool`` and ``global_max_pool`` against torch, with gradients;
+* ``lp_pool`` and ``global_max_pool`` against torch, with gradients (in the
+  same graph);
 * ReduceSum/Mean/Max/Min/Prod/L1/L2/SumSquare/LogSumExp in the attribute
   form (opset 11 and 13) and the input form (13 for ReduceSum, 18 for the
   others), keepdims and noop_with_empty_axes, GlobalMaxPool and LpPool
   (opset 11, and 18 with ceil_mode and dilations) against ONNX Runtime:
-  one model holding every node of a form, compiled once per target;
+  one model holding every node of a form, compiled for C (the ops' OpenCL
+  is checked above);
 * bad attributes and non-constant axes as clear ConvcErrors.
 """
 from __future__ import annotations
@@ -65,7 +67,7 @@ def _input(rng):
 
 def test_reduce_against_torch_every_kind_and_target():
     """Each kind over two of the axis sets (all four with CONVC_LONG_TESTS=1),
-    and the special values of test_special_values, in one graph."""
+    the special values and the pools, in one graph (one compile per target)."""
     rng = np.random.default_rng(3)
     g = cc.Graph("reduce_cases")
     feeds, want = {}, {}
@@ -85,6 +87,7 @@ def test_reduce_against_torch_every_kind_and_target():
             ty.backward(torch.tensor(feeds[f"gy_{cid}"]))
             want[f"y_{cid}"], want[f"dx_{cid}"] = ty.detach().numpy(), t.grad.numpy()
     check_special = special_values(g, feeds, want)
+    pools(g, feeds, want, rng)
     for target in TARGETS:
         got = cc.compile(g, target=target).run(feeds)
         for k, v in want.items():
@@ -152,12 +155,11 @@ POOL_CASES = [  # (id, shape, p, kernel, stride, padding, dilation)
 ]
 
 
-def test_lp_pool_and_global_max_pool_against_torch():
-    """torch's lp_pool sums x^p: the inputs are positive so |x|^p is the
-    same (p odd); its padding is applied first (zeros, as ONNX's)."""
-    rng = np.random.default_rng(11)
-    g = cc.Graph("pools")
-    feeds, want = {}, {}
+def pools(g, feeds, want, rng):
+    """lp_pool and global_max_pool against torch, with gradients: torch's
+    lp_pool sums x^p, so the inputs are positive (the same as |x|^p for odd
+    p); its padding is applied first (zeros, as ONNX's). Adds the nodes to
+    ``g``, the feeds and expected results to ``feeds`` and ``want``."""
     for cid, shape, p, k, s, pad, d in POOL_CASES:
         x = g.input(f"x_{cid}", shape, "float64")
         y = lp_pool(x, p, k, s, pad, d)
@@ -186,10 +188,6 @@ def test_lp_pool_and_global_max_pool_against_torch():
     ty = t.amax((2, 3), keepdim=True)
     ty.backward(torch.tensor(feeds["gy_gmp"]))
     want["y_gmp"], want["dx_gmp"] = ty.detach().numpy(), t.grad.numpy()
-    for target in TARGETS:
-        got = cc.compile(g, target=target).run(feeds)
-        for key, v in want.items():
-            assert_close(got[key], v, rtol=1e-10, atol=1e-12, what=f"{key} on {target}")
 
 
 @pytest.mark.parametrize("build, rule", [
@@ -251,35 +249,37 @@ def _reduce_model(opset):
 def _against_ort(model, x, rtol=1e-5, atol=1e-6):
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     want = dict(zip([o.name for o in model.graph.output], sess.run(None, {"x": x})))
-    g = cc.from_onnx(model)
-    for target in TARGETS[1:]:
-        got = cc.compile(g, target=target).run({"x": x})
-        assert list(got) == list(want) or len(got) == len(want)
-        for (name, w), v in zip(want.items(), got.values()):
-            assert v.shape == w.shape, f"{name} on {target}: shape {v.shape}, ONNX Runtime's {w.shape}"
-            assert_close(v, w, rtol=rtol, atol=atol, what=f"{name} (opset {model.opset_import[0].version}) on {target}")
+    got = cc.compile(cc.from_onnx(model)).run({"x": x})      # (the ops' OpenCL: the tests above)
+    assert len(got) == len(want)
+    for (name, w), v in zip(want.items(), got.values()):
+        assert v.shape == w.shape, f"{name}: shape {v.shape}, ONNX Runtime's {w.shape}"
+        assert_close(v, w, rtol=rtol, atol=atol, what=f"{name} (opset {model.opset_import[0].version})")
+
+
+def _pool_nodes(opset):
+    nodes = [helper.make_node("GlobalMaxPool", ["x4"], ["gmp"]),
+             helper.make_node("LpPool", ["x4"], ["lp2"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], p=2),
+             helper.make_node("LpPool", ["x4"], ["lp3"], kernel_shape=[2, 3], p=3),
+             helper.make_node("LpPool", ["x4"], ["lp_big_pad"], kernel_shape=[2, 2], pads=[1, 1, 1, 1], p=1)]
+    if opset >= 18:
+        nodes += [helper.make_node("LpPool", ["x4"], ["lp_ceil"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1, p=2),
+                  helper.make_node("LpPool", ["x4"], ["lp_dil"], kernel_shape=[2, 2], dilations=[2, 1], p=2)]
+    return nodes
 
 
 @pytest.mark.parametrize("opset", [11, 13, 18])
 def test_onnx_reduce_forms_against_ort(opset):
     """11: every axes an attribute; 13: ReduceSum's an input, the others'
-    attributes; 18: all inputs."""
+    attributes; 18: all inputs. GlobalMaxPool and LpPool (18: ceil_mode and
+    dilations) in the same model, on x reshaped to (1, 2, 3, 4)."""
     x = np.random.default_rng(opset).standard_normal((2, 3, 4)).astype(np.float32)
     x[0, 1, 2] = 0.0
-    _against_ort(_reduce_model(opset), x)
-
-
-@pytest.mark.parametrize("opset", [11, 18])
-def test_onnx_pools_against_ort(opset):
-    nodes = [helper.make_node("GlobalMaxPool", ["x"], ["gmp"]),
-             helper.make_node("LpPool", ["x"], ["lp2"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], p=2),
-             helper.make_node("LpPool", ["x"], ["lp3"], kernel_shape=[2, 3], p=3),
-             helper.make_node("LpPool", ["x"], ["lp_big_pad"], kernel_shape=[2, 2], pads=[1, 1, 1, 1], p=1)]
-    if opset >= 18:
-        nodes += [helper.make_node("LpPool", ["x"], ["lp_ceil"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1, p=2),
-                  helper.make_node("LpPool", ["x"], ["lp_dil"], kernel_shape=[2, 2], dilations=[2, 1], p=2)]
-    x = np.random.default_rng(1).standard_normal((1, 2, 7, 6)).astype(np.float32)
-    _against_ort(_model(nodes, x.shape, [n.output[0] for n in nodes], opset), x)
+    model = _reduce_model(opset)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1, 2, 3, 4], np.int64), "x4.shape"))
+    pools = [helper.make_node("Reshape", ["x", "x4.shape"], ["x4"])] + _pool_nodes(opset)
+    model.graph.node.extend(pools)
+    model.graph.output.extend(helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in pools[1:])
+    _against_ort(model, x)
 
 
 def test_onnx_reduce_bad_input():
