@@ -34,6 +34,7 @@ from ..ops import get_op
 from ..ops.elementwise import ActivationOp, _Binary
 from ..ops.memory import DepthwiseInPlace, PointwiseInPlace, crop, paste
 from ..schedule import INPLACE, TILE
+from ..tuning import note
 from .manager import decline, declines, register
 from .rewrite import an, fresh, replace_uses
 
@@ -85,6 +86,7 @@ def inplace_elementwise(g: Graph) -> Graph:
             why = _dies_here(out, n, _resolved(out, i), order)
             if why is None:
                 out.node(n)[INPLACE] = slot
+                note(f"'{n}' ({d['op']}) writes over the buffer of its input '{i}'")     # the IR does not show it
                 break
         if why is not None:
             decline(n, why)
