@@ -211,6 +211,20 @@ def test_patch_stage_matches_reference_at_borders(grid):
     same_as_reference(g, out)           # the C of crop, paste and the tiles: the harness test below
 
 
+def test_crop_and_paste_on_every_target():
+    """A small stage in 2 x 2 tiles, compiled: crop, paste (the first from
+    zeros, the next in place) and the tiles' convs on C and OpenCL."""
+    rng = np.random.default_rng(5)
+    g = cc.Graph("small")
+    x = g.input("x", (1, 2, 7, 6))
+    h = cc.relu(cc.conv(x, rng.standard_normal((3, 2, 3, 3)), stride=(2, 1), padding=1, name="c"))
+    g.output(cc.global_avg_pool(h), "y")
+    g = run_passes(g, ["fuse_epilogues"])
+    out = patch_stage(g, stages(g)[0], (2, 2))
+    assert out is not None and make_plan(out).inplace       # pastes after the first write over the canvas
+    same_as_reference(g, out, TARGETS)
+
+
 def test_patch_edge_case_through_the_harness(tmp_path):
     g = edge_net()
     exp = export_c(g, tmp_path, name="edges", passes=["fuse_epilogues", "fuse_separable", "patch_first_stages",
