@@ -15,7 +15,7 @@ from .ops.conv import conv, depthwise_conv, flattened_conv, separable_conv, spat
 from .ops.transpose import conv_grad_input, conv_grad_kernel, conv_transpose
 from .ops.unshared import local_conv, tiled_conv
 from .ops.layout import channel_shuffle, dilate, downsample, pad
-from .ops.pool import avg_pool, global_avg_pool, max_pool
+from .ops.pool import avg_pool, global_avg_pool, lp_pool, max_pool
 from .ops.resize import resize
 from .ops.elementwise import (add, clip, div, gelu, hardsigmoid, hardswish, leaky_relu, mul, relu, relu6, sigmoid,
                               silu, sub, tanh)
@@ -27,6 +27,8 @@ from .ops.indexing import cast, take, where
 from .ops.rearrange import depth_to_space, einsum, space_to_depth, tile
 from .ops.linear import dense, matmul, softmax
 from .ops.norm import batch_norm
+from .ops.normalize import group_norm, instance_norm, layer_norm, lp_normalize, lrn, standardize
+from .ops.reduce import global_max_pool, reduce
 from .ops.loss import cross_entropy, mse_loss
 from .ops.quantized import dequantize, qconv, quantize
 from .ops.quantized import (lookup_table, qadd, qavg_pool, qconcat, qconv_transpose, qdense, qglobal_avg_pool, qlookup,
