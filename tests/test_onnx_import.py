@@ -1,18 +1,20 @@
-"""ONNX import (``convc/onnx.py``, ``from_onnx``).
+"""ONNX import (``convc/onnx/``, ``from_onnx``).
 
 * Conformance: every backend node test case of the onnx package for the ops
-  of issue 8, one test each, on the C target (and OpenCL when the build has
-  it). The cases that cannot pass are strict xfails whose error must carry the
-  documented reason (``convc.onnx.conformance.EXPECTED_FAILURES``), and
-  README.md's ONNX section must state the same numbers.
+  convc claims (``convc.onnx.conformance.OPS``), on the C target and OpenCL
+  when the build has it; the cases of one op and opset compile as one
+  module. The cases that cannot pass must fail with the documented reason
+  (``EXPECTED_FAILURES``), and README.md's conformance section must state the
+  same numbers.
 * Hand-made models for what those cases leave out (SAME_LOWER, pools padded
   past PyTorch's rule, ConvTranspose outputs beyond output_padding, opset < 13
-  Softmax, legacy broadcasting, constant folding, ...), each against
-  ``onnx.reference``.
+  Softmax, legacy broadcasting, constant folding, old opsets against ONNX
+  Runtime, ...), each against ``onnx.reference`` or ONNX Runtime.
 * Split, a node with several outputs: each opset's form against
-  ``onnx.reference`` and the onnx package's Split node tests, on C and OpenCL.
+  ``onnx.reference``.
 * Errors: every unsupported node listed at once, and none of the supported
-  nodes behind them; symbolic input shapes.
+  nodes behind them; symbolic input shapes; an op version newer than convc
+  was checked against.
 """
 from __future__ import annotations
 
@@ -28,46 +30,69 @@ from onnx.reference import ReferenceEvaluator
 import convc as cc
 from convc.api import TARGETS
 from convc.onnx import OnnxImportError, from_onnx
-from convc.onnx.conformance import EXPECTED_FAILURES, OPS, run_case, select_cases
+from convc.onnx.conformance import (CONV_NET_OPS, EXPECTED_FAILURES, OPS, case_op, outcome, run_cases,
+                                    run_group, select_cases)
+from convc.onnx.fold import FOLDS
+from convc.onnx.importer import _CONVERTERS
 
 CASES = {c.name: c for c in select_cases()}
 CONFORMANCE_TARGETS = ["c"] + (["opencl"] if "opencl" in TARGETS else [])
-
-
-def _case_param(name):
-    if name not in EXPECTED_FAILURES:
-        return name
-    why = EXPECTED_FAILURES[name][0]
-    return pytest.param(name, marks=pytest.mark.xfail(reason=why, strict=True, raises=cc.ConvcError))
+BY_OP: dict[str, list] = {}
+for _c in CASES.values():
+    BY_OP.setdefault(case_op(_c), []).append(_c)
 
 
 @pytest.mark.parametrize("target", CONFORMANCE_TARGETS)
-@pytest.mark.parametrize("name", [_case_param(n) for n in CASES])
-def test_conformance_case(name, target):
-    try:
-        run_case(CASES[name], target)
-    except cc.ConvcError as e:
-        if name in EXPECTED_FAILURES and not re.search(EXPECTED_FAILURES[name][1], str(e)):
-            raise AssertionError(f"{name} fails, but not for the documented reason "
-                                 f"{EXPECTED_FAILURES[name][0]!r}: {e}") from e
-        raise
+@pytest.mark.parametrize("op", sorted(BY_OP))
+def test_conformance(op, target):
+    """Every node case of a claimed op passes: the cases of one op and opset
+    compiled as one module (a failing module is rerun case by case to name
+    the failing case)."""
+    cases = [c for c in BY_OP[op] if c.name not in EXPECTED_FAILURES]
+    if not cases:
+        pytest.skip(f"every case of {op} is an expected failure (test_conformance_expected_failures)")
+    failed = {n: why for n, (ok, why) in run_cases(cases, target).items() if not ok}
+    assert not failed, "\n".join(f"{n}: {why}" for n, why in failed.items())
+
+
+@pytest.mark.parametrize("target", CONFORMANCE_TARGETS)
+def test_conformance_expected_failures(target):
+    """The cases that cannot pass fail, each for its documented reason."""
+    wrong = {}
+    for name, (why, pattern) in EXPECTED_FAILURES.items():
+        ok, error = outcome(CASES[name], target)
+        if ok or not re.search(pattern, error):
+            wrong[name] = "passes" if ok else f"fails, but not for the documented reason {why!r}: {error}"
+    assert not wrong, "\n".join(f"{n}: {w}" for n, w in wrong.items())
 
 
 def test_conformance_selection():
-    # every op of the issue has cases, and the known failures are real cases
+    # every claimed op has cases and a converter or a fold rule; the known failures are real cases
     ops = {n.op_type for c in CASES.values() for n in c.model.graph.node}
-    assert ops == set(OPS)
+    assert ops == set(OPS), set(OPS) - ops
+    handled = set(_CONVERTERS) | set(FOLDS) | {"Shape", "Size"}
+    assert set(OPS) <= handled, set(OPS) - handled
     assert len(CASES) >= 200
     assert set(EXPECTED_FAILURES) <= set(CASES), set(EXPECTED_FAILURES) - set(CASES)
+    assert set(OPS) - {"Shape", "Size", "Constant", "ConstantOfShape", "Range"} <= CONV_NET_OPS | {
+        "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
+
+
+def test_merged_conformance_names_the_failing_case():
+    # two Pad cases in one module: the one convc cannot take is named with its own reason
+    cases = [CASES["test_constant_pad"], CASES["test_edge_pad"]]
+    got = run_group(cases)
+    assert got["test_constant_pad"] == (True, "")
+    assert not got["test_edge_pad"][0] and "mode 'edge' is not supported" in got["test_edge_pad"][1]
 
 
 def test_docs_state_the_numbers():
     readme = (REPO / "README.md").read_text()
-    text = readme[readme.index("## ONNX"):]
+    text = readme[readme.index("### Conformance"):]
     text = text[:text.index("\n## ", 1)] if "\n## " in text[1:] else text
     passing = len(CASES) - len(EXPECTED_FAILURES)
     assert f"**{passing} of {len(CASES)} pass**" in text
-    failures = text.split("do not pass, and why:")[1]
+    failures = text.split("do not pass, and why:")[1].split("\n\n")[1]
     assert set(re.findall(r"`(test_\w+)`", failures)) == set(EXPECTED_FAILURES)
 
 
@@ -282,10 +307,132 @@ def test_batch_norm_runtime_statistics():
               "v": np.abs(_rand(3, seed=4)) + 0.5})
 
 
+# -- every opset's form of the ops that changed, against ONNX Runtime -----------------------
+def _i64(*v):
+    return np.array(v, np.int64)
+
+
+def _f32(*v):
+    return np.array(v, np.float32)
+
+
+def _scalar(v):
+    return np.array(v, np.float32)
+
+
+# name: (opset, op, x shape, static inputs (initializers, "" for an omitted one), attributes, number of outputs)
+OPSET_FORMS = {
+    "squeeze_11_attr": (11, "Squeeze", (2, 1, 3, 1), [], dict(axes=[1, -1]), 1),
+    "squeeze_13_input": (13, "Squeeze", (2, 1, 3, 1), [_i64(1, 3)], {}, 1),
+    "squeeze_13_all": (13, "Squeeze", (2, 1, 3, 1), [], {}, 1),
+    "unsqueeze_9_attr": (9, "Unsqueeze", (2, 3), [], dict(axes=[0, 3]), 1),
+    "unsqueeze_11_negative": (11, "Unsqueeze", (2, 3), [], dict(axes=[0, -1]), 1),
+    "unsqueeze_13_input": (13, "Unsqueeze", (2, 3), [_i64(1, -1)], {}, 1),
+    "split_7_attr": (7, "Split", (2, 3, 2), [], dict(axis=1, split=[1, 2]), 2),
+    "split_11_equal": (11, "Split", (2, 4), [], dict(axis=-1), 2),
+    "split_13_input": (13, "Split", (2, 3, 2), [_i64(2, 1)], dict(axis=1), 2),
+    "split_18_num_outputs": (18, "Split", (2, 3), [], dict(axis=1, num_outputs=2), 2),
+    "slice_7_attr": (7, "Slice", (4, 3, 5), [], dict(starts=[1, 0], ends=[3, -1], axes=[0, 2]), 1),
+    "slice_10_steps": (10, "Slice", (1, 2, 6, 6), [_i64(1, 0), _i64(6, 5), _i64(2, 3), _i64(2, 1)], {}, 1),
+    "slice_13_negative": (13, "Slice", (4, 3, 5), [_i64(-3), _i64(100), _i64(-1)], {}, 1),
+    "pad_7_attr": (7, "Pad", (1, 2, 3, 3), [], dict(pads=[0, 0, 1, 2, 0, 0, 2, 1], value=1.5), 1),
+    "pad_11_inputs": (11, "Pad", (1, 2, 3, 3), [_i64(0, 1, 1, 0, 0, 0, 2, 1), _scalar(-2.0)], {}, 1),
+    "pad_18_axes": (18, "Pad", (1, 2, 3, 3), [_i64(1, 0, 0, 2), "", _i64(2, 3)], {}, 1),
+    "clip_7_attr": (7, "Clip", (3, 4), [], dict(min=-0.5, max=0.7), 1),
+    "clip_11_inputs": (11, "Clip", (3, 4), [_scalar(-0.5), _scalar(0.7)], {}, 1),
+    "clip_13_max_only": (13, "Clip", (3, 4), ["", _scalar(0.2)], {}, 1),
+    "upsample_7_attr": (7, "Upsample", (1, 2, 2, 3), [], dict(scales=[1.0, 1.0, 2.0, 3.0]), 1),
+    "upsample_9_input": (9, "Upsample", (1, 2, 2, 3), [_f32(1, 1, 2, 2)], dict(mode="linear"), 1),
+    "resize_10": (10, "Resize", (1, 2, 4, 4), [_f32(1, 1, 0.5, 1.5)], {}, 1),
+    "resize_11_linear": (11, "Resize", (1, 2, 3, 4), [_f32(), _f32(1, 1, 2, 1.5)], dict(mode="linear"), 1),
+    "resize_13_sizes": (13, "Resize", (1, 2, 3, 4), ["", "", _i64(1, 2, 5, 7)], {}, 1),
+    "softmax_7_coerced": (7, "Softmax", (2, 3, 4), [], dict(axis=1), 1),
+    "softmax_11_default": (11, "Softmax", (2, 3, 4), [], {}, 1),
+    "softmax_13_axis": (13, "Softmax", (2, 3, 4), [], dict(axis=1), 1),
+    "batchnorm_7_spatial": (7, "BatchNormalization", (2, 3, 4), [_f32(1, 2, 3), _f32(0, 1, -1), _f32(.1, .2, .3),
+                                                                   _f32(1, 2, .5)], dict(spatial=1, epsilon=1e-3), 1),
+    "batchnorm_9": (9, "BatchNormalization", (2, 3, 4), [_f32(1, 2, 3), _f32(0, 1, -1), _f32(.1, .2, .3),
+                                                         _f32(1, 2, .5)], {}, 1),
+    "batchnorm_15": (15, "BatchNormalization", (2, 3, 4), [_f32(1, 2, 3), _f32(0, 1, -1), _f32(.1, .2, .3),
+                                                           _f32(1, 2, .5)], {}, 1),
+    "dropout_7_attr": (7, "Dropout", (3, 4), [], dict(ratio=0.3), 1),
+    "dropout_12_inputs": (12, "Dropout", (3, 4), [_scalar(0.3), np.array(False)], {}, 1),
+    "gemm_7_broadcast": (7, "Gemm", (3, 4), [_rand(4, 5, seed=1), _rand(1, 5, seed=2)], dict(alpha=0.5, beta=2.0), 1),
+    "gemm_11_no_c": (11, "Gemm", (3, 4), [_rand(5, 4, seed=1)], dict(transB=1), 1),
+    "gemm_13_scalar_c": (13, "Gemm", (4, 3), [_rand(4, 5, seed=1), _f32(0.5)], dict(transA=1), 1),
+    "flatten_9_axis0": (9, "Flatten", (2, 3, 4), [], dict(axis=0), 1),
+    "reshape_5": (5, "Reshape", (2, 3, 4), [_i64(0, -1)], {}, 1),
+}
+
+
+def _opset_form_case(name):
+    """A one-node model of ``OPSET_FORMS[name]`` with ONNX Runtime's outputs,
+    in the form conformance.run_cases takes."""
+    import types
+
+    ort = pytest.importorskip("onnxruntime")
+    opset, op, shape, static, attrs, n_out = OPSET_FORMS[name]
+    names = [f"k{i}" if isinstance(a, np.ndarray) else "" for i, a in enumerate(static)]
+    outs = [f"y{i}" for i in range(n_out)]
+    node = helper.make_node(op, ["x"] + names, outs, **attrs)
+    m = _model([node], [("x", shape)], outs, [(n, a) for n, a in zip(names, static) if n], opset=opset, valid=False)
+    m.ir_version = 7
+    x = _rand(*shape, seed=3)
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    return types.SimpleNamespace(name=name, model=m, data_sets=[([x], want)], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", CONFORMANCE_TARGETS)
+def test_old_and_new_opset_forms_vs_onnxruntime(target):
+    """Each op whose form changed between opsets 7 and 18 (attributes that
+    became inputs, changed defaults, Softmax's coercion to 2D before 13,
+    BatchNormalization's spatial, Upsample and Resize-10's rounding, ...) in
+    each form, against ONNX Runtime; the forms of one opset compile as one
+    module."""
+    cases = [_opset_form_case(n) for n in OPSET_FORMS]
+    failed = {n: why for n, (ok, why) in run_cases(cases, target).items() if not ok}
+    assert not failed, "\n".join(f"{n}: {why}" for n, why in failed.items())
+
+
+def test_an_op_newer_than_convc_knows_is_refused(monkeypatch):
+    """A converter checked through an older opset refuses a model whose
+    opset gives its op a newer version, naming both."""
+    from convc.onnx import importer
+
+    entry = importer._CONVERTERS["Softmax"]
+    monkeypatch.setitem(importer._CONVERTERS, "Softmax", entry._replace(checked=12))
+    m = _model([helper.make_node("Softmax", ["x"], ["y"], name="sm")], [("x", (2, 3))], ["y"], opset=13)
+    with pytest.raises(OnnxImportError, match=r"Softmax 'sm': opset 13 makes it Softmax-13, newer than the newest "
+                                              r"convc knows \(Softmax-11, checked through opset 12\)"):
+        from_onnx(m)
+    from_onnx(_model([helper.make_node("Softmax", ["x"], ["y"])], [("x", (2, 3))], ["y"], opset=12))
+
+
+def test_old_opset_folding_without_onnx_reference(monkeypatch):
+    """Constant chains of old opsets (Unsqueeze-9's axes attribute, Slice-9,
+    ConstantOfShape) fold with convc's own functions: onnx.reference is not
+    called."""
+    import onnx.reference
+
+    def refuse(*a, **k):
+        raise AssertionError("onnx.reference was called")
+    monkeypatch.setattr(onnx.reference, "ReferenceEvaluator", refuse)
+    nodes = [helper.make_node("ConstantOfShape", ["s"], ["k"], value=numpy_helper.from_array(_f32(0.25))),
+             helper.make_node("Unsqueeze", ["k"], ["k1"], axes=[1, 2]),
+             helper.make_node("Shape", ["x"], ["xs"]),
+             helper.make_node("Slice", ["xs"], ["c"], starts=[1], ends=[2]),
+             helper.make_node("Concat", ["one", "c", "one", "one"], ["ks"], axis=0),
+             helper.make_node("Reshape", ["k1", "ks"], ["k2"]),
+             helper.make_node("Relu", ["k2"], ["k3"]),
+             helper.make_node("Mul", ["x", "k3"], ["y"])]
+    m = _model(nodes, [("x", (2, 3, 4, 4))], ["y"], [("s", _i64(3)), ("one", _i64(1))], opset=9, valid=False)
+    g = from_onnx(m)
+    assert [g.node(n)["op"] for n in g.topological_order() if g.node(n)["op"] not in ("input", "param")] == ["mul"]
+    x = _rand(2, 3, 4, 4)
+    assert_close(cc.compile(g, "c")(x=x), x * 0.25, 1e-6, 1e-7)
+
+
 # -- Split: a converter with several outputs -------------------------------------------
-SPLIT_CASES = {c.name: c for c in select_cases(("Split",))}
-
-
 def _split_model(opset, x_shape, n_out, split_input=None, valid=True, **attrs):
     """x -> Split -> n_out outputs, each through a Relu (so every output is a
     node's input, as in a real model); ``split_input``: the sizes as an input."""
@@ -353,20 +500,6 @@ def test_split_errors(opset, n, n_out, split, attrs, error):
     m = _split_model(opset, (2, n), n_out, split, valid=False, **dict(attrs, axis=attrs.get("axis", 1)))
     with pytest.raises(OnnxImportError, match=error):
         from_onnx(m)
-
-
-@pytest.mark.parametrize("target", CONFORMANCE_TARGETS)
-@pytest.mark.parametrize("name", sorted(SPLIT_CASES))
-def test_split_node_tests(name, target):
-    if "zero_size" in name:       # an input of shape (0,)
-        with pytest.raises(OnnxImportError, match="has an empty dimension"):
-            run_case(SPLIT_CASES[name], target)
-    else:
-        run_case(SPLIT_CASES[name], target)
-
-
-def test_split_node_tests_found():
-    assert len(SPLIT_CASES) >= 14 and any("uneven" in n for n in SPLIT_CASES)
 
 
 def test_dropped_output_still_reported():

@@ -114,7 +114,7 @@ _CONVERTERS: dict[str, _Converter] = {}
 # or attributes). A graph input feeding one can be bound with ``constants=``.
 STATIC_INPUTS = {"Reshape": (1,), "Pad": (1, 2, 3), "Clip": (1, 2), "Dropout": (1, 2), "Slice": (1, 2, 3, 4),
                  "Expand": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "ReduceSum": (1,), "ReduceMean": (1,),
-                 "Split": (1,)}
+                 "Split": (1,), "ConstantOfShape": (0,), "Range": (0, 1, 2)}
 
 # Never folded: their result is random.
 _RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}

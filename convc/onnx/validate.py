@@ -468,6 +468,10 @@ class FoldBudget:
     @staticmethod
     def _data_dependent(node, args) -> int:
         present = [a for a in args if a is not None]
+        if node.op_type == "Range" and len(present) == 3 and all(a.size == 1 for a in present):
+            start, limit, delta = (float(a.reshape(-1)[0]) for a in present)     # (float16: no inference)
+            if delta != 0 and np.isfinite([start, limit, delta]).all():
+                return max(int(np.ceil((limit - start) / delta)), 0)
         if node.op_type in _GROWING_DATA_DEPENDENT and present:
             return _GROWING_DATA_DEPENDENT[node.op_type]([a.size for a in present], [a.ndim for a in present])
         if node.op_type in _SHRINKING_DATA_DEPENDENT and present:
