@@ -16,7 +16,8 @@ some of the memory-saving rewrites of ``passes/memory.py``:
 :func:`fit` takes them cheapest first -- fewest multiplications, then
 fewest nodes (less code) -- and returns the first whose arena fits ``ram``
 and whose flash (measured by compiling, :func:`convc.export.size_report`)
-fits ``flash``. If none does, a :class:`BudgetError` names the smallest
+fits ``flash`` (a stage's finer grids are left once they stop shrinking
+the arena: ``passes.memory.Stalls``). If none does, a :class:`BudgetError` names the smallest
 arena (or flash) reached, and for the arena the node and schedule step
 where its live buffers peak.
 
@@ -50,6 +51,7 @@ class Candidate:
     plan: Plan | None = None
     flash: int | None = None    # bytes, when measured
     build: object = None        # () -> Graph
+    stage: tuple | None = None  # a patch-based plan's stage (its nodes)
 
     def evaluate(self) -> "Candidate":
         """Build the graph and its memory plan (once)."""
@@ -133,7 +135,8 @@ def candidates(graph: Graph, passes="embedded") -> list[Candidate]:
         out.append(Candidate(f"patch-based {chain[0]}..{chain[-1]} in {grid[0]}x{grid[1]} tiles, in place",
                              head + [step] + INPLACE_CONVS + tail + INPLACE_LAST, macs, nodes,
                              build=(lambda c=chain, gr=grid: _run(patch_stage(g0, c, gr),
-                                                                  INPLACE_CONVS + tail + INPLACE_LAST))))
+                                                                  INPLACE_CONVS + tail + INPLACE_LAST)),
+                             stage=tuple(chain)))
     out.sort(key=lambda c: (c.macs, c.nodes))
     return out
 
@@ -185,6 +188,7 @@ def fit(graph: Graph, ram: int | None = None, flash: int | None = None, passes="
     at most ``flash`` bytes; either budget may be None. Raises
     :class:`BudgetError` naming the smallest arena (and the node and
     schedule step of its peak) or the smallest flash reached."""
+    from .passes.memory import Stalls
     from .schedule import parse_bytes
 
     require_graph(graph, "the memory budget")
@@ -205,8 +209,13 @@ def fit(graph: Graph, ram: int | None = None, flash: int | None = None, passes="
     base = next(c for c in cands if c.graph is not None and c.label.startswith("the "))
     tried: list[Candidate] = []
     fits_ram: list[Candidate] = []
+    watch = Stalls()
     for c in cands:
+        if c.stage is not None and watch.stalled(c.stage):
+            continue                    # finer grids of this stage stopped shrinking the arena
         tried.append(c)
+        if c.stage is not None:
+            watch.record(c.stage, c.arena)
         if ram is not None and c.arena > ram:
             continue
         fits_ram.append(c)

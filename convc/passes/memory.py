@@ -345,6 +345,29 @@ def patch_options(g: Graph):
                 yield chain[:end], grid, macs
 
 
+class Stalls:
+    """Finer grids of one stage stop paying once the arena stops shrinking:
+    the halo grows with the number of tiles while the stage output (the
+    canvas) stays. The searches (:func:`patch_first_stages`,
+    ``budget.fit``) take a stage's grids from coarse to fine and leave the
+    rest of a stage once two grids in a row did not make its arena smaller
+    (one may not, where the tiles split the output unevenly)."""
+
+    def __init__(self):
+        self.best: dict[tuple, int] = {}
+        self.misses: dict[tuple, int] = {}
+
+    def stalled(self, chain) -> bool:
+        return self.misses.get(tuple(chain), 0) >= 2
+
+    def record(self, chain, arena: int) -> None:
+        c = tuple(chain)
+        if c in self.best and arena >= self.best[c]:
+            self.misses[c] = self.misses.get(c, 0) + 1
+        else:
+            self.best[c], self.misses[c] = arena, 0
+
+
 @register
 def patch_first_stages(g: Graph) -> Graph:
     """Run the first stage from the graph input tile by tile (MCUNetV2's
@@ -361,9 +384,13 @@ def patch_first_stages(g: Graph) -> Graph:
             return plan(inplace_pointwise(inplace_depthwise(x))).arena_bytes
 
     best, key = g, (arena(g), 0)
+    watch = Stalls()
     for chain, grid, macs in patch_options(g):
+        if watch.stalled(chain):
+            continue
         new = patch_stage(g, chain, grid)
         k = (arena(new), macs)
+        watch.record(chain, k[0])
         if k < key:
             best, key = new, k
     if best is g:
