@@ -294,3 +294,40 @@ def test_onnx_reduce_bad_input():
         cc.from_onnx(model)
     with pytest.raises(cc.ConvcError, match="axes entry 5 is out of range"):
         cc.from_onnx(_model([helper.make_node("ReduceL2", ["x"], ["y"], axes=[5])], (2, 3), ["y"], 13))
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_export_roundtrip(opset):
+    """to_onnx of reduce (attribute axes at 13, input at 18), lrn, lp_pool,
+    and the norms (standardize is LayerNormalization): valid ONNX that ONNX
+    Runtime runs to convc's numbers, and that imports back to the same."""
+    from convc.ops.normalize import instance_norm, layer_norm, lp_normalize, lrn
+    rng = np.random.default_rng(opset)
+    g = cc.Graph("export")
+    x = g.input("x", (2, 6, 4, 5))
+    for kind in KINDS[1:]:
+        g.output(reduce(x, kind, (1, 3), kind in ("max", "l2")), f"r_{kind}")
+    g.output(lp_pool(x, 2, 2, 1, 1), "lp")
+    g.output(lrn(x, 5, 0.1, 0.75, 2.0), "lrn")
+    g.output(lp_normalize(x, 2, 1), "lpn")
+    if opset >= 17:
+        g.output(instance_norm(x, rng.standard_normal(6), rng.standard_normal(6)), "inst")
+        g.output(layer_norm(x, 2, rng.standard_normal((4, 5))), "layer")
+        g.output(reduce(x, "sum_square", ()), "square")     # noop_with_empty_axes
+    model = cc.to_onnx(g, opset=opset)
+    onnx.checker.check_model(model, full_check=True)
+    a = rng.standard_normal((2, 6, 4, 5)).astype(np.float32)
+    want = cc.compile(g, target="numpy").run({"x": a})
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": a})
+    back = cc.compile(cc.from_onnx(model), target="numpy").run({"x": a})
+    for (name, w), y, b in zip(want.items(), got, back.values()):
+        assert_close(y, w, rtol=1e-5, atol=1e-5, what=f"ONNX Runtime {name} (opset {opset})")
+        assert_close(b, w, rtol=1e-6, atol=1e-6, what=f"re-imported {name} (opset {opset})")
+
+
+def test_export_refusals():
+    g = cc.Graph("refused")
+    x = g.input("x", (1, 2, 5, 5))
+    g.output(lp_pool(x, 2, 2, ceil_mode=True), "y")
+    with pytest.raises(cc.ConvcError, match="ceil_mode and dilations need opset >= 18"):
+        cc.to_onnx(g, opset=17)

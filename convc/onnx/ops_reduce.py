@@ -2,7 +2,10 @@
 normalisations: ReduceSum/Mean/Max/Min/Prod/L1/L2/SumSquare/LogSumExp (axes
 an attribute before opset 13 (ReduceSum) or 18 (the others), an input from
 then on), GlobalMaxPool, LpPool, LRN, InstanceNormalization,
-GroupNormalization, LayerNormalization, LpNormalization."""
+GroupNormalization, LayerNormalization, LpNormalization; and the export
+(to_onnx) of the ops behind them: reduce, lrn, lp_pool, standardize
+(instance/group/layer norm and lp_normalize export as the ops they are made
+of)."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,10 +14,12 @@ from ..ops.normalize import group_norm, instance_norm, layer_norm, lp_normalize,
 from ..ops.layout import pad
 from ..ops.pool import global_avg_pool, lp_pool
 from ..ops.reduce import global_max_pool, reduce
+from ..errors import ConvcError
 from ..ops.elementwise import div, mul, sub
 from ..ops.tensor import concat, expand, reshape
 from ..shapes import prod
 from .converters import _pool_geometry
+from .exporter import exports
 from .importer import STATIC_INPUTS, _WINDOW, _Unsupported, _axis, converts
 
 
@@ -188,3 +193,55 @@ def _lp_pool(im, node, ins, at):
     if list(y.shape[2:]) != out:
         raise _Unsupported(f"convc's output {y.shape[2:]} differs from ONNX's {out}")
     return [y]
+
+
+# -- export (to_onnx) ----------------------------------------------------------------------
+_REDUCE_OPS = {kind: op for op, kind in _REDUCE_KINDS.items()}
+
+
+@exports("reduce")
+def _x_reduce(ex, n, ins, attrs, out):
+    """ReduceX with its axes an input from opset 18 on, an attribute before;
+    no axes (the elementwise part only) is noop_with_empty_axes (18 on)."""
+    op, axes = _REDUCE_OPS[attrs["kind"]], list(attrs["axes"])
+    keep = dict(keepdims=int(attrs["keepdims"]))
+    if not axes:
+        if ex.opset < 18:
+            raise ConvcError(f"node %{n} (reduce {attrs['kind']} over no axes) needs opset >= 18 "
+                             f"(noop_with_empty_axes), not {ex.opset}")
+        ex.node(op, [ex.tensor[ins[0]]], [ex.tensor[n]], noop_with_empty_axes=1, **keep)
+    elif ex.opset >= 18:
+        ex.node(op, [ex.tensor[ins[0]], ex.ints(axes, f"{n}.axes")], [ex.tensor[n]], **keep)
+    else:
+        ex.node(op, [ex.tensor[ins[0]]], [ex.tensor[n]], axes=axes, **keep)
+
+
+@exports("lrn")
+def _x_lrn(ex, n, ins, attrs, out):
+    ex.node("LRN", [ex.tensor[ins[0]]], [ex.tensor[n]], size=attrs["size"], alpha=attrs["alpha"],
+            beta=attrs["beta"], bias=attrs["bias"])
+
+
+@exports("lp_pool")
+def _x_lp_pool(ex, n, ins, attrs, out):
+    extra = dict(ceil_mode=int(attrs["ceil_mode"]), dilations=list(attrs["dilation"]))
+    if ex.opset < 18:
+        if attrs["ceil_mode"] or any(d != 1 for d in attrs["dilation"]):
+            raise ConvcError(f"node %{n} (lp_pool): ceil_mode and dilations need opset >= 18, not {ex.opset}")
+        extra = {}
+    p = attrs["p"]
+    if not float(p).is_integer():
+        raise ConvcError(f"node %{n} (lp_pool): ONNX's LpPool takes an integer p, not {p}")
+    ex.node("LpPool", [ex.tensor[ins[0]]], [ex.tensor[n]], kernel_shape=list(attrs["kernel_size"]),
+            strides=list(attrs["stride"]), pads=[lo for lo, _ in attrs["padding"]] + [hi for _, hi in attrs["padding"]],
+            p=int(p), **extra)
+
+
+@exports("standardize")
+def _x_standardize(ex, n, ins, attrs, out):
+    """LayerNormalization (opset 17 on) with a scale of ones."""
+    if ex.opset < 17:
+        raise ConvcError(f"node %{n} (standardize) is LayerNormalization, which needs opset >= 17, not {ex.opset}")
+    ones = np.ones(out.shape[attrs["axis"]:], out.dtype)
+    ex.node("LayerNormalization", [ex.tensor[ins[0]], ex.initializer(ones, f"{n}.scale")], [ex.tensor[n]],
+            axis=attrs["axis"], epsilon=attrs["eps"])

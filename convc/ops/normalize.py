@@ -216,6 +216,11 @@ class StandardizeGrad(Op):
         return 5 * out.size
 
 
+def _part(name, part: str):
+    """The name of an inner node of a composite named ``name`` (None: automatic)."""
+    return None if name is None else f"{name}.{part}"
+
+
 def _affine(x: Value, y: Value, weight, bias, shape, name, op: str) -> Value:
     """y * weight + bias, weight and bias reshaped to ``shape`` (broadcast
     against y); None leaves that step out."""
@@ -224,10 +229,11 @@ def _affine(x: Value, y: Value, weight, bias, shape, name, op: str) -> Value:
     last = name if bias is None else None
     if weight is not None:
         w = as_value(x, weight, f"{op}: weight")
-        y = mul(y, reshape(w, shape) if w.shape != shape else w, name=last)
+        y = mul(y, reshape(w, shape, name=_part(name, "weight")) if w.shape != shape else w,
+                name=last if last else _part(name, "scaled"))
     if bias is not None:
         b = as_value(x, bias, f"{op}: bias")
-        y = add(y, reshape(b, shape) if b.shape != shape else b, name=name)
+        y = add(y, reshape(b, shape, name=_part(name, "bias")) if b.shape != shape else b, name=name)
     return y
 
 
@@ -250,7 +256,7 @@ def instance_norm(x: Value, weight=None, bias=None, eps: float = 1e-5, name=None
             raise RuleError(f"input must be (N, C, *spatial), got shape {x.shape}")
     c = x.shape[1]
     _check_params("instance_norm", name, x, (c,), weight=weight, bias=bias)
-    y = standardize(x, 2, eps, name=name if weight is None and bias is None else None)
+    y = standardize(x, 2, eps, name=name if weight is None and bias is None else _part(name, "standardize"))
     return _affine(x, y, weight, bias, (c,) + (1,) * (len(x.shape) - 2), name, "instance_norm")
 
 
@@ -269,8 +275,9 @@ def group_norm(x: Value, num_groups: int, weight=None, bias=None, eps: float = 1
     c = x.shape[1]
     _check_params("group_norm", name, x, (c,), weight=weight, bias=bias)
     plain = weight is None and bias is None
-    y = standardize(reshape(x, (x.shape[0], int(num_groups), -1)), 2, eps)
-    y = reshape(y, x.shape, name=name if plain else None)
+    y = standardize(reshape(x, (x.shape[0], int(num_groups), -1), name=_part(name, "groups")), 2, eps,
+                    name=_part(name, "standardize"))
+    y = reshape(y, x.shape, name=name if plain else _part(name, "ungroup"))
     return _affine(x, y, weight, bias, (c,) + (1,) * (len(x.shape) - 2), name, "group_norm")
 
 
@@ -293,10 +300,10 @@ def layer_norm(x: Value, axis: int = -1, weight=None, bias=None, eps: float = 1e
             except ValueError:
                 raise RuleError(f"{what} of shape {ps} does not broadcast to the normalized axes {x.shape[a:]}") \
                     from None
-    y = standardize(x, a, eps, name=name if weight is None and bias is None else None)
+    y = standardize(x, a, eps, name=name if weight is None and bias is None else _part(name, "standardize"))
     from .elementwise import add, mul
     if weight is not None:
-        y = mul(y, as_value(x, weight, "layer_norm: weight"), name=name if bias is None else None)
+        y = mul(y, as_value(x, weight, "layer_norm: weight"), name=name if bias is None else _part(name, "scaled"))
     if bias is not None:
         y = add(y, as_value(x, bias, "layer_norm: bias"), name=name)
     return y
@@ -316,5 +323,5 @@ def lp_normalize(x: Value, p: int = 2, axis: int = 1, name=None) -> Value:
             raise RuleError(f"p must be 1 or 2, got {p!r}")
         a = _standardize_attrs({"axis": axis, "eps": 0}, x.type)["axis"]
         float_dtype(x.type)
-    norm = reduce(x, "l1" if p == 1 else "l2", a, keepdims=True)
-    return div(x, clip(norm, float(np.finfo(x.dtype).tiny), None), name=name)
+    norm = reduce(x, "l1" if p == 1 else "l2", a, keepdims=True, name=_part(name, "norm"))
+    return div(x, clip(norm, float(np.finfo(x.dtype).tiny), None, name=_part(name, "clamped")), name=name)
