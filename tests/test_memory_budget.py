@@ -5,6 +5,7 @@ the patch-based schedule at the image borders, and convc/budget.py's choice
 under --ram / --flash."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -306,3 +307,17 @@ def test_flash_budget_is_measured_and_the_size_table_marks_the_peak():
     table = rep.table()
     row = next(line for line in table.splitlines() if line.startswith(rep.rows[peak].node + " "))
     assert f"{live[peak]:,} *" in row and f"step {peak} of the schedule" in table, table
+
+
+@pytest.mark.skipif(os.environ.get("CONVC_LONG_TESTS") != "1", reason="a QEMU run (CONVC_LONG_TESTS=1)")
+def test_budget_export_runs_on_the_emulated_cortex_m4(tmp_path):
+    """The 24 KiB plan's harness on QEMU's MPS2 AN386 (convc/qemu.py)."""
+    from convc import qemu
+    missing = qemu.missing_tools()
+    if missing:
+        if os.environ.get("CONVC_REQUIRE_QEMU") == "1":
+            pytest.fail(f"CONVC_REQUIRE_QEMU=1 but {', '.join(missing)} missing")
+        pytest.skip(f"{', '.join(missing)} missing")
+    exp = export_c(mobilenet_tiny(), tmp_path, name="mnet", ram="24K")
+    run = qemu.run(exp.dir, "mnet", timeout=300)
+    assert run.output.strip().splitlines()[-1] == "OK" and run.instructions("mnet_run")
