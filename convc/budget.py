@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from .errors import ConvcError
 from .ir import Graph, require_graph
-from .schedule import Plan, _align, plan as make_plan
+from .schedule import Plan, plan as make_plan
 
 INPLACE_CONVS = ["inplace_depthwise", "inplace_pointwise"]
 INPLACE_LAST = ["inplace_elementwise"]
@@ -66,16 +66,11 @@ class Candidate:
 
     def peak(self) -> tuple[int, str, int]:
         """(schedule step, node, bytes live) where the live buffers peak."""
+        from .export import live_bytes
         p = self.evaluate().plan
-        live = live_per_step(p)
+        live = live_bytes(p)
         step = max(range(len(live)), key=live.__getitem__) if live else 0
         return step, (p.order[step] if p.order else ""), (live[step] if live else 0)
-
-
-def live_per_step(p: Plan) -> list[int]:
-    """Bytes of arena buffers alive at each schedule step (as
-    ``export.live_bytes``; here to keep this module free of the exporter)."""
-    return [sum(_align(b.nbytes) for b in p.buffers if b.start <= s <= b.end) for s in range(len(p.order))]
 
 
 def _split(pipeline) -> tuple[list[str], list[str]]:

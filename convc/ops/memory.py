@@ -112,11 +112,9 @@ class Paste(Op):
 
     def context(self, attrs, types, out):
         tile = types[-1]
-        rank = len(out.shape) - 2
-        # the tile as (rows, row length) of the canvas: every spatial axis but the last picks a row
+        # the tile as rows of its last axis: every other spatial axis picks a row of the canvas
         return dict(canvas=len(types) == 2, SIZE=out.size, NC=out.shape[0] * out.shape[1],
-                    tile_dims=list(tile.shape[2:]), canvas_dims=list(out.shape[2:]), at=list(attrs["at"]),
-                    rank=rank, TILE=tile.size, par=[])
+                    tile_dims=list(tile.shape[2:]), canvas_dims=list(out.shape[2:]), at=list(attrs["at"]), par=[])
 
 
 class _InPlaceConv(Conv):
