@@ -36,7 +36,7 @@ ort = pytest.importorskip("onnxruntime")
 LIGHT = pathlib.Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 MODELS = sorted(p.stem[len("light_"):] for p in LIGHT.glob("light_*.onnx"))
 
-LONG = {"densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet", "vgg19"}
+LONG = {"densenet121", "inception_v1", "inception_v2", "resnet50", "vgg19"}
 """Models whose cold compile takes more than ~15 s of one core (a hundred
 distinct conv functions, or VGG-19's 548 MB of weights through fold_params):
 run with CONVC_LONG_TESTS=1."""
