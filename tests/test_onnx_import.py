@@ -610,3 +610,14 @@ def test_bad_files(tmp_path):
         from_onnx(tmp_path / "junk.onnx")
     with pytest.raises(cc.ConvcError, match="takes a path"):
         from_onnx(42)
+
+
+def test_import_only_op_of_a_run_time_tensor():
+    # ConstantOfShape decides a shape: its input must be known at import
+    m = _model([helper.make_node("ConstantOfShape", ["s"], ["y"], name="fill")], [], ["y"], valid=False)
+    m.graph.input.append(helper.make_tensor_value_info("s", TensorProto.INT64, [2]))
+    with pytest.raises(OnnxImportError, match=r"ConstantOfShape 'fill': convc computes ConstantOfShape at import "
+                                              r"only .* input 's' is computed at run time"):
+        from_onnx(m)
+    g = from_onnx(m, constants={"s": np.array([2, 3])})
+    np.testing.assert_array_equal(cc.compile(g, "numpy")(), np.zeros((2, 3), np.float32))

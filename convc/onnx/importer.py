@@ -416,6 +416,11 @@ class _Importer:
         if not self.folding and self.would_be_constant(node):   # folded, were it not for an unsupported node
             raise _Unsupported("an input comes from an unsupported node", consequence=True)
         entry = _CONVERTERS.get(_key(node))
+        if entry is None and node.op_type in FOLDS and node.domain in ("", "ai.onnx"):
+            late = [i for i, a in zip(node.input, args) if i and not isinstance(a, np.ndarray)]
+            raise _Unsupported(f"convc computes {node.op_type} at import only (its result decides shapes, and "
+                               f"convc's shapes are static), and input {late[0]!r} is computed at run time; bind it "
+                               f"with from_onnx(constants=...) if it is a graph input")
         if entry is None:
             raise _Unsupported(f"op {node.op_type} is not supported" if node.domain in ("", "ai.onnx") else
                                f"op {node.op_type} of domain {node.domain!r} is not supported")
