@@ -238,11 +238,14 @@ def _affine(x: Value, y: Value, weight, bias, shape, name, op: str) -> Value:
 
 
 def _check_params(op, name, x, shape, **params):
+    """Each of ``params`` (weight, bias; None: absent) holds one value per
+    element of ``shape`` (in any shape of that size)."""
     with rules(op, name, x=x, **{k: v for k, v in params.items() if v is not None}):
         for what, p in params.items():
-            if p is not None and shapes.prod(np.shape(p) if not isinstance(p, Value) else p.shape) != \
-                    shapes.prod(shape):
-                got = p.shape if isinstance(p, Value) else np.shape(p)
+            if p is None:
+                continue
+            got = p.shape if isinstance(p, Value) else np.shape(p)
+            if shapes.prod(got) != shapes.prod(shape):
                 raise RuleError(f"{what} must have {shapes.prod(shape)} elements (shape {shape}), got {got}")
 
 
