@@ -104,7 +104,18 @@ class Reduce(ReduceSum):
         return [x.graph.add("reduce_grad", [x, y, gy], dict(attrs))]
 
     def context(self, attrs, types, out):
-        return dict(_loops(attrs, types[0]), kind=attrs["kind"], SIZE=out.size, par=[("j", "SIZE", out.size)])
+        """The reduced axes one block with kept axes after it (x is (OUTER,
+        R, INNER), INNER > 1: over channels, say): one parallel iteration an
+        outer index, folding whole rows; otherwise one an output, walking its
+        elements (log_sum_exp always: it takes the maximum first)."""
+        x, axes = types[0], attrs["axes"]
+        if axes and list(axes) == list(range(axes[0], axes[-1] + 1)) and axes[-1] < len(x.shape) - 1 \
+                and attrs["kind"] != "log_sum_exp":
+            outer = shapes.prod(x.shape[:axes[0]])
+            rows = dict(OUTER=outer, R=shapes.prod(x.shape[a] for a in axes),
+                        INNER=shapes.prod(x.shape[axes[-1] + 1:]))
+            return dict(_loops(attrs, x), kind=attrs["kind"], rows=rows, par=[("o", "OUTER", outer)])
+        return dict(_loops(attrs, x), kind=attrs["kind"], rows=None, SIZE=out.size, par=[("j", "SIZE", out.size)])
 
     def macs(self, attrs, types, out):
         return types[0].size if attrs["kind"] in ("prod", "l2", "sum_square", "log_sum_exp") else 0
