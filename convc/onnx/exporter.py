@@ -210,7 +210,7 @@ def _x_pool(ex, n, ins, attrs, out):
 
 
 _SIMPLE = {"global_avg_pool": "GlobalAveragePool", "add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div",
-           "matmul": "MatMul"}
+           "matmul": "MatMul", "maximum": "Max", "minimum": "Min", "pow": "Pow", "prelu": "PRelu"}
 
 
 @exports(*_SIMPLE)
