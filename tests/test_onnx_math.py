@@ -301,11 +301,13 @@ def test_new_activations_export_to_onnx():
     g.output(cc.selu(cc.elu(x, 0.5)), "a")
     g.output(cc.thresholded_relu(cc.softsign(x), alpha=-0.2), "b")
     g.output(cc.erf(cc.neg(cc.abs(x))), "c")
+    g.output(cc.prelu(cc.maximum(cc.minimum(x, 1.5), cc.pow(cc.abs(x), np.full((7,), 1.5, np.float32))),
+                      np.full((2, 1), 0.25, np.float32)), "d")
     xa = np.linspace(-3, 3, 14, dtype=np.float32).reshape(2, 7)
     m = cc.to_onnx(g, opset=18)
     assert {n.op_type for n in m.graph.node} - {"Identity"} == {"Selu", "Elu", "ThresholdedRelu", "Softsign", "Erf",
-                                                                 "Neg", "Abs"}
+                                                                 "Neg", "Abs", "Max", "Min", "Pow", "PRelu"}
     got = ReferenceEvaluator(m).run(None, {"x": xa})
     ref = cc.compile(g, target="numpy").run({"x": xa})
-    for name, v in zip(("a", "b", "c"), got):
+    for name, v in zip(("a", "b", "c", "d"), got):
         assert_close(v, ref[name], rtol=1e-6, atol=1e-6, what=name)
