@@ -241,12 +241,17 @@ TABLE: dict[str, Activation] = {a.name: a for a in [
         params={"alpha": 1.0}, onnx="ThresholdedRelu", onnx_since=10),
     Activation(
         "mish", "x * tanh(softplus(x)) (Misra 2019).",
-        lambda x: x * np.tanh(np.log1p(np.exp(x))), "({x} * tanh{f}(log1p{f}({exp}({x}))))",
-        # PyTorch's mish_backward, tanh(sp) + x * sigmoid(x) * (1 - tanh(sp)^2), with 1 - tanh(sp)^2
-        # as 1 / cosh(sp)^2: exactly 0 where sp saturates, whatever tanh's last ulp there
+        # tanh(log(1 + e)) = n / (n + 2) with e = exp(x), n = e (e + 2): one exp and no libm call,
+        # so the loop vectorises; from x > 20 on it is 1 in float and double (n would overflow)
+        lambda x: x * _mish_tsp(x), "({x} * ({x} > 20 ? 1 : {exp}({x}) * ({exp}({x}) + 2)"
+                                    " / ({exp}({x}) * ({exp}({x}) + 2) + 2)))",
+        # PyTorch's mish_backward, tanh(sp) + x * sigmoid(x) * (1 - tanh(sp)^2), with
+        # 1 - tanh(sp)^2 = 4 (n + 1) / (n + 2)^2 and sigmoid(x) = e / (1 + e); 1 from x > 20 on
+        # (1 + 0 * x: NaN at +inf, where torch's inf * 0 gives NaN)
         lambda x, gy: gy * _mish_grad(x),
-        "({gy} * (tanh{f}(log1p{f}({exp}({t}))) + {t} * (1 / (1 + {exp}(-{t})))"
-        " / (cosh{f}(log1p{f}({exp}({t}))) * cosh{f}(log1p{f}({exp}({t}))))))",
+        "({gy} * ({t} > 20 ? 1 + 0 * {t} : {exp}({t}) * ({exp}({t}) + 2) / ({exp}({t}) * ({exp}({t}) + 2) + 2)"
+        " + {t} * ({exp}({t}) / (1 + {exp}({t}))) * (4 * ({exp}({t}) * ({exp}({t}) + 2) + 1)"
+        " / (({exp}({t}) * ({exp}({t}) + 2) + 2) * ({exp}({t}) * ({exp}({t}) + 2) + 2)))))",
         onnx="Mish", onnx_since=18),
     # -- the unary math of ONNX (records too: fusable, differentiable, imported and exported alike)
     Activation(
@@ -284,9 +289,20 @@ TABLE: dict[str, Activation] = {a.name: a for a in [
 ]}
 
 
+def _mish_n(x):
+    e = np.exp(np.minimum(x, 20))
+    return e, e * (e + 2)
+
+
+def _mish_tsp(x):
+    """tanh(softplus(x)) as n / (n + 2), n = e^x (e^x + 2); 1 from x > 20 on."""
+    _, n = _mish_n(x)
+    return np.where(x > 20, 1, n / (n + 2))
+
+
 def _mish_grad(x):
-    sp = np.log1p(np.exp(x))
-    return np.tanh(sp) + x * _np_sigmoid(x) / (np.cosh(sp) * np.cosh(sp))
+    e, n = _mish_n(x)
+    return np.where(x > 20, 1 + 0 * x, n / (n + 2) + x * (e / (1 + e)) * (4 * (n + 1) / ((n + 2) * (n + 2))))
 
 
 def _gelu_tanh_grad(x):
