@@ -10,7 +10,8 @@ A record's C expressions are format strings over ``{x}`` (the input; it may
 appear several times, so callers bind it to a variable first), ``{y}``,
 ``{t}`` and ``{gy}`` (gradients), ``{T}`` (the C type), ``{f}`` (the float
 suffix of C math functions: ``tanhf`` for float, ``tanh`` for double),
-``{exp}`` (float: the prelude's vectorisable ``convc_expf``; double: ``exp``)
+``{exp}`` (float: the prelude's vectorisable ``convc_expf``; double: ``exp``),
+``{expm1}`` (likewise ``convc_expm1f`` or ``expm1``)
 and the record's parameters (printed as exact C literals).
 """
 from __future__ import annotations
@@ -97,8 +98,10 @@ class Activation:
 
 def _c_names(T: str) -> dict:
     """What a record's C format strings name: the type, the float suffix of
-    C math functions, and exp (float: the prelude's vectorisable convc_expf)."""
-    return dict(T=T, f="f" if T == "float" else "", exp="convc_expf" if T == "float" else "exp")
+    C math functions, exp and expm1 (float: the prelude's vectorisable
+    convc_expf and convc_expm1f)."""
+    return dict(T=T, f="f" if T == "float" else "", exp="convc_expf" if T == "float" else "exp",
+                expm1="convc_expm1f" if T == "float" else "expm1")
 
 
 def _np_sigmoid(x):
@@ -206,7 +209,7 @@ TABLE: dict[str, Activation] = {a.name: a for a in [
         onnx="Gelu", onnx_since=20),
     Activation(
         "elu", "x if x > 0 else alpha * (exp(x) - 1) (ONNX's and PyTorch's default alpha 1).",
-        lambda x, alpha: np.where(x > 0, x, alpha * np.expm1(x)), "({x} > 0 ? {x} : {alpha} * expm1{f}({x}))",
+        lambda x, alpha: np.where(x > 0, x, alpha * np.expm1(x)), "({x} > 0 ? {x} : {alpha} * {expm1}({x}))",
         # PyTorch's elu_backward from x (its vectorised kernel: NaN gives NaN); from y would need
         # y + alpha, which cancels where x << 0
         lambda x, gy, alpha: np.where(x > 0, gy, gy * alpha * np.exp(x)),
@@ -216,7 +219,7 @@ TABLE: dict[str, Activation] = {a.name: a for a in [
         "selu", "gamma * elu(x, alpha); the defaults are ONNX's (float32 values; PyTorch's SELU constants "
                 "differ from the 8th digit on).",
         lambda x, alpha, gamma: gamma * np.where(x > 0, x, alpha * np.expm1(x)),
-        "({gamma} * ({x} > 0 ? {x} : {alpha} * expm1{f}({x})))",
+        "({gamma} * ({x} > 0 ? {x} : {alpha} * {expm1}({x})))",
         lambda x, gy, alpha, gamma: np.where(x > 0, gy * gamma, gy * gamma * alpha * np.exp(x)),
         "({t} > 0 ? {gy} * {gamma} : {gy} * {gamma} * {alpha} * {exp}({t}))",
         params={"alpha": _SELU_ALPHA, "gamma": _SELU_GAMMA}, onnx="Selu", onnx_since=6),
@@ -224,7 +227,7 @@ TABLE: dict[str, Activation] = {a.name: a for a in [
         "softplus", "log(1 + exp(x)), as max(x, 0) + log1p(exp(-|x|)): no overflow for large x.",
         _np_softplus, "({x} > 0 ? {x} + log1p{f}({exp}(-{x})) : log1p{f}({exp}({x})))",
         # sigmoid(x) = 1 - exp(-y): accurate at both ends (y ~ exp(x) below, y ~ x above)
-        lambda y, gy: gy * -np.expm1(-y), "({gy} * -expm1{f}(-{t}))", grad_from="y",
+        lambda y, gy: gy * -np.expm1(-y), "({gy} * -{expm1}(-{t}))", grad_from="y",
         onnx="Softplus"),
     Activation(
         "softsign", "x / (1 + |x|) (NaN at +-inf, inf / inf, as in ONNX and PyTorch).",
