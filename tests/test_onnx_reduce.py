@@ -66,7 +66,7 @@ def _input(rng):
 
 
 def test_reduce_against_torch_every_kind_and_target():
-    """Each kind over two of the axis sets (all four with CONVC_LONG_TESTS=1),
+    """Each kind over one of the axis sets (all four with CONVC_LONG_TESTS=1),
     the special values and the pools, in one graph (one compile per target)."""
     rng = np.random.default_rng(3)
     g = cc.Graph("reduce_cases")
@@ -75,7 +75,7 @@ def test_reduce_against_torch_every_kind_and_target():
     x = g.input("x", SHAPE, "float64")
     feeds["x"] = a
     for n, kind in enumerate(KINDS):
-        for axes, keep in (AXES if LONG else [AXES[n % 4], AXES[(n + 1) % 4]]):
+        for axes, keep in (AXES if LONG else [AXES[n % 4]]):
             cid = f"{kind}_{''.join(map(str, axes))}_{int(keep)}"
             y = reduce(x, kind, axes, keep)
             gy = g.input(f"gy_{cid}", y.shape, "float64")
