@@ -396,7 +396,8 @@ class Export:
 def export_c(graph: Graph, out_dir, name: str = "model", weights_file: bool = False, passes="embedded",
              harness: bool = True, test_inputs=None, tests: int = 2, seed: int = 0, int8: bool = False,
              calibration=None, weight_format: str = "bytes", train: bool = False, loss: str | None = None,
-             optimizer=None, steps: int | None = None, ram=None, flash=None):
+             optimizer=None, steps: int | None = None, ram=None, flash=None, target: str = "c",
+             embed_kernels: bool = False):
     """Write ``NAME.h``, ``NAME.c`` (weights inside, or in ``NAME_weights.c``
     with ``weights_file=True``) and the test harness ``NAME_test.c`` into
     ``out_dir`` (created if needed). ``passes``: the pipeline run first, as in
@@ -429,10 +430,29 @@ def export_c(graph: Graph, out_dir, name: str = "model", weights_file: bool = Fa
     ``Export.budget`` says what was chosen. The harness still checks against
     ``graph`` as given.
 
+    ``target="opencl"`` writes the OpenCL host program, kernels, params,
+    harness and Makefile instead (:func:`convc.export_opencl.export_opencl`;
+    ``embed_kernels`` puts the kernels inside the host source); the C
+    library's options (int8, weights_file, weight_format, ram, flash) do not
+    apply there.
+
     >>> cc.export_c(lenet5(), "build/lenet", name="lenet")   # doctest: +SKIP
     >>> cc.export_c(lenet5(), "build/qlenet", name="qlenet", int8=True, calibration="digits.npz")  # doctest: +SKIP
     >>> cc.export_c(lenet5(batch=8), "build/tlenet", name="tlenet", train=True, optimizer=cc.Adam())  # doctest: +SKIP
     """
+    if target == "opencl":
+        from .export_opencl import export_opencl
+        given = [k for k, v in (("int8", int8), ("weights_file", weights_file), ("calibration", calibration),
+                                ("weight_format", weight_format != "bytes"), ("ram", ram), ("flash", flash),
+                                ("steps", steps)) if v not in (False, None)]
+        if given:
+            raise ConvcError(f"export_c(target='opencl'): {', '.join(given)} apply to the C library only")
+        return export_opencl(graph, out_dir, name, embed_kernels, passes, harness, test_inputs,
+                             tests, seed, train, loss, optimizer)
+    if target != "c":
+        raise ConvcError(f"export_c(): target {target!r}: expected 'c' or 'opencl'")
+    if embed_kernels:
+        raise ConvcError("export_c(): embed_kernels is for target='opencl'")
     if train and (ram is not None or flash is not None):
         raise ConvcError("export_c(): ram and flash budgets are for inference exports, not train=True")
     if train:

@@ -253,3 +253,19 @@ def test_refuses_bad_names_and_options(tmp_path):
         export_opencl(lenet5(), tmp_path, name="net", optimizer=cc.SGD())
     with pytest.raises(cc.ConvcError, match="has 3 outputs"):
         export_opencl(branches(), tmp_path, name="net", train=True)
+
+
+def test_export_c_with_target_opencl_writes_the_same_project(tmp_path):
+    """cc.export_c(..., target="opencl") is export_opencl (DESIGN's one entry
+    point); the C library's options are refused by name."""
+    a = cc.export_c(lenet5(), tmp_path / "a", name="net", target="opencl", embed_kernels=True)
+    b = export_opencl(lenet5(), tmp_path / "b", name="net", embed_kernels=True)
+    assert sorted(f.name for f in a.files) == sorted(f.name for f in b.files)
+    for f in b.files:
+        assert (tmp_path / "a" / f.name).read_bytes() == f.read_bytes(), f.name
+    with pytest.raises(cc.ConvcError, match="int8, ram apply to the C library only"):
+        cc.export_c(lenet5(), tmp_path / "c", name="net", target="opencl", int8=True, ram=1000)
+    with pytest.raises(cc.ConvcError, match="target 'cuda'"):
+        cc.export_c(lenet5(), tmp_path / "c", name="net", target="cuda")
+    with pytest.raises(cc.ConvcError, match="embed_kernels is for target='opencl'"):
+        cc.export_c(lenet5(), tmp_path / "c", name="net", embed_kernels=True)
