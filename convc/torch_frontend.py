@@ -32,8 +32,14 @@ import numpy as np
 from .errors import ConvcError, GraphError
 from .ir import Graph, Value
 from .ops.conv import conv
+from .ops import elementwise as ew
 from .ops.elementwise import (activation_grad, add, clip, div, gelu, hardsigmoid, hardswish, leaky_relu, mul, relu,
                               sigmoid, silu, sub, tanh)
+from .ops.indexing import cast, take
+from .ops.indexing import where as where_op
+from .ops.normalize import group_norm, layer_norm
+from .ops.rearrange import depth_to_space, space_to_depth, tile
+from .ops.reduce import reduce
 from .ops.linear import dense, matmul, softmax
 from .ops.norm import batch_norm
 from .ops.pool import avg_pool, avg_pool_grad, global_avg_pool, max_pool, max_pool_grad
@@ -84,17 +90,21 @@ def decompositions() -> dict:
 
 # -- converters ---------------------------------------------------------------------
 _CONVERTERS: dict[str, callable] = {}
+_CONST_ARGS: dict[str, tuple] = {}          # per overload: arguments that may be integer/bool constants
 
 
-def converts(*targets: str, ignores: tuple = ()):
+def converts(*targets: str, ignores: tuple = (), consts: tuple = ()):
     """Register ``fn(cv, node, a)`` for ATen overloads (``"aten.relu.default"``):
     ``a`` holds the node's arguments by schema name (defaults filled, FX
     nodes replaced by convc Values; the arguments in ``ignores`` are not
     read and come as None); it returns a Value or a tuple (several outputs;
-    ``None`` for one it does not compute)."""
+    ``None`` for one it does not compute). The arguments in ``consts`` may
+    be tensors of any dtype (indices, masks): the converter reads them as
+    compile-time arrays with :func:`_const_array`."""
     def deco(fn):
         for t in targets:
             _CONVERTERS[t] = (fn, ignores)
+            _CONST_ARGS[t] = tuple(consts)
         return fn
     return deco
 
@@ -462,14 +472,6 @@ def _identity(cv, node, a):
     return _tensor(a.get("self", a.get("input")), "input")
 
 
-@converts("aten._to_copy.default")
-def _to_copy(cv, node, a):
-    x = _tensor(a["self"], "input")
-    if a["dtype"] is not None and FLOAT_DTYPES.get(str(a["dtype"])) != x.dtype:
-        raise Unsupported(f"a cast to {a['dtype']}")
-    return x
-
-
 # arithmetic, tensor or scalar on either side
 def _operand(v, what: str):
     if isinstance(v, Value):
@@ -524,6 +526,376 @@ for _r, _lin in ((1, "linear"), (2, "bilinear"), (3, "trilinear")):
     converts(f"aten.upsample_{_lin}{_r}d.vec")(_upsample(_lin))
 
 
+# -- issue 20's ops: more activations, unary math, binary math, reductions, norms, indexing --------
+def _const_array(cv, v, what: str) -> np.ndarray:
+    """The value of a tensor known at compile time (a param or buffer of
+    the module, a constant torch.export lifted), as a numpy array."""
+    if isinstance(v, Value) and v.op == "param":
+        return np.asarray(cv.g.node(v.name)["value"])
+    raise Unsupported(f"{what} must be a constant of the module (a buffer or a tensor literal), "
+                      f"not a tensor computed at run time")
+
+
+def _same(a, b) -> bool:
+    return float(a) == float(b)
+
+
+def _elu_value(x: Value, alpha: float, scale: float, iscale: float, name) -> Value:
+    """torch's elu(x, alpha, scale, input_scale) = scale * (x if x > 0 else
+    alpha * expm1(input_scale * x))."""
+    if iscale == 1.0:
+        if scale == 1.0:
+            return ew.elu(x, alpha, name=name)
+        return ew.selu(x, alpha, scale, name=name)          # convc's selu: gamma * elu(x, alpha)
+    if iscale <= 0:
+        raise Unsupported(f"input_scale={iscale} (convc builds elu's input scaling for input_scale > 0 only)")
+    # celu and the general form: the negative part alpha*expm1(input_scale*min(x, 0)) is 0 for x > 0
+    neg = ew.elu(mul(clip(x, max=0.0), iscale), alpha)
+    y = add(relu(x), neg, name=name if scale == 1.0 else None)
+    return y if scale == 1.0 else mul(y, scale, name=name)
+
+
+@converts("aten.elu.default")
+def _elu(cv, node, a):
+    """selu decomposes to elu (alpha and scale); celu is kept whole below."""
+    alpha, scale, iscale = (float(_scalar(a[k], k)) for k in ("alpha", "scale", "input_scale"))
+    return _elu_value(_tensor(a["self"], "input"), alpha, scale, iscale, cv.name(node))
+
+
+@converts("aten.celu.default")
+def _celu(cv, node, a):
+    alpha = float(_scalar(a["alpha"], "alpha"))
+    if alpha == 0:
+        raise Unsupported("celu with alpha=0 (its input scale 1/alpha)")
+    return _elu_value(_tensor(a["self"], "input"), alpha, 1.0, 1.0 / alpha, cv.name(node))
+
+
+@converts("aten.elu_backward.default")
+def _elu_backward(cv, node, a):
+    gy = _tensor(a["grad_output"], "grad_output")
+    t = _tensor(a["self_or_result"], "self_or_result")
+    alpha, scale, iscale = (float(_scalar(a[k], k)) for k in ("alpha", "scale", "input_scale"))
+    if a["is_result"]:
+        raise Unsupported("elu_backward from the result (is_result=True, in-place elu): convc's elu and selu "
+                          "derivatives read x")
+    if iscale != 1.0:
+        raise Unsupported(f"elu_backward with input_scale={iscale} (celu): convc's elu derivative has no "
+                          f"input scale")
+    if scale == 1.0:
+        return activation_grad("elu", t, gy, {"alpha": alpha}, name=cv.name(node))
+    return activation_grad("selu", t, gy, {"alpha": alpha, "gamma": scale}, name=cv.name(node))
+
+
+def _softplus_checks(x: Value, beta, threshold, what: str) -> tuple[float, float]:
+    """torch's softplus is x itself where beta*x > threshold; convc's record
+    is log1p(exp(beta*x))/beta everywhere, which differs there by at most
+    exp(-threshold) relative (value) and exp(-threshold) (derivative): taken
+    when that is below the dtype's epsilon, so the two round alike."""
+    beta, threshold = float(_scalar(beta, "beta")), float(_scalar(threshold, "threshold"))
+    if beta <= 0:
+        raise Unsupported(f"{what} with beta={beta} (convc builds softplus(beta*x)/beta for beta > 0)")
+    eps = float(np.finfo(x.dtype).eps)
+    if not math.exp(-threshold) < eps:
+        raise Unsupported(f"{what} with threshold={threshold} on {x.dtype}: torch returns x itself above it, "
+                          f"convc's softplus the smooth value, up to exp(-{threshold:g}) = "
+                          f"{math.exp(-threshold):.2g} apart, above {x.dtype}'s epsilon {eps:.2g} "
+                          f"(a threshold >= {math.ceil(-math.log(eps)) + 1} matches)")
+    return beta, threshold
+
+
+@converts("aten.softplus.default")
+def _softplus(cv, node, a):
+    x = _tensor(a["self"], "input")
+    beta, _ = _softplus_checks(x, a["beta"], a["threshold"], "softplus")
+    if beta == 1.0:
+        return ew.softplus(x, name=cv.name(node))
+    return div(ew.softplus(mul(x, beta)), beta, name=cv.name(node))
+
+
+@converts("aten.softplus_backward.default")
+def _softplus_backward(cv, node, a):
+    x, gy = _tensor(a["self"], "self"), _tensor(a["grad_output"], "grad_output")
+    beta, _ = _softplus_checks(x, a["beta"], a["threshold"], "softplus_backward")
+    bx = x if beta == 1.0 else mul(x, beta)
+    # d/dx softplus(beta x)/beta = sigmoid(beta x): the record's derivative at beta x (from its output)
+    return activation_grad("softplus", ew.softplus(bx), gy, name=cv.name(node))
+
+
+@converts("aten.mish.default")
+def _mish(cv, node, a):
+    return ew.mish(_tensor(a["self"], "input"), name=cv.name(node))
+
+
+@converts("aten.mish_backward.default")
+def _mish_backward(cv, node, a):
+    return activation_grad("mish", _tensor(a["self"], "self"), _tensor(a["grad_output"], "grad_output"),
+                           name=cv.name(node))
+
+
+_UNARY = {"sqrt": ew.sqrt, "exp": ew.exp, "log": ew.log, "neg": ew.neg, "abs": ew.abs,
+          "reciprocal": ew.reciprocal, "erf": ew.erf}
+for _t, _fn in _UNARY.items():
+    converts(f"aten.{_t}.default")(lambda cv, node, a, _fn=_fn: _fn(_tensor(a["self"], "input"),
+                                                                      name=cv.name(node)))
+
+
+@converts("aten.rsqrt.default")
+def _rsqrt(cv, node, a):
+    return ew.reciprocal(ew.sqrt(_tensor(a["self"], "input")), name=cv.name(node))
+
+
+def _binary_math(fn):
+    def convert(cv, node, a):
+        x, y = a["self"], a.get("other", a.get("exponent"))
+        if not isinstance(x, Value):            # pow.Scalar: a number to a tensor power
+            y = _tensor(y, "exponent")
+            x = cv.g.const(np.asarray(float(_scalar(x, "self"))), y.dtype)
+        x = _tensor(x, "self")
+        if not isinstance(y, Value):
+            y = float(_scalar(y, "exponent"))
+        # torch's type promotion (a 0-dim tensor counts as a number): operands to the result's dtype
+        t = _meta_type(node)
+        want = FLOAT_DTYPES.get(t[1]) if t else None
+        if want:
+            x, y = (cast(v, want) if isinstance(v, Value) and v.dtype != want else v for v in (x, y))
+        return fn(x, y, name=cv.name(node))
+    return convert
+
+
+converts("aten.maximum.default")(_binary_math(ew.maximum))
+converts("aten.minimum.default")(_binary_math(ew.minimum))
+converts("aten.pow.Tensor_Tensor", "aten.pow.Tensor_Scalar", "aten.pow.Scalar")(_binary_math(ew.pow))
+
+
+def _prelu_slope(x: Value, w: Value) -> Value:
+    # torch's weight has one slope per channel (axis 1) or a single one; convc's broadcasts numpy-style
+    if len(w.shape) == 1 and len(x.shape) >= 2 and w.shape[0] == x.shape[1] and w.shape[0] != 1:
+        return reshape(w, (w.shape[0],) + (1,) * (len(x.shape) - 2))
+    return w
+
+
+@converts("aten.prelu.default")
+def _prelu(cv, node, a):
+    x, w = _tensor(a["self"], "input"), _tensor(a["weight"], "weight")
+    return ew.prelu(x, _prelu_slope(x, w), name=cv.name(node))
+
+
+@converts("aten._prelu_kernel.default")
+def _prelu_kernel(cv, node, a):
+    # (prelu's decomposition has shaped the weight to broadcast already)
+    return ew.prelu(_tensor(a["self"], "input"), _tensor(a["weight"], "weight"), name=cv.name(node))
+
+
+@converts("aten._prelu_kernel_backward.default")
+def _prelu_backward(cv, node, a):
+    """(dL/dx, the weight's contributions at the broadcast shape: torch's
+    kernel leaves their sum over the broadcast axes to the decomposition)."""
+    from .ops.tensor import sum_to
+    gy, x, w = (_tensor(a[k], k) for k in ("grad_output", "self", "weight"))
+    gx, gw = (gy.graph.add("binary_grad", [x, w, gy], {"kind": "prelu", "wrt": i}) for i in (0, 1))
+    return (gx if gx.shape == x.shape else sum_to(gx, x.shape)), gw
+
+
+# reductions
+def _reduce_axes(x: Value, dim) -> list[int]:
+    return list(range(len(x.shape))) if dim is None or dim == [] else _axes(x, dim)
+
+
+def _reduction(kind):
+    def convert(cv, node, a):
+        x = _tensor(a["self"], "input")
+        if a.get("dtype") is not None:
+            raise Unsupported(f"a reduction with dtype={a['dtype']}")
+        return reduce(x, kind, tuple(_reduce_axes(x, a.get("dim"))), bool(a.get("keepdim", False)),
+                      name=cv.name(node))
+    return convert
+
+
+converts("aten.amax.default")(_reduction("max"))
+converts("aten.amin.default")(_reduction("min"))
+converts("aten.prod.dim_int", "aten.prod.default")(_reduction("prod"))
+converts("aten.logsumexp.default")(_reduction("log_sum_exp"))
+
+
+@converts("aten.linalg_vector_norm.default")
+def _vector_norm(cv, node, a):
+    x = _tensor(a["self"], "input")
+    if a["dtype"] is not None:
+        raise Unsupported(f"linalg_vector_norm with dtype={a['dtype']}")
+    ord_ = float(_scalar(a["ord"], "ord"))
+    axes, keep, name = tuple(_reduce_axes(x, a["dim"])), bool(a["keepdim"]), cv.name(node)
+    if ord_ == 1:
+        return reduce(x, "l1", axes, keep, name=name)
+    if ord_ == 2:
+        return reduce(x, "l2", axes, keep, name=name)
+    if ord_ in (math.inf, -math.inf):
+        return reduce(ew.abs(x), "max" if ord_ > 0 else "min", axes, keep, name=name)
+    raise Unsupported(f"ord={a['ord']} (convc reduces to the 1-, 2- and inf-norms)")
+
+
+def _variance(x: Value, a, name=None) -> Value:
+    axes = tuple(_reduce_axes(x, a["dim"]))
+    n = math.prod(x.shape[d] for d in axes)
+    corr = 1.0 if a["correction"] is None else float(_scalar(a["correction"], "correction"))
+    if n - corr <= 0:
+        raise Unsupported(f"variance over {n} entries with correction {corr:g} (torch gives inf or NaN)")
+    m = reduce(x, "mean", axes, True)
+    return div(reduce(sub(x, m), "sum_square", axes, bool(a["keepdim"])), float(n - corr), name=name)
+
+
+@converts("aten.var.correction")
+def _var(cv, node, a):
+    return _variance(_tensor(a["self"], "input"), a, cv.name(node))
+
+
+@converts("aten.std.correction")
+def _std(cv, node, a):
+    return ew.sqrt(_variance(_tensor(a["self"], "input"), a), name=cv.name(node))
+
+
+@converts("aten.var_mean.correction")
+def _var_mean(cv, node, a):
+    x = _tensor(a["self"], "input")
+    axes = tuple(_reduce_axes(x, a["dim"]))
+    return _Outputs(lambda: _variance(x, a), lambda: reduce(x, "mean", axes, bool(a["keepdim"])))
+
+
+class _Outputs(tuple):
+    """A multi-output op's results, each built when first read (a norm's
+    mean and rstd only when the program uses them)."""
+
+    def __new__(cls, *makers):
+        t = super().__new__(cls, makers)
+        t._made = {}
+        return t
+
+    def __getitem__(self, i):
+        if i not in self._made:
+            make = tuple.__getitem__(self, i)
+            self._made[i] = make() if callable(make) else make
+        return self._made[i]
+
+
+def _moments(x: Value, axes: tuple, eps: float, shape: tuple):
+    """mean and 1/sqrt(biased var + eps) of x over axes, as torch's native norms return them."""
+    def mean():
+        return reshape(reduce(x, "mean", axes, True), shape)
+
+    def rstd():
+        m = reduce(x, "mean", axes, True)
+        var = reduce(sub(x, m), "sum_square", axes, True)
+        n = math.prod(x.shape[d] for d in axes)
+        return reshape(ew.reciprocal(ew.sqrt(add(div(var, float(n)), eps))), shape)
+    return mean, rstd
+
+
+@converts("aten.native_layer_norm.default")
+def _native_layer_norm(cv, node, a):
+    x = _tensor(a["input"], "input")
+    k = len(a["normalized_shape"])
+    axis, eps = len(x.shape) - k, float(_scalar(a["eps"], "eps"))
+    y = layer_norm(x, axis, a["weight"], a["bias"], eps, name=cv.name(node))
+    axes = tuple(range(axis, len(x.shape)))
+    return _Outputs(y, *_moments(x, axes, eps, x.shape[:axis] + (1,) * k))
+
+
+@converts("aten.native_group_norm.default")
+def _native_group_norm(cv, node, a):
+    x = _tensor(a["input"], "input")
+    groups, eps = int(a["group"]), float(_scalar(a["eps"], "eps"))
+    y = group_norm(x, groups, a["weight"], a["bias"], eps, name=cv.name(node))
+    xg = reshape(x, (x.shape[0], groups, -1))
+    return _Outputs(y, *_moments(xg, (2,), eps, (x.shape[0], groups)))
+
+
+# rearrangement and indexing
+@converts("aten.pixel_shuffle.default")
+def _pixel_shuffle(cv, node, a):
+    return depth_to_space(_tensor(a["self"], "input"), a["upscale_factor"], mode="CRD", name=cv.name(node))
+
+
+@converts("aten.pixel_unshuffle.default")
+def _pixel_unshuffle(cv, node, a):
+    return space_to_depth(_tensor(a["self"], "input"), a["downscale_factor"], mode="CRD", name=cv.name(node))
+
+
+@converts("aten.repeat.default")
+def _repeat(cv, node, a):
+    x = _tensor(a["self"], "input")
+    reps = [int(r) for r in a["repeats"]]
+    if len(reps) > len(x.shape):            # torch prepends axes of size 1
+        x = reshape(x, (1,) * (len(reps) - len(x.shape)) + tuple(x.shape))
+    return tile(x, reps, name=cv.name(node))
+
+
+def _indices(cv, v, n: int, what: str) -> np.ndarray:
+    idx = _const_array(cv, v, what)
+    if idx.dtype.kind not in "iu":
+        raise Unsupported(f"{what} of dtype {idx.dtype} (integer indices)")
+    if idx.size and (idx.min() < 0 or idx.max() >= n):       # (torch refuses negative ones too)
+        raise Unsupported(f"{what} out of range 0 .. {n - 1} of the axis: {idx.min()} .. {idx.max()}")
+    return idx
+
+
+@converts("aten.index_select.default", consts=("index",))
+def _index_select(cv, node, a):
+    x = _tensor(a["self"], "input")
+    axis = a["dim"] % max(len(x.shape), 1)
+    idx = _indices(cv, a["index"], x.shape[axis], "index")
+    return take(x, idx.reshape(-1), axis, name=cv.name(node))
+
+
+@converts("aten.gather.default", consts=("index",))
+def _gather(cv, node, a):
+    """gather with constant indices: the flat position of every output entry
+    in x is known now, so it is one take from x seen flat."""
+    x = _tensor(a["self"], "input")
+    axis = a["dim"] % len(x.shape)
+    idx = _indices(cv, a["index"], x.shape[axis], "index").astype(np.int64)
+    if len(idx.shape) != len(x.shape) or any(i > n for d, (i, n) in enumerate(zip(idx.shape, x.shape))
+                                             if d != axis):
+        raise Unsupported(f"index of shape {idx.shape} for an input of shape {x.shape} (torch.gather's rule)")
+    pos = list(np.indices(idx.shape, sparse=True))
+    pos[axis] = idx
+    flat = np.ravel_multi_index(tuple(pos), x.shape)
+    return take(reshape(x, (math.prod(x.shape),)), flat, 0, name=cv.name(node))
+
+
+@converts("aten.where.self", consts=("condition",))
+def _where(cv, node, a):
+    mask = _const_array(cv, a["condition"], "condition").astype(bool)
+    x, y = a["self"], a["other"]
+    like = x if isinstance(x, Value) else _tensor(y, "other")
+    x = x if isinstance(x, Value) else cv.g.const(np.asarray(float(_scalar(x, "self"))), like.dtype)
+    y = y if isinstance(y, Value) else cv.g.const(np.asarray(float(_scalar(y, "other"))), like.dtype)
+    return where_op(mask, x, y, name=cv.name(node))
+
+
+@converts("aten.scalar_tensor.default")
+def _scalar_tensor(cv, node, a):
+    dtype = FLOAT_DTYPES.get(str(a["dtype"]), "float32") if a["dtype"] is not None else "float32"
+    if a["dtype"] is not None and str(a["dtype"]) not in FLOAT_DTYPES:
+        raise Unsupported(f"a scalar tensor of dtype {a['dtype']}")
+    return cv.g.const(np.asarray(float(_scalar(a["s"], "s"))), dtype)
+
+
+@converts("aten._assert_tensor_metadata.default")
+def _assert_metadata(cv, node, a):
+    """torch.export's check of a tensor's size, stride and dtype: true for
+    the static shapes convc compiles (and produces nothing)."""
+    return None
+
+
+@converts("aten._to_copy.default")
+def _to_copy(cv, node, a):
+    x = _tensor(a["self"], "input")
+    if a["dtype"] is None or FLOAT_DTYPES.get(str(a["dtype"])) == x.dtype:
+        return x
+    if str(a["dtype"]) not in FLOAT_DTYPES:
+        raise Unsupported(f"a cast to {a['dtype']} (convc's torch import computes in float32 and float64)")
+    return cast(x, FLOAT_DTYPES[str(a["dtype"])], name=cv.name(node))
+
+
 # -- the walk ------------------------------------------------------------------------
 class _Poisoned:
     """The value of a node that could not be converted (or of its consumers)."""
@@ -570,7 +942,8 @@ class FxConverter:
         a = _bind(node, self.env, ignores)
         if any(v is _POISON for v in _flat(a.values())):
             return _POISON                  # reported at the node that caused it
-        for v in _flat(a.values()):
+        consts = _CONST_ARGS.get(key, ())
+        for v in _flat(v for k, v in a.items() if k not in consts):
             if isinstance(v, Value) and v.dtype not in FLOAT_DTYPES.values():
                 raise Unsupported(f"an operand of dtype {v.dtype} (convc maps float32 and float64 tensors)")
         try:
