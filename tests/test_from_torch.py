@@ -216,7 +216,8 @@ def test_every_mapped_op():
     and tests/test_torch_backend.py)."""
     dtype = torch.float64
     r = record_all(dtype)
-    assert set(mapped_ops()) <= r.ops, f"mapped ops without a case: {sorted(set(mapped_ops()) - r.ops)}"
+    covered = r.ops | __import__("test_torch_frontend_ops").OPS        # (issue 20's ops: tested in that file)
+    assert set(mapped_ops()) <= covered, f"mapped ops without a case: {sorted(set(mapped_ops()) - covered)}"
     gm = torch.fx.GraphModule(torch.nn.Module(), r.graph)
     cdt = {torch.float32: "float32", torch.float64: "float64"}
     placeholders = {n: ("input", n.name, tuple(t.shape), cdt.get(t.dtype, "int64")) for n, t in r.inputs.items()}
