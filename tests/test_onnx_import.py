@@ -621,3 +621,52 @@ def test_import_only_op_of_a_run_time_tensor():
         from_onnx(m)
     g = from_onnx(m, constants={"s": np.array([2, 3])})
     np.testing.assert_array_equal(cc.compile(g, "numpy")(), np.zeros((2, 3), np.float32))
+
+
+@pytest.mark.parametrize("case,opset,rule", [
+    ("unsqueeze_repeat", 13, r"axes \[0, 0\] repeat an axis"),
+    ("unsqueeze_repeat", 11, r"axes \[0, 0\] repeat an axis"),
+    ("squeeze_wide", 13, r"axis 1 of the input \(2, 3\) has size 3; Squeeze removes size-1 axes only"),
+    ("squeeze_wide", 11, r"axis 1 of the input \(2, 3\) has size 3"),
+    ("split_neither", 18, r"neither split nor num_outputs is given; from opset 18"),
+])
+def test_shape_op_rules_onnx_runtime_enforces(case, opset, rule):
+    """What ONNX Runtime refuses is refused at import with the rule (found by
+    checking the converters against it): repeated Unsqueeze axes, Squeeze of
+    an axis that is not 1, Split-18 without sizes or num_outputs."""
+    axes_input = opset >= 13
+    if case == "split_neither":
+        m = _model([helper.make_node("Split", ["x"], ["p", "q"], axis=1)], [("x", (2, 4))], ["p", "q"],
+                   opset=opset, valid=False)
+    else:
+        op, axes = ("Unsqueeze", [0, 0]) if case == "unsqueeze_repeat" else ("Squeeze", [1])
+        node = (helper.make_node(op, ["x", "axes"], ["y"]) if axes_input else
+                helper.make_node(op, ["x"], ["y"], axes=axes))
+        m = _model([node], [("x", (2, 3))], ["y"], [("axes", np.array(axes, np.int64))] if axes_input else (),
+                   opset=opset, valid=False)
+    with pytest.raises(OnnxImportError, match=rule):
+        from_onnx(m)
+
+
+def test_refused_node_reports_once():
+    """A node refused for a run-time bool (Greater) is the one error: Where,
+    reading its placeholder, is not blamed for a type it never sees."""
+    m = _model([helper.make_node("Greater", ["x", "y"], ["c"], name="gt"),
+                helper.make_node("Where", ["c", "x", "y"], ["o"], name="wh")],
+               [("x", (2, 3)), ("y", (2, 3))], ["o"], opset=13, valid=False)
+    with pytest.raises(OnnxImportError) as e:
+        from_onnx(m)
+    assert "1 unsupported node" in str(e.value) and "Greater 'gt'" in str(e.value), str(e.value)
+    assert "Where 'wh'" not in str(e.value), str(e.value)
+
+
+def test_cast_folds_as_the_cast_op_compiles():
+    """A constant Cast float -> int folds with convc's cast rule (saturate,
+    NaN -> 0), the same the compiled cast computes, not numpy's astype."""
+    from convc.onnx.fold import FOLDS
+    from convc.ops.indexing import cast_array
+    x = np.array([1e10, -1e10, np.nan, 2.7, -2.7, np.inf], np.float32)
+    node = helper.make_node("Cast", ["x"], ["y"], to=TensorProto.INT8)
+    got = FOLDS["Cast"](node, {"to": TensorProto.INT8}, [x], 13)[0]
+    assert got.dtype == np.int8 and got.tolist() == [127, -128, 0, 2, -2, 127]
+    assert np.array_equal(got, cast_array(x, "int8"))

@@ -134,7 +134,17 @@ def _reshape(im, node, ins, at):
 def _squeeze(im, node, ins, at):
     shape = im.shape(ins[0])
     axes = at["axes"] if im.opset < 13 else (im.ints(ins[1], "axes") if ins[1] else None)
-    axes = {_axis(a, len(shape), "axes entry") for a in axes} if axes is not None else {i for i, n in enumerate(shape) if n == 1}
+    if axes is None:
+        axes = {i for i, n in enumerate(shape) if n == 1}
+    else:
+        listed = [_axis(a, len(shape), "axes entry") for a in axes]
+        if len(set(listed)) != len(listed):
+            raise _Unsupported(f"axes {[int(a) for a in axes]} repeat an axis; ONNX requires distinct axes")
+        wide = [a for a in listed if shape[a] != 1]
+        if wide:
+            raise _Unsupported(f"axis {wide[0]} of the input {tuple(shape)} has size {shape[wide[0]]}; "
+                               "Squeeze removes size-1 axes only")
+        axes = set(listed)
     return [reshape(im.value(ins[0]), tuple(n for i, n in enumerate(shape) if i not in axes), name=im.name(node))]
 
 
@@ -143,7 +153,10 @@ def _unsqueeze(im, node, ins, at):
     shape = list(im.shape(ins[0]))
     axes = _required(at, "axes") if im.opset < 13 else im.ints(ins[1], "axes")
     rank = len(shape) + len(axes)
-    for a in sorted(_axis(a, rank, "axes entry") for a in axes):
+    listed = sorted(_axis(a, rank, "axes entry") for a in axes)
+    if len(set(listed)) != len(listed):
+        raise _Unsupported(f"axes {[int(a) for a in axes]} repeat an axis; ONNX requires distinct axes")
+    for a in listed:
         shape.insert(a, 1)
     return [reshape(im.value(ins[0]), tuple(shape), name=im.name(node))]
 
@@ -192,6 +205,8 @@ def _split(im, node, ins, at):
             raise _Unsupported("both split and num_outputs are given; ONNX allows one of them")
         if at["num_outputs"] != k:
             raise _Unsupported(f"num_outputs {at['num_outputs']} differs from the node's {k} outputs")
+    if sizes is None and at["num_outputs"] is None and im.opset >= 18:
+        raise _Unsupported("neither split nor num_outputs is given; from opset 18 ONNX requires one of them")
     if sizes is None:
         if n % k and at["num_outputs"] is None:
             raise _Unsupported(f"axis {axis} of size {n} does not split into {k} equal parts (a smaller last "

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..ir import DTYPES
+
 
 class FoldError(Exception):
     """A constant input breaks the op's rule (an index out of range, a
@@ -167,7 +169,11 @@ def _cast(node, attrs, args, opset):
         return None
     if dtype.kind not in "biuf" or np.asarray(args[0]).dtype.kind not in "biuf":
         return None             # strings, float8, ...: onnx.reference knows their rules
-    return [np.asarray(args[0]).astype(dtype)]
+    x = np.asarray(args[0])
+    if dtype.name in DTYPES:          # the meaning convc's cast op compiles (float -> int saturates, NaN -> 0)
+        from ..ops.indexing import cast_array
+        return [cast_array(x, dtype.name)]
+    return [x.astype(dtype)]
 
 
 _COMPARE = {"Equal": np.equal, "Greater": np.greater, "Less": np.less, "GreaterOrEqual": np.greater_equal,

@@ -427,7 +427,12 @@ class _Importer:
         fn, dropped, defaults, checked = entry
         if node.domain in ("", "ai.onnx"):     # (onnx has no schemas of ONNX Runtime's contrib ops)
             _check_version(node.op_type, self.opset, checked)
-            _check_schema(node, args, self.opset)
+            try:
+                _check_schema(node, args, self.opset)
+            except _Unsupported as e:       # an input's type is a placeholder's guess after a refused node
+                if any(i in self.placeholders for i in node.input):
+                    raise _Unsupported(str(e), consequence=True) from None
+                raise
         attrs = dict(defaults)
         for a in node.attribute:
             if a.name not in defaults:
