@@ -572,18 +572,24 @@ def _celu(cv, node, a):
 
 @converts("aten.elu_backward.default")
 def _elu_backward(cv, node, a):
+    """torch's elu_backward: gy * scale where x > 0, else gy * input_scale *
+    alpha * scale * exp(input_scale * x) (from x), or gy * input_scale * (y +
+    alpha * scale) (from the output y, for in-place elu)."""
     gy = _tensor(a["grad_output"], "grad_output")
     t = _tensor(a["self_or_result"], "self_or_result")
     alpha, scale, iscale = (float(_scalar(a[k], k)) for k in ("alpha", "scale", "input_scale"))
+    if iscale <= 0 or scale <= 0:
+        raise Unsupported(f"elu_backward with scale={scale}, input_scale={iscale} (convc builds it for positive "
+                          f"scales, where x > 0 exactly when y > 0)")
     if a["is_result"]:
-        raise Unsupported("elu_backward from the result (is_result=True, in-place elu): convc's elu and selu "
-                          "derivatives read x")
-    if iscale != 1.0:
-        raise Unsupported(f"elu_backward with input_scale={iscale} (celu): convc's elu derivative has no "
-                          f"input scale")
+        pos = activation_grad("relu", t, gy)                # gy where y > 0, else 0
+        neg = mul(mul(sub(gy, pos), iscale), add(t, alpha * scale))
+        return add(mul(pos, scale) if scale != 1.0 else pos, neg, name=cv.name(node))
+    # the selu record's derivative at input_scale * x (same sign as x) with alpha * input_scale
+    tx = t if iscale == 1.0 else mul(t, iscale)
     if scale == 1.0:
-        return activation_grad("elu", t, gy, {"alpha": alpha}, name=cv.name(node))
-    return activation_grad("selu", t, gy, {"alpha": alpha, "gamma": scale}, name=cv.name(node))
+        return activation_grad("elu", tx, gy, {"alpha": alpha * iscale}, name=cv.name(node))
+    return activation_grad("selu", tx, gy, {"alpha": alpha * iscale, "gamma": scale}, name=cv.name(node))
 
 
 def _softplus_checks(x: Value, beta, threshold, what: str) -> tuple[float, float]:
@@ -711,6 +717,7 @@ def _reduction(kind):
     return convert
 
 
+converts("aten.mean.default")(_reduction("mean"))
 converts("aten.amax.default")(_reduction("max"))
 converts("aten.amin.default")(_reduction("min"))
 converts("aten.prod.dim_int", "aten.prod.default")(_reduction("prod"))

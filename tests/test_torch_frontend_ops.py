@@ -20,7 +20,9 @@ graphs below do contain each of them.
 """
 from __future__ import annotations
 
+import copy
 import operator
+import os
 
 import numpy as np
 import pytest
@@ -36,13 +38,14 @@ from helpers import assert_close  # noqa: E402
 aten = torch.ops.aten
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")     # torch.export's own
 
+LONG = os.environ.get("CONVC_LONG_TESTS", "") not in ("", "0")
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
 OPS = {f"aten.{op}" for op in (
     "elu.default", "celu.default", "softplus.default", "mish.default", "sqrt.default", "rsqrt.default",
     "exp.default", "log.default", "neg.default", "abs.default", "reciprocal.default", "erf.default",
     "maximum.default", "minimum.default", "pow.Tensor_Tensor", "pow.Tensor_Scalar", "pow.Scalar",
-    "prelu.default", "_prelu_kernel.default", "amax.default", "amin.default", "prod.dim_int", "prod.default",
+    "prelu.default", "_prelu_kernel.default", "mean.default", "amax.default", "amin.default", "prod.dim_int", "prod.default",
     "logsumexp.default", "linalg_vector_norm.default", "var.correction", "std.correction",
     "var_mean.correction", "native_layer_norm.default", "native_group_norm.default", "pixel_shuffle.default",
     "pixel_unshuffle.default", "index_select.default", "gather.default", "where.self", "scalar_tensor.default",
@@ -90,6 +93,7 @@ class Ops(nn.Module):
             "pow scalar": p ** 1.5, "pow tensor": p ** x, "scalar pow": 2 ** x,
             "prelu": self.prelu(x), "prelu shared": self.prelu1(x),
             "amax": x.amax((2, 3)), "amin": x.amin(1, keepdim=True), "prod": p.prod(3), "prod all": p[:1, :2].prod(),
+            "mean all": x.mean(),
             "logsumexp": torch.logsumexp(x * 30, 1), "l2": torch.linalg.vector_norm(x, dim=(2, 3)),
             "l1": torch.linalg.vector_norm(x, 1, dim=1), "inf": torch.linalg.vector_norm(x, float("inf"), dim=3),
             "-inf": torch.linalg.vector_norm(x, -float("inf"), dim=2, keepdim=True), "norm": x.norm(dim=1),
@@ -104,6 +108,10 @@ class Ops(nn.Module):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_module(dtype):
+    """float32 by default; float64 with CONVC_LONG_TESTS=1 (test_training
+    checks the float64 values of the ops with transcendental functions)."""
+    if dtype == torch.float64 and not LONG:
+        pytest.skip("float64 module with CONVC_LONG_TESTS=1")
     torch.manual_seed(0)
     m = Ops(dtype).to(dtype).eval()
     x = torch.randn(2, 4, 6, 6, dtype=dtype)
@@ -154,6 +162,10 @@ def record_backward(dtype=torch.float64) -> Recorder:
     out(("elu_backward", r.call(aten.elu_backward.default, gy, 0.7, 1.0, 1.0, False, x)))
     out(("elu_backward (selu)", r.call(aten.elu_backward.default, gy, 1.6732632423543772, 1.0507009873554805,
                                        1.0, False, x)))
+    out(("elu_backward (celu)", r.call(aten.elu_backward.default, gy, 1.3, 1.0, 1 / 1.3, False, x)))
+    y = r.call(aten.elu.default, x, 0.7, 1.2, 0.5)
+    out(("elu scale input_scale", y))
+    out(("elu_backward from y", r.call(aten.elu_backward.default, gy, 0.7, 1.2, 0.5, True, y)))
     out(("softplus_backward", r.call(aten.softplus_backward.default, gy, x, 1.0, 40.0)))
     out(("softplus_backward beta", r.call(aten.softplus_backward.default, gy, x, 0.5, 50.0)))
     out(("mish_backward", r.call(aten.mish_backward.default, gy, x)))
@@ -187,6 +199,46 @@ def test_backward_ops():
     res = cc.compile(g, target="c").run({n.name: t.numpy() for n, t in r.inputs.items()})
     for (label, node), o in zip(r.outputs, outs):
         check(res[o], node.meta["val"], dtype, label)
+
+
+class Trained(nn.Module):
+    """The differentiable ops whose backward graphs AOTAutograd builds from
+    mapped ops only (the reductions' and maximum's read comparisons, which
+    convc does not compute)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.prelu, self.ln, self.gn = nn.PReLU(4), nn.LayerNorm([6, 6]), nn.GroupNorm(2, 4)
+
+    def forward(self, x):
+        h = self.conv(x)
+        q = h * h + 1
+        h = F.elu(h, 0.7) + F.selu(h) + F.celu(h, 1.3) + F.softplus(h, 2.0, 40.0) + F.mish(h) + self.prelu(h)
+        h = self.gn(self.ln(h)) * torch.sqrt(q) + torch.rsqrt(q) + h.exp() + q.log() + torch.erf(h) + 1 / q
+        h = h + q ** 1.5 + F.pixel_unshuffle(F.pixel_shuffle(h, 2), 2) + torch.logsumexp(h, 1, True) + h.var(1, keepdim=True)
+        return (h.repeat(1, 2, 1, 1) ** 2).mean()
+
+
+def test_training():
+    """torch.compile(backend='convc'): the forward and the whole backward
+    graph run as convc's C; float64 gradients match eager's to 1e-10."""
+    from convc import torch_backend
+    torch.manual_seed(0)
+    eager = Trained().double()
+    model = copy.deepcopy(eager)
+    fast = torch.compile(model, backend="convc")
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    n_reports = len(torch_backend.reports)
+    losses = [f(x) for f in (eager, fast)]
+    for loss in losses:
+        loss.backward()
+    check(losses[1].detach().numpy(), losses[0], torch.float64, "loss")
+    for (name, p), q in zip(eager.named_parameters(), model.parameters()):
+        check(q.grad.numpy(), p.grad, torch.float64, f"d loss / d {name}")
+    forward, backward = torch_backend.reports[n_reports:]
+    assert not forward.eager and not backward.eager, (forward, backward)      # nothing left to PyTorch
+    assert len(forward.parts) == len(backward.parts) == 1
 
 
 def exported_ops(module, x) -> set[str]:
