@@ -531,6 +531,7 @@ def _const_array(cv, v, what: str) -> np.ndarray:
     """The value of a tensor known at compile time (a param or buffer of
     the module, a constant torch.export lifted), as a numpy array."""
     if isinstance(v, Value) and v.op == "param":
+        cv.consts_read.add(v.name)
         return np.asarray(cv.g.node(v.name)["value"])
     raise Unsupported(f"{what} must be a constant of the module (a buffer or a tensor literal), "
                       f"not a tensor computed at run time")
@@ -919,6 +920,13 @@ class FxConverter:
         self.g = g
         self.env: dict = {}
         self.problems: list[tuple[object, str]] = []        # (node, reason)
+        self.consts_read: set[str] = set()                  # params converters took as compile-time arrays
+
+    def drop_consts_read(self) -> None:
+        """Remove the params converters read as arrays (indices, masks) that no node uses."""
+        for n in sorted(self.consts_read):
+            if n in self.g.nx and not self.g.users_of(n):
+                self.g.nx.remove_node(n)
 
     def name(self, node) -> str | None:
         """The node's FX name as a convc name when it is free, else None (a fresh one)."""
@@ -1089,6 +1097,7 @@ def fx_to_graph(graph_module, placeholders: dict, name: str = "torch") -> tuple[
             g.output(v, oname)
             seen[v.name] = oname
             names.append(oname)
+    cv.drop_consts_read()
     return g, names
 
 

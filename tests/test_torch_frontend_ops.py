@@ -117,6 +117,7 @@ def test_module(dtype):
     x = torch.randn(2, 4, 6, 6, dtype=dtype)
     x[0, 0, 0, :4] = torch.tensor([0.0, 3.0, -4.0, 4.0], dtype=dtype)     # softplus(12 x) past 20 and 40
     g = cc.from_torch(m, (x,))
+    assert not {"idx", "gidx", "mask"} & set(g.param_names)        # read as arrays, not left as params
     got = cc.compile(g, target="c").run({"x": x.numpy()})
     with torch.no_grad():
         want = m(x)
