@@ -14,7 +14,12 @@ definition of what is supported.
 ATen's core decompositions would split hardswish, silu, the activations'
 backward ops and 1D upsampling into several elementwise or indexing ops;
 :func:`decompositions` keeps every op convc maps whole (one activation,
-which convc fuses into its producer's epilogue).
+which convc fuses into its producer's epilogue; celu, softplus, mish,
+prelu, logsumexp, var_mean, pixel_shuffle ... as convc's own ops).
+
+Index tensors and masks (index_select, gather, where) must be constants
+of the module: their converters read them as arrays (``converts(consts=)``)
+and the params they came from are dropped.
 
 >>> g = cc.from_torch(model.eval(), (torch.randn(1, 3, 32, 32),))   # doctest: +SKIP
 >>> y = cc.compile(g)(x=np.random.rand(1, 3, 32, 32).astype(np.float32))   # doctest: +SKIP
