@@ -427,12 +427,7 @@ class _Importer:
         fn, dropped, defaults, checked = entry
         if node.domain in ("", "ai.onnx"):     # (onnx has no schemas of ONNX Runtime's contrib ops)
             _check_version(node.op_type, self.opset, checked)
-            try:
-                _check_schema(node, args, self.opset)
-            except _Unsupported as e:       # an input's type is a placeholder's guess after a refused node
-                if any(i in self.placeholders for i in node.input):
-                    raise _Unsupported(str(e), consequence=True) from None
-                raise
+            _check_schema(node, args, self.opset, guessed=self.placeholders)
         attrs = dict(defaults)
         for a in node.attribute:
             if a.name not in defaults:
@@ -638,10 +633,12 @@ def _type_str(arg) -> str:
         return f"tensor({dtype.name})"
 
 
-def _check_schema(node, args, opset: int) -> None:
+def _check_schema(node, args, opset: int, guessed=frozenset()) -> None:
     """What ONNX's definition of the op at ``opset`` says of the node: its
     attributes and their types, its number of inputs and outputs, and the
-    types of its inputs (one type per type parameter, an allowed one)."""
+    types of its inputs (one type per type parameter, an allowed one) but
+    those in ``guessed`` (placeholders standing in for a refused node's
+    output: their type is a guess, so a mismatch is no second error)."""
     schema = _schema(node.op_type, opset)
     if schema is None:
         return
@@ -661,7 +658,7 @@ def _check_schema(node, args, opset: int) -> None:
     allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
     bound: dict[str, tuple[str, str]] = {}
     for i, (name, arg) in enumerate(zip(node.input, args)):
-        if not name or arg is None or not formals:
+        if not name or arg is None or not formals or name in guessed:
             continue
         param = formals[min(i, len(formals) - 1)].type_str
         t = _type_str(arg)
