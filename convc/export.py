@@ -393,6 +393,19 @@ class Export:
                 + (f"\n{self.budget.table()}" if self.budget is not None else ""))
 
 
+def write_files(out_dir, files: dict) -> tuple[Path, list[Path]]:
+    """Write ``{file name: text or bytes}`` into ``out_dir`` (created if
+    needed); returns the directory and the paths in order. Every export
+    (C library, training step, OpenCL project) writes through here."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fname, data in files.items():
+        (out / fname).write_bytes(data if isinstance(data, bytes) else data.encode())
+        paths.append(out / fname)
+    return out, paths
+
+
 def export_c(graph: Graph, out_dir, name: str = "model", weights_file: bool = False, passes="embedded",
              harness: bool = True, test_inputs=None, tests: int = 2, seed: int = 0, int8: bool = False,
              calibration=None, weight_format: str = "bytes", train: bool = False, loss: str | None = None,
@@ -479,12 +492,7 @@ def export_c(graph: Graph, out_dir, name: str = "model", weights_file: bool = Fa
     files = dict(lib.files)
     if harness:
         files[f"{name}_test.c"] = render_harness(graph, lib, test_inputs, tests, seed, weights_file)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for fname, text in files.items():
-        (out / fname).write_text(text)
-        paths.append(out / fname)
+    out, paths = write_files(out_dir, files)
     return Export(name, out, paths, passes, lib.plan, lib.plan.arena_bytes, peak_live_bytes(lib.plan),
                   lib.plan.intermediate_bytes, lib.weight_bytes, lib.graph, choice)
 

@@ -127,7 +127,7 @@ def export_opencl(model, out_dir, name: str = "model", embed_kernels: bool = Fal
     >>> exp.sizes()                                                         # doctest: +SKIP
     """
     from .codegen.opencl import generate
-    from .export import c_literals, random_inputs
+    from .export import c_literals, random_inputs, write_files
     from .export_train import STEPS, train_pipeline, training_graphs
     from .passes import run as run_passes
     from .reference import evaluate, run_step
@@ -199,12 +199,7 @@ def export_opencl(model, out_dir, name: str = "model", embed_kernels: bool = Fal
             ctx, tests=len(feeds), rejects=list(rejects.values()), exact=any(t["exact"] for t in checked),
             inexact=bool(floats), tolerance=max((TEST_TOLERANCE[d] for d in floats), default=0))
         files["Makefile"] = env.get_template("opencl/export_Makefile.j2").render(ctx)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for fname, data in files.items():
-        (out / fname).write_bytes(data if isinstance(data, bytes) else data.encode())
-        paths.append(out / fname)
+    out, paths = write_files(out_dir, files)
     return OpenCLExport(name, out, paths, embed_kernels, g, plan, plan.params_bytes, plan.arena_bytes)
 
 

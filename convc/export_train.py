@@ -571,17 +571,14 @@ def export_train(model, out_dir, name: str = "model", passes="embedded", harness
     ``optimizer``) into ``out_dir``: ``NAME.h``, ``NAME.c`` and, with
     ``harness``, ``NAME_test.c`` running ``steps`` reference-checked steps
     (or ``feeds``: a list of {input name: array})."""
+    from .export import write_files
+
     step, predict, trained = training_graphs(model, loss, optimizer, params)
     lib = render_train(step, predict, trained, name, passes, weight_format)
     files = dict(lib.files)
     if harness:
         files[f"{name}_test.c"] = render_train_harness(step, predict, lib, steps, seed, feeds)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for fname, text in files.items():
-        (out / fname).write_text(text)
-        paths.append(out / fname)
+    out, paths = write_files(out_dir, files)
     return TrainExport(name, out, paths, train_pipeline(passes), lib, step, predict)
 
 

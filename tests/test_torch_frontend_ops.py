@@ -21,7 +21,6 @@ graphs below do contain each of them.
 from __future__ import annotations
 
 import copy
-import operator
 import os
 
 import numpy as np
@@ -34,6 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 import convc as cc  # noqa: E402
 from convc.torch_frontend import TorchImportError, decompositions, fx_to_graph  # noqa: E402
 from helpers import assert_close  # noqa: E402
+from test_from_torch import Recorder  # noqa: E402  (one FX recorder for both op tables)
 
 aten = torch.ops.aten
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")     # torch.export's own
@@ -127,33 +127,6 @@ def test_module(dtype):
 
 
 # -- backward ops (what AOTAutograd's training graphs hold), one hand-built FX graph ---------
-class Recorder:
-    """An FX graph of ATen calls, each run eagerly as it is added: the
-    node's ``meta['val']`` and the oracle both come from PyTorch."""
-
-    def __init__(self):
-        self.graph = torch.fx.Graph()
-        self.inputs, self.outputs, self.ops = {}, [], set()
-
-    def input(self, t):
-        n = self.graph.placeholder(f"in{len(self.inputs)}")
-        n.meta["val"] = t
-        self.inputs[n] = t
-        return n
-
-    def call(self, op, *args, **kwargs):
-        real = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
-        n = self.graph.call_function(op, args, kwargs)
-        n.meta["val"] = op(*real[0], **real[1])
-        self.ops.add(str(op))
-        return n
-
-    def item(self, n, i):
-        m = self.graph.call_function(operator.getitem, (n, i))
-        m.meta["val"] = n.meta["val"][i]
-        return m
-
-
 def record_backward(dtype=torch.float64) -> Recorder:
     gen = torch.Generator().manual_seed(1)
     r = Recorder()
