@@ -624,14 +624,17 @@ class SizeReport:
     __str__ = table
 
 
-def _run(cmd, cwd):
+def run_tool(cmd: list[str], cwd) -> str:
+    """Run a toolchain command (compiler, size, nm) in ``cwd``; its stdout, or
+    a CompileError with the command, the directory and its stderr."""
     try:
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise CompileError(f"running {cmd[0]} failed: {e}") from None
     if proc.returncode != 0:
-        raise CompileError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise CompileError(f"{' '.join(cmd)} failed (exit {proc.returncode}) in {cwd}:\n{proc.stderr[-4000:]}")
     return proc.stdout
+
 
 
 @dataclass
@@ -646,11 +649,11 @@ class _Object:
 
 
 def _measure(tools: Toolchain, tmp: str, name: str, obj: str, flags: list[str]) -> _Object:
-    _run([tools.cc, *tools.flags, *flags, "-fstack-usage", "-c", f"{name}.c", "-o", f"{obj}.o"], tmp)
+    run_tool([tools.cc, *tools.flags, *flags, "-fstack-usage", "-c", f"{name}.c", "-o", f"{obj}.o"], tmp)
     symbols: dict[str, int] = {}
     data: dict[str, int] = {}
     seen = set()                # GCC merges identical const tables (two all-zero ones): count the bytes once
-    for line in _run([tools.nm, "-S", f"{obj}.o"], tmp).splitlines():
+    for line in run_tool([tools.nm, "-S", f"{obj}.o"], tmp).splitlines():
         parts = line.split()
         if len(parts) == 4:
             base = parts[3].split(".")[0]
@@ -659,7 +662,7 @@ def _measure(tools: Toolchain, tmp: str, name: str, obj: str, flags: list[str]) 
                 seen.add((parts[2].lower(), parts[0]))
                 data[base] = data.get(base, 0) + int(parts[1], 16)
     sections = {}
-    for line in _run([tools.size, "-A", f"{obj}.o"], tmp).splitlines():
+    for line in run_tool([tools.size, "-A", f"{obj}.o"], tmp).splitlines():
         parts = line.split()
         if len(parts) >= 2 and parts[0].startswith(".") and parts[1].isdigit():
             sections[parts[0]] = int(parts[1])

@@ -34,7 +34,7 @@ from pathlib import Path
 from . import __version__
 from .codegen.env import environment
 from .errors import CompileError, ConvcError
-from .export import ARM_CC, ARM_FLAGS
+from .export import ARM_CC, ARM_FLAGS, run_tool
 
 QEMU = "qemu-system-arm"
 ICOUNT_SHIFT = 0        # -icount shift=N: one instruction per 2**N ns of virtual time
@@ -222,9 +222,9 @@ def build(lib_dir, name: str = "model", board: str = "mps2-an386", opt: str = OP
     for source in bp.sources + ["board_count.S"]:
         cmd = bp.compile_command(source)
         if not _fresh(lib_dir / _object(source), [lib_dir / source, *headers], cmd):
-            _run(cmd, lib_dir)
+            run_tool(cmd, lib_dir)
             Path(lib_dir, _object(source) + ".cmd").write_text(" ".join(cmd))
-    _run(bp.link_command(), lib_dir)
+    run_tool(bp.link_command(), lib_dir)
     return lib_dir / bp.elf
 
 
@@ -237,15 +237,6 @@ def _fresh(obj: Path, deps: list[Path], cmd: list[str]) -> bool:
     if not (obj.exists() and stamp.exists()) or stamp.read_text() != " ".join(cmd):
         return False
     return all(obj.stat().st_mtime_ns >= d.stat().st_mtime_ns for d in deps)
-
-
-def _run(cmd: list[str], cwd) -> None:
-    try:
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise CompileError(f"running {cmd[0]} failed: {e}") from None
-    if proc.returncode != 0:
-        raise CompileError(f"{' '.join(cmd)} failed (exit {proc.returncode}) in {cwd}:\n{proc.stderr[-4000:]}")
 
 
 @dataclass
