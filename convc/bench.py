@@ -300,7 +300,8 @@ class Env:
         return np.random.default_rng(sum(map(ord, name)))
 
     def t(self, a):
-        return self.torch.from_numpy(np.ascontiguousarray(a))
+        a = np.ascontiguousarray(a)     # params are read-only (frozen) arrays: torch wants its own writable copy
+        return self.torch.from_numpy(a if a.flags.writeable else a.copy())
 
     def compile(self, graph):
         """``graph`` compiled to C; with ``--tune``, first tuned on this host
