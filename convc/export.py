@@ -205,6 +205,32 @@ class Library:
     tensors: dict[str, list[dict]] = field(default_factory=dict)   # "inputs"/"outputs" -> entry arguments
 
 
+def entry_tensors(g: Graph, inputs, outputs: dict, names: Namer, macro, var: dict, out_var: dict) -> dict:
+    """The arguments of one exported entry point: ``inputs`` (graph input
+    names, in order), then ``outputs`` ({label: node}). Each gets a C name
+    from ``names`` -- the graph's own unless C or the generated code reserves
+    it (NULL, _Bool, uintptr_t, CONVC_MR...): then in_NAME / out_NAME --
+    recorded in ``var`` (input node -> name) and ``out_var`` (label -> name),
+    and its size macro ``macro(label, type)``. Returns {"inputs": [...],
+    "outputs": [...]}, one dict per argument (var, label, type, T, macro, and
+    its ``private`` (restrict) and ``public`` declarations)."""
+    tensors = {"inputs": [], "outputs": []}
+    for role, items in (("inputs", [(n, n) for n in inputs]), ("outputs", list(outputs.items()))):
+        for label, node in items:
+            t = g.node(node)["type"]
+            v = names(label, fallback="in_" if role == "inputs" else "out_")
+            if role == "inputs":
+                var[node] = v
+            else:
+                out_var[label] = v
+            T = CTYPES[t.dtype]
+            const = "const " if role == "inputs" else ""
+            tensors[role].append(dict(var=v, label=label, type=t, dtype=t.dtype, shape=str(t.shape), size=t.size,
+                                      T=T, macro=macro(label, t), private=f"{const}{T} *restrict {v}",
+                                      public=f"{const}{T} *{v}"))
+    return tensors
+
+
 def render(graph: Graph, name: str = "model", weights_file: bool = False, passes="embedded",
            weight_format: str = "bytes") -> Library:
     """Render ``NAME.h``, ``NAME.c`` (and ``NAME_weights.c``) for ``graph``
@@ -235,25 +261,11 @@ def render(graph: Graph, name: str = "model", weights_file: bool = False, passes
                                                  "OUTPUT_SIZE", "NO_STATIC_ARENA", "TEST_TOLERANCE")], mangle=False)
     var: dict[str, str] = {}
     out_var: dict[str, str] = {}
-    tensors = {"inputs": [], "outputs": []}
-    private, public = [], []
-    for role, items in (("inputs", [(n, n) for n in g.input_names]), ("outputs", list(g.outputs.items()))):
-        for label, node in items:       # label: the input's or output's name
-            t = g.node(node)["type"]
-            # the C parameter keeps the graph's name unless C or the generated code reserves it
-            # (NULL, _Bool, uintptr_t, CONVC_MR...): then it is in_NAME / out_NAME; the size macro
-            # is always NAME_<LABEL>_SIZE, prefixed by the library's name
-            v = ident(label, fallback="in_" if role == "inputs" else "out_")
-            if role == "inputs":
-                var[node] = v
-            else:
-                out_var[label] = v
-            T = CTYPES[t.dtype]
-            const = "const " if role == "inputs" else ""
-            private.append(f"{const}{T} *restrict {v}")
-            public.append(f"{const}{T} *{v}")
-            tensors[role].append(dict(var=v, label=label, type=t, dtype=t.dtype, shape=str(t.shape), size=t.size,
-                                      T=T, macro=macro(f"{P}_{re.sub(r'[^A-Za-z0-9_]', '_', label).upper()}_SIZE")))
+    tensors = entry_tensors(g, g.input_names, g.outputs, ident,
+                            lambda label, t: macro(f"{P}_{re.sub(r'[^A-Za-z0-9_]', '_', label).upper()}_SIZE"),
+                            var, out_var)
+    private = [t["private"] for role in ("inputs", "outputs") for t in tensors[role]]
+    public = [t["public"] for role in ("inputs", "outputs") for t in tensors[role]]
     params = []
     for n in plan.params:
         t = g.node(n)["type"]

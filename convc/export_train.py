@@ -296,34 +296,12 @@ class TrainLibrary:
         return sum(s["nbytes"] for s in self.state if s["trained"])
 
 
-def _entry_tensors(g: Graph, plan: Plan, names: Namer, macro, var: dict, out_var: dict, outputs: dict) -> dict:
-    """The arguments of one entry point: the inputs its graph reads (in graph
-    order), then ``outputs`` (label -> node); their C names in
-    ``var``/``out_var``."""
-    tensors = {"inputs": [], "outputs": []}
-    for role, items in (("inputs", [(n, n) for n in g.input_names if n in plan.storage]),
-                        ("outputs", list(outputs.items()))):
-        for label, node in items:
-            t = g.node(node)["type"]
-            v = names(label, fallback="in_" if role == "inputs" else "out_")
-            if role == "inputs":
-                var[node] = v
-            else:
-                out_var[label] = v
-            T = CTYPES[t.dtype]
-            const = "const " if role == "inputs" else ""
-            tensors[role].append(dict(var=v, label=label, type=t, dtype=t.dtype, shape=str(t.shape), size=t.size,
-                                      T=T, macro=macro(label, t), private=f"{const}{T} *restrict {v}",
-                                      public=f"{const}{T} *{v}"))
-    return tensors
-
-
 def render_train(step: Graph, predict: Graph, trained: list[str], name: str = "model", passes="embedded",
                  weight_format: str = "bytes") -> TrainLibrary:
     """Render ``NAME.h`` and ``NAME.c`` for the training ``step`` graph and
     the ``predict`` graph over the same params (see the module docstring);
     ``trained``: the params the step trains (first in the checkpoint)."""
-    from .export import WEIGHT_FORMATS, _check_host_memory, literal_bytes, weight_init
+    from .export import WEIGHT_FORMATS, _check_host_memory, entry_tensors, literal_bytes, weight_init
     from .passes import run as run_passes
 
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
@@ -367,10 +345,12 @@ def render_train(step: Graph, predict: Graph, trained: list[str], name: str = "m
     # entry arguments: each entry has its own scope, but no argument may hide a file-scope name
     vs, vp, outs_s, outs_p = {}, {}, {}, {}
     taken = set(ident.used)
-    tensors = {"train_step": _entry_tensors(gc, ps, ident, macro, vs, outs_s,
-                                            {o: n for o, n in gc.outputs.items() if o not in commits})}
+    tensors = {"train_step": entry_tensors(gc, [n for n in gc.input_names if n in ps.storage],
+                                           {o: n for o, n in gc.outputs.items() if o not in commits},
+                                           ident, macro, vs, outs_s)}
     own = Namer(reserved=taken)
-    tensors["predict"] = _entry_tensors(gp, pp, own, macro, vp, outs_p, gp.outputs)
+    tensors["predict"] = entry_tensors(gp, [n for n in gp.input_names if n in pp.storage], gp.outputs, own, macro,
+                                       vp, outs_p)
     ident.used |= own.used
 
     # params: the state (trained params, optimizer state) in RAM, the rest const; one symbol per name
