@@ -205,6 +205,13 @@ class Library:
     tensors: dict[str, list[dict]] = field(default_factory=dict)   # "inputs"/"outputs" -> entry arguments
 
 
+def size_macro(P: str, label: str) -> str:
+    """``NAME_<LABEL>_SIZE``: the macro of a tensor's element count in an
+    export's header (``P``: the library's name in capitals; the label's
+    characters C does not allow become ``_``)."""
+    return f"{P}_{re.sub(r'[^A-Za-z0-9_]', '_', label).upper()}_SIZE"
+
+
 def entry_tensors(g: Graph, inputs, outputs: dict, names: Namer, macro, var: dict, out_var: dict) -> dict:
     """The arguments of one exported entry point: ``inputs`` (graph input
     names, in order), then ``outputs`` ({label: node}). Each gets a C name
@@ -262,7 +269,7 @@ def render(graph: Graph, name: str = "model", weights_file: bool = False, passes
     var: dict[str, str] = {}
     out_var: dict[str, str] = {}
     tensors = entry_tensors(g, g.input_names, g.outputs, ident,
-                            lambda label, t: macro(f"{P}_{re.sub(r'[^A-Za-z0-9_]', '_', label).upper()}_SIZE"),
+                            lambda label, t: macro(size_macro(P, label)),
                             var, out_var)
     private = [t["private"] for role in ("inputs", "outputs") for t in tensors[role]]
     public = [t["public"] for role in ("inputs", "outputs") for t in tensors[role]]

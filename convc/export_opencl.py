@@ -89,12 +89,14 @@ def params_blob(g: Graph, plan) -> bytes:
 def _tensors(src, macro: Namer, P: str) -> dict[str, list[dict]]:
     """The host API's inputs and outputs for the header and the harness:
     C variable, graph name, type, size macro."""
+    from .export import size_macro
+
     out = {}
     args = iter(src.arg_names)
     for role, items in (("inputs", src.inputs), ("outputs", src.outputs)):
         out[role] = [dict(var=next(args), label=label, type=t, dtype=t.dtype, shape=str(t.shape), size=t.size,
                           T=CTYPES[t.dtype], exact=t.dtype in INT_DTYPES,
-                          macro=macro(f"{P}_{re.sub(r'[^A-Za-z0-9_]', '_', label).upper()}_SIZE"))
+                          macro=macro(size_macro(P, label)))
                      for label, t in items]
     return out
 

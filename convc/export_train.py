@@ -301,7 +301,7 @@ def render_train(step: Graph, predict: Graph, trained: list[str], name: str = "m
     """Render ``NAME.h`` and ``NAME.c`` for the training ``step`` graph and
     the ``predict`` graph over the same params (see the module docstring);
     ``trained``: the params the step trains (first in the checkpoint)."""
-    from .export import WEIGHT_FORMATS, _check_host_memory, entry_tensors, literal_bytes, weight_init
+    from .export import WEIGHT_FORMATS, _check_host_memory, entry_tensors, literal_bytes, size_macro, weight_init
     from .passes import run as run_passes
 
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
@@ -339,7 +339,7 @@ def render_train(step: Graph, predict: Graph, trained: list[str], name: str = "m
 
     def macro(label, t):                # one NAME_<LABEL>_SIZE per tensor name (x: both entries')
         if label not in sizes or sizes[label][1] != t.size:
-            sizes[label] = (macros(f"{P}_{re.sub(r'[^A-Za-z0-9_]', '_', label).upper()}_SIZE"), t.size)
+            sizes[label] = (macros(size_macro(P, label)), t.size)
         return sizes[label][0]
 
     # entry arguments: each entry has its own scope, but no argument may hide a file-scope name
